@@ -1,0 +1,76 @@
+//! The `tandem` command line. Every flag also reads a `TANDEM_` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Tandem runs Node-RED instances for teams, with high availability first.
+#[derive(Debug, Parser)]
+#[command(name = "tandem", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the ingress proxy alone, serving the instances of a routes file (reloaded when it
+    /// changes and on SIGHUP).
+    Proxy(ProxyArgs),
+}
+
+/// Flags of `tandem proxy`.
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// Routes file (TOML) with one [[instance]] table per instance.
+    #[arg(long, env = "TANDEM_ROUTES")]
+    pub routes: PathBuf,
+    /// Address the proxy listens on.
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Address of the admin listener (/metrics, /healthz).
+    #[arg(long, env = "TANDEM_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// Worker threads; 1 runs everything on one thread.
+    #[arg(
+        long,
+        env = "TANDEM_THREADS",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    pub threads: usize,
+    /// Time to connect to a replica, in milliseconds.
+    #[arg(long, env = "TANDEM_CONNECT_TIMEOUT_MS", default_value_t = 1_000)]
+    pub connect_timeout_ms: u64,
+    /// Time for a replica's response head, in milliseconds; then 504.
+    #[arg(long, env = "TANDEM_UPSTREAM_TIMEOUT_MS", default_value_t = 60_000)]
+    pub upstream_timeout_ms: u64,
+    /// Time for a client to send a request head (also closes idle keep-alive connections), in
+    /// milliseconds.
+    #[arg(long, env = "TANDEM_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// A WebSocket tunnel with no traffic for this long is closed, in milliseconds.
+    #[arg(long, env = "TANDEM_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
+    pub idle_timeout_ms: u64,
+    /// Largest request body, in bytes; larger ones get 413.
+    #[arg(long, env = "TANDEM_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_body_bytes: u64,
+    /// Replicas tried per request, the first included.
+    #[arg(long, env = "TANDEM_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Add X-Tandem-Replica to responses.
+    #[arg(long, env = "TANDEM_REPLICA_HEADER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub replica_header: bool,
+    /// Log one line per request (target tandem::access).
+    #[arg(long, env = "TANDEM_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub access_log: bool,
+    /// On SIGTERM, time given to in-flight requests, in milliseconds.
+    #[arg(long, env = "TANDEM_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// How often the routes file is checked for changes, in milliseconds.
+    #[arg(long, env = "TANDEM_RELOAD_POLL_MS", default_value_t = 1_000)]
+    pub reload_poll_ms: u64,
+}

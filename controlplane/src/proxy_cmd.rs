@@ -1,0 +1,76 @@
+//! `tandem proxy`: the data plane alone, fed by a routes file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tandem_proxy::routes::file;
+use tandem_proxy::{Proxy, ProxyConfig, ProxyStats, Routes};
+
+use crate::cli::ProxyArgs;
+
+impl ProxyArgs {
+    /// The proxy settings these flags describe.
+    pub fn config(&self) -> ProxyConfig {
+        ProxyConfig {
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_body_bytes: self.max_body_bytes,
+            max_attempts: self.max_attempts.max(1),
+            replica_header: self.replica_header,
+            access_log: self.access_log,
+            shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            ..ProxyConfig::default()
+        }
+    }
+}
+
+/// Runs `tandem proxy` until SIGTERM or Ctrl-C. The routes file must load at start; later
+/// broken versions are reported and leave the current routes serving.
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let routes = Arc::new(Routes::new());
+    let stats = Arc::new(ProxyStats::default());
+    let n = file::load(&args.routes, &routes)?;
+    stats.record_reload(true);
+    let proxy = Arc::new(Proxy::new(routes.clone(), args.config(), stats.clone()));
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
+    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, routes = %args.routes.display(), instances = n, "tandem proxy serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let watcher = tokio::spawn(file::watch(
+        args.routes.clone(),
+        routes,
+        stats,
+        Duration::from_millis(args.reload_poll_ms.max(10)),
+        stopped(),
+    ));
+    let admin = tokio::spawn(tandem_proxy::server::serve_admin(
+        admin,
+        proxy.clone(),
+        stopped(),
+    ));
+    let server = tokio::spawn(tandem_proxy::server::serve(listener, proxy, stopped()));
+
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    let _ = admin.await;
+    let _ = watcher.await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! Tandem's data plane: the HTTP ingress proxy in front of Node-RED replicas.
+//!
+//! Every request to every instance passes through here. The proxy finds the instance by host
+//! name, refuses the editor on HA instances, picks a healthy replica (least in-flight, or a
+//! consistent-hash cookie for affinity), retries where nothing was sent, and streams the answer
+//! back, WebSocket upgrades included. It knows nothing of teams or databases: whoever owns the
+//! routes publishes them as a list of [`InstanceSpec`]s.
+//!
+//! # Layout
+//! - [`routes`]: the route table (one `ArcSwap` snapshot), host normalization, validation;
+//!   [`routes::file`] reads and watches the TOML routes file of `tandem proxy`.
+//! - [`health`]: replica readiness, active probes, passive ejection with backoff.
+//! - [`balance`]: choosing a replica.
+//! - [`proxy`]: one request, phase by phase.
+//! - [`policy`]: the editor policy for HA instances.
+//! - [`pool`]: upstream connections and their per-replica pool.
+//! - [`body`]: request and response bodies (streamed, size-limited).
+//! - [`tunnel`]: upgraded (WebSocket) connections.
+//! - [`server`]: the proxy and admin listeners, graceful shutdown.
+//! - [`metrics`]: counters and the Prometheus text format.
+//! - [`config`]: proxy-wide settings.
+
+pub mod balance;
+pub mod body;
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod policy;
+pub(crate) mod pool;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub(crate) mod tunnel;
+
+pub use config::ProxyConfig;
+pub use health::{EjectionPolicy, HealthConfig};
+pub use metrics::ProxyStats;
+pub use proxy::Proxy;
+pub use routes::{InstanceSpec, ReplicaSpec, RouteError, RouteTable, Routes};

@@ -1,0 +1,384 @@
+//! Proxy metrics in the Prometheus text format.
+//!
+//! Counters are plain atomics kept where the request path already is: per replica in its
+//! [`ReplicaState`](crate::health::ReplicaState), per instance in the instance, and global ones in
+//! [`ProxyStats`]. Nothing on the request path hashes a label set; `/metrics` walks the current
+//! route table instead. Series of a removed instance or replica disappear with it.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::routes::RouteTable;
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Status classes used as labels: 1xx to 5xx.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: u16) -> usize {
+    usize::from(status / 100).clamp(1, 5) - 1
+}
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+/// Counters of one replica.
+#[derive(Debug, Default)]
+pub struct ReplicaStats {
+    requests: [AtomicU64; 5],
+    connect_errors: AtomicU64,
+}
+
+impl ReplicaStats {
+    pub(crate) fn record(&self, status: u16) {
+        self.requests[class_index(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connect_error(&self) {
+        self.connect_errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counters of one instance.
+#[derive(Debug, Default)]
+pub struct InstanceStats {
+    /// Answers of the proxy's own (403 editor, 503, 502 after failed connects, 413, ...).
+    local: [AtomicU64; 5],
+    retries: AtomicU64,
+    editor_blocked: AtomicU64,
+    latency: Histogram,
+}
+
+impl InstanceStats {
+    pub(crate) fn record_local(&self, status: u16) {
+        self.local[class_index(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn editor_blocked(&self) {
+        self.editor_blocked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn observe(&self, d: Duration) {
+        self.latency.observe(d);
+    }
+}
+
+/// Process-wide proxy counters.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub(crate) open_connections: AtomicI64,
+    pub(crate) websocket_tunnels: AtomicI64,
+    pub(crate) unknown_host: AtomicU64,
+    pub(crate) bad_requests: AtomicU64,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+    last_reload_ok: AtomicBool,
+    last_reload_unix: AtomicU64,
+}
+
+impl ProxyStats {
+    /// Records the outcome of a routes reload (file or control plane).
+    pub fn record_reload(&self, ok: bool) {
+        if ok {
+            self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_reload_ok.store(ok, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.last_reload_unix.store(now, Ordering::Relaxed);
+    }
+
+    /// Open client connections.
+    pub fn open_connections(&self) -> i64 {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders every metric for `table` and `stats`.
+pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
+    let mut out = String::with_capacity(4096);
+    let now = Instant::now();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+
+    header(&mut out, "tandem_proxy_requests_total", "counter", "Requests answered, by instance, replica (\"none\" for the proxy's own answers) and status class.");
+    for inst in table.instances() {
+        for r in &inst.replicas {
+            for (i, class) in CLASSES.iter().enumerate() {
+                let _ = writeln!(out, "tandem_proxy_requests_total{{instance=\"{}\",replica=\"{}\",class=\"{class}\"}} {}", inst.name, r.id, load(&r.state.stats.requests[i]));
+            }
+        }
+        for (i, class) in CLASSES.iter().enumerate() {
+            let _ = writeln!(out, "tandem_proxy_requests_total{{instance=\"{}\",replica=\"none\",class=\"{class}\"}} {}", inst.name, load(&inst.stats.local[i]));
+        }
+    }
+    header(
+        &mut out,
+        "tandem_proxy_request_duration_seconds",
+        "histogram",
+        "Time from request head received to response head sent, by instance.",
+    );
+    for inst in table.instances() {
+        inst.stats.latency.render(
+            &mut out,
+            "tandem_proxy_request_duration_seconds",
+            &format!("instance=\"{}\"", inst.name),
+        );
+    }
+    header(
+        &mut out,
+        "tandem_proxy_upstream_connect_errors_total",
+        "counter",
+        "Failed or timed-out connects to a replica.",
+    );
+    for inst in table.instances() {
+        for r in &inst.replicas {
+            let _ = writeln!(
+                out,
+                "tandem_proxy_upstream_connect_errors_total{{instance=\"{}\",replica=\"{}\"}} {}",
+                inst.name,
+                r.id,
+                load(&r.state.stats.connect_errors)
+            );
+        }
+    }
+    header(&mut out, "tandem_proxy_retries_total", "counter", "Requests sent again to another replica after a connect failure or a closed idle connection.");
+    header(
+        &mut out,
+        "tandem_proxy_editor_blocked_total",
+        "counter",
+        "Requests to /admin refused on HA instances.",
+    );
+    for inst in table.instances() {
+        let _ = writeln!(
+            out,
+            "tandem_proxy_retries_total{{instance=\"{}\"}} {}",
+            inst.name,
+            load(&inst.stats.retries)
+        );
+        let _ = writeln!(
+            out,
+            "tandem_proxy_editor_blocked_total{{instance=\"{}\"}} {}",
+            inst.name,
+            load(&inst.stats.editor_blocked)
+        );
+    }
+    header(
+        &mut out,
+        "tandem_proxy_replica_ready",
+        "gauge",
+        "1 when the owner of the routes lets the replica take traffic.",
+    );
+    header(
+        &mut out,
+        "tandem_proxy_replica_healthy",
+        "gauge",
+        "1 when the replica passes its probes and is not ejected.",
+    );
+    header(
+        &mut out,
+        "tandem_proxy_replica_ejections_total",
+        "counter",
+        "Passive ejections after connect failures.",
+    );
+    header(
+        &mut out,
+        "tandem_proxy_replica_in_flight",
+        "gauge",
+        "Requests whose responses have not finished.",
+    );
+    header(
+        &mut out,
+        "tandem_proxy_replica_idle_connections",
+        "gauge",
+        "Pooled keep-alive connections to the replica.",
+    );
+    for inst in table.instances() {
+        for r in &inst.replicas {
+            let l = format!("instance=\"{}\",replica=\"{}\"", inst.name, r.id);
+            let s = &r.state;
+            let _ = writeln!(
+                out,
+                "tandem_proxy_replica_ready{{{l}}} {}",
+                u8::from(s.is_ready())
+            );
+            let _ = writeln!(
+                out,
+                "tandem_proxy_replica_healthy{{{l}}} {}",
+                u8::from(s.health.is_healthy(now))
+            );
+            let _ = writeln!(
+                out,
+                "tandem_proxy_replica_ejections_total{{{l}}} {}",
+                s.health.ejections_total()
+            );
+            let _ = writeln!(
+                out,
+                "tandem_proxy_replica_in_flight{{{l}}} {}",
+                s.in_flight()
+            );
+            let _ = writeln!(
+                out,
+                "tandem_proxy_replica_idle_connections{{{l}}} {}",
+                s.pool.idle_count()
+            );
+        }
+    }
+    header(
+        &mut out,
+        "tandem_proxy_routes_instances",
+        "gauge",
+        "Instances in the route table.",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_routes_instances {}",
+        table.instances().len()
+    );
+    header(
+        &mut out,
+        "tandem_proxy_routes_hosts",
+        "gauge",
+        "Host names in the route table.",
+    );
+    let _ = writeln!(out, "tandem_proxy_routes_hosts {}", table.host_count());
+    header(
+        &mut out,
+        "tandem_proxy_routes_generation",
+        "gauge",
+        "Generation of the route table in use.",
+    );
+    let _ = writeln!(out, "tandem_proxy_routes_generation {}", table.generation());
+    header(
+        &mut out,
+        "tandem_proxy_route_reloads_total",
+        "counter",
+        "Route reloads by result.",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_route_reloads_total{{result=\"ok\"}} {}",
+        load(&stats.reloads_ok)
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_route_reloads_total{{result=\"error\"}} {}",
+        load(&stats.reloads_failed)
+    );
+    header(
+        &mut out,
+        "tandem_proxy_route_last_reload_success",
+        "gauge",
+        "1 when the last reload succeeded.",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_route_last_reload_success {}",
+        u8::from(stats.last_reload_ok.load(Ordering::Relaxed))
+    );
+    header(
+        &mut out,
+        "tandem_proxy_route_last_reload_timestamp_seconds",
+        "gauge",
+        "Unix time of the last reload attempt.",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_route_last_reload_timestamp_seconds {}",
+        load(&stats.last_reload_unix)
+    );
+    header(
+        &mut out,
+        "tandem_proxy_open_connections",
+        "gauge",
+        "Open client connections.",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_open_connections {}",
+        stats.open_connections.load(Ordering::Relaxed)
+    );
+    header(
+        &mut out,
+        "tandem_proxy_websocket_tunnels",
+        "gauge",
+        "Open upgraded (WebSocket) tunnels.",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_websocket_tunnels {}",
+        stats.websocket_tunnels.load(Ordering::Relaxed)
+    );
+    header(
+        &mut out,
+        "tandem_proxy_unknown_host_total",
+        "counter",
+        "Requests for a host no instance serves.",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_unknown_host_total {}",
+        load(&stats.unknown_host)
+    );
+    header(
+        &mut out,
+        "tandem_proxy_bad_requests_total",
+        "counter",
+        "Requests refused as malformed (bad Host and the like).",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_bad_requests_total {}",
+        load(&stats.bad_requests)
+    );
+    out
+}

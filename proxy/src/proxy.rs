@@ -1,0 +1,572 @@
+//! One request through the proxy, phase by phase: find the instance by host, apply the editor
+//! policy, choose a replica, forward (retrying where that is safe), and stream the answer back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::{RequestBody, ResponseBody, Tail};
+use crate::metrics::ProxyStats;
+use crate::pool::{self, ConnectError, Sender};
+use crate::routes::{normalize_host, Instance, Routes};
+use crate::{balance, policy, tunnel, ProxyConfig};
+
+/// Name of the affinity cookie.
+pub const AFFINITY_COOKIE: &str = "tandem_affinity";
+
+/// Name of the response header that says which replica answered.
+pub const REPLICA_HEADER: &str = "x-tandem-replica";
+
+/// Reused connections that turn out closed before the request was written are replaced
+/// without counting as an attempt, this many times at most.
+const STALE_RETRIES: u32 = 4;
+
+/// The proxy: routes, settings and counters, shared by every connection.
+#[derive(Debug)]
+pub struct Proxy {
+    routes: Arc<Routes>,
+    config: ProxyConfig,
+    stats: Arc<ProxyStats>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// How a forwarded request ended without a response from a replica.
+enum Failure {
+    NoReplica,
+    Connect(Arc<str>, ConnectError),
+    Closed(Arc<str>, hyper::Error),
+    Timeout(Arc<str>),
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// A proxy serving `routes`.
+    pub fn new(routes: Arc<Routes>, config: ProxyConfig, stats: Arc<ProxyStats>) -> Self {
+        Self {
+            routes,
+            config,
+            stats,
+            stop: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Closes every open WebSocket tunnel (at the end of shutdown).
+    pub fn stop_tunnels(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// The routes this proxy serves.
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
+    /// The proxy's counters.
+    pub fn stats(&self) -> &Arc<ProxyStats> {
+        &self.stats
+    }
+
+    /// The proxy's settings.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Answers one request from `client`. Never fails: every problem becomes a response.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let start = Instant::now();
+
+        // Phase 1: which instance.
+        let host = match request_host(&req) {
+            Ok(h) => h,
+            Err(msg) => {
+                self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                return local(StatusCode::BAD_REQUEST, msg);
+            }
+        };
+        let instance = match self.routes.load().lookup(&host) {
+            Some(i) => i.clone(),
+            None => {
+                self.stats.unknown_host.fetch_add(1, Ordering::Relaxed);
+                return local(
+                    StatusCode::NOT_FOUND,
+                    format!("No Node-RED instance is served at host {host}.\n"),
+                );
+            }
+        };
+
+        // Phase 2: policy and limits.
+        if instance.ha && policy::is_editor_path(req.uri().path()) {
+            instance.stats.editor_blocked();
+            return self.finish_local(
+                &instance,
+                &req,
+                start,
+                local(StatusCode::FORBIDDEN, policy::EDITOR_BLOCKED),
+            );
+        }
+        if let Some(len) = content_length(req.headers()) {
+            if len > self.config.max_body_bytes {
+                let msg = format!(
+                    "The request body of {len} bytes is larger than the limit of {} bytes.\n",
+                    self.config.max_body_bytes
+                );
+                return self.finish_local(
+                    &instance,
+                    &req,
+                    start,
+                    local(StatusCode::PAYLOAD_TOO_LARGE, msg),
+                );
+            }
+        }
+
+        // Phase 3: affinity key.
+        let (key, new_cookie) = if instance.affinity {
+            match affinity_cookie(req.headers()) {
+                Some(v) => (Some(v), None),
+                None => {
+                    let v = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+                    (Some(v.clone()), Some(v))
+                }
+            }
+        } else {
+            (None, None)
+        };
+
+        // Phase 4: forward.
+        let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let upstream = self.upstream_request(req, &host, client, upgrade.is_some());
+        let result = self
+            .forward(
+                &instance,
+                upstream,
+                key.as_deref().map(str::as_bytes),
+                upgrade.is_some(),
+            )
+            .await;
+
+        let (resp, status, replica) = match result {
+            Ok((resp, idx, tail)) => {
+                let status = resp.status().as_u16();
+                let r = &instance.replicas[idx];
+                r.state.stats.record(status);
+                let mut resp = self.client_response(resp, &instance, idx, tail, upgrade);
+                if let Some(v) = new_cookie {
+                    let cookie = format!("{AFFINITY_COOKIE}={v}; Path=/; HttpOnly; SameSite=Lax");
+                    if let Ok(v) = HeaderValue::from_str(&cookie) {
+                        resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
+                }
+                (resp, status, Some(r.id.clone()))
+            }
+            Err(failure) => {
+                let (resp, replica) = self.failure_response(&instance, failure);
+                let status = resp.status().as_u16();
+                instance.stats.record_local(status);
+                (resp, status, replica)
+            }
+        };
+        let elapsed = start.elapsed();
+        instance.stats.observe(elapsed);
+        if self.config.access_log {
+            let replica = replica.as_deref().unwrap_or("none");
+            tracing::info!(target: "tandem::access", instance = %instance.name, %replica, %method, %path, status, micros = elapsed.as_micros() as u64, %client);
+        }
+        resp
+    }
+
+    /// The answer for a request no replica answered, and the replica to blame, if any.
+    fn failure_response(
+        &self,
+        instance: &Instance,
+        failure: Failure,
+    ) -> (Response<ResponseBody>, Option<Arc<str>>) {
+        let name = &instance.name;
+        let (status, msg, replica) = match failure {
+            Failure::NoReplica => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("No replica of instance {name} is ready and healthy; try again shortly.\n"),
+                None,
+            ),
+            Failure::Connect(r, e) => (
+                StatusCode::BAD_GATEWAY,
+                format!("Could not reach replica {r} of instance {name}: {e}.\n"),
+                Some(r),
+            ),
+            Failure::Closed(r, e) => (
+                StatusCode::BAD_GATEWAY,
+                format!("Replica {r} of instance {name} failed before it answered: {e}.\n"),
+                Some(r),
+            ),
+            Failure::Timeout(r) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "Replica {r} of instance {name} did not answer within {:?}.\n",
+                    self.config.upstream_timeout
+                ),
+                Some(r),
+            ),
+        };
+        let mut resp = local(status, msg);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        (resp, replica)
+    }
+
+    /// Counts and logs an answer of the proxy's own for a known instance.
+    fn finish_local(
+        &self,
+        instance: &Instance,
+        req: &Request<Incoming>,
+        start: Instant,
+        resp: Response<ResponseBody>,
+    ) -> Response<ResponseBody> {
+        let status = resp.status().as_u16();
+        instance.stats.record_local(status);
+        let elapsed = start.elapsed();
+        instance.stats.observe(elapsed);
+        if self.config.access_log {
+            tracing::info!(target: "tandem::access", instance = %instance.name, replica = "none", method = %req.method(), path = %req.uri().path(), status, micros = elapsed.as_micros() as u64);
+        }
+        resp
+    }
+
+    /// The request as the replica gets it: origin-form URI, hop-by-hop headers removed,
+    /// `X-Forwarded-*` set, body limited.
+    fn upstream_request(
+        &self,
+        req: Request<Incoming>,
+        host: &str,
+        client: SocketAddr,
+        upgrade: bool,
+    ) -> Request<RequestBody> {
+        let (mut parts, body) = req.into_parts();
+        let original_host = parts
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| HeaderValue::from_str(host).ok());
+        if parts.uri.authority().is_some() {
+            // Absolute-form target: the authority is the host; the replica gets origin-form.
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|pq| pq.as_str())
+                .unwrap_or("/");
+            parts.uri = pq.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+        }
+        let upgrade_value = if upgrade {
+            parts.headers.get(header::UPGRADE).cloned()
+        } else {
+            None
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(v) = upgrade_value {
+            parts.headers.insert(header::UPGRADE, v);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        if let Some(h) = &original_host {
+            parts.headers.insert(header::HOST, h.clone());
+            parts.headers.insert(X_FORWARDED_HOST, h.clone());
+        }
+        let ip = client.ip().to_string();
+        let xff = match parts
+            .headers
+            .get(X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            parts.headers.insert(X_FORWARDED_FOR, v);
+        }
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        parts.version = Version::HTTP_11;
+        Request::from_parts(parts, RequestBody::new(body, self.config.max_body_bytes))
+    }
+
+    /// Sends `req` to a replica of `instance`, retrying on another replica when nothing was sent
+    /// (connect failure) and, for idempotent bodyless requests, when the replica failed before
+    /// answering.
+    async fn forward(
+        &self,
+        instance: &Instance,
+        mut req: Request<RequestBody>,
+        key: Option<&[u8]>,
+        upgrade: bool,
+    ) -> Result<(Response<Incoming>, usize, Tail), Failure> {
+        // What is needed to send the request again once it has been written. Only for requests
+        // that are safe to repeat: idempotent and without a body.
+        let replay = (is_idempotent(req.method()) && matches!(req.body(), RequestBody::Empty))
+            .then(|| {
+                (
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().clone(),
+                )
+            });
+        let mut tried = 0u64;
+        let mut attempts = 0u32;
+        let mut stale = 0u32;
+        let mut last = Failure::NoReplica;
+        while attempts < self.config.max_attempts {
+            let now = Instant::now();
+            let Some(idx) = balance::pick(instance, tried, key, now) else {
+                break;
+            };
+            let replica = &instance.replicas[idx];
+            if attempts > 0 || stale > 0 {
+                instance.stats.retry();
+            }
+            let (mut sender, reused) = match self
+                .checkout(replica.addr, &replica.state, upgrade, now)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    attempts += 1;
+                    tried |= 1 << idx;
+                    replica.state.stats.connect_error();
+                    let period = replica
+                        .state
+                        .health
+                        .eject(Instant::now(), &self.config.ejection);
+                    tracing::warn!(instance = %instance.name, replica = %replica.id, addr = %replica.addr, error = %e, ejected_for = ?period, "could not connect to replica");
+                    last = Failure::Connect(replica.id.clone(), e);
+                    continue;
+                }
+            };
+            let in_flight = replica.state.begin_request();
+            let sent =
+                tokio::time::timeout(self.config.upstream_timeout, sender.try_send_request(req))
+                    .await;
+            match sent {
+                Ok(Ok(resp)) => {
+                    replica.state.health.record_success();
+                    let tail = Tail {
+                        in_flight,
+                        sender: (!upgrade).then_some(sender),
+                    };
+                    return Ok((resp, idx, tail));
+                }
+                // Dropping the sender closes the connection, so the replica sees the request go.
+                Err(_) => return Err(Failure::Timeout(replica.id.clone())),
+                Ok(Err(mut e)) => {
+                    if let Some(back) = e.take_message() {
+                        // Not written: a reused connection closed under us. Try another one.
+                        req = back;
+                        if reused && stale < STALE_RETRIES {
+                            stale += 1;
+                        } else {
+                            attempts += 1;
+                            tried |= 1 << idx;
+                        }
+                        last = Failure::Closed(replica.id.clone(), e.into_error());
+                        continue;
+                    }
+                    attempts += 1;
+                    tried |= 1 << idx;
+                    let error = e.into_error();
+                    tracing::warn!(instance = %instance.name, replica = %replica.id, %error, "replica failed before answering");
+                    match &replay {
+                        Some((m, u, h)) => {
+                            let mut again = Request::new(RequestBody::Empty);
+                            *again.method_mut() = m.clone();
+                            *again.uri_mut() = u.clone();
+                            *again.headers_mut() = h.clone();
+                            req = again;
+                            last = Failure::Closed(replica.id.clone(), error);
+                        }
+                        None => return Err(Failure::Closed(replica.id.clone(), error)),
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// A pooled connection to the replica, or a new one. Upgrades always get a new one, since
+    /// the connection becomes the tunnel.
+    async fn checkout(
+        &self,
+        addr: SocketAddr,
+        state: &crate::health::ReplicaState,
+        upgrade: bool,
+        now: Instant,
+    ) -> Result<(Sender, bool), ConnectError> {
+        if !upgrade {
+            while let Some(mut sender) = state.pool.take(now, self.config.pool_idle_timeout) {
+                // A connection goes back to the pool when its response was read to the end;
+                // hyper may need a moment to notice it can take the next request.
+                if sender.is_ready() || sender.ready().await.is_ok() {
+                    return Ok((sender, true));
+                }
+            }
+        }
+        Ok((
+            pool::connect(addr, self.config.connect_timeout).await?,
+            false,
+        ))
+    }
+
+    /// The replica's response as the client gets it.
+    fn client_response(
+        &self,
+        mut resp: Response<Incoming>,
+        instance: &Instance,
+        replica: usize,
+        tail: Tail,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ResponseBody> {
+        let r = &instance.replicas[replica];
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client) = client_upgrade {
+                let upstream = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel::run(
+                    client,
+                    upstream,
+                    self.config.idle_timeout,
+                    self.stats.clone(),
+                    self.stop.subscribe(),
+                    instance.name.clone(),
+                    r.id.clone(),
+                ));
+                // The tunnel is not counted as in flight: a long-lived WebSocket is not load.
+                drop(tail);
+                let (mut parts, _) = resp.into_parts();
+                if self.config.replica_header {
+                    parts.headers.insert(REPLICA_HEADER, r.header.clone());
+                }
+                return Response::from_parts(parts, ResponseBody::Full(None));
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if self.config.replica_header {
+            parts.headers.insert(REPLICA_HEADER, r.header.clone());
+        }
+        Response::from_parts(parts, ResponseBody::upstream(body, tail))
+    }
+}
+
+/// A short plain-text answer of the proxy's own.
+pub(crate) fn local(status: StatusCode, msg: impl Into<bytes::Bytes>) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(msg));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The normalized host a request is for: the authority of an absolute-form target, else the one
+/// `Host` header. The error says what is wrong with it.
+fn request_host(req: &Request<Incoming>) -> Result<String, String> {
+    if let Some(authority) = req.uri().authority() {
+        return normalize_host(authority.as_str())
+            .map(|h| h.into_owned())
+            .ok_or_else(|| {
+                format!(
+                    "The request target names an invalid host {:?}.\n",
+                    authority.as_str()
+                )
+            });
+    }
+    let mut values = req.headers().get_all(header::HOST).iter();
+    let Some(value) = values.next() else {
+        return Err("The request has no Host header; say which instance it is for.\n".into());
+    };
+    if values.next().is_some() {
+        return Err("The request has more than one Host header.\n".into());
+    }
+    let raw = value
+        .to_str()
+        .map_err(|_| "The Host header is not valid text.\n".to_string())?;
+    normalize_host(raw)
+        .map(|h| h.into_owned())
+        .ok_or_else(|| format!("The Host header {raw:?} is not a valid host name.\n"))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn affinity_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, v)| *k == AFFINITY_COOKIE && !v.is_empty())
+        .map(|(_, v)| v.to_string())
+}
+
+/// Removes hop-by-hop headers: the fixed list and every header the `Connection` header names.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}

@@ -1,0 +1,447 @@
+//! The route table: host names → instances → replicas.
+//!
+//! A [`RouteTable`] is immutable. Whoever owns the routes (the routes file watcher in
+//! `tandem proxy`, the coordinator in `tandem serve`) builds a new one from a list of
+//! [`InstanceSpec`]s and swaps it in through [`Routes::publish`]. Requests load the current
+//! table once, clone the `Arc<Instance>` they need and keep it for their whole life, so a swap
+//! never changes the instance or replica an in-flight request talks to.
+//!
+//! Per-replica state that must outlive a table (health, passive ejection, in-flight count,
+//! pooled upstream connections, counters) lives in an `Arc<ReplicaState>` that the next table
+//! carries over when the replica keeps its id and address.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora_ketama::{Bucket, Continuum};
+
+use crate::health::{self, HealthConfig, ReplicaState};
+use crate::metrics::InstanceStats;
+
+pub mod file;
+
+/// Largest number of replicas one instance may have. Bounded so that a request can track the
+/// replicas it already tried in one `u64`.
+pub const MAX_REPLICAS: usize = 64;
+
+/// What an instance should look like: the input to [`Routes::publish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSpec {
+    /// DNS-safe name, unique in a table; used in metrics and logs.
+    pub name: String,
+    /// Host names served by this instance, matched case-insensitively without port or trailing dot.
+    pub hosts: Vec<String>,
+    /// HA instances have the editor (`/admin`) blocked at the proxy.
+    pub ha: bool,
+    /// Pin clients to a replica with a cookie (consistent hashing), for WebSocket and dashboards.
+    pub affinity: bool,
+    /// The replicas, in slot order.
+    pub replicas: Vec<ReplicaSpec>,
+    /// Active health checking; `None` turns active probes off (passive ejection stays on).
+    pub health: Option<HealthConfig>,
+}
+
+/// One replica of an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaSpec {
+    /// Stable id, unique within the instance; sent as `X-Tandem-Replica` and used as a label.
+    pub id: String,
+    /// Where the replica listens.
+    pub addr: SocketAddr,
+    /// Whether the replica may take traffic (false while starting, draining or deploying).
+    pub ready: bool,
+}
+
+/// Why a list of specs cannot become a route table.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    /// The instance name is not DNS-safe.
+    #[error("instance name {0:?} is invalid: use 1-63 characters a-z, 0-9 and '-', starting with a letter and not ending with '-'")]
+    InvalidName(String),
+    /// Two instances share a name.
+    #[error("instance name {0:?} is used twice")]
+    DuplicateName(String),
+    /// A host name is malformed.
+    #[error("instance {instance:?}: host {host:?} is not a valid host name")]
+    InvalidHost {
+        /// The instance that lists the host.
+        instance: String,
+        /// The host as written.
+        host: String,
+    },
+    /// Two instances (or one instance twice) claim a host.
+    #[error("host {host:?} is claimed by both {first:?} and {second:?}")]
+    DuplicateHost {
+        /// The normalized host.
+        host: String,
+        /// The instance that claimed it first.
+        first: String,
+        /// The instance that claimed it again.
+        second: String,
+    },
+    /// An instance lists no host.
+    #[error("instance {0:?} has no host names")]
+    NoHosts(String),
+    /// An instance has too many replicas.
+    #[error("instance {0:?} has more than {MAX_REPLICAS} replicas")]
+    TooManyReplicas(String),
+    /// A replica id is not usable as a label and header value.
+    #[error("instance {instance:?}: replica id {id:?} is invalid: use 1-63 characters a-z, A-Z, 0-9, '.', '_' and '-'")]
+    InvalidReplicaId {
+        /// The instance.
+        instance: String,
+        /// The id as written.
+        id: String,
+    },
+    /// Two replicas of one instance share an id.
+    #[error("instance {instance:?}: replica id {id:?} is used twice")]
+    DuplicateReplica {
+        /// The instance.
+        instance: String,
+        /// The repeated id.
+        id: String,
+    },
+    /// The health check settings are unusable.
+    #[error("instance {instance:?}: {reason}")]
+    InvalidHealth {
+        /// The instance.
+        instance: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// An immutable snapshot of every route. Cheap to read, rebuilt whole on every change.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    hosts: HashMap<Box<str>, Arc<Instance>>,
+    instances: Vec<Arc<Instance>>,
+    generation: u64,
+}
+
+/// An instance as the proxy sees it.
+#[derive(Debug)]
+pub struct Instance {
+    /// The instance's name.
+    pub name: Arc<str>,
+    /// Normalized host names.
+    pub hosts: Vec<Box<str>>,
+    /// HA: editor blocked.
+    pub ha: bool,
+    /// Cookie affinity on.
+    pub affinity: bool,
+    /// Replicas in slot order.
+    pub replicas: Vec<Replica>,
+    /// Active health check settings, if any.
+    pub health: Option<HealthConfig>,
+    /// Consistent-hash ring over the replicas (only when `affinity`).
+    pub(crate) ring: Option<Ring>,
+    /// Maps the ring's node addresses back to replica indexes.
+    pub(crate) ring_index: HashMap<SocketAddr, usize>,
+    /// Counters that survive table swaps.
+    pub(crate) stats: Arc<InstanceStats>,
+}
+
+/// A replica as the proxy sees it.
+#[derive(Debug)]
+pub struct Replica {
+    /// Stable id within the instance.
+    pub id: Arc<str>,
+    /// Upstream address.
+    pub addr: SocketAddr,
+    /// The id as a header value, for `X-Tandem-Replica`.
+    pub(crate) header: http::HeaderValue,
+    /// Health, load and pool, shared with earlier and later tables.
+    pub state: Arc<ReplicaState>,
+}
+
+/// A ketama ring over an instance's replicas.
+pub(crate) struct Ring(pub(crate) Continuum);
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ring")
+    }
+}
+
+/// The live route table: one `ArcSwap` that readers load and writers replace whole.
+#[derive(Debug, Default)]
+pub struct Routes {
+    current: ArcSwap<RouteTable>,
+    generation: AtomicU64,
+}
+
+// === impl Routes ===
+
+impl Routes {
+    /// An empty table: every host is unknown.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current table. Hold it only for the duration of a lookup.
+    pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.current.load()
+    }
+
+    /// The current table as an owned `Arc`.
+    pub fn snapshot(&self) -> Arc<RouteTable> {
+        self.current.load_full()
+    }
+
+    /// Validates `specs`, builds a new table that carries over the state of replicas that kept
+    /// their id and address, and swaps it in. Starts active health probes for new replicas when
+    /// called inside a tokio runtime. On error the current table stays.
+    pub fn publish(&self, specs: &[InstanceSpec]) -> Result<Arc<RouteTable>, RouteError> {
+        let previous = self.current.load_full();
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let table = Arc::new(RouteTable::build(specs, &previous, generation)?);
+        self.current.store(table.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            for (i, instance) in table.instances.iter().enumerate() {
+                for r in 0..instance.replicas.len() {
+                    health::spawn_probe(&rt, &table, i, r);
+                }
+            }
+        }
+        Ok(table)
+    }
+}
+
+// === impl RouteTable ===
+
+impl RouteTable {
+    /// Finds the instance serving `host`, which must already be normalized ([`normalize_host`]).
+    pub fn lookup(&self, host: &str) -> Option<&Arc<Instance>> {
+        self.hosts.get(host)
+    }
+
+    /// Every instance, in the order of the specs.
+    pub fn instances(&self) -> &[Arc<Instance>] {
+        &self.instances
+    }
+
+    /// Number of host names in the table.
+    pub fn host_count(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// Increases with every published table.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Builds a table, carrying over the state of replicas that `previous` already had.
+    fn build(
+        specs: &[InstanceSpec],
+        previous: &RouteTable,
+        generation: u64,
+    ) -> Result<RouteTable, RouteError> {
+        let old: HashMap<&str, &Arc<Instance>> =
+            previous.instances.iter().map(|i| (&*i.name, i)).collect();
+        let mut hosts: HashMap<Box<str>, Arc<Instance>> = HashMap::new();
+        let mut instances = Vec::with_capacity(specs.len());
+        let mut names: HashMap<&str, ()> = HashMap::new();
+
+        for spec in specs {
+            validate_name(&spec.name)?;
+            if names.insert(&spec.name, ()).is_some() {
+                return Err(RouteError::DuplicateName(spec.name.clone()));
+            }
+            if spec.hosts.is_empty() {
+                return Err(RouteError::NoHosts(spec.name.clone()));
+            }
+            if spec.replicas.len() > MAX_REPLICAS {
+                return Err(RouteError::TooManyReplicas(spec.name.clone()));
+            }
+            if let Some(health) = &spec.health {
+                health
+                    .validate()
+                    .map_err(|reason| RouteError::InvalidHealth {
+                        instance: spec.name.clone(),
+                        reason,
+                    })?;
+            }
+            let before = old.get(spec.name.as_str()).copied();
+
+            let mut replicas: Vec<Replica> = Vec::with_capacity(spec.replicas.len());
+            for r in &spec.replicas {
+                let header = valid_replica_id(&r.id)
+                    .then(|| http::HeaderValue::from_str(&r.id).ok())
+                    .flatten()
+                    .ok_or_else(|| RouteError::InvalidReplicaId {
+                        instance: spec.name.clone(),
+                        id: r.id.clone(),
+                    })?;
+                if replicas.iter().any(|x| *x.id == *r.id) {
+                    return Err(RouteError::DuplicateReplica {
+                        instance: spec.name.clone(),
+                        id: r.id.clone(),
+                    });
+                }
+                let kept = before.and_then(|i| {
+                    i.replicas
+                        .iter()
+                        .find(|x| *x.id == *r.id && x.addr == r.addr)
+                });
+                let state = match kept {
+                    Some(k) => k.state.clone(),
+                    None => Arc::new(ReplicaState::new()),
+                };
+                state.set_ready(r.ready);
+                state.set_probe_config(spec.health.clone());
+                replicas.push(Replica {
+                    id: r.id.as_str().into(),
+                    addr: r.addr,
+                    header,
+                    state,
+                });
+            }
+            // A replica whose probes were switched off is healthy by definition; one whose probes
+            // were switched on keeps its last verdict until its first probe.
+            if spec.health.is_none() {
+                for r in &replicas {
+                    r.state.health.set_probed_healthy(true);
+                }
+            }
+
+            let (ring, ring_index) = if spec.affinity {
+                let buckets: Vec<Bucket> =
+                    replicas.iter().map(|r| Bucket::new(r.addr, 1)).collect();
+                let index = replicas
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (r.addr, i))
+                    .collect();
+                (Some(Ring(Continuum::new(&buckets))), index)
+            } else {
+                (None, HashMap::new())
+            };
+
+            let mut normalized = Vec::with_capacity(spec.hosts.len());
+            for host in &spec.hosts {
+                let Some(n) = normalize_host(host) else {
+                    return Err(RouteError::InvalidHost {
+                        instance: spec.name.clone(),
+                        host: host.clone(),
+                    });
+                };
+                normalized.push(n.into_owned().into_boxed_str());
+            }
+
+            let instance = Arc::new(Instance {
+                name: spec.name.as_str().into(),
+                hosts: normalized,
+                ha: spec.ha,
+                affinity: spec.affinity,
+                replicas,
+                health: spec.health.clone(),
+                ring,
+                ring_index,
+                stats: before.map(|i| i.stats.clone()).unwrap_or_default(),
+            });
+            for host in &instance.hosts {
+                if let Some(first) = hosts.insert(host.clone(), instance.clone()) {
+                    return Err(RouteError::DuplicateHost {
+                        host: host.to_string(),
+                        first: first.name.to_string(),
+                        second: spec.name.clone(),
+                    });
+                }
+            }
+            instances.push(instance);
+        }
+        Ok(RouteTable {
+            hosts,
+            instances,
+            generation,
+        })
+    }
+}
+
+/// Checks an instance name: `[a-z][a-z0-9-]{0,62}`, not ending with `-`.
+pub fn validate_name(name: &str) -> Result<(), RouteError> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_lowercase()
+        && bytes[bytes.len() - 1] != b'-'
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(RouteError::InvalidName(name.to_string()))
+    }
+}
+
+/// Normalizes a `Host` value (or a URI authority): lower-cased, port removed, one trailing dot
+/// removed. Returns `None` when it is not a plausible host: empty, too long, a character outside
+/// letters, digits, `-`, `.` and `_`, an empty label, or a bad port. Bracketed IPv6 literals are
+/// kept with their brackets. Borrows when the input is already normalized.
+pub fn normalize_host(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // IPv6 literal: "[::1]" or "[::1]:8080".
+        let end = rest.find(']')?;
+        let after = &rest[end + 1..];
+        if !(after.is_empty() || valid_port(after.strip_prefix(':')?)) {
+            return None;
+        }
+        let inner = &rest[..end];
+        if inner.is_empty()
+            || !inner
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return None;
+        }
+        &raw[..end + 2]
+    } else {
+        let (host, port) = match raw.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (raw, None),
+        };
+        if let Some(p) = port {
+            if !valid_port(p) {
+                return None;
+            }
+        }
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if host.is_empty()
+            || host.len() > 253
+            || host.split('.').any(str::is_empty)
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
+            return None;
+        }
+        host
+    };
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(std::borrow::Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(std::borrow::Cow::Borrowed(host))
+    }
+}
+
+fn valid_replica_id(id: &str) -> bool {
+    (1..=63).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn valid_port(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 5
+        && p.bytes().all(|b| b.is_ascii_digit())
+        && p.parse::<u16>().is_ok()
+}
+
+#[cfg(test)]
+mod tests;

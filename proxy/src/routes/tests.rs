@@ -1,0 +1,213 @@
+use super::*;
+
+fn spec(name: &str, hosts: &[&str], replicas: &[(&str, u16)]) -> InstanceSpec {
+    InstanceSpec {
+        name: name.into(),
+        hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        ha: false,
+        affinity: false,
+        replicas: replicas
+            .iter()
+            .map(|(id, port)| ReplicaSpec {
+                id: id.to_string(),
+                addr: SocketAddr::from(([127, 0, 0, 1], *port)),
+                ready: true,
+            })
+            .collect(),
+        health: None,
+    }
+}
+
+#[test]
+fn hosts_are_normalized() {
+    let cases = [
+        ("orders.localhost", Some("orders.localhost")),
+        ("Orders.LocalHost", Some("orders.localhost")),
+        ("orders.localhost:8080", Some("orders.localhost")),
+        ("orders.localhost.", Some("orders.localhost")),
+        ("ORDERS.localhost.:80", Some("orders.localhost")),
+        ("[::1]:8080", Some("[::1]")),
+        ("127.0.0.1:80", Some("127.0.0.1")),
+        ("", None),
+        (":80", None),
+        ("orders..localhost", None),
+        ("orders.localhost:", None),
+        ("orders.localhost:99999", None),
+        ("orders.localhost:80:80", None),
+        ("ord ers", None),
+        ("orders/x", None),
+        ("[::1", None),
+        ("[zz]", None),
+    ];
+    for (raw, want) in cases {
+        assert_eq!(normalize_host(raw).as_deref(), want, "{raw:?}");
+    }
+}
+
+#[test]
+fn names_are_dns_safe() {
+    for ok in ["a", "orders", "orders-2", "a1"] {
+        assert!(validate_name(ok).is_ok(), "{ok}");
+    }
+    let long = "a".repeat(64);
+    for bad in [
+        "",
+        "1orders",
+        "Orders",
+        "orders-",
+        "ord_ers",
+        "ord.ers",
+        long.as_str(),
+    ] {
+        assert!(validate_name(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn lookup_by_any_host() {
+    let routes = Routes::new();
+    let table = routes
+        .publish(&[
+            spec(
+                "orders",
+                &["orders.localhost", "Shop.Example.com"],
+                &[("r0", 1)],
+            ),
+            spec("billing", &["billing.localhost"], &[("r0", 2)]),
+        ])
+        .unwrap();
+    assert_eq!(&*table.lookup("orders.localhost").unwrap().name, "orders");
+    assert_eq!(&*table.lookup("shop.example.com").unwrap().name, "orders");
+    assert_eq!(&*table.lookup("billing.localhost").unwrap().name, "billing");
+    assert!(table.lookup("nope.localhost").is_none());
+    assert_eq!(table.host_count(), 3);
+}
+
+#[test]
+fn invalid_specs_are_refused_and_the_table_stays() {
+    let routes = Routes::new();
+    routes
+        .publish(&[spec("orders", &["orders.localhost"], &[("r0", 1)])])
+        .unwrap();
+    let generation = routes.load().generation();
+    let bad = [
+        (vec![spec("Orders", &["a.localhost"], &[])], "invalid"),
+        (
+            vec![
+                spec("a", &["x.localhost"], &[]),
+                spec("b", &["X.localhost"], &[]),
+            ],
+            "claimed by both",
+        ),
+        (
+            vec![
+                spec("a", &["x.localhost"], &[]),
+                spec("a", &["y.localhost"], &[]),
+            ],
+            "used twice",
+        ),
+        (vec![spec("a", &[], &[])], "no host"),
+        (vec![spec("a", &["bad host"], &[])], "not a valid host"),
+        (
+            vec![spec("a", &["a.localhost"], &[("r0", 1), ("r0", 2)])],
+            "used twice",
+        ),
+        (
+            vec![spec("a", &["a.localhost"], &[("r 0", 1)])],
+            "replica id",
+        ),
+    ];
+    for (specs, needle) in bad {
+        let err = routes.publish(&specs).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+    }
+    assert_eq!(routes.load().generation(), generation);
+    assert!(routes.load().lookup("orders.localhost").is_some());
+}
+
+#[test]
+fn replica_state_survives_a_swap_when_id_and_address_stay() {
+    let routes = Routes::new();
+    let t1 = routes
+        .publish(&[spec(
+            "orders",
+            &["orders.localhost"],
+            &[("r0", 1), ("r1", 2)],
+        )])
+        .unwrap();
+    let _busy = t1.instances()[0].replicas[0].state.begin_request();
+    let t2 = routes
+        .publish(&[spec(
+            "orders",
+            &["orders.localhost"],
+            &[("r0", 1), ("r1", 3), ("r2", 4)],
+        )])
+        .unwrap();
+    let (a, b) = (&t1.instances()[0], &t2.instances()[0]);
+    assert!(Arc::ptr_eq(&a.replicas[0].state, &b.replicas[0].state));
+    assert_eq!(b.replicas[0].state.in_flight(), 1);
+    assert!(
+        !Arc::ptr_eq(&a.replicas[1].state, &b.replicas[1].state),
+        "new address, new state"
+    );
+    assert!(
+        Arc::ptr_eq(&a.stats, &b.stats),
+        "instance counters carry over"
+    );
+    // The old table still routes the requests that hold it.
+    assert_eq!(
+        t1.lookup("orders.localhost").unwrap().replicas[1]
+            .addr
+            .port(),
+        2
+    );
+    assert!(t2.generation() > t1.generation());
+}
+
+#[test]
+fn readiness_follows_the_spec() {
+    let routes = Routes::new();
+    let mut s = spec("orders", &["orders.localhost"], &[("r0", 1)]);
+    s.replicas[0].ready = false;
+    let t = routes.publish(&[s.clone()]).unwrap();
+    assert!(!t.instances()[0].replicas[0].state.is_ready());
+    s.replicas[0].ready = true;
+    let t = routes.publish(&[s]).unwrap();
+    assert!(t.instances()[0].replicas[0].state.is_ready());
+}
+
+#[test]
+fn routes_file_parses_and_explains_errors() {
+    let text = r#"
+        [health]
+        interval_ms = 500
+
+        [[instance]]
+        name = "orders"
+        hosts = ["orders.localhost"]
+        ha = true
+        replicas = ["127.0.0.1:12080", "127.0.0.1:12081"]
+        health_path = "/ping"
+
+        [[instance]]
+        name = "billing"
+        hosts = ["billing.localhost"]
+        replicas = ["127.0.0.1:13080"]
+        health_check = false
+        affinity = true
+    "#;
+    let specs = file::parse(text).unwrap();
+    assert_eq!(specs.len(), 2);
+    assert!(specs[0].ha);
+    assert_eq!(specs[0].replicas[1].id, "r1");
+    let h = specs[0].health.as_ref().unwrap();
+    assert_eq!((h.path.as_str(), h.interval.as_millis()), ("/ping", 500));
+    assert!(specs[1].health.is_none() && specs[1].affinity);
+
+    let err = file::parse("[[instance]]\nname = \"a\"\nhosts = [\"a\"]\nreplicas = [\"nope\"]\n")
+        .unwrap_err();
+    assert!(err.contains("line 4"), "{err}");
+    let err =
+        file::parse("[[instance]]\nname = \"a\"\nhost = [\"a\"]\nreplicas = []\n").unwrap_err();
+    assert!(err.contains("unknown field `host`"), "{err}");
+}
