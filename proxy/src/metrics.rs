@@ -318,7 +318,7 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
         &mut out,
         "tandem_proxy_route_last_reload_success",
         "gauge",
-        "1 when the last reload succeeded.",
+        "Whether the last reload succeeded (1) or failed (0).",
     );
     let _ = writeln!(
         out,

@@ -174,14 +174,28 @@ pub fn load(path: &Path, routes: &Routes) -> Result<usize, FileError> {
 /// Watches `path` until `shutdown`: reloads when its content changes (checked every `poll`)
 /// and on every SIGHUP. A file that fails to load leaves the current table serving; the
 /// failure is logged with its reason and counted in the reload metrics.
-pub async fn watch(
+///
+/// The content is compared with what the file holds when `watch` is called (not when the
+/// future first runs), so call it right after the initial [`load`].
+pub fn watch(
     path: PathBuf,
     routes: Arc<Routes>,
     stats: Arc<ProxyStats>,
     poll: Duration,
     shutdown: impl std::future::Future<Output = ()>,
+) -> impl std::future::Future<Output = ()> {
+    let last = std::fs::read(&path).ok();
+    watch_from(path, routes, stats, poll, shutdown, last)
+}
+
+async fn watch_from(
+    path: PathBuf,
+    routes: Arc<Routes>,
+    stats: Arc<ProxyStats>,
+    poll: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut last: Option<Vec<u8>>,
 ) {
-    let mut last = std::fs::read(&path).ok();
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     tokio::pin!(shutdown);
