@@ -1,0 +1,274 @@
+//! `tandem proxy` as a process: a routes file, real HTTP upstreams, reloads, signals.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A real HTTP server answering `name` (after `?ms=` milliseconds on `/slow`).
+async fn upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        if req.uri().path() == "/slow" {
+                            tokio::time::sleep(Duration::from_millis(800)).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(name),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn get(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn routes(instances: &[(&str, SocketAddr)]) -> String {
+    instances
+        .iter()
+        .map(|(name, addr)| {
+            format!("[[instance]]\nname = \"{name}\"\nhosts = [\"{name}.localhost\"]\nreplicas = [\"{addr}\"]\nhealth_check = false\n\n")
+        })
+        .collect()
+}
+
+/// A running `tandem proxy`, its addresses read from its start-up log line.
+struct Tandem {
+    child: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Tandem {
+    fn start(routes: &std::path::Path, extra: &[&str]) -> Result<Self, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["proxy", "--routes"])
+            .arg(routes)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--reload-poll-ms",
+                "50",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    if line.contains("tandem proxy serving") {
+                        let field = |k: &str| -> SocketAddr {
+                            let rest = &line[line.find(&format!("{k}=")).unwrap() + k.len() + 1..];
+                            rest.split_whitespace().next().unwrap().parse().unwrap()
+                        };
+                        return Ok(Self {
+                            listen: field("listen"),
+                            admin: field("admin"),
+                            child,
+                            lines: rx,
+                        });
+                    }
+                    seen.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                            seen.push(l);
+                        }
+                        return Err(format!("exited with {status}: {}", seen.join("\n")));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = child.kill();
+        Err(format!("did not start: {}", seen.join("\n")))
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait_for_line(&self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                if line.contains(needle) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+impl Drop for Tandem {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_routes(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tandem-cli-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("routes.toml")
+}
+
+#[tokio::test]
+async fn serves_reloads_on_change_and_on_sighup_and_stops_gracefully() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let path = temp_routes("serve");
+    std::fs::write(&path, routes(&[("orders", a)])).unwrap();
+    let mut tandem = Tandem::start(&path, &[]).unwrap();
+
+    assert_eq!(
+        get(tandem.listen, "orders.localhost", "/").await,
+        (200, "a".into())
+    );
+    let (status, body) = get(tandem.listen, "billing.localhost", "/").await;
+    assert_eq!(status, 404, "{body}");
+
+    // A changed file is picked up by itself.
+    std::fs::write(&path, routes(&[("orders", a), ("billing", b)])).unwrap();
+    assert!(tandem.wait_for_line("routes reloaded", Duration::from_secs(5)));
+    assert_eq!(
+        get(tandem.listen, "billing.localhost", "/").await,
+        (200, "b".into())
+    );
+
+    // A broken file is reported and changes nothing.
+    std::fs::write(&path, "[[instance]]\nname = 5\n").unwrap();
+    assert!(tandem.wait_for_line("routes not reloaded", Duration::from_secs(5)));
+    assert_eq!(
+        get(tandem.listen, "billing.localhost", "/").await,
+        (200, "b".into())
+    );
+
+    // SIGHUP reloads even when the poll has not noticed yet.
+    std::fs::write(&path, routes(&[("orders", b)])).unwrap();
+    tandem.signal("-HUP");
+    assert!(tandem.wait_for_line("routes reloaded", Duration::from_secs(5)));
+    assert_eq!(
+        get(tandem.listen, "orders.localhost", "/").await,
+        (200, "b".into())
+    );
+
+    let (status, metrics) = get(tandem.admin, "admin", "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("tandem_proxy_route_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        get(tandem.admin, "admin", "/healthz").await,
+        (200, "ok\n".into())
+    );
+
+    // SIGTERM: the in-flight request still gets its answer, then the process exits 0.
+    let listen = tandem.listen;
+    let slow = tokio::spawn(async move { get(listen, "orders.localhost", "/slow").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tandem.signal("-TERM");
+    assert_eq!(slow.await.unwrap(), (200, "b".into()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = tandem.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tandem did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[tokio::test]
+async fn refuses_to_start_on_a_bad_routes_file_and_says_why() {
+    let path = temp_routes("bad");
+    std::fs::write(
+        &path,
+        "[[instance]]\nname = \"Orders\"\nhosts = [\"o.localhost\"]\nreplicas = []\n",
+    )
+    .unwrap();
+    let err = Tandem::start(&path, &[]).err().expect("must not start");
+    assert!(err.contains("instance name \"Orders\" is invalid"), "{err}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn help_documents_every_flag_and_its_environment_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["proxy", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--routes",
+        "--listen",
+        "--admin-listen",
+        "--max-body-bytes",
+        "TANDEM_HEADER_TIMEOUT_MS",
+        "TANDEM_REPLICA_HEADER",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from:\n{text}");
+    }
+}
