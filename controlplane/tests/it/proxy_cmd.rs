@@ -128,10 +128,15 @@ impl Tandem {
                         return Err(format!("exited with {status}: {}", seen.join("\n")));
                     }
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    return Err(format!("stderr closed ({status:?}): {}", seen.join("\n")));
+                }
             }
         }
         let _ = child.kill();
+        let _ = child.wait();
         Err(format!("did not start: {}", seen.join("\n")))
     }
 
