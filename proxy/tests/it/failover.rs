@@ -56,6 +56,8 @@ async fn a_killed_replica_costs_no_request_and_comes_back() {
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     ups[1].kill();
+    // Abort takes effect when the runtime next polls the server's tasks.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let killed_at = ups[1].hits();
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(ups[1].hits(), killed_at);
