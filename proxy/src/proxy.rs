@@ -89,7 +89,11 @@ impl Proxy {
             Ok(h) => h,
             Err(msg) => {
                 self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-                return local(StatusCode::BAD_REQUEST, msg);
+                // Like nginx: a client that sends malformed requests loses its connection.
+                let mut resp = local(StatusCode::BAD_REQUEST, msg);
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
             }
         };
         let instance = match self.routes.load().lookup(&host) {
