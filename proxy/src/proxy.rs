@@ -41,6 +41,7 @@ enum Failure {
     Connect(Arc<str>, ConnectError),
     Closed(Arc<str>, hyper::Error),
     Timeout(Arc<str>),
+    TooLarge(u64),
 }
 
 // === impl Proxy ===
@@ -211,6 +212,11 @@ impl Proxy {
                 StatusCode::BAD_GATEWAY,
                 format!("Replica {r} of instance {name} failed before it answered: {e}.\n"),
                 Some(r),
+            ),
+            Failure::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("The request body is larger than the limit of {limit} bytes.\n"),
+                None,
             ),
             Failure::Timeout(r) => (
                 StatusCode::GATEWAY_TIMEOUT,
@@ -388,6 +394,9 @@ impl Proxy {
                     attempts += 1;
                     tried |= 1 << idx;
                     let error = e.into_error();
+                    if let Some(limit) = body_too_large(&error) {
+                        return Err(Failure::TooLarge(limit));
+                    }
                     tracing::warn!(instance = %instance.name, replica = %replica.id, %error, "replica failed before answering");
                     match &replay {
                         Some((m, u, h)) => {
@@ -511,6 +520,18 @@ fn request_host(req: &Request<Incoming>) -> Result<String, String> {
     normalize_host(raw)
         .map(|h| h.into_owned())
         .ok_or_else(|| format!("The Host header {raw:?} is not a valid host name.\n"))
+}
+
+/// The limit, when `error` comes from a request body cut off at the size limit.
+fn body_too_large(error: &hyper::Error) -> Option<u64> {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(t) = e.downcast_ref::<crate::body::BodyTooLarge>() {
+            return Some(t.0);
+        }
+        source = e.source();
+    }
+    None
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

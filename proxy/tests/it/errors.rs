@@ -139,6 +139,7 @@ async fn oversized_bodies_are_refused() {
     }
     head.extend_from_slice(b"0\r\n\r\n");
     let out = raw(proxy.addr, &head, Duration::from_secs(2)).await;
+    eprintln!("CHUNKED OUT: {:?}", &out[..out.len().min(400)]);
     assert!(
         !out.contains(&"y".repeat(1536)),
         "the oversized body must not come back whole"
