@@ -17,6 +17,12 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run Tandem: the control plane's API and the ingress proxy, with embedded defaults
+    /// (SQLite in the data directory, base domain `localhost`).
+    Serve(ServeArgs),
+    /// Manage users from the command line.
+    #[command(subcommand)]
+    User(UserCommand),
     /// Run the ingress proxy alone, serving the instances of a routes file (reloaded when it
     /// changes and on SIGHUP).
     Proxy(ProxyArgs),
@@ -73,4 +79,49 @@ pub struct ProxyArgs {
     /// How often the routes file is checked for changes, in milliseconds.
     #[arg(long, env = "TANDEM_RELOAD_POLL_MS", default_value_t = 1_000)]
     pub reload_poll_ms: u64,
+}
+
+/// Flags of `tandem serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Where Tandem keeps its data (SQLite database, admin token, instances).
+    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
+    pub data_dir: PathBuf,
+    /// Address of the REST API.
+    #[arg(long, env = "TANDEM_API_LISTEN", default_value = "127.0.0.1:3000")]
+    pub api_listen: SocketAddr,
+    /// Address where instances are served (by host name).
+    #[arg(long, env = "TANDEM_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// PostgreSQL URL (postgres://user:password@host/db); SQLite in the data directory when absent.
+    #[arg(long, env = "TANDEM_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Instances are served at <name>.<base-domain>.
+    #[arg(long, env = "TANDEM_BASE_DOMAIN", default_value = "localhost")]
+    pub base_domain: String,
+    /// Largest HA replica count.
+    #[arg(long, env = "TANDEM_MAX_HA_REPLICAS", default_value_t = 8)]
+    pub max_ha_replicas: u32,
+}
+
+/// `tandem user ...`.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user; the password is read from the first line of standard input.
+    Create {
+        /// Username.
+        name: String,
+        /// Make the user a platform admin.
+        #[arg(long)]
+        admin: bool,
+        /// Email.
+        #[arg(long)]
+        email: Option<String>,
+        /// Data directory (as for `tandem serve`).
+        #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
+        data_dir: PathBuf,
+        /// PostgreSQL URL (as for `tandem serve`).
+        #[arg(long, env = "TANDEM_DATABASE_URL")]
+        database_url: Option<String>,
+    },
 }

@@ -1,0 +1,671 @@
+//! Instances: create, read, change, delete, lifecycle actions, status and HA.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::Row;
+use tandem_coordinator::status::ObservedStatus;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{authorize, json_text, templates, Page, PageQuery};
+use crate::audit::{self, Subject};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, Json};
+use crate::roles::Action;
+use crate::state::AppState;
+use crate::store::{new_id, now_ms};
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_instance))
+        .routes(routes!(get_instance, update_instance, delete_instance))
+        .routes(routes!(list_team_instances))
+        .routes(routes!(list_application_instances))
+        .routes(routes!(instance_action))
+        .routes(routes!(instance_status))
+        .routes(routes!(get_ha, put_ha, delete_ha))
+}
+
+/// Names that cannot be instance names: they are, or may become, Tandem's own hosts.
+pub const RESERVED_NAMES: &[&str] = &[
+    "admin",
+    "api",
+    "app",
+    "assets",
+    "broker",
+    "dashboard",
+    "docs",
+    "editor",
+    "help",
+    "login",
+    "mail",
+    "metrics",
+    "mqtt",
+    "static",
+    "status",
+    "tandem",
+    "www",
+    "ws",
+];
+
+/// How an HA instance runs its replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HaMode {
+    /// Requests spread over every healthy replica.
+    #[default]
+    Balanced,
+    /// One active replica; the others wait with flows stopped.
+    Standby,
+}
+
+impl HaMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Balanced => "balanced",
+            Self::Standby => "standby",
+        }
+    }
+}
+
+/// HA settings of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Ha {
+    /// Replicas, from 2 to the platform's maximum (default 8).
+    pub replicas: i64,
+    /// `balanced` (default) or `standby`.
+    #[serde(default)]
+    pub mode: HaMode,
+}
+
+/// An instance.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Instance {
+    /// Id.
+    pub id: String,
+    /// Unique, DNS-safe; the host name is `<name>.<base domain>`.
+    pub name: String,
+    /// Where it is served.
+    pub url: String,
+    /// Owning team.
+    pub team_id: String,
+    /// Application.
+    pub application_id: String,
+    /// Stack (Node-RED version).
+    pub stack_id: String,
+    /// Template, if any.
+    pub template_id: Option<String>,
+    /// The instance's own settings (overrides).
+    #[schema(value_type = Object)]
+    pub settings: Value,
+    /// The instance's own environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Template and overrides merged: what the replicas get.
+    #[schema(value_type = Object)]
+    pub effective_settings: Value,
+    /// Environment merged with the template's.
+    pub effective_env: BTreeMap<String, String>,
+    /// HA settings; absent when HA is off.
+    pub ha: Option<Ha>,
+    /// `running`, `stopped` or `suspended`.
+    pub desired_state: String,
+    /// Creation time, epoch ms.
+    pub created_at: i64,
+    /// Last change, epoch ms.
+    pub updated_at: i64,
+}
+
+/// A new instance.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewInstance {
+    /// `[a-z][a-z0-9-]{0,62}`, not ending with '-', not reserved; cannot be changed later.
+    pub name: String,
+    /// The application (and so the team).
+    pub application_id: String,
+    /// The stack.
+    pub stack_id: String,
+    /// A template.
+    pub template_id: Option<String>,
+    /// Node-RED settings overrides (object).
+    #[schema(value_type = Option<Object>)]
+    pub settings: Option<Value>,
+    /// Environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Initial flows: a Node-RED flows array.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub flows: Option<Value>,
+    /// HA from the start.
+    pub ha: Option<Ha>,
+}
+
+/// Changes to an instance. The name cannot change.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceUpdate {
+    /// Refused: names are permanent.
+    #[schema(value_type = Option<String>)]
+    pub name: Option<serde::de::IgnoredAny>,
+    /// New settings overrides (replace the old ones).
+    #[schema(value_type = Option<Object>)]
+    pub settings: Option<Value>,
+    /// New environment (replaces the old one).
+    pub env: Option<BTreeMap<String, String>>,
+    /// Move to another stack.
+    pub stack_id: Option<String>,
+}
+
+/// Observed and desired state.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Status {
+    /// Instance id.
+    pub id: String,
+    /// Instance name.
+    pub name: String,
+    /// What was asked for.
+    pub desired_state: String,
+    /// What runs: `state` (`running`, `degraded`, `starting`, `installing`, `stopped`,
+    /// `suspended`, `crashed`, `unknown`), replicas ready and wanted.
+    #[schema(value_type = Object)]
+    pub observed: ObservedStatus,
+}
+
+/// Result of an action.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ActionResult {
+    /// Always `okay`.
+    pub status: String,
+    /// The desired state after the action.
+    pub desired_state: String,
+}
+
+/// Checks an instance name.
+pub fn check_name(name: &str) -> ApiResult<()> {
+    if tandem_proxy::routes::validate_name(name).is_err() {
+        return Err(ApiError::invalid(
+            "name",
+            "use 1 to 63 of a-z, 0-9 and '-', starting with a letter and not ending with '-'",
+        ));
+    }
+    if RESERVED_NAMES.contains(&name) {
+        return Err(ApiError::invalid("name", format!("{name:?} is reserved")));
+    }
+    Ok(())
+}
+
+fn check_ha(state: &AppState, ha: &Ha) -> ApiResult<()> {
+    let max = i64::from(state.config.max_ha_replicas);
+    if !(2..=max).contains(&ha.replicas) {
+        return Err(ApiError::invalid(
+            "ha.replicas",
+            format!("must be from 2 to {max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_flows(flows: &Value) -> ApiResult<()> {
+    let Some(nodes) = flows.as_array() else {
+        return Err(ApiError::invalid("flows", "must be a Node-RED flows array"));
+    };
+    for (i, n) in nodes.iter().enumerate() {
+        let ok = n.get("id").is_some_and(Value::is_string)
+            && n.get("type").is_some_and(Value::is_string);
+        if !ok {
+            return Err(ApiError::invalid(
+                format!("flows[{i}]"),
+                "every node needs a string id and type",
+            ));
+        }
+    }
+    Ok(())
+}
+
+const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at";
+
+async fn view(state: &AppState, r: &sqlx::any::AnyRow) -> ApiResult<Instance> {
+    let name: String = r.get(1);
+    let template_id: Option<String> = r.get(5);
+    let settings = json_text(&r.get::<String, _>(6));
+    let env: BTreeMap<String, String> =
+        serde_json::from_str(&r.get::<String, _>(7)).unwrap_or_default();
+    let template = match &template_id {
+        Some(t) => templates::load(state, t).await.ok(),
+        None => None,
+    };
+    // Stored overrides were valid when written; a template changed since is checked on update.
+    let (effective_settings, effective_env) =
+        templates::effective(template.as_ref(), &settings, &env)
+            .unwrap_or_else(|_| (settings.clone(), env.clone()));
+    let replicas: Option<i64> = r.get(8);
+    let mode: Option<String> = r.get(9);
+    Ok(Instance {
+        id: r.get(0),
+        url: format!("http://{name}.{}", state.config.base_domain),
+        name,
+        team_id: r.get(2),
+        application_id: r.get(3),
+        stack_id: r.get(4),
+        template_id,
+        settings,
+        env,
+        effective_settings,
+        effective_env,
+        ha: replicas.map(|replicas| Ha {
+            replicas,
+            mode: if mode.as_deref() == Some("standby") {
+                HaMode::Standby
+            } else {
+                HaMode::Balanced
+            },
+        }),
+        desired_state: r.get(10),
+        created_at: r.get(11),
+        updated_at: r.get(12),
+    })
+}
+
+/// Loads an instance the caller may act on; outsiders get 404.
+async fn load_for(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    action: Action,
+) -> ApiResult<Instance> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM instances WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.store.pool)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
+    let team: String = row.get(2);
+    authorize(state, caller, &team, action)
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(_) => ApiError::NotFound(format!("no instance {id}")),
+            other => other,
+        })?;
+    view(state, &row).await
+}
+
+/// Creates an instance (team owners). It starts in desired state `running`.
+#[utoipa::path(post, path = "/api/v1/instances", tag = "instances", request_body = NewInstance,
+    responses((status = 201, body = Instance), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn create_instance(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<NewInstance>,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    let app = super::applications::load(&state, &body.application_id).await?;
+    authorize(&state, &caller, &app.team_id, Action::CreateInstance)
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(_) => {
+                ApiError::NotFound(format!("no application {}", body.application_id))
+            }
+            other => other,
+        })?;
+    check_name(&body.name)?;
+    super::stacks::load(&state, &body.stack_id)
+        .await
+        .map_err(|_| ApiError::invalid("stack_id", format!("no stack {}", body.stack_id)))?;
+    let template = match &body.template_id {
+        Some(t) => Some(
+            templates::load(&state, t)
+                .await
+                .map_err(|_| ApiError::invalid("template_id", format!("no template {t}")))?,
+        ),
+        None => None,
+    };
+    let settings = body.settings.clone().unwrap_or_else(|| json!({}));
+    templates::effective(template.as_ref(), &settings, &body.env)?;
+    let flows = body.flows.clone().unwrap_or_else(|| json!([]));
+    check_flows(&flows)?;
+    if let Some(ha) = &body.ha {
+        check_ha(&state, ha)?;
+    }
+    let id = new_id();
+    let now = now_ms();
+    let mut tx = state.store.pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO instances (id, name, team_id, application_id, stack_id, template_id, settings, env, flows, ha_replicas, ha_mode, desired_state, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'running', $12, $13)",
+    )
+    .bind(&id)
+    .bind(&body.name)
+    .bind(&app.team_id)
+    .bind(&app.id)
+    .bind(&body.stack_id)
+    .bind(body.template_id.clone())
+    .bind(settings.to_string())
+    .bind(json!(body.env).to_string())
+    .bind(flows.to_string())
+    .bind(body.ha.map(|h| h.replicas))
+    .bind(body.ha.map(|h| h.mode.as_str()))
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| match ApiError::from(e) {
+        ApiError::Conflict(_) => ApiError::Conflict(format!("an instance named {:?} exists; names are unique on the platform", body.name)),
+        other => other,
+    })?;
+    let subject = Subject {
+        team_id: Some(&app.team_id),
+        instance_id: Some(&id),
+        object_type: "instance",
+        object_id: &id,
+    };
+    audit::record(&mut tx, Some(&caller), "instance.created", subject,
+        json!({ "name": body.name, "application_id": app.id, "stack_id": body.stack_id, "template_id": body.template_id, "ha": body.ha })).await?;
+    tx.commit().await?;
+    let instance = load_for(&state, &caller, &id, Action::Read).await?;
+    Ok((StatusCode::CREATED, Json(instance)))
+}
+
+/// One instance.
+#[utoipa::path(get, path = "/api/v1/instances/{id}", tag = "instances", params(("id" = String, Path, description = "Instance id")),
+    responses((status = 200, body = Instance), (status = 404, body = crate::error::ErrorBody)))]
+async fn get_instance(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Instance>> {
+    Ok(Json(load_for(&state, &caller, &id, Action::Read).await?))
+}
+
+/// Changes settings, environment or stack (members).
+#[utoipa::path(put, path = "/api/v1/instances/{id}", tag = "instances", params(("id" = String, Path, description = "Instance id")), request_body = InstanceUpdate,
+    responses((status = 200, body = Instance), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn update_instance(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<InstanceUpdate>,
+) -> ApiResult<Json<Instance>> {
+    let before = load_for(&state, &caller, &id, Action::EditInstance).await?;
+    if body.name.is_some() {
+        return Err(ApiError::invalid(
+            "name",
+            "an instance's name cannot be changed",
+        ));
+    }
+    let settings = body
+        .settings
+        .clone()
+        .unwrap_or_else(|| before.settings.clone());
+    let env = body.env.clone().unwrap_or_else(|| before.env.clone());
+    let stack_id = body
+        .stack_id
+        .clone()
+        .unwrap_or_else(|| before.stack_id.clone());
+    if body.stack_id.is_some() {
+        super::stacks::load(&state, &stack_id)
+            .await
+            .map_err(|_| ApiError::invalid("stack_id", format!("no stack {stack_id}")))?;
+    }
+    let template = match &before.template_id {
+        Some(t) => Some(templates::load(&state, t).await?),
+        None => None,
+    };
+    templates::effective(template.as_ref(), &settings, &env)?;
+    let mut tx = state.store.pool.begin().await?;
+    sqlx::query("UPDATE instances SET settings = $1, env = $2, stack_id = $3, updated_at = $4 WHERE id = $5")
+        .bind(settings.to_string())
+        .bind(json!(env).to_string())
+        .bind(&stack_id)
+        .bind(now_ms())
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+    let subject = Subject {
+        team_id: Some(&before.team_id),
+        instance_id: Some(&id),
+        object_type: "instance",
+        object_id: &id,
+    };
+    audit::record(&mut tx, Some(&caller), "instance.updated", subject, json!({
+        "before": { "settings": before.settings, "env": before.env, "stack_id": before.stack_id },
+        "after": { "settings": settings, "env": env, "stack_id": stack_id },
+    })).await?;
+    tx.commit().await?;
+    Ok(Json(load_for(&state, &caller, &id, Action::Read).await?))
+}
+
+/// Deletes an instance (owners).
+#[utoipa::path(delete, path = "/api/v1/instances/{id}", tag = "instances", params(("id" = String, Path, description = "Instance id")),
+    responses((status = 204), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+async fn delete_instance(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let before = load_for(&state, &caller, &id, Action::DeleteInstance).await?;
+    let mut tx = state.store.pool.begin().await?;
+    sqlx::query("DELETE FROM instances WHERE id = $1")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+    let subject = Subject {
+        team_id: Some(&before.team_id),
+        instance_id: Some(&id),
+        object_type: "instance",
+        object_id: &id,
+    };
+    audit::record(
+        &mut tx,
+        Some(&caller),
+        "instance.deleted",
+        subject,
+        json!({ "name": before.name }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list(
+    state: &AppState,
+    column: &str,
+    owner: &str,
+    q: &PageQuery,
+) -> ApiResult<Page<Instance>> {
+    let limit = q.limit()?;
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM instances WHERE {column} = $1 AND id > $2 ORDER BY id LIMIT $3"
+    ))
+    .bind(owner)
+    .bind(q.after())
+    .bind(limit + 1)
+    .fetch_all(&state.store.pool)
+    .await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for r in &rows {
+        items.push(view(state, r).await?);
+    }
+    Ok(Page::from_overfetch(items, limit, |i| i.id.clone()))
+}
+
+/// The team's instances.
+#[utoipa::path(get, path = "/api/v1/teams/{id}/instances", tag = "instances", params(("id" = String, Path, description = "Team id"), PageQuery),
+    responses((status = 200, body = Page<Instance>), (status = 404, body = crate::error::ErrorBody)))]
+async fn list_team_instances(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Page<Instance>>> {
+    authorize(&state, &caller, &id, Action::Read).await?;
+    Ok(Json(list(&state, "team_id", &id, &q).await?))
+}
+
+/// The application's instances.
+#[utoipa::path(get, path = "/api/v1/applications/{id}/instances", tag = "instances", params(("id" = String, Path, description = "Application id"), PageQuery),
+    responses((status = 200, body = Page<Instance>), (status = 404, body = crate::error::ErrorBody)))]
+async fn list_application_instances(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Page<Instance>>> {
+    let app = super::applications::load(&state, &id).await?;
+    authorize(&state, &caller, &app.team_id, Action::Read)
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(_) => ApiError::NotFound(format!("no application {id}")),
+            other => other,
+        })?;
+    Ok(Json(list(&state, "application_id", &id, &q).await?))
+}
+
+/// Records a lifecycle action: `start`, `stop`, `restart` or `suspend` (members).
+#[utoipa::path(post, path = "/api/v1/instances/{id}/actions/{action}", tag = "instances",
+    params(("id" = String, Path, description = "Instance id"), ("action" = String, Path, description = "start, stop, restart or suspend")),
+    responses((status = 200, body = ActionResult), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn instance_action(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, action)): Path<(String, String)>,
+) -> ApiResult<Json<ActionResult>> {
+    let desired = match action.as_str() {
+        "start" | "restart" => "running",
+        "stop" => "stopped",
+        "suspend" => "suspended",
+        other => {
+            return Err(ApiError::invalid(
+                "action",
+                format!("unknown action {other:?}; use start, stop, restart or suspend"),
+            ))
+        }
+    };
+    let before = load_for(&state, &caller, &id, Action::ControlInstance).await?;
+    let mut tx = state.store.pool.begin().await?;
+    sqlx::query("UPDATE instances SET desired_state = $1, updated_at = $2 WHERE id = $3")
+        .bind(desired)
+        .bind(now_ms())
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+    let subject = Subject {
+        team_id: Some(&before.team_id),
+        instance_id: Some(&id),
+        object_type: "instance",
+        object_id: &id,
+    };
+    audit::record(
+        &mut tx,
+        Some(&caller),
+        &format!("instance.{action}"),
+        subject,
+        json!({ "before": before.desired_state, "after": desired }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(ActionResult {
+        status: "okay".into(),
+        desired_state: desired.into(),
+    }))
+}
+
+/// Desired and observed state (viewers).
+#[utoipa::path(get, path = "/api/v1/instances/{id}/status", tag = "instances", params(("id" = String, Path, description = "Instance id")),
+    responses((status = 200, body = Status), (status = 404, body = crate::error::ErrorBody)))]
+async fn instance_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Status>> {
+    let i = load_for(&state, &caller, &id, Action::Read).await?;
+    let observed = state.status.status(&i.id);
+    Ok(Json(Status {
+        id: i.id,
+        name: i.name,
+        desired_state: i.desired_state,
+        observed,
+    }))
+}
+
+/// HA settings (viewers); 404 when HA is off.
+#[utoipa::path(get, path = "/api/v1/instances/{id}/ha", tag = "instances", params(("id" = String, Path, description = "Instance id")),
+    responses((status = 200, body = Ha), (status = 404, body = crate::error::ErrorBody)))]
+async fn get_ha(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Ha>> {
+    let i = load_for(&state, &caller, &id, Action::Read).await?;
+    i.ha.map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("HA is off for instance {}", i.name)))
+}
+
+/// Turns HA on or changes it (owners).
+#[utoipa::path(put, path = "/api/v1/instances/{id}/ha", tag = "instances", params(("id" = String, Path, description = "Instance id")), request_body = Ha,
+    responses((status = 200, body = Ha), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn put_ha(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<Ha>,
+) -> ApiResult<Json<Ha>> {
+    let before = load_for(&state, &caller, &id, Action::ManageHa).await?;
+    check_ha(&state, &body)?;
+    set_ha(&state, &caller, &before, Some(body)).await?;
+    Ok(Json(body))
+}
+
+/// Turns HA off: one replica, editor enabled (owners).
+#[utoipa::path(delete, path = "/api/v1/instances/{id}/ha", tag = "instances", params(("id" = String, Path, description = "Instance id")),
+    responses((status = 204), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+async fn delete_ha(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let before = load_for(&state, &caller, &id, Action::ManageHa).await?;
+    set_ha(&state, &caller, &before, None).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_ha(
+    state: &AppState,
+    caller: &Caller,
+    before: &Instance,
+    ha: Option<Ha>,
+) -> ApiResult<()> {
+    let mut tx = state.store.pool.begin().await?;
+    sqlx::query(
+        "UPDATE instances SET ha_replicas = $1, ha_mode = $2, updated_at = $3 WHERE id = $4",
+    )
+    .bind(ha.map(|h| h.replicas))
+    .bind(ha.map(|h| h.mode.as_str()))
+    .bind(now_ms())
+    .bind(&before.id)
+    .execute(&mut *tx)
+    .await?;
+    let subject = Subject {
+        team_id: Some(&before.team_id),
+        instance_id: Some(&before.id),
+        object_type: "instance",
+        object_id: &before.id,
+    };
+    let event = if ha.is_some() {
+        "instance.ha-set"
+    } else {
+        "instance.ha-off"
+    };
+    audit::record(
+        &mut tx,
+        Some(caller),
+        event,
+        subject,
+        json!({ "before": before.ha, "after": ha }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,416 @@
+//! Templates: default Node-RED settings and environment for instances, and the policy of what an
+//! instance may override. An instance's effective settings are the template's merged with its
+//! own allowed overrides ([`effective`]).
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sqlx::Row;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{json_text, require_admin, Page, PageQuery};
+use crate::audit::{self, Subject};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, Json};
+use crate::state::AppState;
+use crate::store::{new_id, now_ms};
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_templates, create_template))
+        .routes(routes!(get_template, update_template, delete_template))
+}
+
+/// Node-RED settings that Tandem sets itself for every replica; nobody may override them.
+pub const MANAGED_SETTINGS: &[&str] = &[
+    "adminAuth",
+    "credentialSecret",
+    "disableEditor",
+    "httpAdminRoot",
+    "httpNodeRoot",
+    "logging",
+    "runtimeState",
+    "uiHost",
+    "uiPort",
+    "userDir",
+];
+
+/// An environment variable of a template.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateEnv {
+    /// Value.
+    pub value: String,
+    /// Instances may not change it.
+    #[serde(default)]
+    pub locked: bool,
+}
+
+/// What instances may override.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Setting name → whether instances may set it. Settings not listed may not be set.
+    #[serde(default)]
+    pub settings: BTreeMap<String, bool>,
+}
+
+/// A template.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Template {
+    /// Id.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Default Node-RED settings (an object of `settings.js` keys).
+    #[schema(value_type = Object)]
+    pub settings: Value,
+    /// Default environment variables.
+    pub env: BTreeMap<String, TemplateEnv>,
+    /// What instances may override.
+    pub policy: Policy,
+    /// Creation time, epoch ms.
+    pub created_at: i64,
+}
+
+/// A new template, or a full replacement of one.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateBody {
+    /// Unique name, 1 to 100 characters.
+    pub name: String,
+    /// Default settings (object).
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    pub settings: Value,
+    /// Default environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, TemplateEnv>,
+    /// What instances may override.
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+/// Checks an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 128 characters.
+pub fn check_env_name(field: &str, name: &str) -> ApiResult<()> {
+    let b = name.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            format!("{field}.{name}"),
+            "is not a valid environment variable name",
+        ))
+    }
+}
+
+/// Checks a settings object: an object, with no Tandem-managed key.
+pub fn check_settings(field: &str, settings: &Value) -> ApiResult<()> {
+    let Some(map) = settings.as_object() else {
+        return Err(ApiError::invalid(
+            field,
+            "must be an object of Node-RED settings",
+        ));
+    };
+    for key in map.keys() {
+        if MANAGED_SETTINGS.contains(&key.as_str()) {
+            return Err(ApiError::invalid(
+                format!("{field}.{key}"),
+                "is managed by Tandem and cannot be set",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate(body: &TemplateBody) -> ApiResult<()> {
+    super::check_display_name("name", &body.name)?;
+    check_settings("settings", &body.settings)?;
+    for name in body.env.keys() {
+        check_env_name("env", name)?;
+    }
+    for key in body.policy.settings.keys() {
+        if MANAGED_SETTINGS.contains(&key.as_str()) {
+            return Err(ApiError::invalid(
+                format!("policy.settings.{key}"),
+                "is managed by Tandem and cannot be opened to instances",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The effective settings and environment of an instance: `template` merged with the instance's
+/// own `settings` and `env`. A setting the policy does not allow, or a locked variable, is a 422
+/// naming the field.
+pub fn effective(
+    template: Option<&Template>,
+    settings: &Value,
+    env: &BTreeMap<String, String>,
+) -> ApiResult<(Value, BTreeMap<String, String>)> {
+    check_settings("settings", settings)?;
+    for name in env.keys() {
+        check_env_name("env", name)?;
+    }
+    let Some(t) = template else {
+        return Ok((settings.clone(), env.clone()));
+    };
+    let mut merged = t.settings.as_object().cloned().unwrap_or_default();
+    if let Some(own) = settings.as_object() {
+        for (k, v) in own {
+            if t.policy.settings.get(k) != Some(&true) {
+                return Err(ApiError::invalid(
+                    format!("settings.{k}"),
+                    format!("template {} does not let instances set it", t.name),
+                ));
+            }
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    let mut vars: BTreeMap<String, String> = t
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.value.clone()))
+        .collect();
+    for (k, v) in env {
+        if t.env.get(k).is_some_and(|e| e.locked) {
+            return Err(ApiError::invalid(
+                format!("env.{k}"),
+                format!("is locked by template {}", t.name),
+            ));
+        }
+        vars.insert(k.clone(), v.clone());
+    }
+    Ok((Value::Object(merged), vars))
+}
+
+fn from_row(r: &sqlx::any::AnyRow) -> Template {
+    Template {
+        id: r.get(0),
+        name: r.get(1),
+        settings: json_text(&r.get::<String, _>(2)),
+        env: serde_json::from_str(&r.get::<String, _>(3)).unwrap_or_default(),
+        policy: serde_json::from_str(&r.get::<String, _>(4)).unwrap_or_default(),
+        created_at: r.get(5),
+    }
+}
+
+const COLUMNS: &str = "id, name, settings, env, policy, created_at";
+
+/// Loads a template; 404 when unknown.
+pub async fn load(state: &AppState, id: &str) -> ApiResult<Template> {
+    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM templates WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.store.pool)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no template {id}")))?;
+    Ok(from_row(&row))
+}
+
+fn to_text<T: Serialize>(v: &T) -> ApiResult<String> {
+    serde_json::to_string(v).map_err(|e| ApiError::Internal(e.into()))
+}
+
+/// Every template.
+#[utoipa::path(get, path = "/api/v1/templates", tag = "templates", params(PageQuery), responses((status = 200, body = Page<Template>)))]
+async fn list_templates(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Page<Template>>> {
+    let limit = q.limit()?;
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM templates WHERE id > $1 ORDER BY id LIMIT $2"
+    ))
+    .bind(q.after())
+    .bind(limit + 1)
+    .fetch_all(&state.store.pool)
+    .await?;
+    Ok(Json(Page::from_overfetch(
+        rows.iter().map(from_row).collect(),
+        limit,
+        |t| t.id.clone(),
+    )))
+}
+
+/// Creates a template (platform admins).
+#[utoipa::path(post, path = "/api/v1/templates", tag = "templates", request_body = TemplateBody,
+    responses((status = 201, body = Template), (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn create_template(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<TemplateBody>,
+) -> ApiResult<(StatusCode, Json<Template>)> {
+    require_admin(&caller)?;
+    validate(&body)?;
+    let t = Template {
+        id: new_id(),
+        name: body.name,
+        settings: body.settings,
+        env: body.env,
+        policy: body.policy,
+        created_at: now_ms(),
+    };
+    let mut tx = state.store.pool.begin().await?;
+    sqlx::query(&format!(
+        "INSERT INTO templates ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+    ))
+    .bind(&t.id)
+    .bind(&t.name)
+    .bind(to_text(&t.settings)?)
+    .bind(to_text(&t.env)?)
+    .bind(to_text(&t.policy)?)
+    .bind(t.created_at)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| match ApiError::from(e) {
+        ApiError::Conflict(_) => {
+            ApiError::Conflict(format!("a template named {:?} exists", t.name))
+        }
+        other => other,
+    })?;
+    let subject = Subject {
+        object_type: "template",
+        object_id: &t.id,
+        ..Default::default()
+    };
+    audit::record(
+        &mut tx,
+        Some(&caller),
+        "template.created",
+        subject,
+        json!({ "name": t.name }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(t)))
+}
+
+/// One template.
+#[utoipa::path(get, path = "/api/v1/templates/{id}", tag = "templates", params(("id" = String, Path, description = "Template id")),
+    responses((status = 200, body = Template), (status = 404, body = crate::error::ErrorBody)))]
+async fn get_template(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Template>> {
+    Ok(Json(load(&state, &id).await?))
+}
+
+/// Replaces a template (platform admins). Instances already using it must still be valid
+/// under the new policy, or the change is refused with 409.
+#[utoipa::path(put, path = "/api/v1/templates/{id}", tag = "templates", params(("id" = String, Path, description = "Template id")), request_body = TemplateBody,
+    responses((status = 200, body = Template), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn update_template(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<TemplateBody>,
+) -> ApiResult<Json<Template>> {
+    require_admin(&caller)?;
+    let before = load(&state, &id).await?;
+    validate(&body)?;
+    let after = Template {
+        name: body.name,
+        settings: body.settings,
+        env: body.env,
+        policy: body.policy,
+        ..before.clone()
+    };
+    let mut tx = state.store.pool.begin().await?;
+    let users = sqlx::query("SELECT name, settings, env FROM instances WHERE template_id = $1")
+        .bind(&id)
+        .fetch_all(&mut *tx)
+        .await?;
+    for r in &users {
+        let name: String = r.get(0);
+        let settings = json_text(&r.get::<String, _>(1));
+        let env: BTreeMap<String, String> =
+            serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default();
+        if let Err(e) = effective(Some(&after), &settings, &env) {
+            return Err(ApiError::Conflict(format!(
+                "instance {name} would break the new template: {e}"
+            )));
+        }
+    }
+    sqlx::query(
+        "UPDATE templates SET name = $1, settings = $2, env = $3, policy = $4 WHERE id = $5",
+    )
+    .bind(&after.name)
+    .bind(to_text(&after.settings)?)
+    .bind(to_text(&after.env)?)
+    .bind(to_text(&after.policy)?)
+    .bind(&id)
+    .execute(&mut *tx)
+    .await?;
+    let subject = Subject {
+        object_type: "template",
+        object_id: &id,
+        ..Default::default()
+    };
+    audit::record(
+        &mut tx,
+        Some(&caller),
+        "template.updated",
+        subject,
+        json!({ "before": before, "after": after }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(after))
+}
+
+/// Deletes a template no instance uses (platform admins).
+#[utoipa::path(delete, path = "/api/v1/templates/{id}", tag = "templates", params(("id" = String, Path, description = "Template id")),
+    responses((status = 204), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+async fn delete_template(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    require_admin(&caller)?;
+    let t = load(&state, &id).await?;
+    let mut tx = state.store.pool.begin().await?;
+    let used: i64 = sqlx::query("SELECT COUNT(*) FROM instances WHERE template_id = $1")
+        .bind(&id)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+    if used > 0 {
+        return Err(ApiError::Conflict(format!(
+            "template {} is used by {used} instance(s)",
+            t.name
+        )));
+    }
+    sqlx::query("DELETE FROM templates WHERE id = $1")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+    let subject = Subject {
+        object_type: "template",
+        object_id: &id,
+        ..Default::default()
+    };
+    audit::record(
+        &mut tx,
+        Some(&caller),
+        "template.deleted",
+        subject,
+        json!({ "name": t.name }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,429 @@
+//! Sign-in, users and personal access tokens.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{require_admin, Page, PageQuery};
+use crate::audit::{self, Subject};
+use crate::auth::{self, Caller, TOKEN_PREFIX};
+use crate::error::{ApiError, ApiResult, Json};
+use crate::state::AppState;
+use crate::store::{new_id, now_ms};
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(me))
+        .routes(routes!(list_users, create_user))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct User {
+    /// Id.
+    pub id: String,
+    /// Unique sign-in name.
+    pub username: String,
+    /// Email, if given.
+    pub email: Option<String>,
+    /// Platform admin.
+    pub admin: bool,
+    /// Creation time, epoch ms.
+    pub created_at: i64,
+}
+
+fn user_from(row: &sqlx::any::AnyRow) -> User {
+    User {
+        id: row.get(0),
+        username: row.get(1),
+        email: row.get(2),
+        admin: row.get::<i64, _>(3) != 0,
+        created_at: row.get(4),
+    }
+}
+
+/// Sign-in request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    /// Username.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+/// Signs in with a password; the answer sets the session cookie (HttpOnly, SameSite=Lax).
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = Login,
+    responses((status = 200, body = User), (status = 401, body = crate::error::ErrorBody)))]
+async fn login(State(state): State<AppState>, Json(body): Json<Login>) -> ApiResult<Response> {
+    let row = sqlx::query("SELECT id, username, email, admin, created_at, password_hash FROM users WHERE username = $1")
+        .bind(&body.username)
+        .fetch_optional(&state.store.pool)
+        .await?;
+    let wrong = || ApiError::Unauthorized("wrong username or password".into());
+    let Some(row) = row else {
+        // Spend the same time as a real check so usernames cannot be probed by timing.
+        let _ = auth::verify_password(&body.password, "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2W5D1XFtVZCrLRzJvNdQ5y5ZQw7gWx3f0x7pH1HX9f0");
+        return Err(wrong());
+    };
+    let hash: Option<String> = row.get(5);
+    if !hash.is_some_and(|h| auth::verify_password(&body.password, &h)) {
+        return Err(wrong());
+    }
+    let user = user_from(&row);
+    let secret = auth::random_secret()?;
+    let expires = now_ms() + state.config.session_ttl_ms;
+    sqlx::query("INSERT INTO sessions (hash, user_id, expires_at) VALUES ($1, $2, $3)")
+        .bind(auth::hash_secret(&secret))
+        .bind(&user.id)
+        .bind(expires)
+        .execute(&state.store.pool)
+        .await?;
+    let cookie = format!(
+        "{}={secret}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}",
+        auth::SESSION_COOKIE,
+        state.config.session_ttl_ms / 1000
+    );
+    let mut resp = Json(user).into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(|e| ApiError::Internal(e.into()))?,
+    );
+    Ok(resp)
+}
+
+/// Ends the session of the cookie sent (if any) and clears the cookie.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses((status = 204)))]
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    if let Some(session) = auth::session_cookie(&headers) {
+        sqlx::query("DELETE FROM sessions WHERE hash = $1")
+            .bind(auth::hash_secret(session))
+            .execute(&state.store.pool)
+            .await?;
+    }
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    let clear = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0",
+        auth::SESSION_COOKIE
+    );
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&clear).map_err(|e| ApiError::Internal(e.into()))?,
+    );
+    Ok(resp)
+}
+
+/// The signed-in user.
+#[utoipa::path(get, path = "/api/v1/user", tag = "users", responses((status = 200, body = User), (status = 401, body = crate::error::ErrorBody)))]
+async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<User>> {
+    let row = sqlx::query("SELECT id, username, email, admin, created_at FROM users WHERE id = $1")
+        .bind(&caller.id)
+        .fetch_one(&state.store.pool)
+        .await?;
+    Ok(Json(user_from(&row)))
+}
+
+/// Every user (platform admins only).
+#[utoipa::path(get, path = "/api/v1/users", tag = "users", params(PageQuery),
+    responses((status = 200, body = Page<User>), (status = 403, body = crate::error::ErrorBody)))]
+async fn list_users(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Page<User>>> {
+    require_admin(&caller)?;
+    let limit = q.limit()?;
+    let rows = sqlx::query("SELECT id, username, email, admin, created_at FROM users WHERE id > $1 ORDER BY id LIMIT $2")
+        .bind(q.after())
+        .bind(limit + 1)
+        .fetch_all(&state.store.pool)
+        .await?;
+    Ok(Json(Page::from_overfetch(
+        rows.iter().map(user_from).collect(),
+        limit,
+        |u| u.id.clone(),
+    )))
+}
+
+/// A new user.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    /// 1 to 64 characters: letters, digits, `.`, `_`, `-`.
+    pub username: String,
+    /// At least 8 characters.
+    pub password: String,
+    /// Optional email.
+    pub email: Option<String>,
+    /// Platform admin; default false.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// Checks a username.
+pub fn check_username(name: &str) -> ApiResult<()> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "username",
+            "use 1 to 64 letters, digits, '.', '_' or '-'",
+        ))
+    }
+}
+
+/// Creates a user (platform admins only).
+#[utoipa::path(post, path = "/api/v1/users", tag = "users", request_body = NewUser,
+    responses((status = 201, body = User), (status = 403, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn create_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<NewUser>,
+) -> ApiResult<(StatusCode, Json<User>)> {
+    require_admin(&caller)?;
+    let user = insert_user(
+        &state,
+        Some(&caller),
+        &body.username,
+        Some(&body.password),
+        body.email.as_deref(),
+        body.admin,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+/// Inserts a user (API and `tandem user create`). `password: None` makes a user that can only
+/// use tokens.
+pub async fn insert_user(
+    state: &AppState,
+    caller: Option<&Caller>,
+    username: &str,
+    password: Option<&str>,
+    email: Option<&str>,
+    admin: bool,
+) -> ApiResult<User> {
+    check_username(username)?;
+    if let Some(p) = password {
+        if p.chars().count() < 8 {
+            return Err(ApiError::invalid(
+                "password",
+                "must be at least 8 characters",
+            ));
+        }
+    }
+    if let Some(e) = email {
+        if !e.contains('@') || e.len() > 254 {
+            return Err(ApiError::invalid("email", "is not an email address"));
+        }
+    }
+    let hash = password.map(auth::hash_password).transpose()?;
+    let user = User {
+        id: new_id(),
+        username: username.to_string(),
+        email: email.map(str::to_owned),
+        admin,
+        created_at: now_ms(),
+    };
+    let mut tx = state.store.pool.begin().await?;
+    sqlx::query("INSERT INTO users (id, username, email, password_hash, admin, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(&user.id)
+        .bind(&user.username)
+        .bind(user.email.clone())
+        .bind(hash)
+        .bind(i64::from(admin))
+        .bind(user.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match ApiError::from(e) {
+            ApiError::Conflict(_) => ApiError::Conflict(format!("username {username:?} is taken")),
+            other => other,
+        })?;
+    let subject = Subject {
+        object_type: "user",
+        object_id: &user.id,
+        ..Default::default()
+    };
+    audit::record(
+        &mut tx,
+        caller,
+        "user.created",
+        subject,
+        serde_json::json!({ "username": username, "admin": admin }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(user)
+}
+
+/// A personal access token, without its secret.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Token {
+    /// Id (used to revoke it).
+    pub id: String,
+    /// Name given at creation.
+    pub name: String,
+    /// Expiry, epoch ms; none for no expiry.
+    pub expires_at: Option<i64>,
+    /// Creation time, epoch ms.
+    pub created_at: i64,
+    /// Last use, epoch ms (updated at most once a minute).
+    pub last_used_at: Option<i64>,
+}
+
+/// A token just created: the only time its secret is shown.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CreatedToken {
+    /// The token.
+    #[serde(flatten)]
+    pub token: Token,
+    /// The secret, `tdm_…`: send it as `Authorization: Bearer <token>`. Not shown again.
+    pub token_value: String,
+}
+
+/// A new token.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// 1 to 100 characters.
+    pub name: String,
+    /// Expiry, epoch ms, in the future; none for no expiry.
+    pub expires_at: Option<i64>,
+}
+
+/// The caller's tokens.
+#[utoipa::path(get, path = "/api/v1/user/tokens", tag = "users", params(PageQuery), responses((status = 200, body = Page<Token>)))]
+async fn list_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<Json<Page<Token>>> {
+    let limit = q.limit()?;
+    let rows = sqlx::query("SELECT id, name, expires_at, created_at, last_used_at FROM tokens WHERE user_id = $1 AND id > $2 ORDER BY id LIMIT $3")
+        .bind(&caller.id)
+        .bind(q.after())
+        .bind(limit + 1)
+        .fetch_all(&state.store.pool)
+        .await?;
+    let items = rows
+        .iter()
+        .map(|r| Token {
+            id: r.get(0),
+            name: r.get(1),
+            expires_at: r.get(2),
+            created_at: r.get(3),
+            last_used_at: r.get(4),
+        })
+        .collect();
+    Ok(Json(Page::from_overfetch(items, limit, |t| t.id.clone())))
+}
+
+/// Creates a token for the caller; the answer holds its secret, once.
+#[utoipa::path(post, path = "/api/v1/user/tokens", tag = "users", request_body = NewToken,
+    responses((status = 201, body = CreatedToken), (status = 422, body = crate::error::ErrorBody)))]
+async fn create_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<NewToken>,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    super::check_display_name("name", &body.name)?;
+    if body.expires_at.is_some_and(|e| e <= now_ms()) {
+        return Err(ApiError::invalid(
+            "expires_at",
+            "must be in the future (epoch milliseconds)",
+        ));
+    }
+    let created = issue_token(&state, &caller, &body.name, body.expires_at).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Issues a token for `caller` (API and first-start bootstrap).
+pub async fn issue_token(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    expires_at: Option<i64>,
+) -> ApiResult<CreatedToken> {
+    let value = format!("{TOKEN_PREFIX}{}", auth::random_secret()?);
+    let token = Token {
+        id: new_id(),
+        name: name.to_string(),
+        expires_at,
+        created_at: now_ms(),
+        last_used_at: None,
+    };
+    let mut tx = state.store.pool.begin().await?;
+    sqlx::query("INSERT INTO tokens (id, user_id, name, hash, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(&token.id)
+        .bind(&caller.id)
+        .bind(&token.name)
+        .bind(auth::hash_secret(&value))
+        .bind(token.expires_at)
+        .bind(token.created_at)
+        .execute(&mut *tx)
+        .await?;
+    let subject = Subject {
+        object_type: "token",
+        object_id: &token.id,
+        ..Default::default()
+    };
+    audit::record(
+        &mut tx,
+        Some(caller),
+        "token.created",
+        subject,
+        serde_json::json!({ "name": name, "expires_at": expires_at }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(CreatedToken {
+        token,
+        token_value: value,
+    })
+}
+
+/// Revokes one of the caller's tokens.
+#[utoipa::path(delete, path = "/api/v1/user/tokens/{id}", tag = "users", params(("id" = String, Path, description = "Token id")),
+    responses((status = 204), (status = 404, body = crate::error::ErrorBody)))]
+async fn revoke_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let mut tx = state.store.pool.begin().await?;
+    let done = sqlx::query("DELETE FROM tokens WHERE id = $1 AND user_id = $2")
+        .bind(&id)
+        .bind(&caller.id)
+        .execute(&mut *tx)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiError::NotFound(format!("you have no token {id}")));
+    }
+    let subject = Subject {
+        object_type: "token",
+        object_id: &id,
+        ..Default::default()
+    };
+    audit::record(
+        &mut tx,
+        Some(&caller),
+        "token.revoked",
+        subject,
+        serde_json::json!({}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

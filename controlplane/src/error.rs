@@ -1,0 +1,192 @@
+//! The API's one error type and its one JSON shape: `{"error": {"code": "...", "message": "..."}}`.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Everything an API call can fail with. Messages say what was wrong; 5xx details are logged,
+/// never sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed request (bad JSON, bad query).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No credentials, or credentials that are not valid.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The caller's role is too low.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Unknown, or not visible to the caller.
+    #[error("{0}")]
+    NotFound(String),
+    /// Duplicate or conflicting state.
+    #[error("{0}")]
+    Conflict(String),
+    /// A field failed validation.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, as a JSON path (`settings.httpNodeRoot`).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The body is larger than the limit.
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// A fault of ours.
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Result of an API handler.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// A validation failure on `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            if db.is_unique_violation() {
+                return Self::Conflict("an object with that name already exists".into());
+            }
+            if db.is_foreign_key_violation() {
+                return Self::Conflict("the object is still referenced by others".into());
+            }
+        }
+        Self::Internal(e.into())
+    }
+}
+
+/// The error body, for the OpenAPI document.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Code and message of an error.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable code: bad_request, unauthorized, forbidden, not_found, conflict, invalid, too_large, internal.
+    pub code: String,
+    /// What was wrong, for people.
+    pub message: String,
+    /// The field at fault, for `invalid`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.parts();
+        if let Self::Internal(e) = &self {
+            tracing::error!(error = ?e, "internal error in API call");
+        }
+        let field = match &self {
+            Self::Invalid { field, .. } => Some(field.clone()),
+            _ => None,
+        };
+        let mut resp = (
+            status,
+            axum::Json(ErrorBody {
+                error: ErrorDetail {
+                    code: code.into(),
+                    message: self.to_string(),
+                    field,
+                },
+            }),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+/// `axum::Json` with the API's own errors: malformed JSON is 400, a body that does not fit the
+/// schema (unknown field, wrong type, missing field) is 422 with serde's message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(match rejection {
+                JsonRejection::JsonDataError(e) => {
+                    // serde_path_to_error says "path.to.field: what is wrong".
+                    let msg = std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| e.body_text());
+                    match msg.split_once(": ") {
+                        Some((path, rest)) if !path.contains(' ') && path != "." => {
+                            ApiError::invalid(path, rest)
+                        }
+                        _ => ApiError::invalid(
+                            "body",
+                            msg.trim_start_matches(". ").trim_start_matches(": "),
+                        ),
+                    }
+                }
+                JsonRejection::JsonSyntaxError(e) => ApiError::BadRequest(format!(
+                    "the body is not valid JSON: {}",
+                    std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| e.body_text())
+                )),
+                JsonRejection::MissingJsonContentType(_) => ApiError::BadRequest(
+                    "send the body as JSON with Content-Type: application/json".into(),
+                ),
+                JsonRejection::BytesRejection(e) => {
+                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        ApiError::TooLarge(crate::api::MAX_BODY_BYTES)
+                    } else {
+                        ApiError::BadRequest(format!("cannot read the body: {}", e.body_text()))
+                    }
+                }
+                other => ApiError::BadRequest(other.body_text()),
+            }),
+        }
+    }
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}

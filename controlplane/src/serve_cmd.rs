@@ -1,0 +1,156 @@
+//! `tandem serve`: the control plane's API and the ingress proxy in one process.
+//!
+//! On first start (no users in the store) it creates the platform admin `admin`, writes a
+//! one-time admin token to `<data-dir>/admin-token` (mode 0600) and says where on the console,
+//! and adds a default stack so instances can be created at once.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqlx::Row;
+use tandem_coordinator::status::NotObserved;
+use tandem_proxy::{Proxy, ProxyConfig, ProxyStats, Routes};
+
+use crate::api::stacks::{self, StackBody};
+use crate::api::users;
+use crate::auth::Caller;
+use crate::cli::ServeArgs;
+use crate::state::{ApiConfig, AppState};
+use crate::store::Store;
+
+/// Node-RED version of the stack created at first start.
+pub const DEFAULT_NODERED: &str = "4.1.2";
+
+/// Opens the store and builds the API state.
+pub async fn state(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    config: ApiConfig,
+) -> anyhow::Result<AppState> {
+    let store = Store::open(data_dir, database_url)
+        .await
+        .with_context(|| match database_url {
+            Some(_) => "cannot open the PostgreSQL database".to_string(),
+            None => format!("cannot open the store in {}", data_dir.display()),
+        })?;
+    Ok(AppState {
+        store,
+        config: Arc::new(config),
+        status: Arc::new(NotObserved),
+        metrics: Arc::default(),
+    })
+}
+
+/// First start: the admin user, its token in `<data_dir>/admin-token`, a default stack.
+/// Returns the token path when it bootstrapped.
+pub async fn bootstrap(
+    state: &AppState,
+    data_dir: &Path,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let users: i64 = sqlx::query("SELECT COUNT(*) FROM users")
+        .fetch_one(&state.store.pool)
+        .await?
+        .get(0);
+    if users > 0 {
+        return Ok(None);
+    }
+    let admin = users::insert_user(state, None, "admin", None, None, true)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the admin user: {e}"))?;
+    let caller = Caller {
+        id: admin.id,
+        username: admin.username,
+        admin: true,
+    };
+    let token = users::issue_token(state, &caller, "first-start admin token", None)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot issue the admin token: {e}"))?;
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("admin-token");
+    write_private(&path, &format!("{}\n", token.token_value))?;
+    let stacks: i64 = sqlx::query("SELECT COUNT(*) FROM stacks")
+        .fetch_one(&state.store.pool)
+        .await?
+        .get(0);
+    if stacks == 0 {
+        let body = StackBody {
+            name: format!("node-red-{}", DEFAULT_NODERED.replace('.', "-")),
+            nodered_version: DEFAULT_NODERED.into(),
+            node_version: None,
+            memory_mb: Some(512),
+            replaced_by: None,
+        };
+        stacks::insert(state, Some(&caller), body)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create the default stack: {e}"))?;
+    }
+    Ok(Some(path))
+}
+
+/// Writes `text` to `path` readable by the owner only.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Runs `tandem serve` until SIGTERM or Ctrl-C.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ApiConfig {
+        base_domain: args.base_domain.clone(),
+        max_ha_replicas: args.max_ha_replicas,
+        ..ApiConfig::default()
+    };
+    let state = state(&args.data_dir, args.database_url.as_deref(), config).await?;
+    if let Some(path) = bootstrap(&state, &args.data_dir).await? {
+        tracing::info!(path = %path.display(), "first start: created user admin; its API token is in this file (read it once, keep it safe)");
+    }
+    let api = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (API)", args.api_listen))?;
+    let http = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (instances)", args.http_listen))?;
+    tracing::info!(api = %api.local_addr()?, http = %http.local_addr()?, data_dir = %args.data_dir.display(), base_domain = %args.base_domain, "tandem serving");
+
+    // The route table stays empty until the coordinator (issue 4) publishes instances into it.
+    let routes = Arc::new(Routes::new());
+    let proxy = Arc::new(Proxy::new(
+        routes,
+        ProxyConfig::default(),
+        Arc::new(ProxyStats::default()),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let proxy_task = tokio::spawn(tandem_proxy::server::serve(http, proxy, stopped()));
+    let api_task = tokio::spawn({
+        let stop = stopped();
+        async move {
+            axum::serve(api, crate::app(state))
+                .with_graceful_shutdown(stop)
+                .await
+        }
+    });
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = proxy_task.await;
+    api_task.await??;
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! What every API handler shares.
+
+use std::sync::Arc;
+
+use tandem_coordinator::status::StatusSource;
+
+use crate::store::Store;
+
+/// Settings of the API that are not per request.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Instances are served at `<name>.<base_domain>`.
+    pub base_domain: String,
+    /// Largest HA replica count a user may ask for.
+    pub max_ha_replicas: u32,
+    /// Lifetime of a sign-in session, in milliseconds.
+    pub session_ttl_ms: i64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            base_domain: "localhost".into(),
+            max_ha_replicas: 8,
+            session_ttl_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// Settings.
+    pub config: Arc<ApiConfig>,
+    /// Observed instance state.
+    pub status: Arc<dyn StatusSource>,
+    /// Request counters for `/metrics`.
+    pub metrics: Arc<crate::metrics::ApiMetrics>,
+}
