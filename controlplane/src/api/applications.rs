@@ -127,7 +127,7 @@ async fn create_application(
         description: body.description,
         created_at: now_ms(),
     };
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query("INSERT INTO applications (id, team_id, name, description, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(&app.id)
         .bind(&app.team_id)
@@ -208,7 +208,7 @@ async fn update_application(
         .description
         .unwrap_or_else(|| before.description.clone());
     check_display_name("name", &name)?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query("UPDATE applications SET name = $1, description = $2 WHERE id = $3")
         .bind(&name)
         .bind(&description)
@@ -240,7 +240,7 @@ async fn delete_application(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let app = load_for(&state, &caller, &id, Action::ManageApplications).await?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     let n: i64 = sqlx::query("SELECT COUNT(*) FROM instances WHERE application_id = $1")
         .bind(&id)
         .fetch_one(&mut *tx)

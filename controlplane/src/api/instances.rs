@@ -229,14 +229,26 @@ fn check_flows(flows: &Value) -> ApiResult<()> {
 
 const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at";
 
-async fn view(state: &AppState, r: &sqlx::any::AnyRow) -> ApiResult<Instance> {
+/// Templates already loaded while building a list of instances.
+type TemplateCache = std::collections::HashMap<String, Option<templates::Template>>;
+
+async fn view(
+    state: &AppState,
+    r: &sqlx::any::AnyRow,
+    cache: &mut TemplateCache,
+) -> ApiResult<Instance> {
     let name: String = r.get(1);
     let template_id: Option<String> = r.get(5);
     let settings = json_text(&r.get::<String, _>(6));
     let env: BTreeMap<String, String> =
         serde_json::from_str(&r.get::<String, _>(7)).unwrap_or_default();
     let template = match &template_id {
-        Some(t) => templates::load(state, t).await.ok(),
+        Some(t) => {
+            if !cache.contains_key(t) {
+                cache.insert(t.clone(), templates::load(state, t).await.ok());
+            }
+            cache.get(t).cloned().flatten()
+        }
         None => None,
     };
     // Stored overrides were valid when written; a template changed since is checked on update.
@@ -290,7 +302,7 @@ async fn load_for(
             ApiError::NotFound(_) => ApiError::NotFound(format!("no instance {id}")),
             other => other,
         })?;
-    view(state, &row).await
+    view(state, &row, &mut TemplateCache::new()).await
 }
 
 /// Creates an instance (team owners). It starts in desired state `running`.
@@ -331,7 +343,7 @@ async fn create_instance(
     }
     let id = new_id();
     let now = now_ms();
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query(
         "INSERT INTO instances (id, name, team_id, application_id, stack_id, template_id, settings, env, flows, ha_replicas, ha_mode, desired_state, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'running', $12, $13)",
@@ -414,7 +426,7 @@ async fn update_instance(
         None => None,
     };
     templates::effective(template.as_ref(), &settings, &env)?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query("UPDATE instances SET settings = $1, env = $2, stack_id = $3, updated_at = $4 WHERE id = $5")
         .bind(settings.to_string())
         .bind(json!(env).to_string())
@@ -446,7 +458,7 @@ async fn delete_instance(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let before = load_for(&state, &caller, &id, Action::DeleteInstance).await?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query("DELETE FROM instances WHERE id = $1")
         .bind(&id)
         .execute(&mut *tx)
@@ -484,9 +496,10 @@ async fn list(
     .bind(limit + 1)
     .fetch_all(&state.store.pool)
     .await?;
+    let mut cache = TemplateCache::new();
     let mut items = Vec::with_capacity(rows.len());
     for r in &rows {
-        items.push(view(state, r).await?);
+        items.push(view(state, r, &mut cache).await?);
     }
     Ok(Page::from_overfetch(items, limit, |i| i.id.clone()))
 }
@@ -544,7 +557,7 @@ async fn instance_action(
         }
     };
     let before = load_for(&state, &caller, &id, Action::ControlInstance).await?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query("UPDATE instances SET desired_state = $1, updated_at = $2 WHERE id = $3")
         .bind(desired)
         .bind(now_ms())
@@ -637,7 +650,7 @@ async fn set_ha(
     before: &Instance,
     ha: Option<Ha>,
 ) -> ApiResult<()> {
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query(
         "UPDATE instances SET ha_replicas = $1, ha_mode = $2, updated_at = $3 WHERE id = $4",
     )

@@ -190,7 +190,7 @@ pub async fn insert(
         replaced_by: body.replaced_by,
         created_at: now_ms(),
     };
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query(&format!(
         "INSERT INTO stacks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
     ))
@@ -257,7 +257,7 @@ async fn update_stack(
         replaced_by: body.replaced_by,
         ..before.clone()
     };
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query("UPDATE stacks SET name = $1, nodered_version = $2, node_version = $3, memory_mb = $4, replaced_by = $5 WHERE id = $6")
         .bind(&after.name)
         .bind(&after.nodered_version)
@@ -294,7 +294,7 @@ async fn delete_stack(
 ) -> ApiResult<StatusCode> {
     require_admin(&caller)?;
     let stack = load(&state, &id).await?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     let used: i64 = sqlx::query("SELECT COUNT(*) FROM instances WHERE stack_id = $1")
         .bind(&id)
         .fetch_one(&mut *tx)

@@ -142,7 +142,7 @@ async fn create_team(
         role: Some(Role::Owner),
         created_at: now_ms(),
     };
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query("INSERT INTO teams (id, name, slug, created_at) VALUES ($1, $2, $3, $4)")
         .bind(&team.id)
         .bind(&team.name)
@@ -213,7 +213,7 @@ async fn update_team(
     authorize(&state, &caller, &id, Action::EditTeam).await?;
     check_display_name("name", &body.name)?;
     let before = load_team(&state, &caller, &id).await?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query("UPDATE teams SET name = $1 WHERE id = $2")
         .bind(&body.name)
         .bind(&id)
@@ -246,7 +246,7 @@ async fn delete_team(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     authorize(&state, &caller, &id, Action::DeleteTeam).await?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     let n: i64 = sqlx::query("SELECT COUNT(*) FROM instances WHERE team_id = $1")
         .bind(&id)
         .fetch_one(&mut *tx)
@@ -355,7 +355,7 @@ async fn add_member(
         .await?
         .ok_or_else(|| ApiError::invalid("username", format!("no user {:?}", body.username)))?
         .get(0);
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query("INSERT INTO members (team_id, user_id, role) VALUES ($1, $2, $3)")
         .bind(&id)
         .bind(&user_id)
@@ -442,7 +442,7 @@ async fn change_member(
     Json(body): Json<RoleChange>,
 ) -> ApiResult<Json<Member>> {
     authorize(&state, &caller, &id, Action::ManageMembers).await?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     let before = current_role(&mut tx, &id, &user_id).await?;
     if before == Role::Owner && body.role != Role::Owner {
         keep_an_owner(&mut tx, &id, &user_id).await?;
@@ -494,7 +494,7 @@ async fn remove_member(
     } else {
         authorize(&state, &caller, &id, Action::ManageMembers).await?;
     }
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     if current_role(&mut tx, &id, &user_id).await? == Role::Owner {
         keep_an_owner(&mut tx, &id, &user_id).await?;
     }

@@ -263,7 +263,7 @@ async fn create_template(
         policy: body.policy,
         created_at: now_ms(),
     };
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     sqlx::query(&format!(
         "INSERT INTO templates ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
     ))
@@ -329,7 +329,7 @@ async fn update_template(
         policy: body.policy,
         ..before.clone()
     };
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     let users = sqlx::query("SELECT name, settings, env FROM instances WHERE template_id = $1")
         .bind(&id)
         .fetch_all(&mut *tx)
@@ -382,7 +382,7 @@ async fn delete_template(
 ) -> ApiResult<StatusCode> {
     require_admin(&caller)?;
     let t = load(&state, &id).await?;
-    let mut tx = state.store.pool.begin().await?;
+    let mut tx = state.store.write().await?;
     let used: i64 = sqlx::query("SELECT COUNT(*) FROM instances WHERE template_id = $1")
         .bind(&id)
         .fetch_one(&mut *tx)
