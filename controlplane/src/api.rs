@@ -74,6 +74,11 @@ pub fn router(state: AppState) -> Router {
             async move { axum::Json(doc.as_ref().clone()) }
         }),
     )
+    .method_not_allowed_fallback(|| async {
+        ApiError::MethodNotAllowed(
+            "this route does not take that method; see /api/v1/openapi.json".into(),
+        )
+    })
     .fallback(|| async { ApiError::NotFound("no such API route; see /api/v1/openapi.json".into()) })
     .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
     .with_state(state)

@@ -53,6 +53,24 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// [`hash_password`] off the async workers: argon2 takes tens of milliseconds of CPU.
+pub async fn hash_password_blocking(password: String) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || hash_password(&password)).await?
+}
+
+/// Checks `password` against `hash` off the async workers; with no hash (a user that only uses
+/// tokens, or no such user) it checks against a dummy hash, so every miss costs the same time.
+pub async fn verify_password_blocking(password: String, hash: Option<String>) -> bool {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    tokio::task::spawn_blocking(move || {
+        let dummy = DUMMY.get_or_init(|| hash_password("no password").unwrap_or_default());
+        let ok = verify_password(&password, hash.as_deref().unwrap_or(dummy));
+        ok && hash.is_some()
+    })
+    .await
+    .unwrap_or(false)
+}
+
 /// A new random secret: 32 bytes as hex.
 pub fn random_secret() -> anyhow::Result<String> {
     let mut b = [0u8; 32];

@@ -34,6 +34,9 @@ pub enum ApiError {
         /// What is wrong with it.
         message: String,
     },
+    /// The route exists but not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// The body is larger than the limit.
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
@@ -62,6 +65,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -153,15 +157,7 @@ where
                     let msg = std::error::Error::source(&e)
                         .map(|s| s.to_string())
                         .unwrap_or_else(|| e.body_text());
-                    match msg.split_once(": ") {
-                        Some((path, rest)) if !path.contains(' ') && path != "." => {
-                            ApiError::invalid(path, rest)
-                        }
-                        _ => ApiError::invalid(
-                            "body",
-                            msg.trim_start_matches(". ").trim_start_matches(": "),
-                        ),
-                    }
+                    data_error(&msg)
                 }
                 JsonRejection::JsonSyntaxError(e) => ApiError::BadRequest(format!(
                     "the body is not valid JSON: {}",
@@ -181,6 +177,67 @@ where
                 }
                 other => ApiError::BadRequest(other.body_text()),
             }),
+        }
+    }
+}
+
+/// Names the field of a serde error ("path: message", or "missing field `x`" at `path`).
+fn data_error(msg: &str) -> ApiError {
+    let (path, rest) = match msg.split_once(": ") {
+        Some((p, r)) if !p.contains(' ') => (p, r),
+        _ => (".", msg),
+    };
+    let path = if path == "." { "" } else { path };
+    if let Some(after) = rest.strip_prefix("missing field `") {
+        if let Some((name, _)) = after.split_once('`') {
+            let field = if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}.{name}")
+            };
+            return ApiError::invalid(field, rest);
+        }
+    }
+    ApiError::invalid(if path.is_empty() { "body" } else { path }, rest)
+}
+
+/// `axum::extract::Query` with the API's own errors: a query string that does not fit
+/// (`limit=abc`, an unknown parameter) is 422 naming the parameter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Query<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        match serde_path_to_error::deserialize::<_, T>(de) {
+            Ok(v) => Ok(Self(v)),
+            Err(e) => {
+                let path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                let field = if path == "." {
+                    message
+                        .strip_prefix("unknown field `")
+                        .and_then(|r| r.split_once('`'))
+                        .map(|(f, _)| f.to_string())
+                        .unwrap_or_else(|| "query".into())
+                } else {
+                    path
+                };
+                Err(ApiError::invalid(
+                    field,
+                    format!("bad query string: {message}"),
+                ))
+            }
         }
     }
 }

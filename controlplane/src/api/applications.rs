@@ -1,6 +1,6 @@
 //! Applications: groups of instances inside a team.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 use super::{authorize, check_display_name, Page, PageQuery};
 use crate::audit::{self, Subject};
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, Json};
+use crate::error::{ApiError, ApiResult, Json, Query};
 use crate::roles::Action;
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
@@ -65,6 +65,16 @@ pub struct ApplicationUpdate {
     pub description: Option<String>,
 }
 
+fn check_description(d: &str) -> ApiResult<()> {
+    if d.chars().count() > 1000 {
+        return Err(ApiError::invalid(
+            "description",
+            "must be at most 1000 characters",
+        ));
+    }
+    Ok(())
+}
+
 fn from_row(r: &sqlx::any::AnyRow) -> Application {
     Application {
         id: r.get(0),
@@ -114,12 +124,7 @@ async fn create_application(
 ) -> ApiResult<(StatusCode, Json<Application>)> {
     authorize(&state, &caller, &body.team_id, Action::ManageApplications).await?;
     check_display_name("name", &body.name)?;
-    if body.description.len() > 1000 {
-        return Err(ApiError::invalid(
-            "description",
-            "must be at most 1000 characters",
-        ));
-    }
+    check_description(&body.description)?;
     let app = Application {
         id: new_id(),
         team_id: body.team_id,
@@ -208,6 +213,7 @@ async fn update_application(
         .description
         .unwrap_or_else(|| before.description.clone());
     check_display_name("name", &name)?;
+    check_description(&description)?;
     let mut tx = state.store.write().await?;
     sqlx::query("UPDATE applications SET name = $1, description = $2 WHERE id = $3")
         .bind(&name)

@@ -1,7 +1,7 @@
 //! Reading the audit log: per team (owners), per instance (members), platform-wide (admins).
 //! Newest first, cursor-paginated, filterable by event.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
@@ -9,7 +9,7 @@ use utoipa_axum::routes;
 
 use super::{authorize, json_text, require_admin, Page};
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, Json};
+use crate::error::{ApiError, ApiResult, Json, Query};
 use crate::roles::Action;
 use crate::state::AppState;
 
@@ -84,8 +84,12 @@ async fn read(
             return Err(ApiError::invalid("event", "must be 1 to 100 characters"));
         }
         if let Some(prefix) = event.strip_suffix('.') {
-            binds.push(format!("{prefix}.%"));
-            sql.push_str(&format!(" AND event LIKE ${}", binds.len()));
+            let literal = prefix
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            binds.push(format!("{literal}.%"));
+            sql.push_str(&format!(" AND event LIKE ${} ESCAPE '\\'", binds.len()));
         } else {
             binds.push(event.clone());
             sql.push_str(&format!(" AND event = ${}", binds.len()));

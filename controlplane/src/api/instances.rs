@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 use super::{authorize, json_text, templates, Page, PageQuery};
 use crate::audit::{self, Subject};
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, Json};
+use crate::error::{ApiError, ApiResult, Json, Query};
 use crate::roles::Action;
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
@@ -199,13 +199,11 @@ pub fn check_name(name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn check_ha(state: &AppState, ha: &Ha) -> ApiResult<()> {
+/// Checks HA settings; `field` names the replica count as the caller sent it.
+fn check_ha(state: &AppState, ha: &Ha, field: &str) -> ApiResult<()> {
     let max = i64::from(state.config.max_ha_replicas);
     if !(2..=max).contains(&ha.replicas) {
-        return Err(ApiError::invalid(
-            "ha.replicas",
-            format!("must be from 2 to {max}"),
-        ));
+        return Err(ApiError::invalid(field, format!("must be from 2 to {max}")));
     }
     Ok(())
 }
@@ -339,7 +337,7 @@ async fn create_instance(
     let flows = body.flows.clone().unwrap_or_else(|| json!([]));
     check_flows(&flows)?;
     if let Some(ha) = &body.ha {
-        check_ha(&state, ha)?;
+        check_ha(&state, ha, "ha.replicas")?;
     }
     let id = new_id();
     let now = now_ms();
@@ -545,6 +543,7 @@ async fn instance_action(
     caller: Caller,
     Path((id, action)): Path<(String, String)>,
 ) -> ApiResult<Json<ActionResult>> {
+    let before = load_for(&state, &caller, &id, Action::ControlInstance).await?;
     let desired = match action.as_str() {
         "start" | "restart" => "running",
         "stop" => "stopped",
@@ -556,7 +555,6 @@ async fn instance_action(
             ))
         }
     };
-    let before = load_for(&state, &caller, &id, Action::ControlInstance).await?;
     let mut tx = state.store.write().await?;
     sqlx::query("UPDATE instances SET desired_state = $1, updated_at = $2 WHERE id = $3")
         .bind(desired)
@@ -626,7 +624,7 @@ async fn put_ha(
     Json(body): Json<Ha>,
 ) -> ApiResult<Json<Ha>> {
     let before = load_for(&state, &caller, &id, Action::ManageHa).await?;
-    check_ha(&state, &body)?;
+    check_ha(&state, &body, "replicas")?;
     set_ha(&state, &caller, &before, Some(body)).await?;
     Ok(Json(body))
 }

@@ -1,6 +1,6 @@
 //! Stacks: which Node-RED (and Node.js) version an instance runs, and its memory limit.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 use super::{require_admin, Page, PageQuery};
 use crate::audit::{self, Subject};
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, Json};
+use crate::error::{ApiError, ApiResult, Json, Query};
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
 

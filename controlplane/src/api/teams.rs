@@ -1,6 +1,6 @@
 //! Teams and their members.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 use super::{authorize, check_display_name, Page, PageQuery};
 use crate::audit::{self, Subject};
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, Json};
+use crate::error::{ApiError, ApiResult, Json, Query};
 use crate::roles::{Action, Role};
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
@@ -393,6 +393,17 @@ async fn add_member(
     ))
 }
 
+/// Locks the team's row until the transaction ends, so that membership changes of one team run
+/// one after another: two owners demoting each other at once must not both see the other as
+/// the remaining owner (PostgreSQL's READ COMMITTED would let them).
+async fn lock_team(tx: &mut sqlx::Transaction<'_, sqlx::Any>, team_id: &str) -> ApiResult<()> {
+    sqlx::query("UPDATE teams SET id = id WHERE id = $1")
+        .bind(team_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Fails when removing or demoting `user_id` would leave the team without an owner.
 async fn keep_an_owner(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -443,6 +454,7 @@ async fn change_member(
 ) -> ApiResult<Json<Member>> {
     authorize(&state, &caller, &id, Action::ManageMembers).await?;
     let mut tx = state.store.write().await?;
+    lock_team(&mut tx, &id).await?;
     let before = current_role(&mut tx, &id, &user_id).await?;
     if before == Role::Owner && body.role != Role::Owner {
         keep_an_owner(&mut tx, &id, &user_id).await?;
@@ -495,6 +507,7 @@ async fn remove_member(
         authorize(&state, &caller, &id, Action::ManageMembers).await?;
     }
     let mut tx = state.store.write().await?;
+    lock_team(&mut tx, &id).await?;
     if current_role(&mut tx, &id, &user_id).await? == Role::Owner {
         keep_an_owner(&mut tx, &id, &user_id).await?;
     }

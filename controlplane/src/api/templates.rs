@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 use super::{json_text, require_admin, Page, PageQuery};
 use crate::audit::{self, Subject};
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, Json};
+use crate::error::{ApiError, ApiResult, Json, Query};
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
 

@@ -1,6 +1,6 @@
 //! Sign-in, users and personal access tokens.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 use super::{require_admin, Page, PageQuery};
 use crate::audit::{self, Subject};
 use crate::auth::{self, Caller, TOKEN_PREFIX};
-use crate::error::{ApiError, ApiResult, Json};
+use crate::error::{ApiError, ApiResult, Json, Query};
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
 
@@ -69,17 +69,15 @@ async fn login(State(state): State<AppState>, Json(body): Json<Login>) -> ApiRes
         .fetch_optional(&state.store.pool)
         .await?;
     let wrong = || ApiError::Unauthorized("wrong username or password".into());
-    let Some(row) = row else {
-        // Spend the same time as a real check so usernames cannot be probed by timing.
-        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let dummy = DUMMY.get_or_init(|| auth::hash_password("no such user").unwrap_or_default());
-        let _ = auth::verify_password(&body.password, dummy);
-        return Err(wrong());
-    };
-    let hash: Option<String> = row.get(5);
-    if !hash.is_some_and(|h| auth::verify_password(&body.password, &h)) {
+    let hash: Option<String> = row.as_ref().and_then(|r| r.get(5));
+    // Unknown users and users without a password are checked against a dummy hash, so a miss
+    // takes as long as a wrong password and usernames cannot be probed by timing.
+    if !auth::verify_password_blocking(body.password.clone(), hash).await {
         return Err(wrong());
     }
+    let Some(row) = row else {
+        return Err(wrong());
+    };
     let user = user_from(&row);
     let secret = auth::random_secret()?;
     let now = now_ms();
@@ -237,7 +235,10 @@ pub async fn insert_user(
             return Err(ApiError::invalid("email", "is not an email address"));
         }
     }
-    let hash = password.map(auth::hash_password).transpose()?;
+    let hash = match password {
+        Some(p) => Some(auth::hash_password_blocking(p.to_string()).await?),
+        None => None,
+    };
     let user = User {
         id: new_id(),
         username: username.to_string(),

@@ -1,5 +1,6 @@
-//! Tests of the `tandem` binary as a user runs it.
+//! Tests of the `tandem` binary as a user runs it, and of the control plane's API over HTTP.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod api;
 mod proxy_cmd;

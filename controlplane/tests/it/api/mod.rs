@@ -1,0 +1,15 @@
+//! The control plane's REST API through real HTTP, each scenario on SQLite and on PostgreSQL.
+//!
+//! Every test starts its own server (`tandem_controlplane::app`) on a free port, bootstrapped as
+//! `tandem serve` does on first start, over a fresh SQLite file or a fresh database on the
+//! PostgreSQL server the test binary starts once ([`support`]).
+
+mod audit;
+mod auth;
+mod instances;
+mod lists;
+mod matrix;
+mod ops;
+mod races;
+mod support;
+mod validation;
