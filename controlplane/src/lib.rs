@@ -11,6 +11,7 @@
 //! - [`store`]: the database (SQLite or PostgreSQL) and its schema.
 //! - [`error`]: the API's error type and JSON shape.
 //! - [`state`], [`metrics`]: shared state and request metrics.
+//! - [`scratch_pg`]: a throwaway PostgreSQL server for tests and benchmarks.
 
 use std::time::Instant;
 
@@ -28,6 +29,7 @@ pub mod error;
 pub mod metrics;
 pub mod proxy_cmd;
 pub mod roles;
+pub mod scratch_pg;
 pub mod serve_cmd;
 pub mod state;
 pub mod store;
