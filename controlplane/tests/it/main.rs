@@ -4,3 +4,4 @@
 
 mod api;
 mod proxy_cmd;
+mod serve_cmd;

@@ -11,5 +11,5 @@ mod lists;
 mod matrix;
 mod ops;
 mod races;
-mod support;
+pub(crate) mod support;
 mod validation;

@@ -106,6 +106,53 @@ async fn pg_database() -> String {
 // ---------------------------------------------------------------------------------------------
 // HTTP.
 
+/// One request on a new connection to `addr`.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: &Auth,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Resp {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    match auth {
+        Auth::Anon => {}
+        Auth::Bearer(t) => req = req.header("authorization", format!("Bearer {t}")),
+        Auth::Cookie(c) => req = req.header("cookie", c.as_str()),
+        Auth::Authorization(v) => req = req.header("authorization", v.as_str()),
+    }
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).unwrap();
+    let resp = send
+        .send_request(req)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Resp {
+        method: method.to_string(),
+        path: path.to_string(),
+        status,
+        headers,
+        text,
+        json,
+    }
+}
+
 /// Who calls.
 #[derive(Debug, Clone)]
 pub enum Auth {
@@ -278,42 +325,7 @@ impl Server {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Resp {
-        let stream = TcpStream::connect(self.addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.addr.to_string());
-        match auth {
-            Auth::Anon => {}
-            Auth::Bearer(t) => req = req.header("authorization", format!("Bearer {t}")),
-            Auth::Cookie(c) => req = req.header("cookie", c.as_str()),
-            Auth::Authorization(v) => req = req.header("authorization", v.as_str()),
-        }
-        if let Some(ct) = content_type {
-            req = req.header("content-type", ct);
-        }
-        let req = req.body(Full::new(Bytes::from(body))).unwrap();
-        let resp = send
-            .send_request(req)
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Resp {
-            method: method.to_string(),
-            path: path.to_string(),
-            status,
-            headers,
-            text,
-            json,
-        }
+        http(self.addr, method, path, auth, content_type, body).await
     }
 
     /// A request with an optional JSON body.
