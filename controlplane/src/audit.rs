@@ -20,6 +20,37 @@ pub struct Subject<'a> {
     pub object_id: &'a str,
 }
 
+impl<'a> Subject<'a> {
+    /// An object outside any team (stack, template, user, token).
+    pub fn object(object_type: &'a str, object_id: &'a str) -> Self {
+        Self {
+            object_type,
+            object_id,
+            ..Default::default()
+        }
+    }
+
+    /// An object of a team.
+    pub fn team(team_id: &'a str, object_type: &'a str, object_id: &'a str) -> Self {
+        Self {
+            team_id: Some(team_id),
+            object_type,
+            object_id,
+            ..Default::default()
+        }
+    }
+
+    /// An instance of a team.
+    pub fn instance(team_id: &'a str, instance_id: &'a str) -> Self {
+        Self {
+            team_id: Some(team_id),
+            instance_id: Some(instance_id),
+            object_type: "instance",
+            object_id: instance_id,
+        }
+    }
+}
+
 /// Records `event` (e.g. `instance.created`) with `body` (before/after or the new object).
 pub async fn record(
     tx: &mut Transaction<'_, Any>,

@@ -57,6 +57,16 @@ impl ApiError {
         }
     }
 
+    /// For `map_err` on an insert: a unique-key violation becomes a 409 with `message`; any
+    /// other error maps as usual.
+    pub fn conflict_as(message: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Self {
+        let message = message.into();
+        move |e| match Self::from(e) {
+            Self::Conflict(_) => Self::Conflict(message),
+            other => other,
+        }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),

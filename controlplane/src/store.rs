@@ -135,6 +135,21 @@ impl Store {
     }
 }
 
+/// How many rows of `table` have `column = value`, inside a transaction (for "still in use"
+/// checks that must see the same state as the write that follows).
+pub async fn count_where(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    table: &str,
+    column: &str,
+    value: &str,
+) -> Result<i64, sqlx::Error> {
+    let row = sqlx::query(&format!("SELECT COUNT(*) FROM {table} WHERE {column} = $1"))
+        .bind(value)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Now, in epoch milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -141,16 +141,8 @@ async fn create_application(
         .bind(app.created_at)
         .execute(&mut *tx)
         .await
-        .map_err(|e| match ApiError::from(e) {
-            ApiError::Conflict(_) => ApiError::Conflict(format!("the team already has an application named {:?}", app.name)),
-            other => other,
-        })?;
-    let subject = Subject {
-        team_id: Some(&app.team_id),
-        object_type: "application",
-        object_id: &app.id,
-        ..Default::default()
-    };
+        .map_err(ApiError::conflict_as(format!("the team already has an application named {:?}", app.name)))?;
+    let subject = Subject::team(&app.team_id, "application", &app.id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -221,12 +213,7 @@ async fn update_application(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        team_id: Some(&before.team_id),
-        object_type: "application",
-        object_id: &id,
-        ..Default::default()
-    };
+    let subject = Subject::team(&before.team_id, "application", &id);
     audit::record(&mut tx, Some(&caller), "application.updated", subject,
         json!({ "before": { "name": before.name, "description": before.description }, "after": { "name": name, "description": description } })).await?;
     tx.commit().await?;
@@ -247,11 +234,7 @@ async fn delete_application(
 ) -> ApiResult<StatusCode> {
     let app = load_for(&state, &caller, &id, Action::ManageApplications).await?;
     let mut tx = state.store.write().await?;
-    let n: i64 = sqlx::query("SELECT COUNT(*) FROM instances WHERE application_id = $1")
-        .bind(&id)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
+    let n: i64 = crate::store::count_where(&mut tx, "instances", "application_id", &id).await?;
     if n > 0 {
         return Err(ApiError::Conflict(format!(
             "the application still has {n} instance(s); delete them first"
@@ -261,12 +244,7 @@ async fn delete_application(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        team_id: Some(&app.team_id),
-        object_type: "application",
-        object_id: &id,
-        ..Default::default()
-    };
+    let subject = Subject::team(&app.team_id, "application", &id);
     audit::record(
         &mut tx,
         Some(&caller),

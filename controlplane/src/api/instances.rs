@@ -361,16 +361,8 @@ async fn create_instance(
     .bind(now)
     .execute(&mut *tx)
     .await
-    .map_err(|e| match ApiError::from(e) {
-        ApiError::Conflict(_) => ApiError::Conflict(format!("an instance named {:?} exists; names are unique on the platform", body.name)),
-        other => other,
-    })?;
-    let subject = Subject {
-        team_id: Some(&app.team_id),
-        instance_id: Some(&id),
-        object_type: "instance",
-        object_id: &id,
-    };
+    .map_err(ApiError::conflict_as(format!("an instance named {:?} exists; names are unique on the platform", body.name)))?;
+    let subject = Subject::instance(&app.team_id, &id);
     audit::record(&mut tx, Some(&caller), "instance.created", subject,
         json!({ "name": body.name, "application_id": app.id, "stack_id": body.stack_id, "template_id": body.template_id, "ha": body.ha })).await?;
     tx.commit().await?;
@@ -433,12 +425,7 @@ async fn update_instance(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        team_id: Some(&before.team_id),
-        instance_id: Some(&id),
-        object_type: "instance",
-        object_id: &id,
-    };
+    let subject = Subject::instance(&before.team_id, &id);
     audit::record(&mut tx, Some(&caller), "instance.updated", subject, json!({
         "before": { "settings": before.settings, "env": before.env, "stack_id": before.stack_id },
         "after": { "settings": settings, "env": env, "stack_id": stack_id },
@@ -461,12 +448,7 @@ async fn delete_instance(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        team_id: Some(&before.team_id),
-        instance_id: Some(&id),
-        object_type: "instance",
-        object_id: &id,
-    };
+    let subject = Subject::instance(&before.team_id, &id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -562,12 +544,7 @@ async fn instance_action(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        team_id: Some(&before.team_id),
-        instance_id: Some(&id),
-        object_type: "instance",
-        object_id: &id,
-    };
+    let subject = Subject::instance(&before.team_id, &id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -658,12 +635,7 @@ async fn set_ha(
     .bind(&before.id)
     .execute(&mut *tx)
     .await?;
-    let subject = Subject {
-        team_id: Some(&before.team_id),
-        instance_id: Some(&before.id),
-        object_type: "instance",
-        object_id: &before.id,
-    };
+    let subject = Subject::instance(&before.team_id, &before.id);
     let event = if ha.is_some() {
         "instance.ha-set"
     } else {

@@ -203,17 +203,11 @@ pub async fn insert(
     .bind(stack.created_at)
     .execute(&mut *tx)
     .await
-    .map_err(|e| match ApiError::from(e) {
-        ApiError::Conflict(_) => {
-            ApiError::Conflict(format!("a stack named {:?} exists", stack.name))
-        }
-        other => other,
-    })?;
-    let subject = Subject {
-        object_type: "stack",
-        object_id: &stack.id,
-        ..Default::default()
-    };
+    .map_err(ApiError::conflict_as(format!(
+        "a stack named {:?} exists",
+        stack.name
+    )))?;
+    let subject = Subject::object("stack", &stack.id);
     audit::record(
         &mut tx,
         caller,
@@ -267,11 +261,7 @@ async fn update_stack(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        object_type: "stack",
-        object_id: &id,
-        ..Default::default()
-    };
+    let subject = Subject::object("stack", &id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -295,22 +285,14 @@ async fn delete_stack(
     require_admin(&caller)?;
     let stack = load(&state, &id).await?;
     let mut tx = state.store.write().await?;
-    let used: i64 = sqlx::query("SELECT COUNT(*) FROM instances WHERE stack_id = $1")
-        .bind(&id)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
+    let used: i64 = crate::store::count_where(&mut tx, "instances", "stack_id", &id).await?;
     if used > 0 {
         return Err(ApiError::Conflict(format!(
             "stack {} is used by {used} instance(s)",
             stack.name
         )));
     }
-    let named: i64 = sqlx::query("SELECT COUNT(*) FROM stacks WHERE replaced_by = $1")
-        .bind(&id)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
+    let named: i64 = crate::store::count_where(&mut tx, "stacks", "replaced_by", &id).await?;
     if named > 0 {
         return Err(ApiError::Conflict(format!(
             "stack {} is named as the replacement of another stack",
@@ -321,11 +303,7 @@ async fn delete_stack(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        object_type: "stack",
-        object_id: &id,
-        ..Default::default()
-    };
+    let subject = Subject::object("stack", &id);
     audit::record(
         &mut tx,
         Some(&caller),

@@ -150,23 +150,16 @@ async fn create_team(
         .bind(team.created_at)
         .execute(&mut *tx)
         .await
-        .map_err(|e| match ApiError::from(e) {
-            ApiError::Conflict(_) => {
-                ApiError::Conflict(format!("a team with slug {:?} exists", team.slug))
-            }
-            other => other,
-        })?;
+        .map_err(ApiError::conflict_as(format!(
+            "a team with slug {:?} exists",
+            team.slug
+        )))?;
     sqlx::query("INSERT INTO members (team_id, user_id, role) VALUES ($1, $2, 'owner')")
         .bind(&team.id)
         .bind(&caller.id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        team_id: Some(&team.id),
-        object_type: "team",
-        object_id: &team.id,
-        ..Default::default()
-    };
+    let subject = Subject::team(&team.id, "team", &team.id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -219,12 +212,7 @@ async fn update_team(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        team_id: Some(&id),
-        object_type: "team",
-        object_id: &id,
-        ..Default::default()
-    };
+    let subject = Subject::team(&id, "team", &id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -247,11 +235,7 @@ async fn delete_team(
 ) -> ApiResult<StatusCode> {
     authorize(&state, &caller, &id, Action::DeleteTeam).await?;
     let mut tx = state.store.write().await?;
-    let n: i64 = sqlx::query("SELECT COUNT(*) FROM instances WHERE team_id = $1")
-        .bind(&id)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
+    let n: i64 = crate::store::count_where(&mut tx, "instances", "team_id", &id).await?;
     if n > 0 {
         return Err(ApiError::Conflict(format!(
             "the team still has {n} instance(s); delete them first"
@@ -269,12 +253,7 @@ async fn delete_team(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        team_id: Some(&id),
-        object_type: "team",
-        object_id: &id,
-        ..Default::default()
-    };
+    let subject = Subject::team(&id, "team", &id);
     audit::record(&mut tx, Some(&caller), "team.deleted", subject, json!({})).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
@@ -362,18 +341,11 @@ async fn add_member(
         .bind(body.role.as_str())
         .execute(&mut *tx)
         .await
-        .map_err(|e| match ApiError::from(e) {
-            ApiError::Conflict(_) => {
-                ApiError::Conflict(format!("{} is already a member", body.username))
-            }
-            other => other,
-        })?;
-    let subject = Subject {
-        team_id: Some(&id),
-        object_type: "member",
-        object_id: &user_id,
-        ..Default::default()
-    };
+        .map_err(ApiError::conflict_as(format!(
+            "{} is already a member",
+            body.username
+        )))?;
+    let subject = Subject::team(&id, "member", &user_id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -470,12 +442,7 @@ async fn change_member(
         .fetch_one(&mut *tx)
         .await?
         .get(0);
-    let subject = Subject {
-        team_id: Some(&id),
-        object_type: "member",
-        object_id: &user_id,
-        ..Default::default()
-    };
+    let subject = Subject::team(&id, "member", &user_id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -516,12 +483,7 @@ async fn remove_member(
         .bind(&user_id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        team_id: Some(&id),
-        object_type: "member",
-        object_id: &user_id,
-        ..Default::default()
-    };
+    let subject = Subject::team(&id, "member", &user_id);
     audit::record(&mut tx, Some(&caller), "member.removed", subject, json!({})).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)

@@ -275,17 +275,11 @@ async fn create_template(
     .bind(t.created_at)
     .execute(&mut *tx)
     .await
-    .map_err(|e| match ApiError::from(e) {
-        ApiError::Conflict(_) => {
-            ApiError::Conflict(format!("a template named {:?} exists", t.name))
-        }
-        other => other,
-    })?;
-    let subject = Subject {
-        object_type: "template",
-        object_id: &t.id,
-        ..Default::default()
-    };
+    .map_err(ApiError::conflict_as(format!(
+        "a template named {:?} exists",
+        t.name
+    )))?;
+    let subject = Subject::object("template", &t.id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -355,11 +349,7 @@ async fn update_template(
     .bind(&id)
     .execute(&mut *tx)
     .await?;
-    let subject = Subject {
-        object_type: "template",
-        object_id: &id,
-        ..Default::default()
-    };
+    let subject = Subject::object("template", &id);
     audit::record(
         &mut tx,
         Some(&caller),
@@ -383,11 +373,7 @@ async fn delete_template(
     require_admin(&caller)?;
     let t = load(&state, &id).await?;
     let mut tx = state.store.write().await?;
-    let used: i64 = sqlx::query("SELECT COUNT(*) FROM instances WHERE template_id = $1")
-        .bind(&id)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
+    let used: i64 = crate::store::count_where(&mut tx, "instances", "template_id", &id).await?;
     if used > 0 {
         return Err(ApiError::Conflict(format!(
             "template {} is used by {used} instance(s)",
@@ -398,11 +384,7 @@ async fn delete_template(
         .bind(&id)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        object_type: "template",
-        object_id: &id,
-        ..Default::default()
-    };
+    let subject = Subject::object("template", &id);
     audit::record(
         &mut tx,
         Some(&caller),

@@ -256,15 +256,8 @@ pub async fn insert_user(
         .bind(user.created_at)
         .execute(&mut *tx)
         .await
-        .map_err(|e| match ApiError::from(e) {
-            ApiError::Conflict(_) => ApiError::Conflict(format!("username {username:?} is taken")),
-            other => other,
-        })?;
-    let subject = Subject {
-        object_type: "user",
-        object_id: &user.id,
-        ..Default::default()
-    };
+        .map_err(ApiError::conflict_as(format!("username {username:?} is taken")))?;
+    let subject = Subject::object("user", &user.id);
     audit::record(
         &mut tx,
         caller,
@@ -383,11 +376,7 @@ pub async fn issue_token(
         .bind(token.created_at)
         .execute(&mut *tx)
         .await?;
-    let subject = Subject {
-        object_type: "token",
-        object_id: &token.id,
-        ..Default::default()
-    };
+    let subject = Subject::object("token", &token.id);
     audit::record(
         &mut tx,
         Some(caller),
@@ -420,11 +409,7 @@ async fn revoke_token(
     if done.rows_affected() == 0 {
         return Err(ApiError::NotFound(format!("you have no token {id}")));
     }
-    let subject = Subject {
-        object_type: "token",
-        object_id: &id,
-        ..Default::default()
-    };
+    let subject = Subject::object("token", &id);
     audit::record(
         &mut tx,
         Some(&caller),
