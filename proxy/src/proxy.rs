@@ -329,6 +329,7 @@ impl Proxy {
         // that are safe to repeat (idempotent and without a body), and only when there is another
         // replica to send it to.
         let replay = (instance.replicas.len() > 1
+            && self.config.max_attempts > 1
             && is_idempotent(req.method())
             && matches!(req.body(), RequestBody::Empty))
         .then(|| {
