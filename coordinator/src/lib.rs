@@ -3,10 +3,14 @@
 //!
 //! # Layout
 //! - [`status`]: the observed state of instances, as the control plane reads it.
+//! - [`driver`]: the interface every driver implements (start, stop a replica).
+//! - [`local`]: the local driver: stacks installed with npm, replicas as Node-RED processes.
 //!
-//! The reconciler and the local driver are the subject of issue 4; the dependency direction
-//! `controlplane → coordinator → proxy` is fixed from the first commit.
+//! Still to come (issue 4): the reconciler, supervision with restart backoff, HA routing into
+//! the proxy, log capture and `tandem serve` wiring.
 
 pub use tandem_proxy as proxy;
 
+pub mod driver;
+pub mod local;
 pub mod status;

@@ -1,0 +1,103 @@
+//! The driver interface: how the coordinator starts, stops and inspects replicas, whatever runs
+//! them (local processes here, Kubernetes later).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// What one replica should run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaSpec {
+    /// The instance's name (DNS-safe).
+    pub instance: String,
+    /// The replica's slot, 0-based; stable across restarts.
+    pub slot: u32,
+    /// Node-RED version of the stack, e.g. `4.1.2`.
+    pub nodered_version: String,
+    /// Heap cap, MiB (the stack's memory limit).
+    pub memory_mb: u32,
+    /// HA replicas run with the editor disabled.
+    pub ha: bool,
+    /// Secret the admin API accepts (header `x-tandem-token`); never written to disk.
+    pub admin_secret: String,
+    /// Fixed per instance so every replica decrypts the same credentials.
+    pub credential_secret: String,
+    /// Effective Node-RED settings (template merged with overrides), a JSON object.
+    pub settings: serde_json::Value,
+    /// Effective environment.
+    pub env: BTreeMap<String, String>,
+    /// The flows to start with, a Node-RED flows array.
+    pub flows: serde_json::Value,
+    /// Boot with flows stopped (hot standby).
+    pub start_stopped: bool,
+}
+
+impl ReplicaSpec {
+    /// `<instance>-r<slot>`.
+    pub fn id(&self) -> String {
+        format!("{}-r{}", self.instance, self.slot)
+    }
+}
+
+/// A replica the driver started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    /// `<instance>-r<slot>`.
+    pub id: String,
+    /// Where its HTTP server listens (loopback).
+    pub addr: SocketAddr,
+    /// Process id (local driver).
+    pub pid: Option<u32>,
+    /// Its userDir (local driver).
+    pub user_dir: Option<PathBuf>,
+}
+
+/// Why a driver call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// Installing the stack failed; the output's tail says why.
+    #[error("installing Node-RED {version} failed: {output}")]
+    Install {
+        /// The version asked for.
+        version: String,
+        /// The end of npm's output.
+        output: String,
+    },
+    /// The replica did not answer its readiness probe in time.
+    #[error("replica {id} was not ready within {seconds} s: {reason}")]
+    NotReady {
+        /// The replica.
+        id: String,
+        /// The deadline.
+        seconds: u64,
+        /// The last probe error or the process's exit.
+        reason: String,
+    },
+    /// An operating-system error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl DriverError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Io { context, source }
+    }
+}
+
+/// Runs replicas. Implementations: [`crate::local::LocalDriver`].
+pub trait Driver: Send + Sync + 'static {
+    /// Starts a replica and returns once it answers its readiness probe.
+    fn start(
+        &self,
+        spec: &ReplicaSpec,
+    ) -> impl Future<Output = Result<Running, DriverError>> + Send;
+    /// Stops a replica: SIGTERM, then SIGKILL after the grace period.
+    fn stop(&self, id: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+}

@@ -1,0 +1,268 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+use tandem_coordinator::driver::{Driver, DriverError, ReplicaSpec};
+use tandem_coordinator::local::{probe, LocalDriver, TOKEN_HEADER};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const VERSION: &str = "4.1.2";
+
+fn driver() -> LocalDriver {
+    let dir = std::env::var_os("TANDEM_TEST_STACKS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("tandem-test-stacks"));
+    LocalDriver::new(dir)
+}
+
+fn unique(prefix: &str) -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{}", std::process::id(), n % 1_000_000_000)
+}
+
+fn hello_flows() -> serde_json::Value {
+    json!([
+        { "id": "t1", "type": "tab", "label": "Hello" },
+        { "id": "in", "type": "http in", "z": "t1", "url": "/hello", "method": "get", "wires": [["ch"]] },
+        { "id": "ch", "type": "change", "z": "t1", "rules": [{ "t": "set", "p": "payload", "pt": "msg", "to": "REPLICA", "tot": "env" }], "wires": [["out"]] },
+        { "id": "out", "type": "http response", "z": "t1", "statusCode": "", "headers": {}, "wires": [] }
+    ])
+}
+
+fn spec(instance: &str, slot: u32, ha: bool, start_stopped: bool) -> ReplicaSpec {
+    ReplicaSpec {
+        instance: instance.into(),
+        slot,
+        nodered_version: VERSION.into(),
+        memory_mb: 256,
+        ha,
+        admin_secret: format!("secret-{instance}-{slot}"),
+        credential_secret: "credential-secret".into(),
+        settings: json!({ "httpNodeCors": { "origin": "*" }, "uiPort": 1 }),
+        env: [("REPLICA".to_string(), format!("r{slot}"))]
+            .into_iter()
+            .collect(),
+        flows: hello_flows(),
+        start_stopped,
+    }
+}
+
+/// One HTTP/1.1 request; status and body.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_serves_its_flows_and_guards_its_admin_api() {
+    let d = driver();
+    let s = spec(&unique("solo"), 0, false, false);
+    let r = d.start(&s).await.unwrap();
+    assert!(r.addr.ip().is_loopback());
+    assert_ne!(
+        r.addr.port(),
+        1,
+        "the port is Tandem's, whatever the settings say"
+    );
+
+    let (status, body) = http(r.addr, "GET", "/hello", &[], "").await;
+    assert_eq!((status, body == "r0"), (200, true), "{body}");
+    // The admin API needs the replica's secret, in Tandem's header only.
+    assert_eq!(http(r.addr, "GET", "/admin/flows", &[], "").await.0, 401);
+    assert_eq!(
+        http(
+            r.addr,
+            "GET",
+            "/admin/flows",
+            &[(TOKEN_HEADER, "wrong")],
+            ""
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(
+        http(
+            r.addr,
+            "GET",
+            "/admin/flows",
+            &[("authorization", &format!("Bearer {}", s.admin_secret))],
+            ""
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(
+        http(
+            r.addr,
+            "GET",
+            "/admin/flows",
+            &[(TOKEN_HEADER, &s.admin_secret)],
+            ""
+        )
+        .await
+        .0,
+        200
+    );
+    // Not HA: the editor is there.
+    assert_eq!(http(r.addr, "GET", "/admin/", &[], "").await.0, 200);
+    // The secrets never reach the disk.
+    let settings =
+        std::fs::read_to_string(r.user_dir.as_ref().unwrap().join("settings.js")).unwrap();
+    assert!(!settings.contains(&s.admin_secret) && !settings.contains("credential-secret"));
+
+    d.stop(&r.id).await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(r.addr).await.is_err(),
+        "stopped replicas stop listening"
+    );
+    let pid = r.pid.unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the process is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_replicas_have_no_editor_and_can_boot_with_flows_stopped() {
+    let d = driver();
+    let s = spec(&unique("ha"), 1, true, true);
+    let r = d.start(&s).await.unwrap();
+    assert_eq!(
+        http(r.addr, "GET", "/admin/", &[], "").await.0,
+        404,
+        "no editor on HA replicas"
+    );
+    assert_eq!(probe(r.addr, &s.admin_secret).await.unwrap(), "stop");
+    assert_eq!(
+        http(r.addr, "GET", "/hello", &[], "").await.0,
+        404,
+        "flows are stopped"
+    );
+    let (status, body) = http(
+        r.addr,
+        "POST",
+        "/admin/flows/state",
+        &[
+            (TOKEN_HEADER, &s.admin_secret),
+            ("content-type", "application/json"),
+        ],
+        r#"{"state":"start"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http(r.addr, "GET", "/hello", &[], "").await;
+    assert_eq!((status, body == "r1"), (200, true), "{body}");
+    d.stop(&r.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_routes_to_a_real_replica() {
+    use tandem_coordinator::proxy::{
+        InstanceSpec, Proxy, ProxyConfig, ProxyStats, ReplicaSpec as Route, Routes,
+    };
+    let d = driver();
+    let name = unique("routed");
+    let s = spec(&name, 0, true, false);
+    let r = d.start(&s).await.unwrap();
+    let routes = std::sync::Arc::new(Routes::new());
+    routes
+        .publish(&[InstanceSpec {
+            name: name.clone(),
+            hosts: vec![format!("{name}.localhost")],
+            ha: true,
+            affinity: false,
+            replicas: vec![Route {
+                id: r.id.clone(),
+                addr: r.addr,
+                ready: true,
+            }],
+            health: None,
+        }])
+        .unwrap();
+    let proxy = std::sync::Arc::new(Proxy::new(
+        routes,
+        ProxyConfig::default(),
+        std::sync::Arc::new(ProxyStats::default()),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(tandem_coordinator::proxy::server::serve(
+        listener,
+        proxy,
+        std::future::pending(),
+    ));
+    let host = format!("{name}.localhost");
+    let (status, body) = http(addr, "GET", "/hello", &[("host", &host)], "").await;
+    assert_eq!((status, body == "r0"), (200, true), "{body}");
+    // HA: the editor and admin API are refused at the proxy, secret or not.
+    let (status, _) = http(
+        addr,
+        "GET",
+        "/admin/flows",
+        &[("host", &host), (TOKEN_HEADER, &s.admin_secret)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 403);
+    server.abort();
+    d.stop(&r.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_npm_cannot_install_is_a_clear_error() {
+    let d = driver();
+    let mut s = spec(&unique("bad"), 0, false, false);
+    s.nodered_version = "0.0.0-no-such-version".into();
+    let started = tokio::time::timeout(Duration::from_secs(120), d.start(&s))
+        .await
+        .unwrap();
+    match started {
+        Err(DriverError::Install { version, output }) => {
+            assert_eq!(version, "0.0.0-no-such-version");
+            assert!(!output.is_empty());
+        }
+        other => panic!("expected an install error, got {other:?}"),
+    }
+    s.nodered_version = "4.1.2; rm -rf /".into();
+    assert!(matches!(
+        d.start(&s).await,
+        Err(DriverError::Install { .. })
+    ));
+}
