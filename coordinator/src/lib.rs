@@ -5,6 +5,7 @@
 //! - [`status`]: the observed state of instances, as the control plane reads it.
 //! - [`driver`]: the interface every driver implements (start, stop a replica).
 //! - [`local`]: the local driver: stacks installed with npm, replicas as Node-RED processes.
+//! - [`restart`]: restart backoff and crash-loop detection for a replica.
 //!
 //! Still to come (issue 4): the reconciler, supervision with restart backoff, HA routing into
 //! the proxy, log capture and `tandem serve` wiring.
@@ -13,4 +14,5 @@ pub use tandem_proxy as proxy;
 
 pub mod driver;
 pub mod local;
+pub mod restart;
 pub mod status;
