@@ -277,6 +277,10 @@ impl Driver for LocalDriver {
         .env("TANDEM_ADMIN_SECRET", &spec.admin_secret)
         .env("TANDEM_CREDENTIAL_SECRET", &spec.credential_secret)
         .env("NODE_RED_DISABLE_TELEMETRY", "true")
+        // The persisted runtime state alone did not always hold on a fresh userDir (flows were
+        // started in about one boot in five); safe mode is Node-RED's own "load, do not start",
+        // left by `POST /admin/flows/state {"state":"start"}`.
+        .args(spec.start_stopped.then_some("--safe"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
