@@ -98,6 +98,8 @@ pub trait Driver: Send + Sync + 'static {
         &self,
         spec: &ReplicaSpec,
     ) -> impl Future<Output = Result<Running, DriverError>> + Send;
+    /// Resolves when the replica's process has ended, with how it ended (exit status, signal).
+    fn wait(&self, id: &str) -> impl Future<Output = String> + Send;
     /// Stops a replica: SIGTERM, then SIGKILL after the grace period.
     fn stop(&self, id: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
 }

@@ -6,8 +6,9 @@
 //! - [`driver`]: the interface every driver implements (start, stop a replica).
 //! - [`local`]: the local driver: stacks installed with npm, replicas as Node-RED processes.
 //! - [`restart`]: restart backoff and crash-loop detection for a replica.
+//! - [`supervise`]: keeping one replica alive with a driver and that policy.
 //!
-//! Still to come (issue 4): the reconciler, supervision with restart backoff, HA routing into
+//! Still to come (issue 4): the reconciler over all instances, HA routing into
 //! the proxy, log capture and `tandem serve` wiring.
 
 pub use tandem_proxy as proxy;
@@ -16,3 +17,4 @@ pub mod driver;
 pub mod local;
 pub mod restart;
 pub mod status;
+pub mod supervise;

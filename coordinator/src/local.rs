@@ -18,12 +18,39 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 
 use crate::driver::{Driver, DriverError, ReplicaSpec, Running};
 
 /// Header that carries the admin secret to a replica.
 pub const TOKEN_HEADER: &str = "x-tandem-token";
+
+/// A running replica process: its pid and how it ended (set once it has).
+#[derive(Debug, Clone)]
+struct Watched {
+    pid: Option<u32>,
+    exit: watch::Receiver<Option<String>>,
+}
+
+/// Owns the child until it exits and says how it ended.
+fn watch_exit(mut child: Child) -> watch::Receiver<Option<String>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let reason = match child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("cannot wait for the process: {e}"),
+        };
+        let _ = tx.send(Some(reason));
+    });
+    rx
+}
+
+async fn exited(mut rx: watch::Receiver<Option<String>>) -> String {
+    match rx.wait_for(Option::is_some).await {
+        Ok(r) => r.clone().unwrap_or_default(),
+        Err(_) => "the process watcher ended".into(),
+    }
+}
 
 /// The local driver.
 #[derive(Debug)]
@@ -33,7 +60,7 @@ pub struct LocalDriver {
     pub ready_timeout: Duration,
     /// Time between SIGTERM and SIGKILL. Default 10 s.
     pub stop_grace: Duration,
-    children: Mutex<HashMap<String, Child>>,
+    children: Mutex<HashMap<String, Watched>>,
 }
 
 impl LocalDriver {
@@ -229,6 +256,15 @@ pub async fn probe(addr: SocketAddr, secret: &str) -> Result<String, String> {
         .to_string())
 }
 
+/// Whether a reported flow state is the one a replica was started for.
+fn state_matches(state: &str, start_stopped: bool) -> bool {
+    if start_stopped {
+        state == "stop" || state == "safe"
+    } else {
+        state == "start"
+    }
+}
+
 async fn signal_group(pid: u32, signal: &str) {
     // The replica leads its own process group; `kill -SIG -pgid` reaches all of it.
     let _ = Command::new("kill")
@@ -238,6 +274,14 @@ async fn signal_group(pid: u32, signal: &str) {
 }
 
 impl Driver for LocalDriver {
+    async fn wait(&self, id: &str) -> String {
+        let rx = self.children.lock().await.get(id).map(|w| w.exit.clone());
+        match rx {
+            Some(rx) => exited(rx).await,
+            None => format!("no replica {id} is running"),
+        }
+    }
+
     async fn start(&self, spec: &ReplicaSpec) -> Result<Running, DriverError> {
         let red = self.install_stack(&spec.nodered_version).await?;
         let id = spec.id();
@@ -290,6 +334,9 @@ impl Driver for LocalDriver {
         let pid = child.id();
         let last_lines =
             std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        // Node-RED logs "Started flows" once its flows run; its flow state says "start" a little
+        // earlier, before the http-in routes exist.
+        let flows_started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         for stream in [
             child
                 .stdout
@@ -305,9 +352,13 @@ impl Driver for LocalDriver {
         {
             let id = id.clone();
             let last = last_lines.clone();
+            let started = flows_started.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    if line.contains("Started flows") {
+                        started.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     tracing::info!(target: "tandem::replica", src = %id, "{line}");
                     if let Ok(mut l) = last.lock() {
                         l.push_back(line);
@@ -332,8 +383,17 @@ impl Driver for LocalDriver {
                     reason: format!("node exited with {status}: {tail}"),
                 });
             }
+            // Ready means the flows are in the state asked for: right after the port opens,
+            // Node-RED can still report the state it had before it applied the stored one.
             let reason = match probe(addr, &spec.admin_secret).await {
-                Ok(_) => break,
+                Ok(state)
+                    if state_matches(&state, spec.start_stopped)
+                        && (spec.start_stopped
+                            || flows_started.load(std::sync::atomic::Ordering::Relaxed)) =>
+                {
+                    break
+                }
+                Ok(state) => format!("flows are in state {state:?}"),
                 Err(e) => e,
             };
             if tokio::time::Instant::now() >= deadline {
@@ -348,7 +408,11 @@ impl Driver for LocalDriver {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        self.children.lock().await.insert(id.clone(), child);
+        let exit = watch_exit(child);
+        self.children
+            .lock()
+            .await
+            .insert(id.clone(), Watched { pid, exit });
         tracing::info!(replica = %id, %addr, ?pid, "replica ready");
         Ok(Running {
             id,
@@ -359,12 +423,12 @@ impl Driver for LocalDriver {
     }
 
     async fn stop(&self, id: &str) -> Result<(), DriverError> {
-        let Some(mut child) = self.children.lock().await.remove(id) else {
+        let Some(w) = self.children.lock().await.remove(id) else {
             return Ok(());
         };
-        if let Some(pid) = child.id() {
+        if let Some(pid) = w.pid {
             signal_group(pid, "-TERM").await;
-            if tokio::time::timeout(self.stop_grace, child.wait())
+            if tokio::time::timeout(self.stop_grace, exited(w.exit.clone()))
                 .await
                 .is_err()
             {
@@ -372,7 +436,7 @@ impl Driver for LocalDriver {
                 signal_group(pid, "-KILL").await;
             }
         }
-        let _ = child.wait().await;
+        exited(w.exit).await;
         Ok(())
     }
 }

@@ -169,11 +169,21 @@ async fn ha_replicas_have_no_editor_and_can_boot_with_flows_stopped() {
         404,
         "no editor on HA replicas"
     );
-    let state = probe(r.addr, &s.admin_secret).await.unwrap();
-    assert!(
-        state == "stop" || state == "safe",
-        "flows must not run: {state}"
-    );
+    // Node-RED reports "start" for a moment each time it re-evaluates its flows (for example
+    // when node types finish registering) before it applies the stopped state, without starting
+    // anything; the state it settles in is the one that counts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let state = probe(r.addr, &s.admin_secret).await.unwrap();
+        if state == "stop" || state == "safe" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "flows must not run: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         http(r.addr, "GET", "/hello", &[], "").await.0,
         404,
@@ -269,4 +279,68 @@ async fn a_version_npm_cannot_install_is_a_clear_error() {
         d.start(&s).await,
         Err(DriverError::Install { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_is_restarted_and_serves_again() {
+    use tandem_coordinator::restart::RestartPolicy;
+    use tandem_coordinator::supervise::{supervise, Event};
+    let d = std::sync::Arc::new(driver());
+    let s = spec(&unique("phoenix"), 0, false, false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let policy = RestartPolicy {
+        base: Duration::from_millis(100),
+        ..RestartPolicy::default()
+    };
+    let task = tokio::spawn(supervise(d.clone(), s.clone(), policy, stop_rx, move |e| {
+        let _ = tx.send(e);
+    }));
+    let Event::Ready(first) = next(&mut rx).await else {
+        panic!("expected Ready")
+    };
+    assert_eq!(
+        http(first.addr, "GET", "/hello", &[], "").await,
+        (200, "r0".to_string())
+    );
+
+    // SIGKILL, as the OOM killer would.
+    let pid = first.pid.unwrap();
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    match next(&mut rx).await {
+        Event::Exited { reason, restarts } => {
+            assert!(
+                reason.contains("signal: 9") || reason.contains("SIGKILL"),
+                "{reason}"
+            );
+            assert_eq!(restarts, 1);
+        }
+        other => panic!("expected Exited, got {other:?}"),
+    }
+    let Event::Ready(second) = next(&mut rx).await else {
+        panic!("expected Ready again")
+    };
+    assert_ne!(second.pid, first.pid);
+    assert_eq!(
+        http(second.addr, "GET", "/hello", &[], "").await,
+        (200, "r0".to_string())
+    );
+
+    stop_tx.send(true).unwrap();
+    assert_eq!(next(&mut rx).await, Event::Stopped);
+    task.await.unwrap();
+    assert!(tokio::net::TcpStream::connect(second.addr).await.is_err());
+}
+
+async fn next(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<tandem_coordinator::supervise::Event>,
+) -> tandem_coordinator::supervise::Event {
+    tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
 }
