@@ -277,3 +277,28 @@ fn help_documents_every_flag_and_its_environment_variable() {
         assert!(text.contains(flag), "{flag} missing from:\n{text}");
     }
 }
+
+#[test]
+fn serve_help_documents_every_flag_and_its_environment_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--data-dir",
+        "TANDEM_DATA_DIR",
+        "--api-listen",
+        "TANDEM_API_LISTEN",
+        "--http-listen",
+        "TANDEM_HTTP_LISTEN",
+        "--database-url",
+        "TANDEM_DATABASE_URL",
+        "--base-domain",
+        "TANDEM_BASE_DOMAIN",
+        "--max-ha-replicas",
+        "TANDEM_MAX_HA_REPLICAS",
+    ] {
+        assert!(text.contains(flag), "{flag} missing from:\n{text}");
+    }
+}
