@@ -148,3 +148,56 @@ async fn affinity_cookie_pins_a_client_to_its_replica() {
         "different clients land on different replicas: {seen:?}"
     );
 }
+
+/// Collects what the fmt subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_access_log_event_names_instance_and_replica() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .with_env_filter("tandem::access=info")
+        .finish();
+    // The test runtime has one thread, so the proxy's tasks log through this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let ups = [Upstream::start("u0").await, Upstream::start("u1").await];
+    let mut config = test_config();
+    config.access_log = true;
+    let proxy = TestProxy::start(&[instance("orders", &[ups[0].addr, ups[1].addr])], config).await;
+    let mut client = Client::connect(proxy.addr).await.unwrap();
+    for _ in 0..20 {
+        client.get("orders.localhost", "/path").await.unwrap();
+    }
+    get(proxy.addr, "nope.localhost", "/").await.unwrap();
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("tandem::access"))
+        .collect();
+    assert_eq!(lines.len(), 20, "one event per routed request:\n{text}");
+    for l in &lines {
+        assert!(
+            l.contains("instance=orders") && l.contains("path=/path") && l.contains("status=200"),
+            "{l}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("replica=r0"))
+            && lines.iter().any(|l| l.contains("replica=r1")),
+        "{text}"
+    );
+}
