@@ -99,6 +99,12 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Completes once the shutdown flag `rx` turns true (or its sender is gone): one flag fans the
+/// shutdown out to every server and task of a command.
+pub async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     #[cfg(unix)]

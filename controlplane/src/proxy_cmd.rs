@@ -45,12 +45,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, routes = %args.routes.display(), instances = n, "tandem proxy serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let stopped = || crate::stopped(stop_rx.clone());
     let watcher = tokio::spawn(file::watch(
         args.routes.clone(),
         routes,

@@ -132,12 +132,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Arc::new(ProxyStats::default()),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
+    let stopped = || crate::stopped(stop_rx.clone());
     let proxy_task = tokio::spawn(tandem_proxy::server::serve(http, proxy, stopped()));
     let api_task = tokio::spawn({
         let stop = stopped();

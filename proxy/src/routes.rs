@@ -244,11 +244,11 @@ impl RouteTable {
             previous.instances.iter().map(|i| (&*i.name, i)).collect();
         let mut hosts: HashMap<Box<str>, Arc<Instance>> = HashMap::new();
         let mut instances = Vec::with_capacity(specs.len());
-        let mut names: HashMap<&str, ()> = HashMap::new();
+        let mut names: std::collections::HashSet<&str> = std::collections::HashSet::new();
 
         for spec in specs {
             validate_name(&spec.name)?;
-            if names.insert(&spec.name, ()).is_some() {
+            if !names.insert(&spec.name) {
                 return Err(RouteError::DuplicateName(spec.name.clone()));
             }
             if spec.hosts.is_empty() {
