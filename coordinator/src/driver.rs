@@ -5,9 +5,12 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::logs::InstanceLog;
 
 /// What one replica should run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ReplicaSpec {
     /// The instance's name (DNS-safe).
     pub instance: String,
@@ -51,6 +54,8 @@ pub struct Running {
     pub pid: Option<u32>,
     /// Its userDir (local driver).
     pub user_dir: Option<PathBuf>,
+    /// Found running from before (a restart of Tandem) and taken over rather than started.
+    pub adopted: bool,
 }
 
 /// Why a driver call failed.
@@ -74,6 +79,14 @@ pub enum DriverError {
         /// The last probe error or the process's exit.
         reason: String,
     },
+    /// The replica's admin API refused a call or did not answer.
+    #[error("replica {id}: {reason}")]
+    Admin {
+        /// The replica.
+        id: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// An operating-system error.
     #[error("{context}: {source}")]
     Io {
@@ -92,14 +105,43 @@ impl DriverError {
 }
 
 /// Runs replicas. Implementations: [`crate::local::LocalDriver`].
+///
+/// A replica's output goes to the instance's [`InstanceLog`], one entry per line, tagged with
+/// the replica's id; that is how a driver's logs are read.
 pub trait Driver: Send + Sync + 'static {
-    /// Starts a replica and returns once it answers its readiness probe.
+    /// Makes the stack for `version` ready (installs it on first use), writing the install's
+    /// output to `log`.
+    fn prepare(
+        &self,
+        version: &str,
+        log: &InstanceLog,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Starts a replica, or adopts one still running from before with the same spec, and
+    /// returns once it answers its readiness probe.
     fn start(
         &self,
         spec: &ReplicaSpec,
+        log: Arc<InstanceLog>,
     ) -> impl Future<Output = Result<Running, DriverError>> + Send;
     /// Resolves when the replica's process has ended, with how it ended (exit status, signal).
     fn wait(&self, id: &str) -> impl Future<Output = String> + Send;
+    /// Liveness: whether the replica still answers its admin API.
+    fn check(&self, id: &str) -> impl Future<Output = Result<(), String>> + Send;
     /// Stops a replica: SIGTERM, then SIGKILL after the grace period.
     fn stop(&self, id: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Deletes what the driver keeps for a deleted instance (userDirs, logs). Its replicas must
+    /// be stopped first.
+    fn remove(&self, instance: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Starts or stops a running replica's flows without restarting it (hot standby).
+    fn set_flows_running(
+        &self,
+        id: &str,
+        running: bool,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Deploys `flows` (a Node-RED flows array) to a running replica.
+    fn deploy(
+        &self,
+        id: &str,
+        flows: &serde_json::Value,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
 }

@@ -15,6 +15,7 @@ pub use tandem_proxy as proxy;
 
 pub mod driver;
 pub mod local;
+pub mod logs;
 pub mod restart;
 pub mod status;
 pub mod supervise;

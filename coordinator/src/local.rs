@@ -2,8 +2,15 @@
 //!
 //! Layout under the data directory:
 //! - `stacks/node-red-<version>/`: `npm install node-red@<version>`, installed on first use.
-//! - `instances/<instance>/r<slot>/`: the replica's userDir, with the generated `settings.js`
-//!   and `flows.json`.
+//! - `instances/<instance>/r<slot>/`: the replica's userDir, with the generated `settings.js`,
+//!   `flows.json` and `replica.json` (pid, port and spec hash, for adoption).
+//! - `instances/<instance>/logs/r<slot>.log`: the replica's stdout and stderr, appended; rotated
+//!   to `r<slot>.log.1` past [`LocalDriver::max_log_bytes`].
+//!
+//! Node-RED writes its output to that file, not to a pipe, so it keeps running when Tandem
+//! restarts; Tandem tails the file into the instance's log. On start, a replica still running
+//! from before with the same spec (same pid, its userDir on the command line, same spec hash,
+//! answering with the secret) is adopted instead of started again.
 //!
 //! Each replica listens on 127.0.0.1 only, serves flows at `/` and the editor and admin API at
 //! `/admin`, and accepts admin calls only with its secret in `x-tandem-token`. The secrets reach
@@ -16,24 +23,29 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::{watch, Mutex};
 
 use crate::driver::{Driver, DriverError, ReplicaSpec, Running};
+use crate::logs::InstanceLog;
 
 /// Header that carries the admin secret to a replica.
 pub const TOKEN_HEADER: &str = "x-tandem-token";
 
-/// A running replica process: its pid and how it ended (set once it has).
+/// A replica process: where it listens, its secret, and how it ended (set once it has).
 #[derive(Debug, Clone)]
 struct Watched {
-    pid: Option<u32>,
+    pid: u32,
+    addr: SocketAddr,
+    secret: String,
     exit: watch::Receiver<Option<String>>,
 }
 
 /// Owns the child until it exits and says how it ended.
-fn watch_exit(mut child: Child) -> watch::Receiver<Option<String>> {
+fn watch_child(mut child: Child) -> watch::Receiver<Option<String>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let reason = match child.wait().await {
@@ -45,11 +57,78 @@ fn watch_exit(mut child: Child) -> watch::Receiver<Option<String>> {
     rx
 }
 
-async fn exited(mut rx: watch::Receiver<Option<String>>) -> String {
-    match rx.wait_for(Option::is_some).await {
-        Ok(r) => r.clone().unwrap_or_default(),
-        Err(_) => "the process watcher ended".into(),
+/// Watches a process that is not our child (adopted): it has ended when `/proc/<pid>` is gone
+/// or a zombie.
+fn watch_pid(pid: u32) -> watch::Receiver<Option<String>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        while process_alive(pid).await {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let _ = tx.send(Some(format!("process {pid} ended")));
+    });
+    rx
+}
+
+async fn process_alive(pid: u32) -> bool {
+    match tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await {
+        // The state is the field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
+}
+
+/// Whether `pid` is the Node-RED of the replica in `user_dir` (and not a reused pid): replicas
+/// run with their userDir as working directory. (Node-RED rewrites its command line, so that
+/// cannot tell.)
+async fn is_replica_process(pid: u32, user_dir: &Path) -> bool {
+    let Ok(cwd) = tokio::fs::read_link(format!("/proc/{pid}/cwd")).await else {
+        return false;
+    };
+    let same = match tokio::fs::canonicalize(user_dir).await {
+        Ok(dir) => cwd == dir,
+        Err(_) => false,
+    };
+    same && process_alive(pid).await
+}
+
+async fn exited(mut rx: watch::Receiver<Option<String>>) -> String {
+    exited_ref(&mut rx).await
+}
+
+/// Kills a process group when dropped, unless disarmed: a start that fails or is cancelled
+/// leaves nothing running.
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// What `replica.json` records about a running replica.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Record {
+    pid: u32,
+    port: u16,
+    spec: String,
+}
+
+/// A stable hash of a spec (FNV-1a over its JSON), to tell whether a running replica is the
+/// one asked for.
+pub fn spec_hash(spec: &ReplicaSpec) -> String {
+    format!(
+        "{:016x}",
+        fnv(serde_json::to_string(spec).unwrap_or_default().as_bytes())
+    )
 }
 
 /// The local driver.
@@ -60,6 +139,8 @@ pub struct LocalDriver {
     pub ready_timeout: Duration,
     /// Time between SIGTERM and SIGKILL. Default 10 s.
     pub stop_grace: Duration,
+    /// A replica's log file is rotated (one old file kept) past this size. Default 8 MiB.
+    pub max_log_bytes: u64,
     children: Mutex<HashMap<String, Watched>>,
 }
 
@@ -70,12 +151,18 @@ impl LocalDriver {
             data_dir: data_dir.into(),
             ready_timeout: Duration::from_secs(60),
             stop_grace: Duration::from_secs(10),
+            max_log_bytes: 8 << 20,
             children: Mutex::new(HashMap::new()),
         }
     }
 
     /// Installs Node-RED `version` unless it is there already; returns the path of `red.js`.
-    pub async fn install_stack(&self, version: &str) -> Result<PathBuf, DriverError> {
+    /// The install's output goes to `log`.
+    pub async fn install_stack(
+        &self,
+        version: &str,
+        log: &InstanceLog,
+    ) -> Result<PathBuf, DriverError> {
         let valid = !version.is_empty()
             && version
                 .bytes()
@@ -106,6 +193,7 @@ impl LocalDriver {
                 staging.display()
             )))?;
         tracing::info!(%version, dir = %dir.display(), "installing Node-RED");
+        log.note("info", format!("installing Node-RED {version} with npm"));
         let out = Command::new("npm")
             .args([
                 "install",
@@ -120,13 +208,16 @@ impl LocalDriver {
             .output()
             .await
             .map_err(DriverError::io("cannot run npm (is Node.js installed?)"))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            log.push_line("npm", line);
+        }
         if !out.status.success() || installed_version(&staging).await.as_deref() != Some(version) {
             let _ = tokio::fs::remove_dir_all(&staging).await;
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
             let lines: Vec<&str> = text.lines().collect();
             let tail = lines[lines.len().saturating_sub(20)..].join("\n");
             return Err(DriverError::Install {
@@ -144,6 +235,7 @@ impl LocalDriver {
                 });
             }
         }
+        log.note("info", format!("installed Node-RED {version}"));
         Ok(red)
     }
 
@@ -153,6 +245,155 @@ impl LocalDriver {
             .join("instances")
             .join(instance)
             .join(format!("r{slot}"))
+    }
+
+    /// The output file of a replica.
+    pub fn log_file(&self, instance: &str, slot: u32) -> PathBuf {
+        self.data_dir
+            .join("instances")
+            .join(instance)
+            .join("logs")
+            .join(format!("r{slot}.log"))
+    }
+
+    /// Takes over the replica recorded in `dir` if it still runs with this spec; otherwise
+    /// kills whatever of it is left.
+    async fn adopt(&self, spec: &ReplicaSpec, dir: &Path, hash: &str) -> Option<Watched> {
+        let text = tokio::fs::read_to_string(dir.join("replica.json"))
+            .await
+            .ok()?;
+        let record: Record = serde_json::from_str(&text).ok()?;
+        if !is_replica_process(record.pid, dir).await {
+            return None;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], record.port));
+        let answers = matches!(
+            tokio::time::timeout(Duration::from_secs(2), probe(addr, &spec.admin_secret)).await,
+            Ok(Ok(_))
+        );
+        if record.spec != hash || !answers {
+            tracing::info!(replica = %spec.id(), pid = record.pid, "a replica from before runs another spec; stopping it");
+            signal_group(record.pid, "-KILL").await;
+            return None;
+        }
+        Some(Watched {
+            pid: record.pid,
+            addr,
+            secret: spec.admin_secret.clone(),
+            exit: watch_pid(record.pid),
+        })
+    }
+
+    async fn watched(&self, id: &str) -> Result<Watched, DriverError> {
+        self.children
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| DriverError::Admin {
+                id: id.into(),
+                reason: "not running".into(),
+            })
+    }
+}
+
+/// Follows a replica's output file from `offset` into `log` until the process has ended and the
+/// file is read to its end. Rotates the file past `max_bytes`.
+fn tail(
+    path: PathBuf,
+    mut offset: u64,
+    src: String,
+    log: Arc<InstanceLog>,
+    mut exit: watch::Receiver<Option<String>>,
+    max_bytes: u64,
+    seen: Arc<Seen>,
+) {
+    tokio::spawn(async move {
+        let mut partial = Vec::new();
+        loop {
+            let done = exit.borrow_and_update().is_some();
+            if let Ok(mut f) = tokio::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .await
+            {
+                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                if len < offset {
+                    // Truncated under us: start over.
+                    offset = 0;
+                    partial.clear();
+                }
+                if len > offset && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                    let mut buf = Vec::with_capacity((len - offset) as usize);
+                    if f.read_to_end(&mut buf).await.is_ok() {
+                        offset += buf.len() as u64;
+                        partial.extend_from_slice(&buf);
+                        let mut lines: Vec<&[u8]> = partial.split(|b| *b == b'\n').collect();
+                        let rest = lines.pop().unwrap_or_default().to_vec();
+                        for line in lines {
+                            let line = String::from_utf8_lossy(line);
+                            let line = line.trim_end_matches('\r');
+                            if !line.is_empty() {
+                                seen.line(line);
+                                log.push_line(&src, line);
+                            }
+                        }
+                        partial = rest;
+                    }
+                }
+                if offset > max_bytes {
+                    // Keep one old file. The writer appends (O_APPEND), so after the truncation
+                    // it goes on at the new end.
+                    let old = path.with_extension("log.1");
+                    if tokio::fs::copy(&path, &old).await.is_ok() && f.set_len(0).await.is_ok() {
+                        offset = 0;
+                    }
+                }
+            }
+            if done {
+                if !partial.is_empty() {
+                    log.push_line(&src, &String::from_utf8_lossy(&partial));
+                }
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = exit.changed() => {}
+            }
+        }
+    });
+}
+
+/// What the start of a replica waits for in its output: "Started flows", and the last lines to
+/// explain a failed start.
+#[derive(Debug, Default)]
+struct Seen {
+    flows_started: std::sync::atomic::AtomicBool,
+    last: std::sync::Mutex<std::collections::VecDeque<String>>,
+}
+
+impl Seen {
+    fn line(&self, line: &str) {
+        // Node-RED logs "Started flows" once its flows run; its flow state says "start" a
+        // little earlier, before the http-in routes exist.
+        if line.contains("Started flows") {
+            self.flows_started
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Ok(mut l) = self.last.lock() {
+            l.push_back(line.to_owned());
+            if l.len() > 20 {
+                l.pop_front();
+            }
+        }
+    }
+
+    fn tail(&self) -> String {
+        self.last
+            .lock()
+            .map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
     }
 }
 
@@ -231,23 +472,47 @@ fn free_port() -> Result<u16, DriverError> {
         .map_err(DriverError::io("cannot find a free port"))
 }
 
+/// One admin API call with the secret; the status and body.
+async fn admin_call(
+    addr: SocketAddr,
+    secret: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
+    let call = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = format!(
+            "{method} /admin{path} HTTP/1.1\r\nHost: {addr}\r\n{TOKEN_HEADER}: {secret}\r\nContent-Type: application/json\r\nNode-RED-Deployment-Type: full\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok((status, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .map_err(|_| "no answer within 30 s".to_string())?
+}
+
 /// `GET /admin/flows/state` with the secret; the flow state on a 200.
 pub async fn probe(addr: SocketAddr, secret: &str) -> Result<String, String> {
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let req = format!("GET /admin/flows/state HTTP/1.1\r\nHost: {addr}\r\n{TOKEN_HEADER}: {secret}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split_whitespace().nth(1).unwrap_or("");
-    if status != "200" {
+    let (status, body) = admin_call(addr, secret, "GET", "/flows/state", "").await?;
+    if status != 200 {
         return Err(format!("status {status}"));
     }
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
     let v: serde_json::Value =
         serde_json::from_str(body.trim()).map_err(|e| format!("{e}: {body}"))?;
     Ok(v.get("state")
@@ -269,11 +534,16 @@ async fn signal_group(pid: u32, signal: &str) {
     // The replica leads its own process group; `kill -SIG -pgid` reaches all of it.
     let _ = Command::new("kill")
         .args([signal, "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
         .status()
         .await;
 }
 
 impl Driver for LocalDriver {
+    async fn prepare(&self, version: &str, log: &InstanceLog) -> Result<(), DriverError> {
+        self.install_stack(version, log).await.map(|_| ())
+    }
+
     async fn wait(&self, id: &str) -> String {
         let rx = self.children.lock().await.get(id).map(|w| w.exit.clone());
         match rx {
@@ -282,13 +552,62 @@ impl Driver for LocalDriver {
         }
     }
 
-    async fn start(&self, spec: &ReplicaSpec) -> Result<Running, DriverError> {
-        let red = self.install_stack(&spec.nodered_version).await?;
+    async fn check(&self, id: &str) -> Result<(), String> {
+        let w = self.watched(id).await.map_err(|e| e.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(5), probe(w.addr, &w.secret)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("no answer within 5 s".into()),
+        }
+    }
+
+    async fn start(
+        &self,
+        spec: &ReplicaSpec,
+        log: Arc<InstanceLog>,
+    ) -> Result<Running, DriverError> {
+        let red = self.install_stack(&spec.nodered_version, &log).await?;
         let id = spec.id();
         let dir = self.user_dir(&spec.instance, spec.slot);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(DriverError::io(format!("cannot create {}", dir.display())))?;
+        let log_path = self.log_file(&spec.instance, spec.slot);
+        for d in [Some(dir.as_path()), log_path.parent()]
+            .into_iter()
+            .flatten()
+        {
+            tokio::fs::create_dir_all(d)
+                .await
+                .map_err(DriverError::io(format!("cannot create {}", d.display())))?;
+        }
+        let hash = spec_hash(spec);
+        if let Some(w) = self.adopt(spec, &dir, &hash).await {
+            // Replay the end of the file so the log is not empty after Tandem's restart.
+            let len = tokio::fs::metadata(&log_path)
+                .await
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let seen = Arc::new(Seen::default());
+            tail(
+                log_path,
+                len.saturating_sub(64 << 10),
+                id.clone(),
+                log.clone(),
+                w.exit.clone(),
+                self.max_log_bytes,
+                seen,
+            );
+            log.note("info", format!("adopted replica {id} (pid {})", w.pid));
+            tracing::info!(replica = %id, addr = %w.addr, pid = w.pid, "adopted a running replica");
+            let running = Running {
+                id: id.clone(),
+                addr: w.addr,
+                pid: Some(w.pid),
+                user_dir: Some(dir),
+                adopted: true,
+            };
+            self.children.lock().await.insert(id, w);
+            return Ok(running);
+        }
+
         let port = free_port()?;
         let write = |name: &str, text: String| {
             let path = dir.join(name);
@@ -299,7 +618,17 @@ impl Driver for LocalDriver {
             }
         };
         write("settings.js", settings_js(spec, port, &dir)).await?;
-        write("flows.json", spec.flows.to_string()).await?;
+        // The flows are written when they differ from the ones last written, so flows deployed
+        // from the editor survive restarts until the instance's flows are changed through Tandem.
+        let flows = spec.flows.to_string();
+        let flows_hash = format!("{:x}", fnv(flows.as_bytes()));
+        let written = tokio::fs::read_to_string(dir.join(".tandem-flows"))
+            .await
+            .unwrap_or_default();
+        if written != flows_hash || !dir.join("flows.json").exists() {
+            write("flows.json", flows).await?;
+            write(".tandem-flows", flows_hash).await?;
+        }
         let state = if spec.start_stopped { "stop" } else { "start" };
         write(
             ".config.runtime.json",
@@ -307,6 +636,16 @@ impl Driver for LocalDriver {
         )
         .await?;
 
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(DriverError::io(format!(
+                "cannot open {}",
+                log_path.display()
+            )))?;
+        let offset = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let err = out.try_clone().map_err(DriverError::io("cannot dup"))?;
         let mut cmd = Command::new("node");
         cmd.arg(format!(
             "--max-old-space-size={}",
@@ -325,62 +664,38 @@ impl Driver for LocalDriver {
         // started in about one boot in five); safe mode is Node-RED's own "load, do not start",
         // left by `POST /admin/flows/state {"state":"start"}`.
         .args(spec.start_stopped.then_some("--safe"))
+        .current_dir(&dir)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0);
         let mut child = cmd.spawn().map_err(DriverError::io("cannot start node"))?;
-        let pid = child.id();
-        let last_lines =
-            std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
-        // Node-RED logs "Started flows" once its flows run; its flow state says "start" a little
-        // earlier, before the http-in routes exist.
-        let flows_started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let id = id.clone();
-            let last = last_lines.clone();
-            let started = flows_started.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if line.contains("Started flows") {
-                        started.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    tracing::info!(target: "tandem::replica", src = %id, "{line}");
-                    if let Ok(mut l) = last.lock() {
-                        l.push_back(line);
-                        if l.len() > 20 {
-                            l.pop_front();
-                        }
-                    }
-                }
-            });
-        }
+        let pid = child.id().unwrap_or_default();
+        let mut guard = KillOnDrop(Some(pid));
+        log.note("info", format!("starting replica {id} (pid {pid})"));
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let seen = Arc::new(Seen::default());
+        tail(
+            log_path,
+            offset,
+            id.clone(),
+            log.clone(),
+            exit_rx.clone(),
+            self.max_log_bytes,
+            seen.clone(),
+        );
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = tokio::time::Instant::now() + self.ready_timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                let tail = last_lines
-                    .lock()
-                    .map(|l| l.iter().cloned().collect::<Vec<_>>().join("\n"))
-                    .unwrap_or_default();
+                guard.0 = None;
+                let _ = exit_tx.send(Some(status.to_string()));
+                // Let the tailer read the last lines before quoting them.
+                tokio::time::sleep(Duration::from_millis(150)).await;
                 return Err(DriverError::NotReady {
                     id,
                     seconds: self.ready_timeout.as_secs(),
-                    reason: format!("node exited with {status}: {tail}"),
+                    reason: format!("node exited with {status}: {}", seen.tail()),
                 });
             }
             // Ready means the flows are in the state asked for: right after the port opens,
@@ -389,7 +704,9 @@ impl Driver for LocalDriver {
                 Ok(state)
                     if state_matches(&state, spec.start_stopped)
                         && (spec.start_stopped
-                            || flows_started.load(std::sync::atomic::Ordering::Relaxed)) =>
+                            || seen
+                                .flows_started
+                                .load(std::sync::atomic::Ordering::Relaxed)) =>
                 {
                     break
                 }
@@ -397,9 +714,8 @@ impl Driver for LocalDriver {
                 Err(e) => e,
             };
             if tokio::time::Instant::now() >= deadline {
-                if let Some(pid) = pid {
-                    signal_group(pid, "-KILL").await;
-                }
+                drop(guard);
+                let _ = exit_tx.send(Some("killed: not ready in time".into()));
                 return Err(DriverError::NotReady {
                     id,
                     seconds: self.ready_timeout.as_secs(),
@@ -408,17 +724,42 @@ impl Driver for LocalDriver {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let exit = watch_exit(child);
-        self.children
-            .lock()
-            .await
-            .insert(id.clone(), Watched { pid, exit });
-        tracing::info!(replica = %id, %addr, ?pid, "replica ready");
+        let record = Record {
+            pid,
+            port,
+            spec: hash,
+        };
+        write(
+            "replica.json",
+            serde_json::to_string(&record).unwrap_or_default(),
+        )
+        .await?;
+        guard.0 = None;
+        let exit = watch_child(child);
+        // The tailer follows the process's end through the same channel.
+        tokio::spawn({
+            let mut exit = exit.clone();
+            async move {
+                let reason = exited_ref(&mut exit).await;
+                let _ = exit_tx.send(Some(reason));
+            }
+        });
+        self.children.lock().await.insert(
+            id.clone(),
+            Watched {
+                pid,
+                addr,
+                secret: spec.admin_secret.clone(),
+                exit,
+            },
+        );
+        tracing::info!(replica = %id, %addr, pid, "replica ready");
         Ok(Running {
             id,
             addr,
-            pid,
+            pid: Some(pid),
             user_dir: Some(dir),
+            adopted: false,
         })
     }
 
@@ -426,17 +767,80 @@ impl Driver for LocalDriver {
         let Some(w) = self.children.lock().await.remove(id) else {
             return Ok(());
         };
-        if let Some(pid) = w.pid {
-            signal_group(pid, "-TERM").await;
-            if tokio::time::timeout(self.stop_grace, exited(w.exit.clone()))
-                .await
-                .is_err()
-            {
-                tracing::warn!(replica = %id, grace = ?self.stop_grace, "replica did not stop in time; killing it");
-                signal_group(pid, "-KILL").await;
-            }
+        signal_group(w.pid, "-TERM").await;
+        if tokio::time::timeout(self.stop_grace, exited(w.exit.clone()))
+            .await
+            .is_err()
+        {
+            tracing::warn!(replica = %id, grace = ?self.stop_grace, "replica did not stop in time; killing it");
+            signal_group(w.pid, "-KILL").await;
         }
         exited(w.exit).await;
+        if let Some((instance, slot)) = id.rsplit_once("-r") {
+            if let Ok(slot) = slot.parse() {
+                let _ = tokio::fs::remove_file(self.user_dir(instance, slot).join("replica.json"))
+                    .await;
+            }
+        }
         Ok(())
     }
+
+    async fn remove(&self, instance: &str) -> Result<(), DriverError> {
+        let dir = self.data_dir.join("instances").join(instance);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DriverError::Io {
+                context: format!("cannot remove {}", dir.display()),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn set_flows_running(&self, id: &str, running: bool) -> Result<(), DriverError> {
+        let w = self.watched(id).await?;
+        let state = if running { "start" } else { "stop" };
+        let body = serde_json::json!({ "state": state }).to_string();
+        match admin_call(w.addr, &w.secret, "POST", "/flows/state", &body).await {
+            Ok((200, _)) => Ok(()),
+            Ok((status, body)) => Err(DriverError::Admin {
+                id: id.into(),
+                reason: format!("POST /admin/flows/state answered {status}: {body}"),
+            }),
+            Err(reason) => Err(DriverError::Admin {
+                id: id.into(),
+                reason,
+            }),
+        }
+    }
+
+    async fn deploy(&self, id: &str, flows: &serde_json::Value) -> Result<(), DriverError> {
+        let w = self.watched(id).await?;
+        match admin_call(w.addr, &w.secret, "POST", "/flows", &flows.to_string()).await {
+            Ok((200 | 204, _)) => Ok(()),
+            Ok((status, body)) => Err(DriverError::Admin {
+                id: id.into(),
+                reason: format!("POST /admin/flows answered {status}: {body}"),
+            }),
+            Err(reason) => Err(DriverError::Admin {
+                id: id.into(),
+                reason,
+            }),
+        }
+    }
+}
+
+async fn exited_ref(rx: &mut watch::Receiver<Option<String>>) -> String {
+    match rx.wait_for(Option::is_some).await {
+        Ok(r) => r.clone().unwrap_or_default(),
+        Err(_) => "the process watcher ended".into(),
+    }
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }

@@ -1,5 +1,5 @@
-//! Keeping one replica alive: start it, wait for it to end, restart it after the backoff of
-//! [`crate::restart`], until it is stopped or held as crashed.
+//! Keeping one replica alive: start it, check that it still answers, restart it when it ends or
+//! hangs after the backoff of [`crate::restart`], until it is stopped or held as crashed.
 
 use std::sync::Arc;
 
@@ -7,11 +7,14 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::driver::{Driver, ReplicaSpec, Running};
+use crate::logs::InstanceLog;
 use crate::restart::{Decision, RestartPolicy, RestartState};
 
 /// What happened to a supervised replica, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// Being started (first start or restart).
+    Starting,
     /// Started and answering its readiness probe.
     Ready(Running),
     /// Its process ended (or it failed to start); a restart follows unless it is crashed.
@@ -31,6 +34,7 @@ pub enum Event {
 pub async fn supervise<D: Driver>(
     driver: Arc<D>,
     spec: ReplicaSpec,
+    log: Arc<InstanceLog>,
     policy: RestartPolicy,
     mut stop: watch::Receiver<bool>,
     events: impl Fn(Event) + Send,
@@ -38,9 +42,10 @@ pub async fn supervise<D: Driver>(
     let id = spec.id();
     let mut state = RestartState::default();
     loop {
+        events(Event::Starting);
         state.started(Instant::now());
         let started = tokio::select! {
-            started = driver.start(&spec) => started,
+            started = driver.start(&spec, log.clone()) => started,
             _ = stopped(&mut stop) => {
                 let _ = driver.stop(&id).await;
                 events(Event::Stopped);
@@ -52,6 +57,11 @@ pub async fn supervise<D: Driver>(
                 events(Event::Ready(running));
                 tokio::select! {
                     reason = driver.wait(&id) => reason,
+                    reason = hung(&*driver, &id, &policy) => {
+                        // Fence it before a new one starts.
+                        let _ = driver.stop(&id).await;
+                        reason
+                    }
                     _ = stopped(&mut stop) => {
                         let _ = driver.stop(&id).await;
                         events(Event::Stopped);
@@ -66,6 +76,10 @@ pub async fn supervise<D: Driver>(
         match state.exited(Instant::now(), &reason, &policy) {
             Decision::RestartAfter(delay) => {
                 tracing::warn!(replica = %id, %reason, ?delay, "replica ended; restarting");
+                log.note(
+                    "warn",
+                    format!("replica {id} ended ({reason}); restarting in {delay:?}"),
+                );
                 events(Event::Exited {
                     reason,
                     restarts: state.restarts(),
@@ -80,8 +94,27 @@ pub async fn supervise<D: Driver>(
             }
             Decision::Crashed(why) => {
                 tracing::error!(replica = %id, reason = %why, "replica held as crashed");
+                log.note("error", format!("replica {id} held as crashed: {why}"));
                 events(Event::Crashed(why));
                 return;
+            }
+        }
+    }
+}
+
+/// Resolves once the replica has failed its liveness check `policy.check_failures` times in a
+/// row, with the reason.
+async fn hung<D: Driver>(driver: &D, id: &str, policy: &RestartPolicy) -> String {
+    let mut failures = 0;
+    loop {
+        tokio::time::sleep(policy.check_interval).await;
+        match driver.check(id).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures >= policy.check_failures {
+                    return format!("hung: its admin API failed {failures} checks in a row ({e})");
+                }
             }
         }
     }

@@ -4,6 +4,7 @@ use std::time::Duration;
 use serde_json::json;
 use tandem_coordinator::driver::{Driver, DriverError, ReplicaSpec};
 use tandem_coordinator::local::{probe, LocalDriver, TOKEN_HEADER};
+use tandem_coordinator::logs::{Cursor, InstanceLog, LogBook};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const VERSION: &str = "4.1.2";
@@ -13,6 +14,10 @@ fn driver() -> LocalDriver {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("tandem-test-stacks"));
     LocalDriver::new(dir)
+}
+
+fn log() -> std::sync::Arc<InstanceLog> {
+    LogBook::default().instance("test")
 }
 
 fn unique(prefix: &str) -> String {
@@ -92,7 +97,7 @@ async fn http(
 async fn a_replica_serves_its_flows_and_guards_its_admin_api() {
     let d = driver();
     let s = spec(&unique("solo"), 0, false, false);
-    let r = d.start(&s).await.unwrap();
+    let r = d.start(&s, log()).await.unwrap();
     assert!(r.addr.ip().is_loopback());
     assert_ne!(
         r.addr.port(),
@@ -163,7 +168,7 @@ async fn a_replica_serves_its_flows_and_guards_its_admin_api() {
 async fn ha_replicas_have_no_editor_and_can_boot_with_flows_stopped() {
     let d = driver();
     let s = spec(&unique("ha"), 1, true, true);
-    let r = d.start(&s).await.unwrap();
+    let r = d.start(&s, log()).await.unwrap();
     assert_eq!(
         http(r.addr, "GET", "/admin/", &[], "").await.0,
         404,
@@ -214,7 +219,7 @@ async fn the_proxy_routes_to_a_real_replica() {
     let d = driver();
     let name = unique("routed");
     let s = spec(&name, 0, true, false);
-    let r = d.start(&s).await.unwrap();
+    let r = d.start(&s, log()).await.unwrap();
     let routes = std::sync::Arc::new(Routes::new());
     routes
         .publish(&[InstanceSpec {
@@ -264,19 +269,25 @@ async fn a_version_npm_cannot_install_is_a_clear_error() {
     let d = driver();
     let mut s = spec(&unique("bad"), 0, false, false);
     s.nodered_version = "0.0.0-no-such-version".into();
-    let started = tokio::time::timeout(Duration::from_secs(120), d.start(&s))
+    let install_log = log();
+    let started = tokio::time::timeout(Duration::from_secs(120), d.start(&s, install_log.clone()))
         .await
         .unwrap();
     match started {
         Err(DriverError::Install { version, output }) => {
             assert_eq!(version, "0.0.0-no-such-version");
             assert!(!output.is_empty());
+            // npm's own words reach the instance log.
+            assert!(!install_log
+                .read(Cursor::Latest, 100, Some("npm"))
+                .entries
+                .is_empty());
         }
         other => panic!("expected an install error, got {other:?}"),
     }
     s.nodered_version = "4.1.2; rm -rf /".into();
     assert!(matches!(
-        d.start(&s).await,
+        d.start(&s, log()).await,
         Err(DriverError::Install { .. })
     ));
 }
@@ -293,9 +304,16 @@ async fn a_killed_replica_is_restarted_and_serves_again() {
         base: Duration::from_millis(100),
         ..RestartPolicy::default()
     };
-    let task = tokio::spawn(supervise(d.clone(), s.clone(), policy, stop_rx, move |e| {
-        let _ = tx.send(e);
-    }));
+    let task = tokio::spawn(supervise(
+        d.clone(),
+        s.clone(),
+        log(),
+        policy,
+        stop_rx,
+        move |e| {
+            let _ = tx.send(e);
+        },
+    ));
     let Event::Ready(first) = next(&mut rx).await else {
         panic!("expected Ready")
     };
@@ -339,8 +357,58 @@ async fn a_killed_replica_is_restarted_and_serves_again() {
 async fn next(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<tandem_coordinator::supervise::Event>,
 ) -> tandem_coordinator::supervise::Event {
-    tokio::time::timeout(Duration::from_secs(60), rx.recv())
-        .await
-        .unwrap()
-        .unwrap()
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if e != tandem_coordinator::supervise::Event::Starting {
+            return e;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_logged_by_replica_and_a_new_driver_adopts_a_running_replica() {
+    let s = spec(&unique("adopt"), 1, false, false);
+    let first = driver();
+    let log1 = log();
+    let r = first.start(&s, log1.clone()).await.unwrap();
+    assert!(!r.adopted);
+    // Node-RED's JSON lines arrive tagged with the replica.
+    let page = log1.read(Cursor::Latest, 1000, Some(&s.id()));
+    assert!(
+        page.entries
+            .iter()
+            .any(|e| e.msg.contains("Started flows") && e.level == "info"),
+        "{page:?}"
+    );
+    assert!(page.entries.iter().all(|e| e.src == s.id()));
+
+    // A second driver over the same data dir (Tandem restarted) takes it over as it runs.
+    let second = driver();
+    let log2 = log();
+    let again = second.start(&s, log2.clone()).await.unwrap();
+    assert!(again.adopted);
+    assert_eq!((again.pid, again.addr), (r.pid, r.addr));
+    assert_eq!(
+        http(again.addr, "GET", "/hello", &[], "").await,
+        (200, "r1".to_string())
+    );
+    // Its recent output is replayed into the new log.
+    assert!(log2
+        .read(Cursor::Latest, 1000, Some(&s.id()))
+        .entries
+        .iter()
+        .any(|e| e.msg.contains("Started flows")));
+    // A changed spec is not adopted: the old process goes, a new one starts.
+    let mut changed = s.clone();
+    changed.env.insert("EXTRA".into(), "1".into());
+    let third = driver();
+    let fresh = third.start(&changed, log()).await.unwrap();
+    assert!(!fresh.adopted);
+    assert_ne!(fresh.pid, r.pid);
+    assert!(!std::path::Path::new(&format!("/proc/{}", r.pid.unwrap())).exists());
+    third.stop(&fresh.id).await.unwrap();
+    assert!(tokio::net::TcpStream::connect(fresh.addr).await.is_err());
 }
