@@ -17,6 +17,7 @@ use crate::state::AppState;
 pub mod applications;
 pub mod audit_log;
 pub mod instances;
+pub mod logs;
 pub mod stacks;
 pub mod teams;
 pub mod templates;
@@ -62,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .merge(teams::router())
         .merge(applications::router())
         .merge(instances::router())
+        .merge(logs::router())
         .merge(stacks::router())
         .merge(templates::router())
         .merge(audit_log::router())

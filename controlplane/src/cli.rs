@@ -102,6 +102,21 @@ pub struct ServeArgs {
     /// Largest HA replica count.
     #[arg(long, env = "TANDEM_MAX_HA_REPLICAS", default_value_t = 8)]
     pub max_ha_replicas: u32,
+    /// Delay before restarting a replica that ended, in milliseconds; doubles with each crash
+    /// in a row, up to 60 s.
+    #[arg(long, env = "TANDEM_RESTART_BACKOFF_MS", default_value_t = 1_000)]
+    pub restart_backoff_ms: u64,
+    /// Crashes in a row, each within 60 s of its start, after which a replica is held as
+    /// `crashed` instead of restarted (until the instance is started or restarted).
+    #[arg(long, env = "TANDEM_CRASH_LOOP_RESTARTS", default_value_t = 5)]
+    pub crash_loop_restarts: u32,
+    /// Where Node-RED stacks are installed (npm); default `<data-dir>/stacks`.
+    #[arg(long, env = "TANDEM_STACKS_DIR")]
+    pub stacks_dir: Option<PathBuf>,
+    /// Stop every Node-RED replica when Tandem exits. By default replicas keep running and the
+    /// next `tandem serve` adopts them, so restarting Tandem does not restart instances.
+    #[arg(long, env = "TANDEM_STOP_REPLICAS_ON_EXIT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub stop_replicas_on_exit: bool,
 }
 
 /// `tandem user ...`.
@@ -124,4 +139,57 @@ pub enum UserCommand {
         #[arg(long, env = "TANDEM_DATABASE_URL")]
         database_url: Option<String>,
     },
+}
+
+/// Runs the command line: parses the arguments and runs the command.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    crate::init_tracing();
+    match cli.command {
+        Command::Proxy(args) => {
+            let mut rt = if args.threads == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                if args.threads > 1 {
+                    b.worker_threads(args.threads);
+                }
+                b
+            };
+            rt.enable_all()
+                .build()?
+                .block_on(crate::proxy_cmd::run(args))
+        }
+        Command::Serve(args) => {
+            tokio::runtime::Runtime::new()?.block_on(crate::serve_cmd::run(args))
+        }
+        Command::User(UserCommand::Create {
+            name,
+            admin,
+            email,
+            data_dir,
+            database_url,
+        }) => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let state =
+                    crate::serve_cmd::state(&data_dir, database_url.as_deref(), Default::default())
+                        .await?;
+                let user = crate::api::users::insert_user(
+                    &state,
+                    None,
+                    &name,
+                    Some(password),
+                    email.as_deref(),
+                    admin,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!("created user {} ({})", user.username, user.id);
+                Ok(())
+            })
+        }
+    }
 }

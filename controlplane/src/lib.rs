@@ -28,6 +28,7 @@ pub mod cli;
 pub mod error;
 pub mod metrics;
 pub mod proxy_cmd;
+pub mod reconcile;
 pub mod roles;
 pub mod scratch_pg;
 pub mod serve_cmd;

@@ -9,6 +9,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use sqlx::Row;
+use tandem_coordinator::local::LocalDriver;
+use tandem_coordinator::logs::LogBook;
+use tandem_coordinator::reconcile::Coordinator;
+use tandem_coordinator::restart::RestartPolicy;
 use tandem_coordinator::status::NotObserved;
 use tandem_proxy::{Proxy, ProxyConfig, ProxyStats, Routes};
 
@@ -16,6 +20,7 @@ use crate::api::stacks::{self, StackBody};
 use crate::api::users;
 use crate::auth::Caller;
 use crate::cli::ServeArgs;
+use crate::reconcile::PlatformKey;
 use crate::state::{ApiConfig, AppState};
 use crate::store::Store;
 
@@ -37,7 +42,7 @@ pub async fn state(
     Ok(AppState {
         store,
         config: Arc::new(config),
-        status: Arc::new(NotObserved),
+        coordinator: Arc::new(NotObserved),
         metrics: Arc::default(),
     })
 }
@@ -89,7 +94,7 @@ pub async fn bootstrap(
 }
 
 /// Writes `text` to `path` readable by the owner only.
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -124,8 +129,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {} (instances)", args.http_listen))?;
     tracing::info!(api = %api.local_addr()?, http = %http.local_addr()?, data_dir = %args.data_dir.display(), base_domain = %args.base_domain, "tandem serving");
 
-    // The route table stays empty until the coordinator (issue 4) publishes instances into it.
+    // The coordinator runs the instances' replicas and publishes them into the proxy's routes.
+    let key = PlatformKey::load_or_create(&args.data_dir)?;
     let routes = Arc::new(Routes::new());
+    let mut driver = LocalDriver::new(&args.data_dir);
+    if let Some(dir) = &args.stacks_dir {
+        driver.stacks_dir = dir.clone();
+    }
+    let coordinator = Coordinator::new(
+        Arc::new(driver),
+        routes.clone(),
+        Arc::new(LogBook::default()),
+        RestartPolicy {
+            base: std::time::Duration::from_millis(args.restart_backoff_ms.max(1)),
+            max_quick_crashes: args.crash_loop_restarts.max(1),
+            ..RestartPolicy::default()
+        },
+    );
+    let mut state = state;
+    state.coordinator = coordinator.clone();
     let proxy = Arc::new(Proxy::new(
         routes,
         ProxyConfig::default(),
@@ -133,6 +155,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
+    let reconcile_task = tokio::spawn(crate::reconcile::run(
+        state.clone(),
+        key,
+        coordinator.clone(),
+        stopped(),
+    ));
     let proxy_task = tokio::spawn(tandem_proxy::server::serve(http, proxy, stopped()));
     let api_task = tokio::spawn({
         let stop = stopped();
@@ -145,7 +173,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    let _ = reconcile_task.await;
     let _ = proxy_task.await;
     api_task.await??;
+    if args.stop_replicas_on_exit {
+        tracing::info!("stopping every replica");
+        coordinator.stop_all().await;
+    } else {
+        tracing::info!("replicas keep running; the next tandem serve adopts them");
+    }
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tandem_coordinator::status::StatusSource;
+use tandem_coordinator::status::Coordination;
 
 use crate::store::Store;
 
@@ -34,8 +34,8 @@ pub struct AppState {
     pub store: Store,
     /// Settings.
     pub config: Arc<ApiConfig>,
-    /// Observed instance state.
-    pub status: Arc<dyn StatusSource>,
+    /// The coordinator: observed state and logs of instances; told when desired state changes.
+    pub coordinator: Arc<dyn Coordination>,
     /// Request counters for `/metrics`.
     pub metrics: Arc<crate::metrics::ApiMetrics>,
 }

@@ -79,6 +79,14 @@ pub enum DriverError {
         /// The last probe error or the process's exit.
         reason: String,
     },
+    /// The replica's process ended before it was ready.
+    #[error("replica {id} exited while starting: {reason}")]
+    Exited {
+        /// The replica.
+        id: String,
+        /// Exit status and the last lines of its output.
+        reason: String,
+    },
     /// The replica's admin API refused a call or did not answer.
     #[error("replica {id}: {reason}")]
     Admin {

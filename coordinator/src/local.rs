@@ -135,6 +135,8 @@ pub fn spec_hash(spec: &ReplicaSpec) -> String {
 #[derive(Debug)]
 pub struct LocalDriver {
     data_dir: PathBuf,
+    /// Where stacks are installed. Default `<data_dir>/stacks`; several data dirs can share one.
+    pub stacks_dir: PathBuf,
     /// Time a replica gets to answer its first readiness probe. Default 60 s.
     pub ready_timeout: Duration,
     /// Time between SIGTERM and SIGKILL. Default 10 s.
@@ -147,8 +149,12 @@ pub struct LocalDriver {
 impl LocalDriver {
     /// A driver keeping stacks and replicas under `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        // Absolute, since replicas run in their userDir.
+        let data_dir: PathBuf = data_dir.into();
+        let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
         Self {
-            data_dir: data_dir.into(),
+            stacks_dir: data_dir.join("stacks"),
+            data_dir,
             ready_timeout: Duration::from_secs(60),
             stop_grace: Duration::from_secs(10),
             max_log_bytes: 8 << 20,
@@ -173,7 +179,7 @@ impl LocalDriver {
                 output: "not a version".into(),
             });
         }
-        let stacks = self.data_dir.join("stacks");
+        let stacks = &self.stacks_dir;
         let dir = stacks.join(format!("node-red-{version}"));
         let red = dir.join("node_modules/node-red/red.js");
         // One install at a time in this process, whichever driver asks.
@@ -692,10 +698,9 @@ impl Driver for LocalDriver {
                 let _ = exit_tx.send(Some(status.to_string()));
                 // Let the tailer read the last lines before quoting them.
                 tokio::time::sleep(Duration::from_millis(150)).await;
-                return Err(DriverError::NotReady {
+                return Err(DriverError::Exited {
                     id,
-                    seconds: self.ready_timeout.as_secs(),
-                    reason: format!("node exited with {status}: {}", seen.tail()),
+                    reason: format!("{status}: {}", seen.tail()),
                 });
             }
             // Ready means the flows are in the state asked for: right after the port opens,

@@ -1,17 +1,49 @@
-//! Observed state of instances: what is actually running, as opposed to what was asked for.
+//! What the control plane reads from the coordinator (observed state, logs) and tells it
+//! (desired state changed, restart).
+
+use std::sync::Arc;
 
 use serde::Serialize;
+
+use crate::logs::LogBook;
 
 /// What the coordinator sees of one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ObservedStatus {
-    /// `running`, `degraded`, `starting`, `installing`, `stopped`, `suspended`, `crashed` or
-    /// `unknown`.
+    /// `running`, `degraded`, `starting`, `installing`, `stopping`, `stopped`, `suspended`,
+    /// `crashed` or `unknown`.
     pub state: String,
     /// Replicas ready to serve.
     pub ready: u32,
     /// Replicas wanted.
     pub desired: u32,
+    /// `<state> <ready>/<desired>`, e.g. `degraded 1/2`.
+    pub summary: String,
+    /// Why it is crashed or degraded, when known.
+    pub reason: Option<String>,
+    /// Each replica, by slot.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// What the coordinator sees of one replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaStatus {
+    /// `<instance>-r<slot>`, the `src` of its log lines.
+    pub id: String,
+    /// Slot, 0-based, stable across restarts.
+    pub slot: u32,
+    /// `starting`, `running`, `stopping`, `restarting` or `crashed`.
+    pub state: String,
+    /// Loopback port while it runs.
+    pub port: Option<u16>,
+    /// Process id while it runs (local driver).
+    pub pid: Option<u32>,
+    /// Restarts since it was started by Tandem.
+    pub restarts: u64,
+    /// How its last run ended.
+    pub last_exit: Option<String>,
+    /// When it entered its state, epoch ms.
+    pub since: i64,
 }
 
 impl ObservedStatus {
@@ -21,22 +53,35 @@ impl ObservedStatus {
             state: "unknown".into(),
             ready: 0,
             desired: 0,
+            summary: "unknown 0/0".into(),
+            reason: None,
+            replicas: Vec::new(),
         }
     }
 }
 
-/// Where the control plane reads observed state from. The coordinator implements it; until it
-/// runs, [`NotObserved`] answers `unknown` for every instance.
-pub trait StatusSource: Send + Sync + 'static {
+/// The control plane's handle on the coordinator. [`crate::reconcile::Coordinator`] implements
+/// it; a control plane without one uses [`NotObserved`].
+pub trait Coordination: Send + Sync + 'static {
     /// The observed state of `instance_id`.
     fn status(&self, instance_id: &str) -> ObservedStatus;
+    /// The desired state changed in the store: reconcile soon.
+    fn changed(&self) {}
+    /// Replace every replica of the instance, one at a time.
+    fn restart(&self, _instance_id: &str) {}
+    /// Try replicas held as crashed again.
+    fn retry(&self, _instance_id: &str) {}
+    /// Instance logs, when replicas run.
+    fn logs(&self) -> Option<Arc<LogBook>> {
+        None
+    }
 }
 
-/// A [`StatusSource`] for a control plane without a coordinator: every instance is `unknown`.
+/// A [`Coordination`] for a control plane without a coordinator: every instance is `unknown`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NotObserved;
 
-impl StatusSource for NotObserved {
+impl Coordination for NotObserved {
     fn status(&self, _instance_id: &str) -> ObservedStatus {
         ObservedStatus::unknown()
     }

@@ -225,12 +225,12 @@ fn check_flows(flows: &Value) -> ApiResult<()> {
     Ok(())
 }
 
-const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at";
+pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at";
 
 /// Templates already loaded while building a list of instances.
-type TemplateCache = std::collections::HashMap<String, Option<templates::Template>>;
+pub(crate) type TemplateCache = std::collections::HashMap<String, Option<templates::Template>>;
 
-async fn view(
+pub(crate) async fn view(
     state: &AppState,
     r: &sqlx::any::AnyRow,
     cache: &mut TemplateCache,
@@ -282,7 +282,7 @@ async fn view(
 }
 
 /// Loads an instance the caller may act on; outsiders get 404.
-async fn load_for(
+pub(crate) async fn load_for(
     state: &AppState,
     caller: &Caller,
     id: &str,
@@ -366,6 +366,7 @@ async fn create_instance(
     audit::record(&mut tx, Some(&caller), "instance.created", subject,
         json!({ "name": body.name, "application_id": app.id, "stack_id": body.stack_id, "template_id": body.template_id, "ha": body.ha })).await?;
     tx.commit().await?;
+    state.coordinator.changed();
     let instance = load_for(&state, &caller, &id, Action::Read).await?;
     Ok((StatusCode::CREATED, Json(instance)))
 }
@@ -431,6 +432,7 @@ async fn update_instance(
         "after": { "settings": settings, "env": env, "stack_id": stack_id },
     })).await?;
     tx.commit().await?;
+    state.coordinator.changed();
     Ok(Json(load_for(&state, &caller, &id, Action::Read).await?))
 }
 
@@ -458,6 +460,7 @@ async fn delete_instance(
     )
     .await?;
     tx.commit().await?;
+    state.coordinator.changed();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -554,6 +557,12 @@ async fn instance_action(
     )
     .await?;
     tx.commit().await?;
+    match action.as_str() {
+        "restart" => state.coordinator.restart(&id),
+        "start" => state.coordinator.retry(&id),
+        _ => {}
+    }
+    state.coordinator.changed();
     Ok(Json(ActionResult {
         status: "okay".into(),
         desired_state: desired.into(),
@@ -569,7 +578,7 @@ async fn instance_status(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Status>> {
     let i = load_for(&state, &caller, &id, Action::Read).await?;
-    let observed = state.status.status(&i.id);
+    let observed = state.coordinator.status(&i.id);
     Ok(Json(Status {
         id: i.id,
         name: i.name,
@@ -650,5 +659,6 @@ async fn set_ha(
     )
     .await?;
     tx.commit().await?;
+    state.coordinator.changed();
     Ok(())
 }

@@ -271,6 +271,7 @@ async fn update_stack(
     )
     .await?;
     tx.commit().await?;
+    state.coordinator.changed();
     Ok(Json(after))
 }
 

@@ -359,6 +359,7 @@ async fn update_template(
     )
     .await?;
     tx.commit().await?;
+    state.coordinator.changed();
     Ok(Json(after))
 }
 

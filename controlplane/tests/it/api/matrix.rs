@@ -112,6 +112,8 @@ const MATRIX: &[Row] = &[
         TEAM_MEMBER,
     ),
     row("GET", "/api/v1/instances/{id}/status", TEAM_READ),
+    row("GET", "/api/v1/instances/{id}/logs", TEAM_READ),
+    row("GET", "/api/v1/instances/{id}/logs/stream", TEAM_READ),
     row("GET", "/api/v1/instances/{id}/ha", TEAM_READ),
     row("PUT", "/api/v1/instances/{id}/ha", TEAM_OWNER),
     row(

@@ -1,0 +1,156 @@
+//! From the store to the coordinator: reads every instance's desired state and hands it to
+//! [`Coordinator::apply`], at start, after each API change and every 30 seconds.
+//!
+//! Instance secrets (the admin secret replicas accept, the credential secret that encrypts flow
+//! credentials) are not stored: they are derived from the platform key in
+//! `<data-dir>/secret-key` (32 random bytes, created at first start, mode 0600) and the
+//! instance id. A restart of Tandem derives the same ones, so running replicas can be adopted.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use tandem_coordinator::driver::{Driver, ReplicaSpec};
+use tandem_coordinator::reconcile::{Coordinator, DesiredState, InstanceDesired};
+
+use crate::api::instances::{self, HaMode, TemplateCache};
+use crate::state::AppState;
+
+/// The key instance secrets are derived from.
+#[derive(Clone)]
+pub struct PlatformKey([u8; 32]);
+
+impl std::fmt::Debug for PlatformKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PlatformKey(..)")
+    }
+}
+
+impl PlatformKey {
+    /// Reads `<data_dir>/secret-key`, creating it on first use.
+    pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join("secret-key");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let bytes = decode_hex(text.trim())
+                .filter(|b| b.len() == 32)
+                .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+            let mut key = [0; 32];
+            key.copy_from_slice(&bytes);
+            return Ok(Self(key));
+        }
+        let mut key = [0; 32];
+        getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        std::fs::create_dir_all(data_dir)?;
+        crate::serve_cmd::write_private(&path, &format!("{}\n", crate::store::hex(&key)))?;
+        Ok(Self(key))
+    }
+
+    /// A key for tests.
+    pub fn from_bytes(key: [u8; 32]) -> Self {
+        Self(key)
+    }
+
+    /// The secret for `purpose` of instance `id`: SHA-256 over key, purpose and id, in hex.
+    pub fn derive(&self, purpose: &str, id: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(self.0);
+        h.update(purpose.as_bytes());
+        h.update([0]);
+        h.update(id.as_bytes());
+        crate::store::hex(&h.finalize())
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Every instance's desired state, as the coordinator takes it.
+pub async fn desired_instances(
+    state: &AppState,
+    key: &PlatformKey,
+) -> anyhow::Result<Vec<InstanceDesired>> {
+    let extra: HashMap<String, (String, String, i64)> = sqlx::query(
+        "SELECT i.id, i.flows, s.nodered_version, s.memory_mb FROM instances i JOIN stacks s ON s.id = i.stack_id",
+    )
+    .fetch_all(&state.store.pool)
+    .await?
+    .iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+    .collect();
+    let rows = sqlx::query(&format!(
+        "SELECT {} FROM instances ORDER BY id",
+        instances::COLUMNS
+    ))
+    .fetch_all(&state.store.pool)
+    .await?;
+    let mut cache = TemplateCache::new();
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let i = instances::view(state, row, &mut cache)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let Some((flows, version, memory_mb)) = extra.get(&i.id) else {
+            continue;
+        };
+        let state_wanted = match i.desired_state.as_str() {
+            "running" => DesiredState::Running,
+            "suspended" => DesiredState::Suspended,
+            _ => DesiredState::Stopped,
+        };
+        let flows = serde_json::from_str(flows).unwrap_or_else(|_| serde_json::json!([]));
+        out.push(InstanceDesired {
+            hosts: vec![format!("{}.{}", i.name, state.config.base_domain)],
+            state: state_wanted,
+            replicas: i.ha.map_or(1, |h| h.replicas.clamp(1, 64) as u32),
+            standby: i.ha.is_some_and(|h| h.mode == HaMode::Standby),
+            replica: ReplicaSpec {
+                instance: i.name.clone(),
+                slot: 0,
+                nodered_version: version.clone(),
+                memory_mb: (*memory_mb).clamp(64, 1 << 20) as u32,
+                ha: i.ha.is_some(),
+                admin_secret: key.derive("admin", &i.id),
+                credential_secret: key.derive("credentials", &i.id),
+                settings: i.effective_settings,
+                env: i.effective_env,
+                flows,
+                start_stopped: false,
+            },
+            id: i.id,
+        });
+    }
+    Ok(out)
+}
+
+/// Hands the store's desired state to `coordinator` now, after each change the API reports,
+/// and every 30 seconds, until `stop` resolves.
+pub async fn run<D: Driver>(
+    state: AppState,
+    key: PlatformKey,
+    coordinator: Arc<Coordinator<D>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        match desired_instances(&state, &key).await {
+            Ok(desired) => coordinator.apply(desired),
+            Err(e) => tracing::warn!(error = %e, "cannot read the desired state; retrying"),
+        }
+        tokio::select! {
+            _ = coordinator.wait_changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = &mut stop => return,
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! The reconciler: desired state in, running replicas and a route table out.
+//!
+//! The control plane hands [`Coordinator::apply`] the whole desired state (every instance, its
+//! state, replica count and spec) after each change and at start. Each instance has one worker
+//! task that converges it, so the actions on one instance never race each other:
+//! - not `running`: stop every replica;
+//! - `running`: make sure the stack is installed (state `installing`), stop the replicas above
+//!   the wanted count, start the missing ones (all at once), and replace the ones whose spec
+//!   changed or that a restart asked for, one at a time, each waiting for its successor to be
+//!   ready when there are others to keep serving. The replicas already right are not touched.
+//!
+//! Each replica runs under [`crate::supervise`]. Its events update the observed state and
+//! publish a new route table to the proxy: a replica is in rotation only while it is ready.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tandem_proxy::routes::{InstanceSpec, ReplicaSpec as RouteReplica};
+use tandem_proxy::{HealthConfig, Routes};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::driver::{Driver, ReplicaSpec};
+use crate::logs::{now_ms, InstanceLog, LogBook};
+use crate::restart::RestartPolicy;
+use crate::status::{Coordination, ObservedStatus, ReplicaStatus};
+use crate::supervise::{supervise, Event};
+
+/// What the control plane wants of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    /// Replicas running and serving.
+    Running,
+    /// Nothing running.
+    Stopped,
+    /// Nothing running; the instance is kept, not billed for (a suspended instance).
+    Suspended,
+}
+
+/// One instance as it should be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceDesired {
+    /// Instance id (the key of the status and logs).
+    pub id: String,
+    /// Host names it is served at.
+    pub hosts: Vec<String>,
+    /// Running, stopped or suspended.
+    pub state: DesiredState,
+    /// Replicas: 1 without HA.
+    pub replicas: u32,
+    /// HA standby mode: only the first replica runs its flows and takes traffic.
+    pub standby: bool,
+    /// What each replica runs; `slot` and `start_stopped` are set per replica.
+    pub replica: ReplicaSpec,
+}
+
+impl InstanceDesired {
+    fn spec(&self, slot: u32) -> ReplicaSpec {
+        ReplicaSpec {
+            slot,
+            start_stopped: self.standby && slot > 0,
+            ..self.replica.clone()
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Want {
+    desired: InstanceDesired,
+    /// Bumped by a restart: every replica is replaced.
+    restart: u64,
+    /// Bumped by a start: replicas held as crashed are tried again.
+    retry: u64,
+}
+
+/// The coordinator.
+pub struct Coordinator<D: Driver> {
+    driver: Arc<D>,
+    logs: Arc<LogBook>,
+    policy: RestartPolicy,
+    shared: Arc<Shared>,
+    workers: Mutex<HashMap<String, Worker>>,
+    changed: Notify,
+    shutting_down: std::sync::atomic::AtomicBool,
+    /// Time a rolling replacement waits for a new replica to be ready. Default 120 s.
+    pub ready_wait: Duration,
+}
+
+struct Worker {
+    want: watch::Sender<Want>,
+    task: JoinHandle<()>,
+}
+
+/// Observed state, shared with the replica supervisors' event handlers.
+struct Shared {
+    instances: Mutex<HashMap<String, Observed>>,
+    routes: Arc<Routes>,
+}
+
+#[derive(Debug, Clone)]
+struct Observed {
+    name: String,
+    hosts: Vec<String>,
+    ha: bool,
+    standby: bool,
+    desired: DesiredState,
+    want: u32,
+    phase: Phase,
+    replicas: BTreeMap<u32, ReplicaObserved>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Ready,
+    Installing,
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+struct ReplicaObserved {
+    state: &'static str,
+    addr: Option<SocketAddr>,
+    pid: Option<u32>,
+    restarts: u64,
+    last_exit: Option<String>,
+    since: i64,
+}
+
+impl<D: Driver> Coordinator<D> {
+    /// A coordinator running replicas with `driver` and publishing them into `routes`.
+    pub fn new(
+        driver: Arc<D>,
+        routes: Arc<Routes>,
+        logs: Arc<LogBook>,
+        policy: RestartPolicy,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            driver,
+            logs,
+            policy,
+            shared: Arc::new(Shared {
+                instances: Mutex::new(HashMap::new()),
+                routes,
+            }),
+            workers: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+            ready_wait: Duration::from_secs(120),
+        })
+    }
+
+    /// The logs of every instance.
+    pub fn logs(&self) -> &Arc<LogBook> {
+        &self.logs
+    }
+
+    /// Makes `desired` the whole desired state: instances not in it are stopped and their data
+    /// removed.
+    pub fn apply(self: &Arc<Self>, desired: Vec<InstanceDesired>) {
+        let Ok(mut workers) = self.workers.lock() else {
+            return;
+        };
+        let keep: std::collections::HashSet<&str> = desired.iter().map(|d| d.id.as_str()).collect();
+        // Dropping a worker's sender tells it the instance is gone.
+        workers.retain(|id, _| keep.contains(id.as_str()));
+        for d in desired {
+            match workers.get(&d.id) {
+                Some(w) if !w.task.is_finished() => {
+                    w.want.send_if_modified(|want| {
+                        let changed = want.desired != d;
+                        want.desired = d;
+                        changed
+                    });
+                }
+                _ => {
+                    let id = d.id.clone();
+                    let (tx, rx) = watch::channel(Want {
+                        desired: d,
+                        restart: 0,
+                        retry: 0,
+                    });
+                    let task = tokio::spawn(self.clone().run_instance(id.clone(), rx));
+                    workers.insert(id, Worker { want: tx, task });
+                }
+            }
+        }
+    }
+
+    fn bump(&self, id: &str, f: impl FnOnce(&mut Want)) {
+        if let Ok(workers) = self.workers.lock() {
+            if let Some(w) = workers.get(id) {
+                w.want.send_modify(f);
+            }
+        }
+    }
+
+    /// Resolves when the control plane has said the desired state changed.
+    pub async fn wait_changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Stops every replica (for `tandem serve --stop-replicas-on-exit` and tests); otherwise
+    /// replicas outlive Tandem and are adopted at its next start.
+    pub async fn stop_all(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let workers: Vec<Worker> = match self.workers.lock() {
+            Ok(mut w) => w.drain().map(|(_, w)| w).collect(),
+            Err(_) => return,
+        };
+        for w in workers {
+            // The worker stops its replicas once its sender is gone, but keeps their data.
+            drop(w.want);
+            let _ = w.task.await;
+        }
+    }
+
+    async fn run_instance(self: Arc<Self>, id: String, mut rx: watch::Receiver<Want>) {
+        let log = self.logs.instance(&id);
+        let mut replicas: BTreeMap<u32, Run> = BTreeMap::new();
+        let name = loop {
+            let want = rx.borrow_and_update().clone();
+            self.converge(&id, &want, &mut replicas, &log).await;
+            if rx.changed().await.is_err() {
+                break want.desired.replica.instance;
+            }
+        };
+        // The instance is gone from the desired state (deleted), or Tandem stops everything.
+        self.shared
+            .stop_runs(&id, std::mem::take(&mut replicas))
+            .await;
+        let deleted = !self
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .workers
+                .lock()
+                .map(|w| !w.contains_key(&id))
+                .unwrap_or(false);
+        self.shared.forget(&id);
+        if deleted {
+            if let Err(e) = self.driver.remove(&name).await {
+                tracing::warn!(instance = %name, error = %e, "cannot remove the instance's data");
+            }
+            self.logs.remove(&id);
+        }
+    }
+
+    async fn converge(
+        &self,
+        id: &str,
+        want: &Want,
+        replicas: &mut BTreeMap<u32, Run>,
+        log: &Arc<InstanceLog>,
+    ) {
+        let d = &want.desired;
+        self.shared.update(id, |o| {
+            o.name = d.replica.instance.clone();
+            o.hosts = d.hosts.clone();
+            o.ha = d.replica.ha;
+            o.standby = d.standby;
+            o.desired = d.state.clone();
+            o.want = if d.state == DesiredState::Running {
+                d.replicas
+            } else {
+                0
+            };
+        });
+        if d.state != DesiredState::Running {
+            if !replicas.is_empty() {
+                log.note("info", format!("stopping ({:?})", d.state));
+            }
+            self.shared.stop_runs(id, std::mem::take(replicas)).await;
+            self.shared.update(id, |o| o.phase = Phase::Ready);
+            return;
+        }
+
+        self.shared.update(id, |o| o.phase = Phase::Installing);
+        if let Err(e) = self.driver.prepare(&d.replica.nodered_version, log).await {
+            log.note("error", e.to_string());
+            self.shared
+                .update(id, |o| o.phase = Phase::Failed(e.to_string()));
+            return;
+        }
+        self.shared.update(id, |o| o.phase = Phase::Ready);
+
+        let extra: Vec<u32> = replicas.range(d.replicas..).map(|(s, _)| *s).collect();
+        if !extra.is_empty() {
+            log.note("info", format!("scaling down to {} replicas", d.replicas));
+        }
+        let extra = extra
+            .iter()
+            .filter_map(|s| replicas.remove(s).map(|r| (*s, r)))
+            .collect();
+        self.shared.stop_runs(id, extra).await;
+
+        // Missing replicas start together; replaced ones go one at a time.
+        let mut replace = Vec::new();
+        for slot in 0..d.replicas {
+            let spec = d.spec(slot);
+            match replicas.get(&slot) {
+                None => {
+                    let run = self.start_run(id, spec, want, log);
+                    replicas.insert(slot, run);
+                }
+                Some(run) if run.spec != spec || run.restart != want.restart => replace.push(slot),
+                Some(run) if run.task.is_finished() && run.retry != want.retry => {
+                    replace.push(slot)
+                }
+                Some(_) => {}
+            }
+        }
+        for slot in replace {
+            if d.replicas > 1 {
+                // Take a replica down only while another one serves.
+                let deadline = tokio::time::Instant::now() + self.ready_wait;
+                while self.shared.ready_besides(id, slot) == 0
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            if let Some(old) = replicas.remove(&slot) {
+                self.shared
+                    .stop_runs(id, BTreeMap::from([(slot, old)]))
+                    .await;
+            }
+            let run = self.start_run(id, d.spec(slot), want, log);
+            let mut events = run.events.clone();
+            replicas.insert(slot, run);
+            if d.replicas > 1 {
+                // Keep the others serving until this one is back.
+                let ready = tokio::time::timeout(
+                    self.ready_wait,
+                    events.wait_for(|e| matches!(e, Some(Event::Ready(_) | Event::Crashed(_)))),
+                )
+                .await;
+                let ok = matches!(ready, Ok(Ok(ref e)) if matches!(**e, Some(Event::Ready(_))));
+                if !ok {
+                    log.note(
+                        "error",
+                        format!("replica r{slot} did not come back; the rest keep their old spec until the next change"),
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start_run(&self, id: &str, spec: ReplicaSpec, want: &Want, log: &Arc<InstanceLog>) -> Run {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (ev_tx, ev_rx) = watch::channel(None);
+        let shared = self.shared.clone();
+        let instance = id.to_owned();
+        let slot = spec.slot;
+        let task = tokio::spawn(supervise(
+            self.driver.clone(),
+            spec.clone(),
+            log.clone(),
+            self.policy,
+            stop_rx,
+            move |event: Event| {
+                shared.replica_event(&instance, slot, &event);
+                ev_tx.send_replace(Some(event));
+            },
+        ));
+        Run {
+            spec,
+            restart: want.restart,
+            retry: want.retry,
+            stop: stop_tx,
+            events: ev_rx,
+            task,
+        }
+    }
+}
+
+/// A supervised replica.
+struct Run {
+    spec: ReplicaSpec,
+    restart: u64,
+    retry: u64,
+    stop: watch::Sender<bool>,
+    events: watch::Receiver<Option<Event>>,
+    task: JoinHandle<()>,
+}
+
+impl Shared {
+    /// Stops replicas, all at once, and waits for them; they leave the rotation first.
+    async fn stop_runs(&self, id: &str, runs: BTreeMap<u32, Run>) {
+        if runs.is_empty() {
+            return;
+        }
+        self.update(id, |o| {
+            for slot in runs.keys() {
+                if let Some(r) = o.replicas.get_mut(slot) {
+                    r.state = "stopping";
+                }
+            }
+        });
+        for run in runs.values() {
+            run.stop.send_replace(true);
+        }
+        for (_, run) in runs {
+            let _ = run.task.await;
+        }
+    }
+
+    /// Replicas ready, other than `slot`.
+    fn ready_besides(&self, id: &str, slot: u32) -> usize {
+        self.instances
+            .lock()
+            .ok()
+            .and_then(|m| {
+                m.get(id).map(|o| {
+                    o.replicas
+                        .iter()
+                        .filter(|(s, r)| **s != slot && r.state == "running")
+                        .count()
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut Observed)) {
+        if let Ok(mut map) = self.instances.lock() {
+            let o = map.entry(id.to_owned()).or_insert_with(|| Observed {
+                name: String::new(),
+                hosts: Vec::new(),
+                ha: false,
+                standby: false,
+                desired: DesiredState::Stopped,
+                want: 0,
+                phase: Phase::Ready,
+                replicas: BTreeMap::new(),
+            });
+            f(o);
+            self.publish(&map);
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut map) = self.instances.lock() {
+            map.remove(id);
+            self.publish(&map);
+        }
+    }
+
+    fn replica_event(&self, id: &str, slot: u32, event: &Event) {
+        self.update(id, |o| {
+            let now = now_ms();
+            let r = o.replicas.entry(slot).or_insert(ReplicaObserved {
+                state: "starting",
+                addr: None,
+                pid: None,
+                restarts: 0,
+                last_exit: None,
+                since: now,
+            });
+            r.since = now;
+            match event {
+                Event::Starting => {
+                    r.state = "starting";
+                    r.addr = None;
+                }
+                Event::Ready(running) => {
+                    r.state = "running";
+                    r.addr = Some(running.addr);
+                    r.pid = running.pid;
+                }
+                Event::Exited { reason, restarts } => {
+                    r.state = "restarting";
+                    r.addr = None;
+                    r.pid = None;
+                    r.restarts = *restarts;
+                    r.last_exit = Some(reason.clone());
+                }
+                Event::Crashed(reason) => {
+                    r.state = "crashed";
+                    r.addr = None;
+                    r.pid = None;
+                    r.last_exit = Some(reason.clone());
+                }
+                Event::Stopped => {
+                    o.replicas.remove(&slot);
+                }
+            }
+        });
+    }
+
+    /// Publishes every instance: its ready replicas in rotation, the others out. A stopped
+    /// instance stays in the table with no replica, so its host answers 503, not 404.
+    fn publish(&self, map: &HashMap<String, Observed>) {
+        let mut specs: Vec<InstanceSpec> = map
+            .values()
+            .filter(|o| !o.name.is_empty() && !o.hosts.is_empty())
+            .map(|o| InstanceSpec {
+                name: o.name.clone(),
+                hosts: o.hosts.clone(),
+                ha: o.ha,
+                affinity: false,
+                replicas: o
+                    .replicas
+                    .iter()
+                    .filter(|(slot, _)| !o.standby || **slot == 0)
+                    .filter_map(|(slot, r)| {
+                        r.addr.map(|addr| RouteReplica {
+                            id: format!("{}-r{slot}", o.name),
+                            addr,
+                            ready: r.state == "running",
+                        })
+                    })
+                    .collect(),
+                health: Some(HealthConfig::default()),
+            })
+            .collect();
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Err(e) = self.routes.publish(&specs) {
+            tracing::error!(error = %e, "cannot publish the route table");
+        }
+    }
+
+    fn status(&self, id: &str) -> ObservedStatus {
+        let Some(o) = self.instances.lock().ok().and_then(|m| m.get(id).cloned()) else {
+            return ObservedStatus::unknown();
+        };
+        let ready = o.replicas.values().filter(|r| r.state == "running").count() as u32;
+        let crashed = o.replicas.values().find(|r| r.state == "crashed");
+        let stopping = !o.replicas.is_empty();
+        let (state, reason) = match (&o.desired, &o.phase) {
+            (DesiredState::Stopped, _) if stopping => ("stopping", None),
+            (DesiredState::Suspended, _) if stopping => ("stopping", None),
+            (DesiredState::Stopped, _) => ("stopped", None),
+            (DesiredState::Suspended, _) => ("suspended", None),
+            (DesiredState::Running, Phase::Installing) => ("installing", None),
+            (DesiredState::Running, Phase::Failed(why)) => ("crashed", Some(why.clone())),
+            (DesiredState::Running, Phase::Ready) => {
+                if ready >= o.want && ready > 0 {
+                    ("running", None)
+                } else if ready > 0 {
+                    ("degraded", crashed.and_then(|r| r.last_exit.clone()))
+                } else if let Some(r) = crashed {
+                    ("crashed", r.last_exit.clone())
+                } else {
+                    ("starting", None)
+                }
+            }
+        };
+        ObservedStatus {
+            state: state.into(),
+            ready,
+            desired: o.want,
+            summary: format!("{state} {ready}/{}", o.want),
+            reason,
+            replicas: o
+                .replicas
+                .iter()
+                .map(|(slot, r)| ReplicaStatus {
+                    id: format!("{}-r{slot}", o.name),
+                    slot: *slot,
+                    state: r.state.into(),
+                    port: r.addr.map(|a| a.port()),
+                    pid: r.pid,
+                    restarts: r.restarts,
+                    last_exit: r.last_exit.clone(),
+                    since: r.since,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl<D: Driver> Coordination for Coordinator<D> {
+    fn status(&self, instance_id: &str) -> ObservedStatus {
+        self.shared.status(instance_id)
+    }
+
+    fn changed(&self) {
+        self.changed.notify_one();
+    }
+
+    fn restart(&self, instance_id: &str) {
+        self.bump(instance_id, |w| w.restart += 1);
+    }
+
+    fn retry(&self, instance_id: &str) {
+        self.bump(instance_id, |w| w.retry += 1);
+    }
+
+    fn logs(&self) -> Option<Arc<LogBook>> {
+        Some(self.logs.clone())
+    }
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: a real `tandem serve` running real Node-RED replicas, driven through its
+//! API and reached through its proxy. The Node-RED stack is installed once per machine into
+//! `$TANDEM_TEST_STACKS/stacks` (default `$TMPDIR/tandem-test-stacks/stacks`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+mod lifecycle;
