@@ -10,7 +10,7 @@ use http::request::Parts;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::store::{hex, now_ms};
 
@@ -83,12 +83,8 @@ pub fn hash_secret(secret: &str) -> String {
     hex(&Sha256::digest(secret.as_bytes()))
 }
 
-fn bearer(parts: &Parts) -> Option<&str> {
-    let v = parts
-        .headers
-        .get(http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
@@ -112,8 +108,15 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        Self::from_headers(&parts.headers, state).await
+    }
+}
+
+impl Caller {
+    /// The user a request's bearer token or session cookie names.
+    pub async fn from_headers(headers: &http::HeaderMap, state: &AppState) -> ApiResult<Self> {
         let now = now_ms();
-        if let Some(token) = bearer(parts) {
+        if let Some(token) = bearer(headers) {
             let row = sqlx::query(
                 "SELECT u.id, u.username, u.admin, t.expires_at, t.id, t.last_used_at FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = $1",
             )
@@ -147,7 +150,7 @@ impl FromRequestParts<AppState> for Caller {
                 admin: row.get::<i64, _>(2) != 0,
             });
         }
-        if let Some(session) = session_cookie(&parts.headers) {
+        if let Some(session) = session_cookie(headers) {
             let row = sqlx::query(
                 "SELECT u.id, u.username, u.admin FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.hash = $1 AND s.expires_at > $2",
             )

@@ -25,6 +25,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod editor_gate;
 pub mod error;
 pub mod metrics;
 pub mod proxy_cmd;

@@ -64,6 +64,8 @@ pub enum Action {
     ManageHa,
     /// Read an instance's audit log.
     ReadInstanceAudit,
+    /// Open a non-HA instance's editor through the proxy.
+    OpenEditor,
 }
 
 /// The permission table: the lowest role allowed to do `action`. Platform admins may do all.
@@ -71,7 +73,7 @@ pub fn required(action: Action) -> Role {
     use Action::*;
     match action {
         Read => Role::Viewer,
-        ReadInstanceAudit | EditInstance | ControlInstance => Role::Member,
+        ReadInstanceAudit | EditInstance | ControlInstance | OpenEditor => Role::Member,
         EditTeam | DeleteTeam | ManageMembers | ReadTeamAudit | ManageApplications
         | CreateInstance | DeleteInstance | ManageHa => Role::Owner,
     }

@@ -148,11 +148,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let mut state = state;
     state.coordinator = coordinator.clone();
-    let proxy = Arc::new(Proxy::new(
-        routes,
-        ProxyConfig::default(),
-        Arc::new(ProxyStats::default()),
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            routes,
+            ProxyConfig::default(),
+            Arc::new(ProxyStats::default()),
+        )
+        .with_editor_gate(Arc::new(crate::editor_gate::TeamEditorGate(state.clone()))),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
     let reconcile_task = tokio::spawn(crate::reconcile::run(

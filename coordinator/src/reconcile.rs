@@ -104,6 +104,8 @@ struct Shared {
 #[derive(Debug, Clone)]
 struct Observed {
     name: String,
+    /// The admin secret, added by the proxy to editor requests it lets through.
+    secret: String,
     hosts: Vec<String>,
     ha: bool,
     standby: bool,
@@ -260,6 +262,7 @@ impl<D: Driver> Coordinator<D> {
         let d = &want.desired;
         self.shared.update(id, |o| {
             o.name = d.replica.instance.clone();
+            o.secret = d.replica.admin_secret.clone();
             o.hosts = d.hosts.clone();
             o.ha = d.replica.ha;
             o.standby = d.standby;
@@ -402,11 +405,39 @@ impl Shared {
                 }
             }
         });
+        self.drain(id, runs.keys().copied().collect()).await;
         for run in runs.values() {
             run.stop.send_replace(true);
         }
         for (_, run) in runs {
             let _ = run.task.await;
+        }
+    }
+
+    /// Waits (up to 10 s) until the proxy has no request in flight to these replicas, now out
+    /// of rotation.
+    async fn drain(&self, id: &str, slots: Vec<u32>) {
+        let Some(name) = self
+            .instances
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).map(|o| o.name.clone()))
+        else {
+            return;
+        };
+        let ids: Vec<String> = slots.iter().map(|s| format!("{name}-r{s}")).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let busy = self.routes.load().instances().iter().any(|i| {
+                *i.name == *name
+                    && i.replicas
+                        .iter()
+                        .any(|r| ids.iter().any(|id| *r.id == **id) && r.state.in_flight() > 0)
+            });
+            if !busy || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -430,6 +461,7 @@ impl Shared {
         if let Ok(mut map) = self.instances.lock() {
             let o = map.entry(id.to_owned()).or_insert_with(|| Observed {
                 name: String::new(),
+                secret: String::new(),
                 hosts: Vec::new(),
                 ha: false,
                 standby: false,
@@ -499,6 +531,7 @@ impl Shared {
             .values()
             .filter(|o| !o.name.is_empty() && !o.hosts.is_empty())
             .map(|o| InstanceSpec {
+                editor_secret: Some(o.secret.clone()),
                 name: o.name.clone(),
                 hosts: o.hosts.clone(),
                 ha: o.ha,

@@ -74,6 +74,7 @@ mod tests {
 
     fn spec(n: usize, affinity: bool) -> InstanceSpec {
         InstanceSpec {
+            editor_secret: None,
             name: "orders".into(),
             hosts: vec!["orders.localhost".into()],
             ha: true,

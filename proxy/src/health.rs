@@ -447,6 +447,7 @@ mod tests {
             ..HealthConfig::default()
         };
         let spec = InstanceSpec {
+            editor_secret: None,
             name: "orders".into(),
             hosts: vec!["orders.localhost".into()],
             ha: false,

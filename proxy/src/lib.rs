@@ -35,5 +35,6 @@ pub(crate) mod tunnel;
 pub use config::ProxyConfig;
 pub use health::{EjectionPolicy, HealthConfig};
 pub use metrics::ProxyStats;
+pub use policy::{EditorDecision, EditorGate};
 pub use proxy::Proxy;
 pub use routes::{InstanceSpec, ReplicaSpec, RouteError, RouteTable, Routes};

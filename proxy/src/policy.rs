@@ -1,4 +1,5 @@
-//! The editor policy: on HA instances, `/admin` and everything under it is refused.
+//! The editor policy: on HA instances, `/admin` and everything under it is refused; on others,
+//! when the instance has an admin secret, an [`EditorGate`] decides who may open the editor.
 //!
 //! Node-RED's editor and admin API live under `httpAdminRoot: "/admin"`. Express matches that
 //! prefix case-insensitively and tolerates repeated slashes, so the check works on a canonical
@@ -29,6 +30,28 @@ pub fn is_editor_path(path: &str) -> bool {
     stack
         .first()
         .is_some_and(|s| s.eq_ignore_ascii_case(b"admin"))
+}
+
+/// What the gate says about a request for an instance's editor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EditorDecision {
+    /// Let it through (the proxy adds the instance's admin secret).
+    Allow,
+    /// No credentials, or not valid ones: 401 with this message (where to sign in).
+    SignIn(String),
+    /// Valid credentials without the right to edit this instance: 403 with this message.
+    Deny(String),
+}
+
+/// Decides who may open the editor of a non-HA instance, from the request's headers (session
+/// cookie, bearer token). `tandem serve` implements it with the control plane's users and teams.
+pub trait EditorGate: Send + Sync + 'static {
+    /// The decision for a request to `instance`'s editor.
+    fn check<'a>(
+        &'a self,
+        instance: &'a str,
+        headers: &'a http::HeaderMap,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = EditorDecision> + Send + 'a>>;
 }
 
 /// The message sent with the 403.

@@ -33,6 +33,13 @@ pub struct Proxy {
     config: ProxyConfig,
     stats: Arc<ProxyStats>,
     stop: tokio::sync::watch::Sender<bool>,
+    gate: Option<Arc<dyn policy::EditorGate>>,
+}
+
+impl std::fmt::Debug for dyn policy::EditorGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EditorGate")
+    }
 }
 
 /// How a forwarded request ended without a response from a replica.
@@ -54,7 +61,15 @@ impl Proxy {
             config,
             stats,
             stop: tokio::sync::watch::Sender::new(false),
+            gate: None,
         }
+    }
+
+    /// Who may open the editor of instances that have an admin secret. Without a gate, their
+    /// editor answers 401 to everyone.
+    pub fn with_editor_gate(mut self, gate: Arc<dyn policy::EditorGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Closes every open WebSocket tunnel (at the end of shutdown).
@@ -109,7 +124,8 @@ impl Proxy {
         };
 
         // Phase 2: policy and limits.
-        if instance.ha && policy::is_editor_path(req.uri().path()) {
+        let editor = policy::is_editor_path(req.uri().path());
+        if instance.ha && editor {
             instance.stats.editor_blocked();
             return self.finish_local(
                 &instance,
@@ -117,6 +133,29 @@ impl Proxy {
                 start,
                 local(StatusCode::FORBIDDEN, policy::EDITOR_BLOCKED),
             );
+        }
+        if let Some(secret) = &instance.editor_secret {
+            if editor {
+                let decision = match &self.gate {
+                    Some(gate) => gate.check(&instance.name, req.headers()).await,
+                    None => policy::EditorDecision::SignIn(
+                        "The editor of this instance is not open here.\n".into(),
+                    ),
+                };
+                let refusal = match decision {
+                    policy::EditorDecision::Allow => None,
+                    policy::EditorDecision::SignIn(msg) => Some((StatusCode::UNAUTHORIZED, msg)),
+                    policy::EditorDecision::Deny(msg) => Some((StatusCode::FORBIDDEN, msg)),
+                };
+                if let Some((status, msg)) = refusal {
+                    instance.stats.editor_blocked();
+                    return self.finish_local(&instance, &req, start, local(status, msg));
+                }
+            }
+            strip_tandem_credentials(req.headers_mut());
+            if editor {
+                req.headers_mut().insert(ADMIN_TOKEN, secret.clone());
+            }
         }
         if let Some(len) = content_length(req.headers()) {
             if len > self.config.max_body_bytes {
@@ -499,6 +538,48 @@ pub(crate) fn local(status: StatusCode, msg: impl Into<bytes::Bytes>) -> Respons
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The header a replica's admin API takes its secret from.
+const ADMIN_TOKEN: HeaderName = HeaderName::from_static("x-tandem-token");
+/// Tandem's session cookie (the control plane's sign-in).
+const SESSION_COOKIE: &str = "tandem_session";
+
+/// Removes what authenticates a user to Tandem from a request bound for a replica, so flows
+/// never see it: the session cookie, `tdm_` bearer tokens, and any client-sent admin secret.
+fn strip_tandem_credentials(headers: &mut HeaderMap) {
+    headers.remove(ADMIN_TOKEN);
+    let tandem_bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .is_some_and(|(scheme, token)| {
+            scheme.eq_ignore_ascii_case("bearer") && token.trim().starts_with("tdm_")
+        });
+    if tandem_bearer {
+        headers.remove(header::AUTHORIZATION);
+    }
+    if !headers.contains_key(header::COOKIE) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| {
+            !c.is_empty()
+                && c.split_once('=')
+                    .is_none_or(|(name, _)| name.trim() != SESSION_COOKIE)
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::COOKIE);
+    if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if !kept.is_empty() {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The normalized host a request is for: the authority of an absolute-form target, else the one

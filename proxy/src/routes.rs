@@ -36,6 +36,12 @@ pub struct InstanceSpec {
     pub hosts: Vec<String>,
     /// HA instances have the editor (`/admin`) blocked at the proxy.
     pub ha: bool,
+    /// The secret the instance's admin API accepts. When set, the editor (`/admin`) of a
+    /// non-HA instance is reachable only through the proxy's [`crate::EditorGate`], which adds
+    /// this secret upstream as `x-tandem-token`; Tandem's own credentials (session cookie,
+    /// `tdm_` bearer tokens) are removed from every request to the instance. When unset
+    /// (`tandem proxy` with a routes file), `/admin` of a non-HA instance passes through as is.
+    pub editor_secret: Option<String>,
     /// Pin clients to a replica with a cookie (consistent hashing), for WebSocket and dashboards.
     pub affinity: bool,
     /// The replicas, in slot order.
@@ -131,6 +137,8 @@ pub struct Instance {
     pub hosts: Vec<Box<str>>,
     /// HA: editor blocked.
     pub ha: bool,
+    /// The admin secret added to editor requests that the gate lets through.
+    pub editor_secret: Option<http::HeaderValue>,
     /// Cookie affinity on.
     pub affinity: bool,
     /// Replicas in slot order.
@@ -336,6 +344,14 @@ impl RouteTable {
                 name: spec.name.as_str().into(),
                 hosts: normalized,
                 ha: spec.ha,
+                editor_secret: spec
+                    .editor_secret
+                    .as_deref()
+                    .and_then(|s| http::HeaderValue::from_str(s).ok())
+                    .map(|mut v| {
+                        v.set_sensitive(true);
+                        v
+                    }),
                 affinity: spec.affinity,
                 replicas,
                 health: spec.health.clone(),

@@ -95,6 +95,7 @@ fn main() {
 fn specs(n: usize) -> Vec<InstanceSpec> {
     (0..n)
         .map(|i| InstanceSpec {
+            editor_secret: None,
             name: format!("inst-{i}"),
             hosts: vec![format!("inst-{i}.bench.local")],
             ha: false,

@@ -94,9 +94,10 @@ async fn login(State(state): State<AppState>, Json(body): Json<Login>) -> ApiRes
         .execute(&state.store.pool)
         .await?;
     let cookie = format!(
-        "{}={secret}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}",
+        "{}={secret}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
         auth::SESSION_COOKIE,
-        state.config.session_ttl_ms / 1000
+        state.config.session_ttl_ms / 1000,
+        cookie_domain(&state)
     );
     let mut resp = Json(user).into_response();
     resp.headers_mut().insert(
@@ -104,6 +105,18 @@ async fn login(State(state): State<AppState>, Json(body): Json<Login>) -> ApiRes
         HeaderValue::from_str(&cookie).map_err(|e| ApiError::Internal(e.into()))?,
     );
     Ok(resp)
+}
+
+/// `; Domain=<base domain>`, so the session also reaches the instances' editors at
+/// `<name>.<base domain>`. Not for a single-label base domain such as `localhost`, which
+/// browsers refuse as a cookie domain; there the editor takes a bearer token.
+fn cookie_domain(state: &AppState) -> String {
+    let domain = &state.config.base_domain;
+    if domain.contains('.') {
+        format!("; Domain={domain}")
+    } else {
+        String::new()
+    }
 }
 
 /// Ends the session of the cookie sent (if any) and clears the cookie.
@@ -117,8 +130,9 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<
     }
     let mut resp = StatusCode::NO_CONTENT.into_response();
     let clear = format!(
-        "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0",
-        auth::SESSION_COOKIE
+        "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}",
+        auth::SESSION_COOKIE,
+        cookie_domain(&state)
     );
     resp.headers_mut().insert(
         header::SET_COOKIE,

@@ -223,6 +223,7 @@ async fn the_proxy_routes_to_a_real_replica() {
     let routes = std::sync::Arc::new(Routes::new());
     routes
         .publish(&[InstanceSpec {
+            editor_secret: None,
             name: name.clone(),
             hosts: vec![format!("{name}.localhost")],
             ha: true,

@@ -127,6 +127,7 @@ pub fn parse(text: &str) -> Result<Vec<InstanceSpec>, String> {
         .instances
         .into_iter()
         .map(|i| InstanceSpec {
+            editor_secret: None,
             health: i.health_check.then(|| HealthConfig {
                 path: i.health_path.unwrap_or_else(|| "/".into()),
                 interval: Duration::from_millis(h.interval_ms),

@@ -2,6 +2,7 @@ use super::*;
 
 fn spec(name: &str, hosts: &[&str], replicas: &[(&str, u16)]) -> InstanceSpec {
     InstanceSpec {
+        editor_secret: None,
         name: name.into(),
         hosts: hosts.iter().map(|h| h.to_string()).collect(),
         ha: false,

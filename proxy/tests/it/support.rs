@@ -301,6 +301,7 @@ pub fn test_config() -> ProxyConfig {
 
 pub fn instance(name: &str, replicas: &[SocketAddr]) -> InstanceSpec {
     InstanceSpec {
+        editor_secret: None,
         name: name.into(),
         hosts: vec![format!("{name}.localhost")],
         ha: false,

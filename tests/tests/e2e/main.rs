@@ -4,5 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod access;
+mod ha;
 mod harness;
 mod lifecycle;

@@ -1,0 +1,216 @@
+//! HA instances: N replicas behind the proxy, a replica killed or the count changed under a
+//! steady stream of requests, and the editor blocked.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{hello_flows, kill9, Tandem};
+
+/// What a request loop saw.
+#[derive(Debug, Default)]
+struct Seen {
+    ok: u64,
+    failed: Vec<String>,
+    by_replica: BTreeMap<String, u64>,
+}
+
+/// Sends `GET /hello` to `instance` from 2 workers, one request at a time each, until `stop`
+/// is set (or 60 s or 20,000 requests pass).
+fn request_loop(
+    t: &Tandem,
+    instance: &str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Seen> {
+    let http = t.http;
+    let host = format!("{instance}.localhost");
+    tokio::spawn(async move {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                let host = host.clone();
+                tokio::spawn(async move {
+                    let mut seen = Seen::default();
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    for _ in 0..10_000 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            break;
+                        }
+                        match crate::harness::http(http, "GET", &host, "/hello", &[], "").await {
+                            Ok(r) if r.status == 200 => {
+                                seen.ok += 1;
+                                let replica =
+                                    r.header("x-tandem-replica").unwrap_or("?").to_string();
+                                *seen.by_replica.entry(replica).or_default() += 1;
+                            }
+                            Ok(r) => seen.failed.push(format!("{} {}", r.status, r.body.trim())),
+                            Err(e) => seen.failed.push(e.to_string()),
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let mut all = Seen::default();
+        for w in workers {
+            let s = w.await.unwrap();
+            all.ok += s.ok;
+            all.failed.extend(s.failed);
+            for (k, v) in s.by_replica {
+                *all.by_replica.entry(k).or_default() += v;
+            }
+        }
+        all
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_costs_no_request_and_comes_back() {
+    let t = Tandem::start("ha-kill").await;
+    let (app, _) = t.team_and_app("Ha").await;
+    let id = t.instance(&app, "ha", hello_flows(), 2).await;
+    let s = t.wait_running(&id, 2).await;
+    assert_eq!(s["summary"], "running 2/2");
+
+    // The editor and admin API are blocked on an HA instance, whatever the spelling.
+    for path in [
+        "/admin",
+        "/admin/",
+        "/ADMIN/flows",
+        "//admin/settings",
+        "/%61dmin/",
+    ] {
+        assert_eq!(t.get("ha", path).await.unwrap().status, 403, "{path}");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = request_loop(&t, "ha", stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = s["replicas"][1]["pid"].as_u64().unwrap();
+    kill9(victim);
+    // It is restarted and back in rotation.
+    let s = t
+        .wait_status(&id, 60, |s| {
+            s["state"] == "running" && s["ready"] == 2 && s["replicas"][1]["restarts"] == 1
+        })
+        .await;
+    assert_ne!(s["replicas"][1]["pid"].as_u64(), Some(victim));
+    let back = Instant::now();
+    // Requests reach the restarted replica again.
+    let before = t.get("ha", "/hello").await.unwrap();
+    assert_eq!(before.status, 200);
+    let mut reached = false;
+    while back.elapsed() < Duration::from_secs(10) {
+        let r = t.get("ha", "/hello").await.unwrap();
+        if r.header("x-tandem-replica") == Some("ha-r1") {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "ha-r1 did not come back into rotation");
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.await.unwrap();
+    println!("kill under load: {seen:?}");
+    assert!(seen.failed.is_empty(), "failed requests: {:?}", seen.failed);
+    assert!(seen.ok > 50, "{seen:?}");
+    assert!(
+        seen.by_replica.contains_key("ha-r0") && seen.by_replica.contains_key("ha-r1"),
+        "{seen:?}"
+    );
+
+    // Both replicas' lines are in the log, tagged.
+    let logs = t.logs(&id, "limit=1000").await;
+    for src in ["ha-r0", "ha-r1"] {
+        assert!(logs.iter().any(|e| e["src"] == src), "no line from {src}");
+    }
+    assert!(t
+        .logs(&id, "replica=1&limit=1000")
+        .await
+        .iter()
+        .all(|e| e["src"] == "ha-r1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_starts_and_stops_only_the_difference_without_a_failed_request() {
+    let t = Tandem::start("ha-scale").await;
+    let (app, _) = t.team_and_app("Scale").await;
+    let id = t.instance(&app, "scale", hello_flows(), 2).await;
+    let s = t.wait_running(&id, 2).await;
+    let pids: Vec<Value> = (0..2).map(|i| s["replicas"][i]["pid"].clone()).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = request_loop(&t, "scale", stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let r = t
+        .api(
+            "PUT",
+            &format!("/api/v1/instances/{id}/ha"),
+            json!({ "replicas": 3 }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = t.wait_running(&id, 3).await;
+    assert_eq!(s["summary"], "running 3/3");
+    // The first two kept running: same processes.
+    assert_eq!(
+        (
+            s["replicas"][0]["pid"].clone(),
+            s["replicas"][1]["pid"].clone()
+        ),
+        (pids[0].clone(), pids[1].clone())
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while t
+        .get("scale", "/hello")
+        .await
+        .unwrap()
+        .header("x-tandem-replica")
+        != Some("scale-r2")
+    {
+        assert!(Instant::now() < deadline, "scale-r2 never served");
+    }
+
+    let r = t
+        .api(
+            "PUT",
+            &format!("/api/v1/instances/{id}/ha"),
+            json!({ "replicas": 2 }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = t
+        .wait_status(&id, 60, |s| {
+            s["state"] == "running" && s["replicas"].as_array().map(Vec::len) == Some(2)
+        })
+        .await;
+    assert_eq!(
+        (
+            s["replicas"][0]["pid"].clone(),
+            s["replicas"][1]["pid"].clone()
+        ),
+        (pids[0].clone(), pids[1].clone())
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.await.unwrap();
+    println!("scale 2 -> 3 -> 2 under load: {seen:?}");
+    assert!(seen.failed.is_empty(), "failed requests: {:?}", seen.failed);
+    assert!(seen.by_replica.contains_key("scale-r2"), "{seen:?}");
+
+    // HA off: one replica, with the editor (its API answers, not the proxy's 403).
+    let r = t
+        .api("DELETE", &format!("/api/v1/instances/{id}/ha"), Value::Null)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    t.wait_status(&id, 120, |s| {
+        s["state"] == "running" && s["replicas"].as_array().map(Vec::len) == Some(1)
+    })
+    .await;
+    let r = t.get("scale", "/admin/").await.unwrap();
+    assert_ne!(r.status, 403, "{r:?}");
+}
