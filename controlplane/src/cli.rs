@@ -110,6 +110,10 @@ pub struct ServeArgs {
     /// `crashed` instead of restarted (until the instance is started or restarted).
     #[arg(long, env = "TANDEM_CRASH_LOOP_RESTARTS", default_value_t = 5)]
     pub crash_loop_restarts: u32,
+    /// Time between liveness checks of a running replica (its admin API), in milliseconds;
+    /// three failed checks in a row count as hung, and the replica is killed and restarted.
+    #[arg(long, env = "TANDEM_LIVENESS_CHECK_MS", default_value_t = 5_000)]
+    pub liveness_check_ms: u64,
     /// Where Node-RED stacks are installed (npm); default `<data-dir>/stacks`.
     #[arg(long, env = "TANDEM_STACKS_DIR")]
     pub stacks_dir: Option<PathBuf>,

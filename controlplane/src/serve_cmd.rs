@@ -143,6 +143,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         RestartPolicy {
             base: std::time::Duration::from_millis(args.restart_backoff_ms.max(1)),
             max_quick_crashes: args.crash_loop_restarts.max(1),
+            check_interval: std::time::Duration::from_millis(args.liveness_check_ms.max(10)),
             ..RestartPolicy::default()
         },
     );

@@ -137,6 +137,8 @@ pub trait Driver: Send + Sync + 'static {
     fn check(&self, id: &str) -> impl Future<Output = Result<(), String>> + Send;
     /// Stops a replica: SIGTERM, then SIGKILL after the grace period.
     fn stop(&self, id: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Kills a replica at once (SIGKILL), for one that no longer answers.
+    fn kill(&self, id: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
     /// Deletes what the driver keeps for a deleted instance (userDirs, logs). Its replicas must
     /// be stopped first.
     fn remove(&self, instance: &str) -> impl Future<Output = Result<(), DriverError>> + Send;

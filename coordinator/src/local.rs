@@ -290,6 +290,33 @@ impl LocalDriver {
         })
     }
 
+    /// SIGTERM (unless `grace` is zero), SIGKILL after `grace`, then wait for the end.
+    async fn end(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
+        let Some(w) = self.children.lock().await.remove(id) else {
+            return Ok(());
+        };
+        if grace.is_zero() {
+            signal_group(w.pid, "-KILL").await;
+        } else {
+            signal_group(w.pid, "-TERM").await;
+            if tokio::time::timeout(grace, exited(w.exit.clone()))
+                .await
+                .is_err()
+            {
+                tracing::warn!(replica = %id, ?grace, "replica did not stop in time; killing it");
+                signal_group(w.pid, "-KILL").await;
+            }
+        }
+        exited(w.exit).await;
+        if let Some((instance, slot)) = id.rsplit_once("-r") {
+            if let Ok(slot) = slot.parse() {
+                let _ = tokio::fs::remove_file(self.user_dir(instance, slot).join("replica.json"))
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
     async fn watched(&self, id: &str) -> Result<Watched, DriverError> {
         self.children
             .lock()
@@ -769,25 +796,11 @@ impl Driver for LocalDriver {
     }
 
     async fn stop(&self, id: &str) -> Result<(), DriverError> {
-        let Some(w) = self.children.lock().await.remove(id) else {
-            return Ok(());
-        };
-        signal_group(w.pid, "-TERM").await;
-        if tokio::time::timeout(self.stop_grace, exited(w.exit.clone()))
-            .await
-            .is_err()
-        {
-            tracing::warn!(replica = %id, grace = ?self.stop_grace, "replica did not stop in time; killing it");
-            signal_group(w.pid, "-KILL").await;
-        }
-        exited(w.exit).await;
-        if let Some((instance, slot)) = id.rsplit_once("-r") {
-            if let Ok(slot) = slot.parse() {
-                let _ = tokio::fs::remove_file(self.user_dir(instance, slot).join("replica.json"))
-                    .await;
-            }
-        }
-        Ok(())
+        self.end(id, self.stop_grace).await
+    }
+
+    async fn kill(&self, id: &str) -> Result<(), DriverError> {
+        self.end(id, Duration::ZERO).await
     }
 
     async fn remove(&self, instance: &str) -> Result<(), DriverError> {

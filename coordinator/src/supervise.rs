@@ -58,8 +58,8 @@ pub async fn supervise<D: Driver>(
                 tokio::select! {
                     reason = driver.wait(&id) => reason,
                     reason = hung(&*driver, &id, &policy) => {
-                        // Fence it before a new one starts.
-                        let _ = driver.stop(&id).await;
+                        // Fence it before a new one starts; a hung process cannot handle SIGTERM.
+                        let _ = driver.kill(&id).await;
                         reason
                     }
                     _ = stopped(&mut stop) => {

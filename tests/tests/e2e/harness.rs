@@ -152,6 +152,7 @@ impl Tandem {
             .args(["--http-listen", &http_addr.to_string()])
             .args(["--restart-backoff-ms", "200"])
             .args(["--crash-loop-restarts", "3"])
+            .args(["--liveness-check-ms", "500"])
             .args([
                 "--stop-replicas-on-exit",
                 if stop_replicas { "true" } else { "false" },

@@ -125,6 +125,33 @@ async fn a_killed_replica_is_restarted_and_a_crash_loop_is_held() {
     ));
     // The other instance is not affected.
     assert_eq!(t.status(&id).await["state"], "running");
+
+    // A flow that blocks Node-RED's event loop: the liveness check finds it hung, and the
+    // replica is killed and restarted.
+    let mut flows = hello_flows();
+    for node in [
+        json!({ "id": "hin", "type": "http in", "z": "t1", "url": "/hang", "method": "get", "wires": [["spin"]] }),
+        json!({ "id": "spin", "type": "function", "z": "t1", "func": "while (true) {} return msg;", "wires": [[]] }),
+    ] {
+        flows.as_array_mut().unwrap().push(node);
+    }
+    let hang = t.instance(&app, "hangs", flows, 1).await;
+    let s = t.wait_running(&hang, 1).await;
+    let pid = s["replicas"][0]["pid"].as_u64().unwrap();
+    let http = t.http;
+    tokio::spawn(async move {
+        let _ = crate::harness::http(http, "GET", "hangs.localhost", "/hang", &[], "").await;
+    });
+    let s = t
+        .wait_status(&hang, 60, |s| {
+            s["state"] == "running" && s["replicas"][0]["restarts"] == 1
+        })
+        .await;
+    assert_ne!(s["replicas"][0]["pid"].as_u64(), Some(pid));
+    let why = s["replicas"][0]["last_exit"].as_str().unwrap_or_default();
+    assert!(why.contains("hung"), "{s}");
+    assert!(!alive(pid));
+    assert_eq!(t.get("hangs", "/hello").await.unwrap().status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
