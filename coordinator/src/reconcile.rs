@@ -587,7 +587,11 @@ impl Shared {
             state: state.into(),
             ready,
             desired: o.want,
-            summary: format!("{state} {ready}/{}", o.want),
+            summary: if o.desired == DesiredState::Running {
+                format!("{state} {ready}/{}", o.want)
+            } else {
+                state.to_string()
+            },
             reason,
             replicas: o
                 .replicas

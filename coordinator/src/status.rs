@@ -17,7 +17,7 @@ pub struct ObservedStatus {
     pub ready: u32,
     /// Replicas wanted.
     pub desired: u32,
-    /// `<state> <ready>/<desired>`, e.g. `degraded 1/2`.
+    /// `<state> <ready>/<desired>` while it should run, e.g. `degraded 1/2`; else the state.
     pub summary: String,
     /// Why it is crashed or degraded, when known.
     pub reason: Option<String>,
@@ -53,7 +53,7 @@ impl ObservedStatus {
             state: "unknown".into(),
             ready: 0,
             desired: 0,
-            summary: "unknown 0/0".into(),
+            summary: "unknown".into(),
             reason: None,
             replicas: Vec::new(),
         }
