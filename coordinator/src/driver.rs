@@ -56,6 +56,8 @@ pub struct Running {
     pub user_dir: Option<PathBuf>,
     /// Found running from before (a restart of Tandem) and taken over rather than started.
     pub adopted: bool,
+    /// Its flows run (false for a hot standby booted with flows stopped).
+    pub flows_started: bool,
 }
 
 /// Why a driver call failed.

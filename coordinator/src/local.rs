@@ -264,7 +264,8 @@ impl LocalDriver {
 
     /// Takes over the replica recorded in `dir` if it still runs with this spec; otherwise
     /// kills whatever of it is left.
-    async fn adopt(&self, spec: &ReplicaSpec, dir: &Path, hash: &str) -> Option<Watched> {
+    /// Returns the replica and whether its flows run.
+    async fn adopt(&self, spec: &ReplicaSpec, dir: &Path, hash: &str) -> Option<(Watched, bool)> {
         let text = tokio::fs::read_to_string(dir.join("replica.json"))
             .await
             .ok()?;
@@ -273,21 +274,28 @@ impl LocalDriver {
             return None;
         }
         let addr = SocketAddr::from(([127, 0, 0, 1], record.port));
-        let answers = matches!(
-            tokio::time::timeout(Duration::from_secs(2), probe(addr, &spec.admin_secret)).await,
-            Ok(Ok(_))
-        );
-        if record.spec != hash || !answers {
+        let state =
+            match tokio::time::timeout(Duration::from_secs(2), probe(addr, &spec.admin_secret))
+                .await
+            {
+                Ok(Ok(state)) => Some(state),
+                _ => None,
+            };
+        if record.spec != hash || state.is_none() {
             tracing::info!(replica = %spec.id(), pid = record.pid, "a replica from before runs another spec; stopping it");
             signal_group(record.pid, "-KILL").await;
             return None;
         }
-        Some(Watched {
-            pid: record.pid,
-            addr,
-            secret: spec.admin_secret.clone(),
-            exit: watch_pid(record.pid),
-        })
+        let flows_started = state.as_deref() == Some("start");
+        Some((
+            Watched {
+                pid: record.pid,
+                addr,
+                secret: spec.admin_secret.clone(),
+                exit: watch_pid(record.pid),
+            },
+            flows_started,
+        ))
     }
 
     /// SIGTERM (unless `grace` is zero), SIGKILL after `grace`, then wait for the end.
@@ -612,7 +620,7 @@ impl Driver for LocalDriver {
                 .map_err(DriverError::io(format!("cannot create {}", d.display())))?;
         }
         let hash = spec_hash(spec);
-        if let Some(w) = self.adopt(spec, &dir, &hash).await {
+        if let Some((w, flows_started)) = self.adopt(spec, &dir, &hash).await {
             // Replay the end of the file so the log is not empty after Tandem's restart.
             let len = tokio::fs::metadata(&log_path)
                 .await
@@ -636,6 +644,7 @@ impl Driver for LocalDriver {
                 pid: Some(w.pid),
                 user_dir: Some(dir),
                 adopted: true,
+                flows_started,
             };
             self.children.lock().await.insert(id, w);
             return Ok(running);
@@ -792,6 +801,7 @@ impl Driver for LocalDriver {
             pid: Some(pid),
             user_dir: Some(dir),
             adopted: false,
+            flows_started: !spec.start_stopped,
         })
     }
 

@@ -52,7 +52,9 @@ pub struct InstanceDesired {
     pub state: DesiredState,
     /// Replicas: 1 without HA.
     pub replicas: u32,
-    /// HA standby mode: only the first replica runs its flows and takes traffic.
+    /// HA standby mode: every replica boots with its flows stopped; the coordinator starts the
+    /// flows of one (the active) and routes only to it; when the active's process has ended
+    /// (crash, hang, stop), another ready replica becomes active. Never two actives.
     pub standby: bool,
     /// What each replica runs; `slot` and `start_stopped` are set per replica.
     pub replica: ReplicaSpec,
@@ -62,7 +64,7 @@ impl InstanceDesired {
     fn spec(&self, slot: u32) -> ReplicaSpec {
         ReplicaSpec {
             slot,
-            start_stopped: self.standby && slot > 0,
+            start_stopped: self.standby,
             ..self.replica.clone()
         }
     }
@@ -113,6 +115,10 @@ struct Observed {
     want: u32,
     phase: Phase,
     replicas: BTreeMap<u32, ReplicaObserved>,
+    /// Standby mode: the replica whose flows run.
+    active: Option<u32>,
+    /// Wakes the instance's standby promoter.
+    promote: Arc<Notify>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -130,6 +136,7 @@ struct ReplicaObserved {
     restarts: u64,
     last_exit: Option<String>,
     since: i64,
+    flows_started: bool,
 }
 
 impl<D: Driver> Coordinator<D> {
@@ -223,6 +230,7 @@ impl<D: Driver> Coordinator<D> {
 
     async fn run_instance(self: Arc<Self>, id: String, mut rx: watch::Receiver<Want>) {
         let log = self.logs.instance(&id);
+        let promoter = tokio::spawn(self.clone().promote_standbys(id.clone(), log.clone()));
         let mut replicas: BTreeMap<u32, Run> = BTreeMap::new();
         let name = loop {
             let want = rx.borrow_and_update().clone();
@@ -232,6 +240,7 @@ impl<D: Driver> Coordinator<D> {
             }
         };
         // The instance is gone from the desired state (deleted), or Tandem stops everything.
+        promoter.abort();
         self.shared
             .stop_runs(&id, std::mem::take(&mut replicas))
             .await;
@@ -249,6 +258,69 @@ impl<D: Driver> Coordinator<D> {
                 tracing::warn!(instance = %name, error = %e, "cannot remove the instance's data");
             }
             self.logs.remove(&id);
+        }
+    }
+
+    /// Standby mode: keeps exactly one replica's flows running. Wakes on every replica event
+    /// (and once a second): with no active, starts the flows of the lowest ready replica; stops
+    /// the flows of any other replica found running them.
+    async fn promote_standbys(self: Arc<Self>, id: String, log: Arc<InstanceLog>) {
+        let Some(notify) = self.shared.with(&id, |o| o.promote.clone()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let Some((name, active, ready)) = self.shared.with(&id, |o| {
+                let ready: Vec<(u32, bool)> = o
+                    .replicas
+                    .iter()
+                    .filter(|(_, r)| r.state == "running")
+                    .map(|(slot, r)| (*slot, r.flows_started))
+                    .collect();
+                (o.standby.then(|| o.name.clone()), o.active, ready)
+            }) else {
+                return;
+            };
+            let Some(name) = name else { continue };
+            for (slot, started) in &ready {
+                if *started && Some(*slot) != active && active.is_some() {
+                    let rid = format!("{name}-r{slot}");
+                    if self.driver.set_flows_running(&rid, false).await.is_ok() {
+                        self.shared.update(&id, |o| {
+                            if let Some(r) = o.replicas.get_mut(slot) {
+                                r.flows_started = false;
+                            }
+                        });
+                    }
+                }
+            }
+            if active.is_some() {
+                continue;
+            }
+            let Some((slot, _)) = ready.first() else {
+                continue;
+            };
+            let rid = format!("{name}-r{slot}");
+            match self.driver.set_flows_running(&rid, true).await {
+                Ok(()) => {
+                    log.note(
+                        "info",
+                        format!("{rid} is now the active replica (flows started)"),
+                    );
+                    self.shared.update(&id, |o| {
+                        if let Some(r) = o.replicas.get_mut(slot) {
+                            if r.state == "running" {
+                                r.flows_started = true;
+                                o.active = Some(*slot);
+                            }
+                        }
+                    });
+                }
+                Err(e) => log.note("warn", format!("cannot start the flows of {rid}: {e}")),
+            }
         }
     }
 
@@ -469,10 +541,16 @@ impl Shared {
                 want: 0,
                 phase: Phase::Ready,
                 replicas: BTreeMap::new(),
+                active: None,
+                promote: Arc::new(Notify::new()),
             });
             f(o);
             self.publish(&map);
         }
+    }
+
+    fn with<T>(&self, id: &str, f: impl FnOnce(&Observed) -> T) -> Option<T> {
+        self.instances.lock().ok()?.get(id).map(f)
     }
 
     fn forget(&self, id: &str) {
@@ -492,8 +570,12 @@ impl Shared {
                 restarts: 0,
                 last_exit: None,
                 since: now,
+                flows_started: false,
             });
             r.since = now;
+            // Only a ready replica runs flows.
+            r.flows_started = false;
+            let mut gone = true;
             match event {
                 Event::Starting => {
                     r.state = "starting";
@@ -503,6 +585,12 @@ impl Shared {
                     r.state = "running";
                     r.addr = Some(running.addr);
                     r.pid = running.pid;
+                    r.flows_started = running.flows_started;
+                    gone = false;
+                    if o.standby && running.flows_started && o.active.is_none() {
+                        // Adopted with its flows running: it stays the active.
+                        o.active = Some(slot);
+                    }
                 }
                 Event::Exited { reason, restarts } => {
                     r.state = "restarting";
@@ -520,6 +608,13 @@ impl Shared {
                 Event::Stopped => {
                     o.replicas.remove(&slot);
                 }
+            }
+            // The process of `slot` has ended (or never ran): it is no longer the active.
+            if gone && o.active == Some(slot) {
+                o.active = None;
+            }
+            if o.standby {
+                o.promote.notify_one();
             }
         });
     }
@@ -539,7 +634,7 @@ impl Shared {
                 replicas: o
                     .replicas
                     .iter()
-                    .filter(|(slot, _)| !o.standby || **slot == 0)
+                    .filter(|(slot, _)| !o.standby || o.active == Some(**slot))
                     .filter_map(|(slot, r)| {
                         r.addr.map(|addr| RouteReplica {
                             id: format!("{}-r{slot}", o.name),
@@ -605,6 +700,7 @@ impl Shared {
                     restarts: r.restarts,
                     last_exit: r.last_exit.clone(),
                     since: r.since,
+                    active: r.state == "running" && (!o.standby || o.active == Some(*slot)),
                 })
                 .collect(),
         }

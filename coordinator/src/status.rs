@@ -44,6 +44,9 @@ pub struct ReplicaStatus {
     pub last_exit: Option<String>,
     /// When it entered its state, epoch ms.
     pub since: i64,
+    /// It takes traffic: every running replica in balanced mode, the one whose flows run in
+    /// standby mode.
+    pub active: bool,
 }
 
 impl ObservedStatus {

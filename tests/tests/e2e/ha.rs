@@ -214,3 +214,86 @@ async fn scaling_starts_and_stops_only_the_difference_without_a_failed_request()
     let r = t.get("scale", "/admin/").await.unwrap();
     assert_ne!(r.status, 403, "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_mode_has_one_active_replica_and_fails_over() {
+    let t = Tandem::start("ha-standby").await;
+    let (app, _) = t.team_and_app("Standby").await;
+    let r = t
+        .api(
+            "POST",
+            "/api/v1/instances",
+            json!({
+                "name": "standby",
+                "application_id": app,
+                "stack_id": t.stack().await,
+                "flows": hello_flows(),
+                "ha": { "replicas": 2, "mode": "standby" },
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let actives = |s: &Value| -> Vec<u64> {
+        s["replicas"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .filter(|r| r["active"] == true)
+                    .filter_map(|r| r["slot"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let s = t
+        .wait_status(&id, 120, |s| {
+            s["summary"] == "running 2/2" && actives(s).len() == 1
+        })
+        .await;
+    let active = actives(&s)[0];
+    let active_id = format!("standby-r{active}");
+    // Only the active replica answers; the standby's flows do not run.
+    for _ in 0..20 {
+        let r = t.get("standby", "/hello").await.unwrap();
+        assert_eq!(
+            (r.status, r.header("x-tandem-replica")),
+            (200, Some(active_id.as_str()))
+        );
+    }
+
+    // The active dies: the standby takes over; at no point are two replicas active.
+    let pid = s["replicas"][active as usize]["pid"].as_u64().unwrap();
+    kill9(pid);
+    let other = format!("standby-r{}", 1 - active);
+    let start = Instant::now();
+    loop {
+        let s = t.status(&id).await;
+        assert!(actives(&s).len() <= 1, "two actives: {s}");
+        if let Ok(r) = t.get("standby", "/hello").await {
+            if r.status == 200 {
+                assert_eq!(r.header("x-tandem-replica"), Some(other.as_str()));
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no failover: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "standby failover: first 200 from {other} {:?} after the kill",
+        start.elapsed()
+    );
+    // The old active comes back as the standby, with its flows stopped.
+    let s = t
+        .wait_status(&id, 60, |s| {
+            s["summary"] == "running 2/2" && s["replicas"][active as usize]["restarts"] == 1
+        })
+        .await;
+    assert_eq!(actives(&s), vec![1 - active], "{s}");
+    for _ in 0..10 {
+        let r = t.get("standby", "/hello").await.unwrap();
+        assert_eq!(r.header("x-tandem-replica"), Some(other.as_str()));
+    }
+}
