@@ -84,4 +84,10 @@ for target in 1 10 "$MAX"; do
   r=$(rss_kib)
   echo "$n instances: ${r} KiB (+$(( (r - base) / n )) KiB per instance)"
 done
-echo "Node-RED itself, per replica: $(ps -o rss= -C node | awk '{s+=$1; n++} END {printf "%.0f KiB (%d processes)", s/n, n}')"
+echo "Node-RED itself, per replica: $(ps -o rss= -C node-red | awk '{s+=$1; n++} END {printf "%.0f KiB (%d processes)", s/n, n}')"
+# FlowFuse's local driver runs one Node.js launcher process per instance next to Node-RED. Its
+# floor is an idle Node.js process; the launcher itself (HTTP server, log buffer) is larger.
+node -e 'setInterval(() => {}, 1000)' & IDLE=$!
+sleep 1
+echo "an idle Node.js process (floor of a per-instance launcher): $(awk '/VmRSS/ {print $2}' /proc/$IDLE/status) KiB"
+kill $IDLE
