@@ -80,13 +80,14 @@ pub async fn desired_instances(
     state: &AppState,
     key: &PlatformKey,
 ) -> anyhow::Result<Vec<InstanceDesired>> {
-    let extra: HashMap<String, (String, String, i64)> = sqlx::query(
-        "SELECT i.id, i.flows, s.nodered_version, s.memory_mb FROM instances i JOIN stacks s ON s.id = i.stack_id",
+    type Stack = (String, String, Option<String>, i64);
+    let extra: HashMap<String, Stack> = sqlx::query(
+        "SELECT i.id, i.flows, s.nodered_version, s.node_version, s.memory_mb FROM instances i JOIN stacks s ON s.id = i.stack_id",
     )
     .fetch_all(&state.store.pool)
     .await?
     .iter()
-    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
     .collect();
     let rows = sqlx::query(&format!(
         "SELECT {} FROM instances ORDER BY id",
@@ -100,7 +101,7 @@ pub async fn desired_instances(
         let i = instances::view(state, row, &mut cache)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let Some((flows, version, memory_mb)) = extra.get(&i.id) else {
+        let Some((flows, version, node_version, memory_mb)) = extra.get(&i.id) else {
             continue;
         };
         let state_wanted = match i.desired_state.as_str() {
@@ -118,6 +119,7 @@ pub async fn desired_instances(
                 instance: i.name.clone(),
                 slot: 0,
                 nodered_version: version.clone(),
+                node_version: node_version.clone(),
                 memory_mb: (*memory_mb).clamp(64, 1 << 20) as u32,
                 ha: i.ha.is_some(),
                 admin_secret: key.derive("admin", &i.id),

@@ -18,6 +18,8 @@ pub struct ReplicaSpec {
     pub slot: u32,
     /// Node-RED version of the stack, e.g. `4.1.2`.
     pub nodered_version: String,
+    /// Node.js version the stack asks for, installed from npm; the system's `node` when absent.
+    pub node_version: Option<String>,
     /// Heap cap, MiB (the stack's memory limit).
     pub memory_mb: u32,
     /// HA replicas run with the editor disabled.
@@ -63,9 +65,12 @@ pub struct Running {
 /// Why a driver call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    /// Installing the stack failed; the output's tail says why.
-    #[error("installing Node-RED {version} failed: {output}")]
+    /// Installing the stack (Node-RED, or the Node.js runtime it asks for) failed; the output's
+    /// tail says why.
+    #[error("installing {package} {version} with npm failed: {output}")]
     Install {
+        /// `node-red` or `node`.
+        package: String,
         /// The version asked for.
         version: String,
         /// The end of npm's output.
@@ -119,11 +124,11 @@ impl DriverError {
 /// A replica's output goes to the instance's [`InstanceLog`], one entry per line, tagged with
 /// the replica's id; that is how a driver's logs are read.
 pub trait Driver: Send + Sync + 'static {
-    /// Makes the stack for `version` ready (installs it on first use), writing the install's
-    /// output to `log`.
+    /// Makes the stack `spec` runs ready (installs Node-RED, and the Node.js runtime it asks
+    /// for, on first use), writing the install's output to `log`.
     fn prepare(
         &self,
-        version: &str,
+        spec: &ReplicaSpec,
         log: &InstanceLog,
     ) -> impl Future<Output = Result<(), DriverError>> + Send;
     /// Starts a replica, or adopts one still running from before with the same spec, and

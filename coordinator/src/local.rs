@@ -169,28 +169,51 @@ impl LocalDriver {
         version: &str,
         log: &InstanceLog,
     ) -> Result<PathBuf, DriverError> {
+        let dir = self.install_package("node-red", version, log).await?;
+        Ok(dir.join("node_modules/node-red/red.js"))
+    }
+
+    /// Installs the Node.js runtime `version` from npm (the `node` package, which carries the
+    /// official binary) unless it is there already; returns the path of the `node` binary.
+    pub async fn install_runtime(
+        &self,
+        version: &str,
+        log: &InstanceLog,
+    ) -> Result<PathBuf, DriverError> {
+        let dir = self.install_package("node", version, log).await?;
+        Ok(dir.join("node_modules/node/bin/node"))
+    }
+
+    /// `npm install <package>@<version>` into `<stacks_dir>/<package>-<version>`, once.
+    async fn install_package(
+        &self,
+        package: &str,
+        version: &str,
+        log: &InstanceLog,
+    ) -> Result<PathBuf, DriverError> {
+        let fail = |output: String| DriverError::Install {
+            package: package.into(),
+            version: version.into(),
+            output,
+        };
         let valid = !version.is_empty()
             && version
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
         if !valid {
-            return Err(DriverError::Install {
-                version: version.into(),
-                output: "not a version".into(),
-            });
+            return Err(fail("not a version".into()));
         }
         let stacks = &self.stacks_dir;
-        let dir = stacks.join(format!("node-red-{version}"));
-        let red = dir.join("node_modules/node-red/red.js");
+        let dir = stacks.join(format!("{package}-{version}"));
         // One install at a time in this process, whichever driver asks.
         static INSTALLS: Mutex<()> = Mutex::const_new(());
         let _guard = INSTALLS.lock().await;
-        if installed_version(&dir).await.as_deref() == Some(version) {
-            return Ok(red);
+        if installed_version(&dir, package).await.as_deref() == Some(version) {
+            return Ok(dir);
         }
         // Install beside the target and rename it into place, so a stack directory is either
         // complete or absent, whoever else installs the same version at the same time.
-        let staging = stacks.join(format!(".node-red-{version}-{}", std::process::id()));
+        let staging = stacks.join(format!(".{package}-{version}-{}", std::process::id()));
         let _ = tokio::fs::remove_dir_all(&staging).await;
         tokio::fs::create_dir_all(&staging)
             .await
@@ -198,8 +221,8 @@ impl LocalDriver {
                 "cannot create {}",
                 staging.display()
             )))?;
-        tracing::info!(%version, dir = %dir.display(), "installing Node-RED");
-        log.note("info", format!("installing Node-RED {version} with npm"));
+        tracing::info!(%package, %version, dir = %dir.display(), "installing with npm");
+        log.note("info", format!("installing {package} {version} with npm"));
         let out = Command::new("npm")
             .args([
                 "install",
@@ -209,7 +232,7 @@ impl LocalDriver {
                 "--prefix",
             ])
             .arg(&staging)
-            .arg(format!("node-red@{version}"))
+            .arg(format!("{package}@{version}"))
             .stdin(Stdio::null())
             .output()
             .await
@@ -222,27 +245,22 @@ impl LocalDriver {
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             log.push_line("npm", line);
         }
-        if !out.status.success() || installed_version(&staging).await.as_deref() != Some(version) {
+        if !out.status.success()
+            || installed_version(&staging, package).await.as_deref() != Some(version)
+        {
             let _ = tokio::fs::remove_dir_all(&staging).await;
             let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-            return Err(DriverError::Install {
-                version: version.into(),
-                output: tail,
-            });
+            return Err(fail(lines[lines.len().saturating_sub(20)..].join("\n")));
         }
         if tokio::fs::rename(&staging, &dir).await.is_err() {
             // Someone else finished first; theirs is as good as ours.
             let _ = tokio::fs::remove_dir_all(&staging).await;
-            if installed_version(&dir).await.as_deref() != Some(version) {
-                return Err(DriverError::Install {
-                    version: version.into(),
-                    output: format!("cannot move the stack into {}", dir.display()),
-                });
+            if installed_version(&dir, package).await.as_deref() != Some(version) {
+                return Err(fail(format!("cannot move it into {}", dir.display())));
             }
         }
-        log.note("info", format!("installed Node-RED {version}"));
-        Ok(red)
+        log.note("info", format!("installed {package} {version}"));
+        Ok(dir)
     }
 
     /// The userDir of a replica.
@@ -438,10 +456,11 @@ impl Seen {
     }
 }
 
-async fn installed_version(dir: &Path) -> Option<String> {
-    let text = tokio::fs::read_to_string(dir.join("node_modules/node-red/package.json"))
-        .await
-        .ok()?;
+async fn installed_version(dir: &Path, package: &str) -> Option<String> {
+    let text =
+        tokio::fs::read_to_string(dir.join("node_modules").join(package).join("package.json"))
+            .await
+            .ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("version")?.as_str().map(str::to_owned)
 }
@@ -581,8 +600,12 @@ async fn signal_group(pid: u32, signal: &str) {
 }
 
 impl Driver for LocalDriver {
-    async fn prepare(&self, version: &str, log: &InstanceLog) -> Result<(), DriverError> {
-        self.install_stack(version, log).await.map(|_| ())
+    async fn prepare(&self, spec: &ReplicaSpec, log: &InstanceLog) -> Result<(), DriverError> {
+        self.install_stack(&spec.nodered_version, log).await?;
+        if let Some(v) = &spec.node_version {
+            self.install_runtime(v, log).await?;
+        }
+        Ok(())
     }
 
     async fn wait(&self, id: &str) -> String {
@@ -608,6 +631,10 @@ impl Driver for LocalDriver {
         log: Arc<InstanceLog>,
     ) -> Result<Running, DriverError> {
         let red = self.install_stack(&spec.nodered_version, &log).await?;
+        let node = match &spec.node_version {
+            Some(v) => self.install_runtime(v, &log).await?,
+            None => PathBuf::from("node"),
+        };
         let id = spec.id();
         let dir = self.user_dir(&spec.instance, spec.slot);
         let log_path = self.log_file(&spec.instance, spec.slot);
@@ -688,7 +715,7 @@ impl Driver for LocalDriver {
             )))?;
         let offset = out.metadata().map(|m| m.len()).unwrap_or(0);
         let err = out.try_clone().map_err(DriverError::io("cannot dup"))?;
-        let mut cmd = Command::new("node");
+        let mut cmd = Command::new(&node);
         cmd.arg(format!(
             "--max-old-space-size={}",
             (spec.memory_mb * 3 / 4).max(64)

@@ -355,7 +355,7 @@ impl<D: Driver> Coordinator<D> {
         }
 
         self.shared.update(id, |o| o.phase = Phase::Installing);
-        if let Err(e) = self.driver.prepare(&d.replica.nodered_version, log).await {
+        if let Err(e) = self.driver.prepare(&d.replica, log).await {
             log.note("error", e.to_string());
             self.shared
                 .update(id, |o| o.phase = Phase::Failed(e.to_string()));

@@ -42,6 +42,7 @@ fn spec(instance: &str, slot: u32, ha: bool, start_stopped: bool) -> ReplicaSpec
         instance: instance.into(),
         slot,
         nodered_version: VERSION.into(),
+        node_version: None,
         memory_mb: 256,
         ha,
         admin_secret: format!("secret-{instance}-{slot}"),
@@ -275,7 +276,12 @@ async fn a_version_npm_cannot_install_is_a_clear_error() {
         .await
         .unwrap();
     match started {
-        Err(DriverError::Install { version, output }) => {
+        Err(DriverError::Install {
+            package,
+            version,
+            output,
+        }) => {
+            assert_eq!(package, "node-red");
             assert_eq!(version, "0.0.0-no-such-version");
             assert!(!output.is_empty());
             // npm's own words reach the instance log.
@@ -412,4 +418,31 @@ async fn output_is_logged_by_replica_and_a_new_driver_adopts_a_running_replica()
     assert!(!std::path::Path::new(&format!("/proc/{}", r.pid.unwrap())).exists());
     third.stop(&fresh.id).await.unwrap();
     assert!(tokio::net::TcpStream::connect(fresh.addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_can_bring_its_own_node_runtime() {
+    let d = driver();
+    let mut s = spec(&unique("runtime"), 0, false, false);
+    s.node_version = Some("22.12.0".into());
+    let log = log();
+    let r = d.start(&s, log.clone()).await.unwrap();
+    // The replica runs on the runtime installed from npm, not the system's node.
+    let exe = std::fs::read_link(format!("/proc/{}/exe", r.pid.unwrap())).unwrap();
+    assert!(
+        exe.to_string_lossy().contains("node-22.12.0"),
+        "{}",
+        exe.display()
+    );
+    assert_eq!(
+        http(r.addr, "GET", "/hello", &[], "").await,
+        (200, "r0".to_string())
+    );
+    d.stop(&r.id).await.unwrap();
+    // A runtime npm does not have is a clear error naming it.
+    s.node_version = Some("0.0.1-no-such-node".into());
+    match d.start(&s, log).await {
+        Err(DriverError::Install { package, .. }) => assert_eq!(package, "node"),
+        other => panic!("expected an install error, got {other:?}"),
+    }
 }
