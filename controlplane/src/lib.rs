@@ -70,7 +70,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
             http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        format!(
+            "{}{}{}",
+            state.metrics.render(),
+            state.coordinator.metrics(),
+            state.more_metrics.as_ref().map(|f| f()).unwrap_or_default()
+        ),
     )
         .into_response()
 }

@@ -44,6 +44,7 @@ pub async fn state(
         config: Arc::new(config),
         coordinator: Arc::new(NotObserved),
         metrics: Arc::default(),
+        more_metrics: None,
     })
 }
 
@@ -149,13 +150,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let mut state = state;
     state.coordinator = coordinator.clone();
+    let stats = Arc::new(ProxyStats::default());
+    state.more_metrics = Some(Arc::new({
+        let (routes, stats) = (routes.clone(), stats.clone());
+        move || tandem_proxy::metrics::render(&routes.load(), &stats)
+    }));
     let proxy = Arc::new(
-        Proxy::new(
-            routes,
-            ProxyConfig::default(),
-            Arc::new(ProxyStats::default()),
-        )
-        .with_editor_gate(Arc::new(crate::editor_gate::TeamEditorGate(state.clone()))),
+        Proxy::new(routes, ProxyConfig::default(), stats)
+            .with_editor_gate(Arc::new(crate::editor_gate::TeamEditorGate(state.clone()))),
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());

@@ -38,4 +38,6 @@ pub struct AppState {
     pub coordinator: Arc<dyn Coordination>,
     /// Request counters for `/metrics`.
     pub metrics: Arc<crate::metrics::ApiMetrics>,
+    /// More of `/metrics` (the proxy's series in `tandem serve`).
+    pub more_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }

@@ -652,6 +652,56 @@ impl Shared {
         }
     }
 
+    /// `tandem_instance_*` and `tandem_replica_*` series, one per instance and replica.
+    fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let Ok(map) = self.instances.lock() else {
+            return String::new();
+        };
+        let mut list: Vec<&Observed> = map.values().filter(|o| !o.name.is_empty()).collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = String::new();
+        out.push_str("# HELP tandem_instance_desired_replicas Replicas an instance should run (0 when stopped).\n# TYPE tandem_instance_desired_replicas gauge\n");
+        for o in &list {
+            let _ = writeln!(
+                out,
+                "tandem_instance_desired_replicas{{instance=\"{}\"}} {}",
+                o.name, o.want
+            );
+        }
+        out.push_str("# HELP tandem_instance_ready_replicas Replicas of an instance ready to serve.\n# TYPE tandem_instance_ready_replicas gauge\n");
+        for o in &list {
+            let ready = o.replicas.values().filter(|r| r.state == "running").count();
+            let _ = writeln!(
+                out,
+                "tandem_instance_ready_replicas{{instance=\"{}\"}} {ready}",
+                o.name
+            );
+        }
+        out.push_str("# HELP tandem_replica_up Whether a replica is running (1) or starting, restarting, stopping or crashed (0).\n# TYPE tandem_replica_up gauge\n");
+        for o in &list {
+            for (slot, r) in &o.replicas {
+                let up = u8::from(r.state == "running");
+                let _ = writeln!(
+                    out,
+                    "tandem_replica_up{{instance=\"{}\",replica=\"{}-r{slot}\",state=\"{}\"}} {up}",
+                    o.name, o.name, r.state
+                );
+            }
+        }
+        out.push_str("# HELP tandem_replica_restarts_total Restarts of a replica since Tandem started it.\n# TYPE tandem_replica_restarts_total counter\n");
+        for o in &list {
+            for (slot, r) in &o.replicas {
+                let _ = writeln!(
+                    out,
+                    "tandem_replica_restarts_total{{instance=\"{}\",replica=\"{}-r{slot}\"}} {}",
+                    o.name, o.name, r.restarts
+                );
+            }
+        }
+        out
+    }
+
     fn status(&self, id: &str) -> ObservedStatus {
         let Some(o) = self.instances.lock().ok().and_then(|m| m.get(id).cloned()) else {
             return ObservedStatus::unknown();
@@ -726,5 +776,9 @@ impl<D: Driver> Coordination for Coordinator<D> {
 
     fn logs(&self) -> Option<Arc<LogBook>> {
         Some(self.logs.clone())
+    }
+
+    fn metrics(&self) -> String {
+        self.shared.metrics()
     }
 }

@@ -74,6 +74,10 @@ pub trait Coordination: Send + Sync + 'static {
     fn restart(&self, _instance_id: &str) {}
     /// Try replicas held as crashed again.
     fn retry(&self, _instance_id: &str) {}
+    /// Metrics of the running instances, in the Prometheus text format.
+    fn metrics(&self) -> String {
+        String::new()
+    }
     /// Instance logs, when replicas run.
     fn logs(&self) -> Option<Arc<LogBook>> {
         None

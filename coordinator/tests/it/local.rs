@@ -446,3 +446,44 @@ async fn a_stack_can_bring_its_own_node_runtime() {
         other => panic!("expected an install error, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_log_file_is_rotated_and_every_line_still_reaches_the_log() {
+    let mut d = driver();
+    d.max_log_bytes = 4096;
+    let mut s = spec(&unique("chatty"), 0, false, false);
+    // 200 warnings of ~100 bytes each at start: several rotations' worth.
+    let mut flows = hello_flows();
+    for node in [
+        json!({ "id": "go", "type": "inject", "z": "t1", "once": true, "onceDelay": 0.1, "repeat": "", "wires": [["talk"]] }),
+        json!({ "id": "talk", "type": "function", "z": "t1", "func": "for (let i = 0; i < 200; i++) { node.warn('line ' + i + ' ' + 'x'.repeat(80)); } return null;", "wires": [[]] }),
+    ] {
+        flows.as_array_mut().unwrap().push(node);
+    }
+    s.flows = flows;
+    let log = log();
+    let r = d.start(&s, log.clone()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let page = log.read(Cursor::Latest, 1000, Some(&s.id()));
+        let n = page
+            .entries
+            .iter()
+            .filter(|e| e.level == "warn" && e.msg.starts_with("line "))
+            .count();
+        if n == 200 || std::time::Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(seen, 200, "every line reached the log");
+    let file = d.log_file(&s.instance, 0);
+    let old = file.with_extension("log.1");
+    assert!(old.exists(), "rotated into {}", old.display());
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert!(
+        size <= 4096 + 1024,
+        "the live file stays near the limit: {size}"
+    );
+    d.stop(&r.id).await.unwrap();
+}

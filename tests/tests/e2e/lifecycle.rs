@@ -39,6 +39,22 @@ async fn an_instance_is_served_by_host_and_follows_its_actions() {
     let only_r0 = t.logs(&id, "replica=r0&limit=1000").await;
     assert!(!only_r0.is_empty() && only_r0.iter().all(|e| e["src"] == "life-r0"));
 
+    // Prometheus: the instance, its replica and the proxy's traffic to it, on the API's /metrics.
+    let m = crate::harness::http(t.api, "GET", "api", "/metrics", &[], "")
+        .await
+        .unwrap()
+        .body;
+    for series in [
+        "tandem_instance_ready_replicas{instance=\"life\"} 1",
+        "tandem_instance_desired_replicas{instance=\"life\"} 1",
+        "tandem_replica_up{instance=\"life\",replica=\"life-r0\",state=\"running\"} 1",
+        "tandem_replica_restarts_total{instance=\"life\",replica=\"life-r0\"} 0",
+        "tandem_proxy_requests_total{instance=\"life\"",
+        "tandem_api_requests_total{",
+    ] {
+        assert!(m.contains(series), "no {series} in\n{m}");
+    }
+
     // Stop: no replica, the host answers 503.
     assert_eq!(t.action(&id, "stop").await.status, 200);
     let s = t.wait_status(&id, 60, |s| s["state"] == "stopped").await;
