@@ -699,3 +699,38 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tandem_credentials_never_reach_a_replica_and_other_cookies_do() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("theme=dark; tandem_session=s3cret"),
+        );
+        h.append(header::COOKIE, HeaderValue::from_static("lang=en"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tdm_abc"),
+        );
+        h.insert(ADMIN_TOKEN, HeaderValue::from_static("guess"));
+        strip_tandem_credentials(&mut h);
+        assert_eq!(h.get(header::COOKIE).unwrap(), "theme=dark; lang=en");
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert!(h.get(ADMIN_TOKEN).is_none());
+
+        // A flow's own credentials pass; a request with only Tandem's cookie loses the header.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer flow-token"),
+        );
+        h.insert(header::COOKIE, HeaderValue::from_static("tandem_session=x"));
+        strip_tandem_credentials(&mut h);
+        assert_eq!(h.get(header::AUTHORIZATION).unwrap(), "Bearer flow-token");
+        assert!(h.get(header::COOKIE).is_none());
+    }
+}
