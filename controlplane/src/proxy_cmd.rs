@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tandem_proxy::routes::file;
-use tandem_proxy::{Proxy, ProxyConfig, ProxyStats, Routes};
+use tandem_proxy::{MqttConfig, MqttProxy, Proxy, ProxyConfig, ProxyStats, Routes};
 
 use crate::cli::ProxyArgs;
 
@@ -27,13 +27,20 @@ impl ProxyArgs {
     }
 }
 
-/// Runs `tandem proxy` until SIGTERM or Ctrl-C. The routes file must load at start; later
-/// broken versions are reported and leave the current routes serving.
+/// Runs `tandem proxy` until SIGTERM or Ctrl-C. The routes file must load at start (its MQTT
+/// listeners included); later broken versions are reported and leave the current routes and
+/// MQTT listeners serving.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let routes = Arc::new(Routes::new());
     let stats = Arc::new(ProxyStats::default());
-    let n = file::load(&args.routes, &routes)?;
+    // Replaced by the file's [mqtt] section; without one, no MQTT listener is bound.
+    let mqtt = Arc::new(MqttProxy::new(
+        MqttConfig::new("127.0.0.1:1883"),
+        stats.clone(),
+    )?);
+    let n = file::load_with_mqtt(&args.routes, &routes, &mqtt).await?;
     stats.record_reload(true);
+    let mqtt_listeners = mqtt.listeners().await.len();
     let proxy = Arc::new(Proxy::new(routes.clone(), args.config(), stats.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -42,13 +49,14 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
-    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, routes = %args.routes.display(), instances = n, "tandem proxy serving");
+    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, routes = %args.routes.display(), instances = n, mqtt_listeners, "tandem proxy serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
-    let watcher = tokio::spawn(file::watch(
+    let watcher = tokio::spawn(file::watch_with_mqtt(
         args.routes.clone(),
         routes,
+        mqtt.clone(),
         stats,
         Duration::from_millis(args.reload_poll_ms.max(10)),
         stopped(),
@@ -66,6 +74,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let _ = server.await;
     let _ = admin.await;
     let _ = watcher.await;
+    // MQTT connections are long-lived: close them, the replicas reconnect.
+    mqtt.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

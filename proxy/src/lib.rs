@@ -1,4 +1,5 @@
-//! Tandem's data plane: the HTTP ingress proxy in front of Node-RED replicas.
+//! Tandem's data plane: the HTTP ingress proxy in front of Node-RED replicas, and the MQTT
+//! proxy between the replicas of HA instances and the broker.
 //!
 //! Every request to every instance passes through here. The proxy finds the instance by host
 //! name, refuses the editor on HA instances, picks a healthy replica (least in-flight, or a
@@ -17,6 +18,7 @@
 //! - [`body`]: request and response bodies (streamed, size-limited).
 //! - [`tunnel`]: upgraded (WebSocket) connections.
 //! - [`server`]: the proxy and admin listeners, graceful shutdown.
+//! - [`mqtt`]: the MQTT proxy: per-replica listeners, client ids and shared subscriptions.
 //! - [`metrics`]: counters and the Prometheus text format.
 //! - [`config`]: proxy-wide settings.
 
@@ -25,6 +27,7 @@ pub mod body;
 pub mod config;
 pub mod health;
 pub mod metrics;
+pub mod mqtt;
 pub mod policy;
 pub(crate) mod pool;
 pub mod proxy;
@@ -35,6 +38,7 @@ pub(crate) mod tunnel;
 pub use config::ProxyConfig;
 pub use health::{EjectionPolicy, HealthConfig};
 pub use metrics::ProxyStats;
+pub use mqtt::{MqttConfig, MqttInstance, MqttProxy, MqttReplica};
 pub use policy::{EditorDecision, EditorGate};
 pub use proxy::Proxy;
 pub use routes::{InstanceSpec, ReplicaSpec, RouteError, RouteTable, Routes};

@@ -7,7 +7,10 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use tokio::time::Instant;
 
@@ -115,6 +118,9 @@ pub struct ProxyStats {
     reloads_failed: AtomicU64,
     last_reload_ok: AtomicBool,
     last_reload_unix: AtomicU64,
+    /// Counters of the MQTT proxy's listeners, one per replica, published by
+    /// [`MqttProxy`](crate::mqtt::MqttProxy) whenever its listeners change.
+    pub(crate) mqtt: ArcSwap<Vec<Arc<MqttReplicaStats>>>,
 }
 
 impl ProxyStats {
@@ -136,6 +142,200 @@ impl ProxyStats {
     /// Open client connections.
     pub fn open_connections(&self) -> i64 {
         self.open_connections.load(Ordering::Relaxed)
+    }
+}
+
+/// Why an MQTT connection was closed by the proxy (the `kind` label of
+/// `tandem_proxy_mqtt_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttErrorKind {
+    /// Not MQTT, or a packet the proxy reads is invalid.
+    Malformed,
+    /// A packet over the size limit.
+    TooLarge,
+    /// A valid packet out of place (first packet not CONNECT, a second CONNECT).
+    Protocol,
+    /// The broker could not be reached.
+    UpstreamConnect,
+    /// A socket error either side.
+    Io,
+}
+
+impl MqttErrorKind {
+    const ALL: [MqttErrorKind; 5] = [
+        Self::Malformed,
+        Self::TooLarge,
+        Self::Protocol,
+        Self::UpstreamConnect,
+        Self::Io,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::TooLarge => "too_large",
+            Self::Protocol => "protocol",
+            Self::UpstreamConnect => "upstream_connect",
+            Self::Io => "io",
+        }
+    }
+}
+
+/// Counters of one replica's MQTT listener.
+#[derive(Debug)]
+pub struct MqttReplicaStats {
+    pub(crate) instance: Arc<str>,
+    pub(crate) slot: usize,
+    pub(crate) open: AtomicI64,
+    pub(crate) connections: AtomicU64,
+    packets_to_broker: AtomicU64,
+    bytes_to_broker: AtomicU64,
+    packets_to_client: AtomicU64,
+    bytes_to_client: AtomicU64,
+    pub(crate) client_id_rewrites: AtomicU64,
+    pub(crate) filter_rewrites: AtomicU64,
+    pub(crate) retained_dropped: AtomicU64,
+    errors: [AtomicU64; 5],
+}
+
+impl MqttReplicaStats {
+    pub(crate) fn new(instance: Arc<str>, slot: usize) -> Self {
+        Self {
+            instance,
+            slot,
+            open: AtomicI64::new(0),
+            connections: AtomicU64::new(0),
+            packets_to_broker: AtomicU64::new(0),
+            bytes_to_broker: AtomicU64::new(0),
+            packets_to_client: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
+            client_id_rewrites: AtomicU64::new(0),
+            filter_rewrites: AtomicU64::new(0),
+            retained_dropped: AtomicU64::new(0),
+            errors: Default::default(),
+        }
+    }
+
+    pub(crate) fn to_broker(&self, packets: u64, bytes: u64) {
+        self.packets_to_broker.fetch_add(packets, Ordering::Relaxed);
+        self.bytes_to_broker.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn to_client(&self, packets: u64, bytes: u64) {
+        self.packets_to_client.fetch_add(packets, Ordering::Relaxed);
+        self.bytes_to_client.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn error(&self, kind: MqttErrorKind) {
+        let i = MqttErrorKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
+        self.errors[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn render_mqtt(out: &mut String, stats: &ProxyStats) {
+    let replicas = stats.mqtt.load();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let label =
+        |r: &MqttReplicaStats| format!("instance=\"{}\",replica=\"r{}\"", r.instance, r.slot);
+    header(
+        out,
+        "tandem_proxy_mqtt_connections",
+        "gauge",
+        "Open MQTT connections from a replica.",
+    );
+    for r in replicas.iter() {
+        let _ = writeln!(
+            out,
+            "tandem_proxy_mqtt_connections{{{}}} {}",
+            label(r),
+            r.open.load(Ordering::Relaxed)
+        );
+    }
+    header(
+        out,
+        "tandem_proxy_mqtt_connections_total",
+        "counter",
+        "MQTT connections accepted from a replica.",
+    );
+    for r in replicas.iter() {
+        let _ = writeln!(
+            out,
+            "tandem_proxy_mqtt_connections_total{{{}}} {}",
+            label(r),
+            load(&r.connections)
+        );
+    }
+    header(out, "tandem_proxy_mqtt_packets_total", "counter", "MQTT packets forwarded, by direction (to_broker, to_client); retained replays dropped are not counted.");
+    for r in replicas.iter() {
+        let l = label(r);
+        let _ = writeln!(
+            out,
+            "tandem_proxy_mqtt_packets_total{{{l},direction=\"to_broker\"}} {}",
+            load(&r.packets_to_broker)
+        );
+        let _ = writeln!(
+            out,
+            "tandem_proxy_mqtt_packets_total{{{l},direction=\"to_client\"}} {}",
+            load(&r.packets_to_client)
+        );
+    }
+    header(
+        out,
+        "tandem_proxy_mqtt_bytes_total",
+        "counter",
+        "MQTT bytes forwarded, by direction, as written (after rewrites).",
+    );
+    for r in replicas.iter() {
+        let l = label(r);
+        let _ = writeln!(
+            out,
+            "tandem_proxy_mqtt_bytes_total{{{l},direction=\"to_broker\"}} {}",
+            load(&r.bytes_to_broker)
+        );
+        let _ = writeln!(
+            out,
+            "tandem_proxy_mqtt_bytes_total{{{l},direction=\"to_client\"}} {}",
+            load(&r.bytes_to_client)
+        );
+    }
+    header(out, "tandem_proxy_mqtt_rewrites_total", "counter", "Rewrites on HA instances: client ids suffixed, filters shared (SUBSCRIBE and UNSUBSCRIBE).");
+    for r in replicas.iter() {
+        let l = label(r);
+        let _ = writeln!(
+            out,
+            "tandem_proxy_mqtt_rewrites_total{{{l},kind=\"client_id\"}} {}",
+            load(&r.client_id_rewrites)
+        );
+        let _ = writeln!(
+            out,
+            "tandem_proxy_mqtt_rewrites_total{{{l},kind=\"filter\"}} {}",
+            load(&r.filter_rewrites)
+        );
+    }
+    header(out, "tandem_proxy_mqtt_retained_dropped_total", "counter", "Retained replays to shared subscriptions dropped because another replica of the instance processes them.");
+    for r in replicas.iter() {
+        let _ = writeln!(
+            out,
+            "tandem_proxy_mqtt_retained_dropped_total{{{}}} {}",
+            label(r),
+            load(&r.retained_dropped)
+        );
+    }
+    header(out, "tandem_proxy_mqtt_errors_total", "counter", "MQTT connections closed by an error, by kind (malformed, too_large, protocol, upstream_connect, io).");
+    for r in replicas.iter() {
+        let l = label(r);
+        for (i, k) in MqttErrorKind::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tandem_proxy_mqtt_errors_total{{{l},kind=\"{}\"}} {}",
+                k.label(),
+                load(&r.errors[i])
+            );
+        }
     }
 }
 
@@ -380,5 +580,6 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
         "tandem_proxy_bad_requests_total {}",
         load(&stats.bad_requests)
     );
+    render_mqtt(&mut out, stats);
     out
 }

@@ -15,6 +15,13 @@
 //! health_path = "/"         # optional, default "/"
 //! health_check = true       # optional, default true
 //! affinity = false          # optional
+//! mqtt_listeners = ["127.0.0.1:11883", "127.0.0.1:11884"]  # optional, one per replica
+//! mqtt_exclude = ["replies/#"]                             # optional
+//!
+//! [mqtt]                    # required when an instance has mqtt_listeners
+//! upstream = "127.0.0.1:1883"
+//! max_packet_bytes = 16777216   # optional
+//! connect_timeout_ms = 5000     # optional
 //! ```
 
 use std::net::SocketAddr;
@@ -27,6 +34,7 @@ use serde::Deserialize;
 use super::{InstanceSpec, ReplicaSpec, RouteError, Routes};
 use crate::health::HealthConfig;
 use crate::metrics::ProxyStats;
+use crate::mqtt::{self, MqttConfig, MqttError, MqttInstance, MqttProxy, MqttReplica};
 
 /// Why a routes file was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +63,53 @@ pub enum FileError {
         /// The validation error.
         source: RouteError,
     },
+    /// The MQTT part of the file is invalid, or a listener could not be bound.
+    #[error("routes file {path}: {source}")]
+    Mqtt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: MqttError,
+    },
+}
+
+/// Everything a routes file describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutesFile {
+    /// The HTTP routes.
+    pub instances: Vec<InstanceSpec>,
+    /// The `[mqtt]` section, if any.
+    pub mqtt: Option<MqttConfig>,
+    /// Instances with `mqtt_listeners`.
+    pub mqtt_instances: Vec<MqttInstance>,
+}
+
+impl RoutesFile {
+    /// Checks the MQTT part: one listener per replica, an `[mqtt]` section when there are
+    /// listeners, valid settings, names, exclusions and distinct addresses.
+    pub fn validate_mqtt(&self) -> Result<(), MqttError> {
+        if let Some(c) = &self.mqtt {
+            c.validate()?;
+        }
+        for m in &self.mqtt_instances {
+            let replicas = self
+                .instances
+                .iter()
+                .find(|i| i.name == m.name)
+                .map_or(0, |i| i.replicas.len());
+            if replicas != m.replicas.len() {
+                return Err(MqttError::ListenerCount {
+                    instance: m.name.clone(),
+                    replicas,
+                    listeners: m.replicas.len(),
+                });
+            }
+            if self.mqtt.is_none() {
+                return Err(MqttError::NoUpstream(m.name.clone()));
+            }
+        }
+        mqtt::validate(&self.mqtt_instances)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +119,18 @@ struct RawFile {
     health: RawHealth,
     #[serde(default, rename = "instance")]
     instances: Vec<RawInstance>,
+    #[serde(default)]
+    mqtt: Option<RawMqtt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    upstream: String,
+    #[serde(default)]
+    max_packet_bytes: Option<usize>,
+    #[serde(default)]
+    connect_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,13 +184,52 @@ struct RawInstance {
     health_check: bool,
     #[serde(default)]
     affinity: bool,
+    #[serde(default)]
+    mqtt_listeners: Vec<SocketAddr>,
+    #[serde(default)]
+    mqtt_exclude: Vec<String>,
 }
 
 /// Parses the text of a routes file into instance specs (validated when published).
 pub fn parse(text: &str) -> Result<Vec<InstanceSpec>, String> {
+    parse_file(text).map(|f| f.instances)
+}
+
+/// Parses the text of a routes file, the MQTT part included (checked by
+/// [`RoutesFile::validate_mqtt`]; the HTTP routes are validated when published).
+pub fn parse_file(text: &str) -> Result<RoutesFile, String> {
     let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
     let h = raw.health;
-    Ok(raw
+    let mqtt = raw.mqtt.map(|m| {
+        let mut c = MqttConfig::new(m.upstream);
+        if let Some(max) = m.max_packet_bytes {
+            c.max_packet_bytes = max;
+        }
+        if let Some(ms) = m.connect_timeout_ms {
+            c.connect_timeout = Duration::from_millis(ms);
+        }
+        c
+    });
+    let mqtt_instances = raw
+        .instances
+        .iter()
+        .filter(|i| !i.mqtt_listeners.is_empty())
+        .map(|i| MqttInstance {
+            name: i.name.clone(),
+            ha: i.ha,
+            exclude: i.mqtt_exclude.clone(),
+            replicas: i
+                .mqtt_listeners
+                .iter()
+                .enumerate()
+                .map(|(slot, listen)| MqttReplica {
+                    slot,
+                    listen: *listen,
+                })
+                .collect(),
+        })
+        .collect();
+    let instances = raw
         .instances
         .into_iter()
         .map(|i| InstanceSpec {
@@ -150,7 +256,12 @@ pub fn parse(text: &str) -> Result<Vec<InstanceSpec>, String> {
             ha: i.ha,
             affinity: i.affinity,
         })
-        .collect())
+        .collect();
+    Ok(RoutesFile {
+        instances,
+        mqtt,
+        mqtt_instances,
+    })
 }
 
 /// Reads, parses and publishes `path`. On error the current table stays.
@@ -172,6 +283,44 @@ pub fn load(path: &Path, routes: &Routes) -> Result<usize, FileError> {
         .map(|t| t.instances().len())
 }
 
+/// Reads, parses and applies `path`: publishes the HTTP routes and makes `mqtt`'s settings
+/// and listeners those of the file (none when it has no `[mqtt]` section). An invalid file
+/// changes nothing; a listener that cannot be bound is reported after the rest was applied.
+pub async fn load_with_mqtt(
+    path: &Path,
+    routes: &Routes,
+    mqtt: &MqttProxy,
+) -> Result<usize, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file = parse_file(&text).map_err(|message| FileError::Parse {
+        path: path.to_owned(),
+        message,
+    })?;
+    let mqtt_error = |source| FileError::Mqtt {
+        path: path.to_owned(),
+        source,
+    };
+    file.validate_mqtt().map_err(mqtt_error)?;
+    let n = routes
+        .publish(&file.instances)
+        .map_err(|source| FileError::Invalid {
+            path: path.to_owned(),
+            source,
+        })?
+        .instances()
+        .len();
+    if let Some(c) = file.mqtt {
+        mqtt.set_config(c).map_err(mqtt_error)?;
+    }
+    mqtt.set_instances(&file.mqtt_instances)
+        .await
+        .map_err(mqtt_error)?;
+    Ok(n)
+}
+
 /// Watches `path` until `shutdown`: reloads when its content changes (checked every `poll`)
 /// and on every SIGHUP. A file that fails to load leaves the current table serving; the
 /// failure is logged with its reason and counted in the reload metrics.
@@ -186,12 +335,26 @@ pub fn watch(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> impl std::future::Future<Output = ()> {
     let last = std::fs::read(&path).ok();
-    watch_from(path, routes, stats, poll, shutdown, last)
+    watch_from(path, routes, None, stats, poll, shutdown, last)
+}
+
+/// [`watch`], applying the MQTT part of the file to `mqtt` too (see [`load_with_mqtt`]).
+pub fn watch_with_mqtt(
+    path: PathBuf,
+    routes: Arc<Routes>,
+    mqtt: Arc<MqttProxy>,
+    stats: Arc<ProxyStats>,
+    poll: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> impl std::future::Future<Output = ()> {
+    let last = std::fs::read(&path).ok();
+    watch_from(path, routes, Some(mqtt), stats, poll, shutdown, last)
 }
 
 async fn watch_from(
     path: PathBuf,
     routes: Arc<Routes>,
+    mqtt: Option<Arc<MqttProxy>>,
     stats: Arc<ProxyStats>,
     poll: Duration,
     shutdown: impl std::future::Future<Output = ()>,
@@ -222,7 +385,11 @@ async fn watch_from(
             continue;
         }
         last = current;
-        match load(&path, &routes) {
+        let loaded = match &mqtt {
+            Some(m) => load_with_mqtt(&path, &routes, m).await,
+            None => load(&path, &routes),
+        };
+        match loaded {
             Ok(n) => {
                 stats.record_reload(true);
                 tracing::info!(path = %path.display(), instances = n, signal = forced, "routes reloaded");

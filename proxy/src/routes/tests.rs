@@ -212,3 +212,67 @@ fn routes_file_parses_and_explains_errors() {
         file::parse("[[instance]]\nname = \"a\"\nhost = [\"a\"]\nreplicas = []\n").unwrap_err();
     assert!(err.contains("unknown field `host`"), "{err}");
 }
+
+#[test]
+fn routes_file_mqtt_section_and_listeners() {
+    let base = |extra: &str, listeners: &str| {
+        format!(
+            "{extra}\n[[instance]]\nname = \"orders\"\nhosts = [\"orders.localhost\"]\nha = true\n\
+             replicas = [\"127.0.0.1:12080\", \"127.0.0.1:12081\"]\n{listeners}\n"
+        )
+    };
+    let text = base(
+        "[mqtt]\nupstream = \"broker.internal:1883\"\nmax_packet_bytes = 1048576",
+        "mqtt_listeners = [\"127.0.0.1:11883\", \"127.0.0.1:11884\"]\nmqtt_exclude = [\"replies/#\"]",
+    );
+    let f = file::parse_file(&text).unwrap();
+    f.validate_mqtt().unwrap();
+    let c = f.mqtt.as_ref().unwrap();
+    assert_eq!(
+        (c.upstream.as_str(), c.max_packet_bytes),
+        ("broker.internal:1883", 1 << 20)
+    );
+    let m = &f.mqtt_instances[0];
+    assert_eq!((m.name.as_str(), m.ha), ("orders", true));
+    assert_eq!(m.exclude, ["replies/#"]);
+    assert_eq!(m.replicas[1].slot, 1);
+    assert_eq!(m.replicas[1].listen, "127.0.0.1:11884".parse().unwrap());
+
+    let invalid = |text: &str| {
+        file::parse_file(text)
+            .unwrap()
+            .validate_mqtt()
+            .unwrap_err()
+            .to_string()
+    };
+    let err = invalid(&base(
+        "[mqtt]\nupstream = \"127.0.0.1:1883\"",
+        "mqtt_listeners = [\"127.0.0.1:11883\"]",
+    ));
+    assert!(err.contains("2 replicas but 1 mqtt_listeners"), "{err}");
+    let err = invalid(&base(
+        "",
+        "mqtt_listeners = [\"127.0.0.1:11883\", \"127.0.0.1:11884\"]",
+    ));
+    assert!(err.contains("no [mqtt] section"), "{err}");
+    let err = invalid(&base(
+        "[mqtt]\nupstream = \"1883\"",
+        "mqtt_listeners = [\"127.0.0.1:11883\", \"127.0.0.1:11884\"]",
+    ));
+    assert!(err.contains("write host:port"), "{err}");
+    let err = invalid(&base(
+        "[mqtt]\nupstream = \"127.0.0.1:1883\"",
+        "mqtt_listeners = [\"127.0.0.1:11883\", \"127.0.0.1:11883\"]",
+    ));
+    assert!(
+        err.contains("given to both orders/r0 and orders/r1"),
+        "{err}"
+    );
+    let err = invalid(&base(
+        "[mqtt]\nupstream = \"127.0.0.1:1883\"",
+        "mqtt_listeners = [\"127.0.0.1:11883\", \"127.0.0.1:11884\"]\nmqtt_exclude = [\"a/#/b\"]",
+    ));
+    assert!(err.contains("not a valid topic filter"), "{err}");
+    let err = file::parse_file(&base("", "mqtt_listeners = [\"localhost\"]")).unwrap_err();
+    assert!(err.contains("invalid socket address"), "{err}");
+}

@@ -1,5 +1,5 @@
 //! Integration tests of the HTTP proxy with real upstream servers, a real WebSocket server and
-//! real clients on 127.0.0.1.
+//! real clients on 127.0.0.1, and of the MQTT proxy with a real Mosquitto and real MQTT clients.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -7,6 +7,7 @@ mod support;
 
 mod errors;
 mod failover;
+mod mqtt;
 mod policy;
 mod reload;
 mod routing;
