@@ -129,30 +129,153 @@ pub async fn desired_instances(
                 flows,
                 start_stopped: false,
             },
+            mqtt_urls: Vec::new(),
             id: i.id,
         });
     }
     Ok(out)
 }
 
-/// Hands the store's desired state to `coordinator` now, after each change the API reports,
-/// and every 30 seconds, until `stop` resolves.
+/// The MQTT proxy in `tandem serve`: one listener per replica of every running instance, on a
+/// loopback port that stays the same across restarts of Tandem (kept in
+/// `<data-dir>/mqtt-ports.json`), so a replica's `TANDEM_MQTT_URL` does not change and running
+/// replicas can be adopted. An instance's environment variable `TANDEM_MQTT_EXCLUDE`
+/// (comma-separated topic filters) lists the subscriptions its replicas keep unshared.
+pub struct MqttWiring {
+    proxy: tandem_proxy::MqttProxy,
+    path: std::path::PathBuf,
+    ports: std::collections::BTreeMap<String, u16>,
+}
+
+impl MqttWiring {
+    /// The MQTT proxy to the broker at `upstream` (`host:port`), its ports kept in `data_dir`.
+    pub fn new(
+        data_dir: &Path,
+        upstream: &str,
+        stats: Arc<tandem_proxy::ProxyStats>,
+    ) -> anyhow::Result<Self> {
+        let proxy = tandem_proxy::MqttProxy::new(tandem_proxy::MqttConfig::new(upstream), stats)
+            .map_err(|e| anyhow::anyhow!("--mqtt-upstream: {e}"))?;
+        let path = data_dir.join("mqtt-ports.json");
+        let ports = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Ok(Self { proxy, path, ports })
+    }
+
+    /// Gives every replica of the running instances its listener and sets `mqtt_urls`.
+    pub async fn apply(&mut self, desired: &mut [InstanceDesired]) {
+        let before = self.ports.clone();
+        for attempt in 0..2 {
+            let mut instances = Vec::new();
+            for d in desired.iter_mut() {
+                let mut replicas = Vec::new();
+                d.mqtt_urls.clear();
+                for slot in 0..d.replicas as usize {
+                    let key = format!("{}/{slot}", d.replica.instance);
+                    let port = match self.ports.get(&key) {
+                        Some(p) => *p,
+                        None => {
+                            let Ok(p) = free_port() else { continue };
+                            self.ports.insert(key, p);
+                            p
+                        }
+                    };
+                    d.mqtt_urls.push(format!("mqtt://127.0.0.1:{port}"));
+                    replicas.push(tandem_proxy::MqttReplica {
+                        slot,
+                        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    });
+                }
+                if d.state == DesiredState::Running {
+                    instances.push(tandem_proxy::MqttInstance {
+                        name: d.replica.instance.clone(),
+                        ha: d.replica.ha,
+                        exclude: d
+                            .replica
+                            .env
+                            .get("TANDEM_MQTT_EXCLUDE")
+                            .map(|v| {
+                                v.split(',')
+                                    .map(str::trim)
+                                    .filter(|f| !f.is_empty())
+                                    .map(str::to_owned)
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        replicas,
+                    });
+                }
+            }
+            match self.proxy.set_instances(&instances).await {
+                Ok(()) => break,
+                // A kept port someone else took since: pick another once.
+                Err(tandem_proxy::mqtt::MqttError::Bind { instance, slot, .. }) if attempt == 0 => {
+                    self.ports.remove(&format!("{instance}/{slot}"));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot apply the MQTT listeners");
+                    break;
+                }
+            }
+        }
+        // Forget the ports of deleted instances.
+        let names: std::collections::HashSet<&str> = desired
+            .iter()
+            .map(|d| d.replica.instance.as_str())
+            .collect();
+        self.ports
+            .retain(|k, _| k.rsplit_once('/').is_some_and(|(n, _)| names.contains(n)));
+        if self.ports != before {
+            let text = serde_json::to_string_pretty(&self.ports).unwrap_or_default();
+            if let Err(e) = std::fs::write(&self.path, text) {
+                tracing::warn!(error = %e, path = %self.path.display(), "cannot keep the MQTT ports");
+            }
+        }
+    }
+
+    /// Closes every listener.
+    pub async fn shutdown(&self) {
+        self.proxy.shutdown().await;
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Hands the store's desired state to `coordinator` (and the MQTT proxy, when there is one)
+/// now, after each change the API reports, and every 30 seconds, until `stop` resolves.
 pub async fn run<D: Driver>(
     state: AppState,
     key: PlatformKey,
     coordinator: Arc<Coordinator<D>>,
+    mut mqtt: Option<MqttWiring>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
     loop {
         match desired_instances(&state, &key).await {
-            Ok(desired) => coordinator.apply(desired),
+            Ok(mut desired) => {
+                if let Some(m) = &mut mqtt {
+                    m.apply(&mut desired).await;
+                }
+                coordinator.apply(desired);
+            }
             Err(e) => tracing::warn!(error = %e, "cannot read the desired state; retrying"),
         }
         tokio::select! {
             _ = coordinator.wait_changed() => {}
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-            _ = &mut stop => return,
+            _ = &mut stop => {
+                if let Some(m) = &mqtt {
+                    m.shutdown().await;
+                }
+                return;
+            }
         }
     }
 }

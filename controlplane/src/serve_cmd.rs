@@ -156,15 +156,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         move || tandem_proxy::metrics::render(&routes.load(), &stats)
     }));
     let proxy = Arc::new(
-        Proxy::new(routes, ProxyConfig::default(), stats)
+        Proxy::new(routes, ProxyConfig::default(), stats.clone())
             .with_editor_gate(Arc::new(crate::editor_gate::TeamEditorGate(state.clone()))),
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
+    let mqtt = match &args.mqtt_upstream {
+        Some(upstream) => Some(crate::reconcile::MqttWiring::new(
+            &args.data_dir,
+            upstream,
+            stats.clone(),
+        )?),
+        None => None,
+    };
     let reconcile_task = tokio::spawn(crate::reconcile::run(
         state.clone(),
         key,
         coordinator.clone(),
+        mqtt,
         stopped(),
     ));
     let proxy_task = tokio::spawn(tandem_proxy::server::serve(http, proxy, stopped()));

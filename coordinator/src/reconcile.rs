@@ -58,15 +58,22 @@ pub struct InstanceDesired {
     pub standby: bool,
     /// What each replica runs; `slot` and `start_stopped` are set per replica.
     pub replica: ReplicaSpec,
+    /// Per slot, the MQTT proxy listener its flows should use as their broker, given to the
+    /// replica as `TANDEM_MQTT_URL`; empty when Tandem has no MQTT broker configured.
+    pub mqtt_urls: Vec<String>,
 }
 
 impl InstanceDesired {
     fn spec(&self, slot: u32) -> ReplicaSpec {
-        ReplicaSpec {
+        let mut spec = ReplicaSpec {
             slot,
             start_stopped: self.standby,
             ..self.replica.clone()
+        };
+        if let Some(url) = self.mqtt_urls.get(slot as usize) {
+            spec.env.insert("TANDEM_MQTT_URL".into(), url.clone());
         }
+        spec
     }
 }
 

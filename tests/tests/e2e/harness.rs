@@ -123,17 +123,26 @@ pub struct Tandem {
 impl Tandem {
     /// Starts `tandem serve` in a new data directory; replicas are stopped with it.
     pub async fn start(name: &str) -> Self {
+        Self::start_with(name, &[]).await
+    }
+
+    /// Starts `tandem serve` in a new data directory with more flags.
+    pub async fn start_with(name: &str, args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "tandem-e2e-{name}-{}-{}",
             std::process::id(),
-            Instant::now().elapsed().as_nanos() ^ u128::from(free_port())
+            free_port()
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        Self::start_in(&dir, true).await
+        Self::launch(&dir, true, args).await
     }
 
     /// Starts `tandem serve` on `dir`, as it is.
     pub async fn start_in(dir: &Path, stop_replicas: bool) -> Self {
+        Self::launch(dir, stop_replicas, &[]).await
+    }
+
+    async fn launch(dir: &Path, stop_replicas: bool, args: &[&str]) -> Self {
         let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         std::fs::create_dir_all(dir).unwrap();
@@ -157,6 +166,7 @@ impl Tandem {
                 "--stop-replicas-on-exit",
                 if stop_replicas { "true" } else { "false" },
             ])
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -8,3 +8,4 @@ mod access;
 mod ha;
 mod harness;
 mod lifecycle;
+mod mqtt;

@@ -1,0 +1,178 @@
+//! MQTT through `tandem serve`: an HA instance's replicas reach a real Mosquitto through their
+//! own listeners of Tandem's MQTT proxy (`TANDEM_MQTT_URL`), with the same client id and the
+//! same subscription in their flows, and share the messages instead of each processing all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::harness::Tandem;
+
+/// A Mosquitto of its own on a free port.
+struct Mosquitto {
+    addr: SocketAddr,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Mosquitto {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("tandem-e2e-mosquitto-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("mosquitto.conf"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
+        )
+        .unwrap();
+        let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(dir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (apt-get install mosquitto; .ci/run does)");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { addr, child, dir }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_replicas_share_mqtt_messages_through_tandem() {
+    let broker = Mosquitto::start();
+    let upstream = broker.addr.to_string();
+    let t = Tandem::start_with("mqtt", &["--mqtt-upstream", &upstream]).await;
+    let (app, _) = t.team_and_app("Mqtt").await;
+    // Unmodified flows: one broker config (from the environment), one client id, one
+    // subscription, the same on every replica.
+    let flows = json!([
+        { "id": "t1", "type": "tab", "label": "Jobs" },
+        { "id": "b", "type": "mqtt-broker", "name": "broker", "broker": "${TANDEM_MQTT_URL}", "clientid": "jobs-worker", "protocolVersion": "4", "keepalive": "60", "cleansession": true },
+        { "id": "in", "type": "mqtt in", "z": "t1", "topic": "jobs/#", "qos": "1", "datatype": "utf8", "broker": "b", "wires": [["work"]] },
+        { "id": "work", "type": "function", "z": "t1", "func": "node.warn('job ' + msg.payload); return null;", "wires": [[]] }
+    ]);
+    let r = t
+        .api(
+            "POST",
+            "/api/v1/instances",
+            json!({ "name": "mq", "application_id": app, "stack_id": t.stack().await, "flows": flows, "ha": { "replicas": 2 } }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    t.wait_running(&id, 2).await;
+    // Both replicas connected (through their own listeners) before anything is published.
+    let connected = |logs: &[serde_json::Value], src: &str| {
+        logs.iter()
+            .filter(|e| {
+                e["src"] == src
+                    && e["msg"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("Connected to broker")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = t.logs(&id, "limit=1000").await;
+        if connected(&logs, "mq-r0") == 1 && connected(&logs, "mq-r1") == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not connect: {logs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let n = 200;
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.addr.port().to_string()])
+        .args(["-q", "1", "-t", "jobs/new", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients; .ci/run does)");
+    {
+        use std::io::Write;
+        let mut stdin = publisher.stdin.take().unwrap();
+        for i in 0..n {
+            writeln!(stdin, "{i}").unwrap();
+        }
+    }
+    assert!(publisher.wait().unwrap().success());
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (by_replica, seen) = loop {
+        let logs = t.logs(&id, "limit=1000").await;
+        let mut by_replica: BTreeMap<String, u32> = BTreeMap::new();
+        let mut seen: Vec<u32> = Vec::new();
+        for e in &logs {
+            if let Some(job) = e["msg"].as_str().and_then(|m| m.strip_prefix("job ")) {
+                *by_replica
+                    .entry(e["src"].as_str().unwrap_or("?").to_string())
+                    .or_default() += 1;
+                seen.push(job.parse().unwrap());
+            }
+        }
+        if seen.len() >= n as usize || Instant::now() > deadline {
+            break (by_replica, seen);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("jobs per replica: {by_replica:?}");
+    let unique: BTreeSet<u32> = seen.iter().copied().collect();
+    assert_eq!(
+        seen.len(),
+        n as usize,
+        "each job processed once in all: {by_replica:?}"
+    );
+    assert_eq!(unique.len(), n as usize, "no job processed twice");
+    for src in ["mq-r0", "mq-r1"] {
+        let got = by_replica.get(src).copied().unwrap_or(0);
+        assert!(
+            (60..=140).contains(&got),
+            "{src} got {got} of {n}: {by_replica:?}"
+        );
+    }
+    // Same configured client id on both replicas, and neither was kicked off the broker.
+    let logs = t.logs(&id, "limit=1000").await;
+    assert_eq!(
+        (connected(&logs, "mq-r0"), connected(&logs, "mq-r1")),
+        (1, 1)
+    );
+    // The proxy's counters name the instance.
+    let m = crate::harness::http(t.api, "GET", "api", "/metrics", &[], "")
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        m.contains("tandem_proxy_mqtt_connections{instance=\"mq\""),
+        "{m}"
+    );
+}
