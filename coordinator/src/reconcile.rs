@@ -237,6 +237,8 @@ impl<D: Driver> Coordinator<D> {
 
     async fn run_instance(self: Arc<Self>, id: String, mut rx: watch::Receiver<Want>) {
         let log = self.logs.instance(&id);
+        // The observed entry exists before the promoter looks for it.
+        self.shared.update(&id, |_| {});
         let promoter = tokio::spawn(self.clone().promote_standbys(id.clone(), log.clone()));
         let mut replicas: BTreeMap<u32, Run> = BTreeMap::new();
         let name = loop {
@@ -361,8 +363,17 @@ impl<D: Driver> Coordinator<D> {
             return;
         }
 
-        self.shared.update(id, |o| o.phase = Phase::Installing);
-        if let Err(e) = self.driver.prepare(&d.replica, log).await {
+        // `installing` only when the stack is not there yet (preparing takes more than a moment).
+        let prepare = self.driver.prepare(&d.replica, log);
+        tokio::pin!(prepare);
+        let prepared = match tokio::time::timeout(Duration::from_millis(50), &mut prepare).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.shared.update(id, |o| o.phase = Phase::Installing);
+                prepare.await
+            }
+        };
+        if let Err(e) = prepared {
             log.note("error", e.to_string());
             self.shared
                 .update(id, |o| o.phase = Phase::Failed(e.to_string()));
