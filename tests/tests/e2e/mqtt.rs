@@ -176,3 +176,123 @@ async fn ha_replicas_share_mqtt_messages_through_tandem() {
         "{m}"
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tandem_proxy_serves_the_mqtt_listeners_of_its_routes_file() {
+    let broker = Mosquitto::start();
+    let dir = std::env::temp_dir().join(format!("tandem-e2e-mqtt-proxy-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (l0, l1) = (free_port(), free_port());
+    let admin = free_port();
+    std::fs::write(
+        dir.join("routes.toml"),
+        format!(
+            "[mqtt]\nupstream = \"{}\"\n\n[[instance]]\nname = \"orders\"\nhosts = [\"orders.localhost\"]\nha = true\nreplicas = [\"127.0.0.1:9\", \"127.0.0.1:10\"]\nmqtt_listeners = [\"127.0.0.1:{l0}\", \"127.0.0.1:{l1}\"]\n",
+            broker.addr
+        ),
+    )
+    .unwrap();
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_tandem-under-test"))
+        .arg("proxy")
+        .arg("--routes")
+        .arg(dir.join("routes.toml"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for port in [l0, l1] {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "MQTT listener {port} not up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Two "replicas" with the same client id and the same subscription, one per listener.
+    let subscriber = |port: u16, out: &str| {
+        Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-i", "worker", "-q", "1", "-t", "orders/#"])
+            .stdout(std::fs::File::create(dir.join(out)).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut subs = [subscriber(l0, "r0.txt"), subscriber(l1, "r1.txt")];
+    std::thread::sleep(Duration::from_millis(700));
+    let n = 100;
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.addr.port().to_string()])
+        .args(["-q", "1", "-t", "orders/new", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = publisher.stdin.take().unwrap();
+        for i in 0..n {
+            writeln!(stdin, "{i}").unwrap();
+        }
+    }
+    assert!(publisher.wait().unwrap().success());
+    let read = |f: &str| -> Vec<u32> {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while read("r0.txt").len() + read("r1.txt").len() < n as usize && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (r0, r1) = (read("r0.txt"), read("r1.txt"));
+    println!("through tandem proxy: r0 {} r1 {}", r0.len(), r1.len());
+    let all: BTreeSet<u32> = r0.iter().chain(&r1).copied().collect();
+    assert_eq!(r0.len() + r1.len(), n as usize, "each message once");
+    assert_eq!(all.len(), n as usize);
+    assert!(
+        r0.len() >= 30 && r1.len() >= 30,
+        "{} / {}",
+        r0.len(),
+        r1.len()
+    );
+    // Same client id, and neither subscriber was kicked off.
+    for s in &mut subs {
+        assert!(
+            s.try_wait().unwrap().is_none(),
+            "a subscriber lost its connection"
+        );
+    }
+    let m = crate::harness::http(
+        SocketAddr::from(([127, 0, 0, 1], admin)),
+        "GET",
+        "admin",
+        "/metrics",
+        &[],
+        "",
+    )
+    .await
+    .unwrap()
+    .body;
+    assert!(
+        m.contains("tandem_proxy_mqtt_rewrites_total{instance=\"orders\""),
+        "{m}"
+    );
+    for mut s in subs {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
