@@ -114,12 +114,18 @@ pub struct ServeArgs {
     /// three failed checks in a row count as hung, and the replica is killed and restarted.
     #[arg(long, env = "TANDEM_LIVENESS_CHECK_MS", default_value_t = 5_000)]
     pub liveness_check_ms: u64,
-    /// MQTT broker (`host:port`, plain TCP) for the instances' flows. When set, every replica
+    /// MQTT broker (`host:port`) for the instances' flows. When set, every replica
     /// gets its own listener of Tandem's MQTT proxy in front of it, as `TANDEM_MQTT_URL` in its
     /// environment; on HA instances the proxy makes client ids unique per replica and shares
     /// subscriptions across replicas.
     #[arg(long, env = "TANDEM_MQTT_UPSTREAM")]
     pub mqtt_upstream: Option<String>,
+    /// Connect to the MQTT broker with TLS.
+    #[arg(long, env = "TANDEM_MQTT_TLS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub mqtt_tls: bool,
+    /// With --mqtt-tls: PEM file of the CA certificates to trust (default: Mozilla's roots).
+    #[arg(long, env = "TANDEM_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
     /// Where Node-RED stacks are installed (npm); default `<data-dir>/stacks`.
     #[arg(long, env = "TANDEM_STACKS_DIR")]
     pub stacks_dir: Option<PathBuf>,

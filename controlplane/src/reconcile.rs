@@ -148,13 +148,13 @@ pub struct MqttWiring {
 }
 
 impl MqttWiring {
-    /// The MQTT proxy to the broker at `upstream` (`host:port`), its ports kept in `data_dir`.
+    /// The MQTT proxy to the broker `config` names, its ports kept in `data_dir`.
     pub fn new(
         data_dir: &Path,
-        upstream: &str,
+        config: tandem_proxy::MqttConfig,
         stats: Arc<tandem_proxy::ProxyStats>,
     ) -> anyhow::Result<Self> {
-        let proxy = tandem_proxy::MqttProxy::new(tandem_proxy::MqttConfig::new(upstream), stats)
+        let proxy = tandem_proxy::MqttProxy::new(config, stats)
             .map_err(|e| anyhow::anyhow!("--mqtt-upstream: {e}"))?;
         let path = data_dir.join("mqtt-ports.json");
         let ports = std::fs::read_to_string(&path)

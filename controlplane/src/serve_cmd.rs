@@ -162,11 +162,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
     let mqtt = match &args.mqtt_upstream {
-        Some(upstream) => Some(crate::reconcile::MqttWiring::new(
-            &args.data_dir,
-            upstream,
-            stats.clone(),
-        )?),
+        Some(upstream) => {
+            let mut config = tandem_proxy::MqttConfig::new(upstream.as_str());
+            if args.mqtt_tls {
+                config.tls = Some(
+                    tandem_proxy::mqtt::tls::UpstreamTls::new(args.mqtt_ca_file.clone())
+                        .map_err(|e| anyhow::anyhow!("--mqtt-tls: {e}"))?,
+                );
+            } else if args.mqtt_ca_file.is_some() {
+                anyhow::bail!("--mqtt-ca-file needs --mqtt-tls");
+            }
+            Some(crate::reconcile::MqttWiring::new(
+                &args.data_dir,
+                config,
+                stats.clone(),
+            )?)
+        }
         None => None,
     };
     let reconcile_task = tokio::spawn(crate::reconcile::run(

@@ -35,6 +35,7 @@
 //! - [`frame`]: fixed header and remaining length.
 //! - [`rewrite`]: CONNECT, SUBSCRIBE and UNSUBSCRIBE rewrites, topic filters.
 //! - [`conn`]: one replica connection, both directions.
+//! - [`tls`]: TLS to the broker.
 //! - This module: [`MqttProxy`], its listeners and their configuration.
 
 use std::collections::{HashMap, VecDeque};
@@ -53,6 +54,7 @@ use crate::routes::{validate_name, RouteError, MAX_REPLICAS};
 pub mod conn;
 pub mod frame;
 pub mod rewrite;
+pub mod tls;
 
 use rewrite::ShareRules;
 
@@ -72,6 +74,8 @@ pub struct MqttConfig {
     /// packet closes the connection. Default 16 MiB ([`DEFAULT_MAX_PACKET_BYTES`]): room for the
     /// images and files flows move, far below MQTT's 256 MiB.
     pub max_packet_bytes: usize,
+    /// TLS to the broker; plain TCP when absent.
+    pub tls: Option<tls::UpstreamTls>,
 }
 
 impl MqttConfig {
@@ -81,6 +85,7 @@ impl MqttConfig {
             upstream: upstream.into(),
             connect_timeout: Duration::from_secs(5),
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
+            tls: None,
         }
     }
 

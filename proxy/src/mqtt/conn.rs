@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -171,7 +171,46 @@ async fn run(client: TcpStream, cx: &Context) -> Result<(), ConnError> {
     let _ = client.set_nodelay(true);
     let _ = broker.set_nodelay(true);
     let (client_rd, client_wr) = client.into_split();
-    let (broker_rd, broker_wr) = broker.into_split();
+    match &cx.config.tls {
+        None => {
+            let (broker_rd, broker_wr) = broker.into_split();
+            pump(client_rd, client_wr, broker_rd, broker_wr, cx).await
+        }
+        Some(tls) => {
+            let handshake = tls.connect(upstream, broker);
+            let broker = match tokio::time::timeout(cx.config.connect_timeout, handshake).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(ConnError::UpstreamConnect {
+                        upstream: upstream.into(),
+                        reason: format!("TLS: {e}"),
+                    })
+                }
+                Err(_) => {
+                    return Err(ConnError::UpstreamConnect {
+                        upstream: upstream.into(),
+                        reason: format!("no TLS handshake within {:?}", cx.config.connect_timeout),
+                    })
+                }
+            };
+            let (broker_rd, broker_wr) = tokio::io::split(broker);
+            pump(client_rd, client_wr, broker_rd, broker_wr, cx).await
+        }
+    }
+}
+
+/// Both directions of one connection until either side closes.
+async fn pump<R, W>(
+    client_rd: OwnedReadHalf,
+    client_wr: OwnedWriteHalf,
+    broker_rd: R,
+    broker_wr: W,
+    cx: &Context,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let broker_wr = tokio::sync::Mutex::new(broker_wr);
     let shared = Mutex::new(Shared::default());
 
@@ -198,8 +237,8 @@ async fn finish(
 }
 
 /// Reads until `buf` holds at least one whole packet. `Ok(false)`: clean end of stream.
-async fn fill(
-    rd: &mut OwnedReadHalf,
+async fn fill<R: AsyncRead + Unpin>(
+    rd: &mut R,
     buf: &mut BytesMut,
     max: usize,
     side: &'static str,
@@ -237,9 +276,9 @@ impl Batch {
         self.parts.push(b);
     }
 
-    async fn write(
+    async fn write<W: AsyncWrite + Unpin>(
         &mut self,
-        wr: &mut OwnedWriteHalf,
+        wr: &mut W,
         side: &'static str,
     ) -> Result<(), ConnError> {
         for part in self.parts.drain(..) {
@@ -251,9 +290,9 @@ impl Batch {
 
 /// Client to broker: CONNECT first (client id rewritten on HA), SUBSCRIBE and UNSUBSCRIBE
 /// rewritten on HA, everything else as is.
-async fn to_broker(
+async fn to_broker<W: AsyncWrite + Unpin>(
     mut rd: OwnedReadHalf,
-    wr: &tokio::sync::Mutex<OwnedWriteHalf>,
+    wr: &tokio::sync::Mutex<W>,
     shared: &Mutex<Shared>,
     cx: &Context,
 ) -> Result<(), ConnError> {
@@ -353,16 +392,16 @@ async fn to_broker(
         batch.packets = 0;
         batch.bytes = 0;
         let mut w = wr.lock().await;
-        batch.write(&mut w, "broker").await?;
+        batch.write(&mut *w, "broker").await?;
     }
 }
 
 /// Broker to client: everything as is, except retained replays to shared subscriptions on
 /// replicas that are not the instance's retained holder, which are acknowledged and dropped.
-async fn to_client(
-    mut rd: OwnedReadHalf,
+async fn to_client<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut rd: R,
     mut wr: OwnedWriteHalf,
-    broker: &tokio::sync::Mutex<OwnedWriteHalf>,
+    broker: &tokio::sync::Mutex<W>,
     shared: &Mutex<Shared>,
     cx: &Context,
 ) -> Result<(), ConnError> {

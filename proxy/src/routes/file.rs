@@ -22,6 +22,8 @@
 //! upstream = "127.0.0.1:1883"
 //! max_packet_bytes = 16777216   # optional
 //! connect_timeout_ms = 5000     # optional
+//! tls = false                   # optional: TLS to the broker
+//! ca_file = "/etc/ssl/broker-ca.pem"  # optional with tls: CAs to trust (default Mozilla's roots)
 //! ```
 
 use std::net::SocketAddr;
@@ -131,6 +133,10 @@ struct RawMqtt {
     max_packet_bytes: Option<usize>,
     #[serde(default)]
     connect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    tls: bool,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,16 +206,29 @@ pub fn parse(text: &str) -> Result<Vec<InstanceSpec>, String> {
 pub fn parse_file(text: &str) -> Result<RoutesFile, String> {
     let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
     let h = raw.health;
-    let mqtt = raw.mqtt.map(|m| {
-        let mut c = MqttConfig::new(m.upstream);
-        if let Some(max) = m.max_packet_bytes {
-            c.max_packet_bytes = max;
+    let mqtt = match raw.mqtt {
+        None => None,
+        Some(m) => {
+            let mut c = MqttConfig::new(m.upstream);
+            if let Some(max) = m.max_packet_bytes {
+                c.max_packet_bytes = max;
+            }
+            if let Some(ms) = m.connect_timeout_ms {
+                c.connect_timeout = Duration::from_millis(ms);
+            }
+            match (m.tls, m.ca_file) {
+                (true, ca) => {
+                    c.tls =
+                        Some(mqtt::tls::UpstreamTls::new(ca).map_err(|e| format!("[mqtt] {e}"))?)
+                }
+                (false, Some(_)) => {
+                    return Err("[mqtt] ca_file is set but tls is not; add tls = true".into())
+                }
+                (false, None) => {}
+            }
+            Some(c)
         }
-        if let Some(ms) = m.connect_timeout_ms {
-            c.connect_timeout = Duration::from_millis(ms);
-        }
-        c
-    });
+    };
     let mqtt_instances = raw
         .instances
         .iter()

@@ -952,3 +952,176 @@ async fn mqtt_listeners_follow_the_routes_file() {
     assert!(TcpStream::connect(l0).await.is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// === TLS to the broker ===
+
+/// A CA and a broker certificate for 127.0.0.1, made with the openssl command.
+fn certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tandem test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "broker.key",
+        "-out",
+        "broker.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "broker.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "broker.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    // Mosquitto may read them as its own user.
+    for f in ["ca.pem", "broker.pem", "broker.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn mqtt_tls_to_the_broker_checks_its_certificate() {
+    use tandem_proxy::mqtt::tls::UpstreamTls;
+    let dir = std::env::temp_dir().join(format!("tandem-mqtt-tls-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    certificates(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        dir.join("mosquitto.conf"),
+        format!(
+            "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/broker.pem\nkeyfile {d}/broker.key\nallow_anonymous true\npersistence false\nlog_dest stderr\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let _broker = Command::new(mosquitto_bin())
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let upstream = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(upstream).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "mosquitto with TLS did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let proxy_with = |tls: UpstreamTls| async move {
+        let stats = Arc::new(ProxyStats::default());
+        let mut config = MqttConfig::new(upstream.to_string());
+        config.tls = Some(tls);
+        let mqtt = MqttProxy::new(config, stats.clone()).unwrap();
+        let replicas = (0..2)
+            .map(|slot| MqttReplica {
+                slot,
+                listen: "127.0.0.1:0".parse().unwrap(),
+            })
+            .collect();
+        mqtt.set_instances(&[MqttInstance {
+            name: "orders".into(),
+            ha: true,
+            exclude: vec![],
+            replicas,
+        }])
+        .await
+        .unwrap();
+        (mqtt, stats)
+    };
+
+    // Trusting the CA that signed the broker's certificate: replicas speak plain MQTT to the
+    // proxy, the proxy TLS to the broker.
+    let (mqtt, _) = proxy_with(UpstreamTls::new(Some(dir.join("ca.pem"))).unwrap()).await;
+    let r0 = Client::plain(
+        V::V311,
+        mqtt.listener("orders", 0).await.unwrap(),
+        "nodered",
+        &["jobs/#"],
+    );
+    r0.until("r0 SUBACK over TLS", |s| s.subacks == 1).await;
+    publish(
+        mqtt.listener("orders", 1).await.unwrap(),
+        "jobs/new",
+        seq("", 20),
+        false,
+    )
+    .await;
+    r0.until("20 messages over TLS", |s| s.msgs.len() == 20)
+        .await;
+
+    // Trusting only Mozilla's roots: the broker's certificate is refused and the replica's
+    // connection closed; nothing goes to the broker in plain text.
+    let (strict, stats) = proxy_with(UpstreamTls::new(None).unwrap()).await;
+    let c = TcpStream::connect(strict.listener("orders", 0).await.unwrap())
+        .await
+        .unwrap();
+    closed(c).await;
+    let text = render(&Routes::new().snapshot(), &stats);
+    assert!(
+        metric(&text, "tandem_proxy_mqtt_errors_total{instance=\"orders\",replica=\"r0\",kind=\"upstream_connect\"}") == Some(1.0),
+        "{text}"
+    );
+
+    // A CA file that is not PEM is a clear error.
+    std::fs::write(dir.join("bad.pem"), "not a certificate").unwrap();
+    let err = UpstreamTls::new(Some(dir.join("bad.pem"))).unwrap_err();
+    assert!(err.contains("bad.pem"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
