@@ -2,6 +2,13 @@
 //! (and platform admins), signed in with a session cookie or a `tdm_` bearer token. Viewers and
 //! other users get 403; requests without valid credentials get 401 with where to sign in. The
 //! proxy then adds the instance's admin secret; users never see it.
+//!
+//! The session cookie reaches every instance host under the base domain, including other teams'
+//! instances, whose flows can serve pages. So a request authenticated by the cookie alone that
+//! changes something (not GET, HEAD or OPTIONS) or opens a WebSocket must come from the
+//! instance's own origin (`Origin`, or `Sec-Fetch-Site: same-origin`); browsers send one of them
+//! with every such request. Bearer tokens are not sent by browsers on their own and are not
+//! checked this way.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,10 +30,14 @@ impl EditorGate for TeamEditorGate {
     fn check<'a>(
         &'a self,
         instance: &'a str,
+        method: &'a http::Method,
         headers: &'a http::HeaderMap,
     ) -> Pin<Box<dyn Future<Output = EditorDecision> + Send + 'a>> {
         Box::pin(async move {
             let state = &self.0;
+            if let Some(why) = cross_site(method, headers) {
+                return EditorDecision::Deny(why);
+            }
             let caller = match Caller::from_headers(headers, state).await {
                 Ok(c) => c,
                 Err(ApiError::Unauthorized(why)) => {
@@ -58,5 +69,89 @@ impl EditorGate for TeamEditorGate {
                 Err(e) => EditorDecision::Deny(format!("{e}\n")),
             }
         })
+    }
+}
+
+/// Why a cookie-authenticated request looks cross-site, if it does.
+fn cross_site(method: &http::Method, headers: &http::HeaderMap) -> Option<String> {
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
+        });
+    let changes = !matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    ) || headers.contains_key(http::header::UPGRADE);
+    if bearer || !changes {
+        return None;
+    }
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if let Some(origin) = headers
+        .get(http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    {
+        let same = origin
+            .split_once("://")
+            .is_some_and(|(_, o)| o.eq_ignore_ascii_case(host));
+        return (!same).then(|| {
+            format!("refused: a request from {origin} cannot change this instance's editor with your session; use the editor at its own address\n")
+        });
+    }
+    match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        Some("same-origin") | None => None,
+        Some(other) => Some(format!(
+            "refused: a {other} request cannot change this instance's editor with your session\n"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cookie_requests_that_change_things_must_come_from_the_instance_itself() {
+        let host = ("host", "orders.example.com:8080");
+        let post = http::Method::POST;
+        // Another instance's page posting to this editor: refused.
+        let evil = headers(&[host, ("origin", "http://evil.example.com:8080")]);
+        assert!(cross_site(&post, &evil).is_some());
+        assert!(cross_site(&post, &headers(&[host, ("sec-fetch-site", "same-site")])).is_some());
+        // A WebSocket from elsewhere, even with GET.
+        let ws = headers(&[
+            host,
+            ("upgrade", "websocket"),
+            ("origin", "http://evil.example.com"),
+        ]);
+        assert!(cross_site(&http::Method::GET, &ws).is_some());
+        // The editor itself, reads, tokens, and clients that are not browsers: allowed.
+        let own = headers(&[host, ("origin", "http://orders.example.com:8080")]);
+        assert!(cross_site(&post, &own).is_none());
+        assert!(cross_site(&http::Method::GET, &evil).is_none());
+        let token = headers(&[
+            host,
+            ("origin", "http://evil.example.com"),
+            ("authorization", "Bearer tdm_x"),
+        ]);
+        assert!(cross_site(&post, &token).is_none());
+        assert!(cross_site(&post, &headers(&[host])).is_none());
     }
 }

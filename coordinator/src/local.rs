@@ -32,6 +32,9 @@ use tokio::sync::{watch, Mutex};
 use crate::driver::{Driver, DriverError, ReplicaSpec, Running};
 use crate::logs::InstanceLog;
 
+/// Longest an `npm install` may take.
+const NPM_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Header that carries the admin secret to a replica.
 pub const TOKEN_HEADER: &str = "x-tandem-token";
 
@@ -205,6 +208,10 @@ impl LocalDriver {
         }
         let stacks = &self.stacks_dir;
         let dir = stacks.join(format!("{package}-{version}"));
+        // Installed stacks do not wait for installs of others.
+        if installed_version(&dir, package).await.as_deref() == Some(version) {
+            return Ok(dir);
+        }
         // One install at a time in this process, whichever driver asks.
         static INSTALLS: Mutex<()> = Mutex::const_new(());
         let _guard = INSTALLS.lock().await;
@@ -234,9 +241,16 @@ impl LocalDriver {
             .arg(&staging)
             .arg(format!("{package}@{version}"))
             .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(DriverError::io("cannot run npm (is Node.js installed?)"))?;
+            .kill_on_drop(true)
+            .output();
+        // A hung npm must not hold every other install forever.
+        let out = match tokio::time::timeout(NPM_TIMEOUT, out).await {
+            Ok(out) => out.map_err(DriverError::io("cannot run npm (is Node.js installed?)"))?,
+            Err(_) => {
+                let _ = tokio::fs::remove_dir_all(&staging).await;
+                return Err(fail(format!("npm did not finish within {NPM_TIMEOUT:?}")));
+            }
+        };
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -360,7 +374,7 @@ impl LocalDriver {
 /// file is read to its end. Rotates the file past `max_bytes`.
 fn tail(
     path: PathBuf,
-    mut offset: u64,
+    offset: u64,
     src: String,
     log: Arc<InstanceLog>,
     mut exit: watch::Receiver<Option<String>>,
@@ -368,60 +382,92 @@ fn tail(
     seen: Arc<Seen>,
 ) {
     tokio::spawn(async move {
-        let mut partial = Vec::new();
+        let mut t = Tail {
+            offset,
+            partial: Vec::new(),
+            src,
+            log,
+            seen,
+        };
+        // The sender gone without an exit reason: the start was abandoned (and its process
+        // killed); read what is left and end.
+        let mut abandoned = false;
         loop {
-            let done = exit.borrow_and_update().is_some();
+            let done = abandoned || exit.borrow_and_update().is_some();
             if let Ok(mut f) = tokio::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&path)
                 .await
             {
-                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-                if len < offset {
-                    // Truncated under us: start over.
-                    offset = 0;
-                    partial.clear();
-                }
-                if len > offset && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
-                    let mut buf = Vec::with_capacity((len - offset) as usize);
-                    if f.read_to_end(&mut buf).await.is_ok() {
-                        offset += buf.len() as u64;
-                        partial.extend_from_slice(&buf);
-                        let mut lines: Vec<&[u8]> = partial.split(|b| *b == b'\n').collect();
-                        let rest = lines.pop().unwrap_or_default().to_vec();
-                        for line in lines {
-                            let line = String::from_utf8_lossy(line);
-                            let line = line.trim_end_matches('\r');
-                            if !line.is_empty() {
-                                seen.line(line);
-                                log.push_line(&src, line);
-                            }
-                        }
-                        partial = rest;
-                    }
-                }
-                if offset > max_bytes {
+                t.read(&mut f).await;
+                if t.offset > max_bytes {
                     // Keep one old file. The writer appends (O_APPEND), so after the truncation
-                    // it goes on at the new end.
+                    // it goes on at the new end. Lines written between the last read and the
+                    // truncation are read first; the window left is the copy itself.
                     let old = path.with_extension("log.1");
-                    if tokio::fs::copy(&path, &old).await.is_ok() && f.set_len(0).await.is_ok() {
-                        offset = 0;
+                    if tokio::fs::copy(&path, &old).await.is_ok() {
+                        t.read(&mut f).await;
+                        if f.set_len(0).await.is_ok() {
+                            t.offset = 0;
+                        }
                     }
                 }
             }
             if done {
-                if !partial.is_empty() {
-                    log.push_line(&src, &String::from_utf8_lossy(&partial));
+                if !t.partial.is_empty() {
+                    t.log
+                        .push_line(&t.src, &String::from_utf8_lossy(&t.partial));
                 }
                 return;
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = exit.changed() => {}
+                changed = exit.changed() => abandoned = changed.is_err(),
             }
         }
     });
+}
+
+/// Where a tailer is in a replica's output file.
+struct Tail {
+    offset: u64,
+    partial: Vec<u8>,
+    src: String,
+    log: Arc<InstanceLog>,
+    seen: Arc<Seen>,
+}
+
+impl Tail {
+    /// Reads `f` from the offset to its end, pushing every whole line.
+    async fn read(&mut self, f: &mut tokio::fs::File) {
+        let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+        if len < self.offset {
+            // Truncated under us: start over.
+            self.offset = 0;
+            self.partial.clear();
+        }
+        if len <= self.offset || f.seek(std::io::SeekFrom::Start(self.offset)).await.is_err() {
+            return;
+        }
+        let mut buf = Vec::with_capacity((len - self.offset) as usize);
+        if f.read_to_end(&mut buf).await.is_err() {
+            return;
+        }
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        let mut lines: Vec<&[u8]> = self.partial.split(|b| *b == b'\n').collect();
+        let rest = lines.pop().unwrap_or_default().to_vec();
+        for line in lines {
+            let line = String::from_utf8_lossy(line);
+            let line = line.trim_end_matches('\r');
+            if !line.is_empty() {
+                self.seen.line(line);
+                self.log.push_line(&self.src, line);
+            }
+        }
+        self.partial = rest;
+    }
 }
 
 /// What the start of a replica waits for in its output: "Started flows", and the last lines to

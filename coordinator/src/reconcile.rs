@@ -93,13 +93,18 @@ pub struct Coordinator<D: Driver> {
     policy: RestartPolicy,
     shared: Arc<Shared>,
     workers: Mutex<HashMap<String, Worker>>,
-    changed: Notify,
+    /// Workers of deleted instances still stopping, by name: a new instance of the same name
+    /// waits for them, since replica ids and directories are named after the instance.
+    ending: Arc<Mutex<HashMap<String, JoinHandle<()>>>>,
+    changed: Arc<Notify>,
     shutting_down: std::sync::atomic::AtomicBool,
     /// Time a rolling replacement waits for a new replica to be ready. Default 120 s.
     pub ready_wait: Duration,
 }
 
 struct Worker {
+    /// The instance's name: its replica ids and directories.
+    name: String,
     want: watch::Sender<Want>,
     task: JoinHandle<()>,
 }
@@ -163,7 +168,8 @@ impl<D: Driver> Coordinator<D> {
                 routes,
             }),
             workers: Mutex::new(HashMap::new()),
-            changed: Notify::new(),
+            ending: Arc::default(),
+            changed: Arc::new(Notify::new()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             ready_wait: Duration::from_secs(120),
         })
@@ -181,8 +187,31 @@ impl<D: Driver> Coordinator<D> {
             return;
         };
         let keep: std::collections::HashSet<&str> = desired.iter().map(|d| d.id.as_str()).collect();
-        // Dropping a worker's sender tells it the instance is gone.
-        workers.retain(|id, _| keep.contains(id.as_str()));
+        // Dropping a worker's sender tells it the instance is gone; it is remembered by name
+        // until it has stopped, and the control plane is asked to apply again then.
+        let gone: Vec<String> = workers
+            .keys()
+            .filter(|id| !keep.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(w) = workers.remove(&id) {
+                drop(w.want);
+                let (ending, changed) = (self.ending.clone(), self.changed.clone());
+                let name = w.name.clone();
+                let task = w.task;
+                let waiter = tokio::spawn(async move {
+                    let _ = task.await;
+                    if let Ok(mut e) = ending.lock() {
+                        e.remove(&name);
+                    }
+                    changed.notify_one();
+                });
+                if let Ok(mut e) = self.ending.lock() {
+                    e.insert(w.name, waiter);
+                }
+            }
+        }
         for d in desired {
             match workers.get(&d.id) {
                 Some(w) if !w.task.is_finished() => {
@@ -193,14 +222,31 @@ impl<D: Driver> Coordinator<D> {
                     });
                 }
                 _ => {
+                    let busy = self
+                        .ending
+                        .lock()
+                        .map(|e| e.contains_key(&d.replica.instance))
+                        .unwrap_or(false);
+                    if busy {
+                        // Started once the deleted namesake has stopped.
+                        continue;
+                    }
                     let id = d.id.clone();
+                    let name = d.replica.instance.clone();
                     let (tx, rx) = watch::channel(Want {
                         desired: d,
                         restart: 0,
                         retry: 0,
                     });
                     let task = tokio::spawn(self.clone().run_instance(id.clone(), rx));
-                    workers.insert(id, Worker { want: tx, task });
+                    workers.insert(
+                        id,
+                        Worker {
+                            name,
+                            want: tx,
+                            task,
+                        },
+                    );
                 }
             }
         }
@@ -228,10 +274,17 @@ impl<D: Driver> Coordinator<D> {
             Ok(mut w) => w.drain().map(|(_, w)| w).collect(),
             Err(_) => return,
         };
-        for w in workers {
-            // The worker stops its replicas once its sender is gone, but keeps their data.
-            drop(w.want);
-            let _ = w.task.await;
+        // Each worker stops its replicas once its sender is gone, but keeps their data; all at
+        // once.
+        let tasks: Vec<JoinHandle<()>> = workers
+            .into_iter()
+            .map(|w| {
+                drop(w.want);
+                w.task
+            })
+            .collect();
+        for task in tasks {
+            let _ = task.await;
         }
     }
 
@@ -315,18 +368,31 @@ impl<D: Driver> Coordinator<D> {
             let rid = format!("{name}-r{slot}");
             match self.driver.set_flows_running(&rid, true).await {
                 Ok(()) => {
+                    let mut took = false;
+                    self.shared.update(&id, |o| {
+                        if let Some(r) = o.replicas.get_mut(slot) {
+                            r.flows_started = true;
+                            if r.state == "running" && o.active.is_none() {
+                                o.active = Some(*slot);
+                                took = true;
+                            }
+                        }
+                    });
+                    if !took {
+                        // Another replica became active meanwhile (adopted with its flows
+                        // running): never two actives.
+                        let _ = self.driver.set_flows_running(&rid, false).await;
+                        self.shared.update(&id, |o| {
+                            if let Some(r) = o.replicas.get_mut(slot) {
+                                r.flows_started = false;
+                            }
+                        });
+                        continue;
+                    }
                     log.note(
                         "info",
                         format!("{rid} is now the active replica (flows started)"),
                     );
-                    self.shared.update(&id, |o| {
-                        if let Some(r) = o.replicas.get_mut(slot) {
-                            if r.state == "running" {
-                                r.flows_started = true;
-                                o.active = Some(*slot);
-                            }
-                        }
-                    });
                 }
                 Err(e) => log.note("warn", format!("cannot start the flows of {rid}: {e}")),
             }

@@ -15,8 +15,9 @@
 //!   and subscription identifiers are kept; No Local is cleared on shared filters (a protocol
 //!   error there; Mosquitto ignores it anyway).
 //! - Retained messages: Mosquitto before 2.0.13 (Debian 12 ships 2.0.11) sends retained messages
-//!   to new shared subscriptions, so every replica would process them. The instance's
-//!   *retained holder*, its longest-connected replica connection, receives them; on the others
+//!   to new shared subscriptions, so every replica would process them. For each client id
+//!   of an instance (one per broker config node in its flows), the *retained holder*, the
+//!   longest-connected of the replicas' connections with that id, receives them; on the others
 //!   a PUBLISH with RETAIN = 1 that matches only shared filters without Retain As Published is
 //!   dropped and acknowledged to the broker by the proxy (PUBACK, or PUBREC and later PUBCOMP).
 //!   Live messages reach shared subscribers with RETAIN = 0, so they are never dropped. When
@@ -243,8 +244,9 @@ pub struct InstanceState {
     pub name: Arc<str>,
     /// Sharing rules for new connections; `None` when the instance is not HA.
     rules: ArcSwap<Option<Arc<ShareRules>>>,
-    /// HA connections in the order their CONNECT passed; the first is the retained holder.
-    connected: Mutex<VecDeque<u64>>,
+    /// HA connections with the client id they sent, in the order their CONNECT passed; per
+    /// client id (one per broker config node in the flows) the first is the retained holder.
+    connected: Mutex<VecDeque<(u64, String)>>,
 }
 
 impl InstanceState {
@@ -268,20 +270,26 @@ impl InstanceState {
         self.rules.store(Arc::new(rules));
     }
 
-    fn connected(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
+    fn connected(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, String)>> {
         self.connected.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn join(&self, conn: u64) {
-        self.connected().push_back(conn);
+    pub(crate) fn join(&self, conn: u64, client_id: &str) {
+        self.connected().push_back((conn, client_id.to_owned()));
     }
 
     pub(crate) fn leave(&self, conn: u64) {
-        self.connected().retain(|c| *c != conn);
+        self.connected().retain(|(c, _)| *c != conn);
     }
 
+    /// Whether `conn` is the oldest connection of its client id: the replicas' copies of one
+    /// broker config node share a client id, so each such node has one holder.
     pub(crate) fn is_holder(&self, conn: u64) -> bool {
-        self.connected().front() == Some(&conn)
+        let connected = self.connected();
+        let Some((_, id)) = connected.iter().find(|(c, _)| *c == conn) else {
+            return false;
+        };
+        connected.iter().find(|(_, i)| i == id).map(|(c, _)| *c) == Some(conn)
     }
 }
 

@@ -50,6 +50,7 @@ pub trait EditorGate: Send + Sync + 'static {
     fn check<'a>(
         &'a self,
         instance: &'a str,
+        method: &'a http::Method,
         headers: &'a http::HeaderMap,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = EditorDecision> + Send + 'a>>;
 }

@@ -137,7 +137,10 @@ impl Proxy {
         if let Some(secret) = &instance.editor_secret {
             if editor {
                 let decision = match &self.gate {
-                    Some(gate) => gate.check(&instance.name, req.headers()).await,
+                    Some(gate) => {
+                        gate.check(&instance.name, req.method(), req.headers())
+                            .await
+                    }
                     None => policy::EditorDecision::SignIn(
                         "The editor of this instance is not open here.\n".into(),
                     ),
@@ -560,21 +563,27 @@ fn strip_tandem_credentials(headers: &mut HeaderMap) {
     if !headers.contains_key(header::COOKIE) {
         return;
     }
-    let kept: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| {
-            !c.is_empty()
-                && c.split_once('=')
-                    .is_none_or(|(name, _)| name.trim() != SESSION_COOKIE)
-        })
-        .map(str::to_owned)
-        .collect();
+    // On bytes, not strings: one non-ASCII cookie must not cost a flow the others.
+    let mut kept: Vec<u8> = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        for c in value.as_bytes().split(|b| *b == b';') {
+            let c = c.trim_ascii();
+            let name = c
+                .split(|b| *b == b'=')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            if c.is_empty() || name == SESSION_COOKIE.as_bytes() {
+                continue;
+            }
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(c);
+        }
+    }
     headers.remove(header::COOKIE);
-    if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+    if let Ok(v) = HeaderValue::from_bytes(&kept) {
         if !kept.is_empty() {
             headers.insert(header::COOKIE, v);
         }
@@ -712,13 +721,20 @@ mod tests {
             HeaderValue::from_static("theme=dark; tandem_session=s3cret"),
         );
         h.append(header::COOKIE, HeaderValue::from_static("lang=en"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_bytes("name=Jos\u{e9}".as_bytes()).unwrap(),
+        );
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer tdm_abc"),
         );
         h.insert(ADMIN_TOKEN, HeaderValue::from_static("guess"));
         strip_tandem_credentials(&mut h);
-        assert_eq!(h.get(header::COOKIE).unwrap(), "theme=dark; lang=en");
+        assert_eq!(
+            h.get(header::COOKIE).unwrap().as_bytes(),
+            "theme=dark; lang=en; name=Jos\u{e9}".as_bytes()
+        );
         assert!(h.get(header::AUTHORIZATION).is_none());
         assert!(h.get(ADMIN_TOKEN).is_none());
 

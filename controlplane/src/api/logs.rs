@@ -222,7 +222,12 @@ async fn instance_log_stream(
                 continue;
             }
             loop {
-                match rx.recv().await {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    // The client went away while the log is quiet.
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Ok(e) if e.seq <= last => {}
                     Ok(e) => {
                         last = e.seq;

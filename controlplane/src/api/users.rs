@@ -63,7 +63,11 @@ pub struct Login {
 /// Signs in with a password; the answer sets the session cookie (HttpOnly, SameSite=Lax).
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = Login,
     responses((status = 200, body = User), (status = 401, body = crate::error::ErrorBody)))]
-async fn login(State(state): State<AppState>, Json(body): Json<Login>) -> ApiResult<Response> {
+async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(body): Json<Login>,
+) -> ApiResult<Response> {
     let row = sqlx::query("SELECT id, username, email, admin, created_at, password_hash FROM users WHERE username = $1")
         .bind(&body.username)
         .fetch_optional(&state.store.pool)
@@ -97,7 +101,7 @@ async fn login(State(state): State<AppState>, Json(body): Json<Login>) -> ApiRes
         "{}={secret}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
         auth::SESSION_COOKIE,
         state.config.session_ttl_ms / 1000,
-        cookie_domain(&state)
+        cookie_domain(&state, &headers)
     );
     let mut resp = Json(user).into_response();
     resp.headers_mut().insert(
@@ -108,11 +112,22 @@ async fn login(State(state): State<AppState>, Json(body): Json<Login>) -> ApiRes
 }
 
 /// `; Domain=<base domain>`, so the session also reaches the instances' editors at
-/// `<name>.<base domain>`. Not for a single-label base domain such as `localhost`, which
-/// browsers refuse as a cookie domain; there the editor takes a bearer token.
-fn cookie_domain(state: &AppState) -> String {
-    let domain = &state.config.base_domain;
-    if domain.contains('.') {
+/// `<name>.<base domain>`: only when the API itself is reached under the base domain (browsers
+/// drop a cookie for a domain the answering host is not in) and the base domain has a dot
+/// (browsers refuse `Domain=localhost`; there the editor takes a bearer token).
+fn cookie_domain(state: &AppState, headers: &HeaderMap) -> String {
+    let domain = state.config.base_domain.to_ascii_lowercase();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|h| {
+            h.rsplit_once(':')
+                .map_or(h, |(name, _)| name)
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let under = host == domain || host.ends_with(&format!(".{domain}"));
+    if domain.contains('.') && under {
         format!("; Domain={domain}")
     } else {
         String::new()
@@ -132,7 +147,7 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<
     let clear = format!(
         "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}",
         auth::SESSION_COOKIE,
-        cookie_domain(&state)
+        cookie_domain(&state, &headers)
     );
     resp.headers_mut().insert(
         header::SET_COOKIE,

@@ -331,7 +331,7 @@ async fn to_broker<W: AsyncWrite + Unpin>(
                         cx.stats.client_id_rewrites.fetch_add(1, Ordering::Relaxed);
                     }
                     if rules.is_some() {
-                        cx.instance.join(cx.id);
+                        cx.instance.join(cx.id, &c.client_id);
                         tracing::debug!(instance = %cx.instance.name, replica = cx.slot, client_id = %c.client_id, "MQTT client connecting");
                     }
                     c.rewritten

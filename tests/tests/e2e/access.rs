@@ -160,7 +160,11 @@ async fn roles_hold_on_actions_and_the_editor_is_for_members_only() {
             "gated",
             "GET",
             "/echo",
-            &[("Cookie", &cookies), ("Authorization", &auth)],
+            &[
+                ("Cookie", &cookies),
+                ("Authorization", &auth),
+                ("x-tandem-token", "client-sent"),
+            ],
         )
         .await
         .unwrap();
