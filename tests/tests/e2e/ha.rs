@@ -241,7 +241,7 @@ async fn standby_mode_has_one_active_replica_and_fails_over() {
                 "name": "standby",
                 "application_id": app,
                 "stack_id": t.stack().await,
-                "flows": hello_flows(),
+                "flows": ticking_flows(),
                 "ha": { "replicas": 2, "mode": "standby" },
             }),
         )
@@ -266,6 +266,10 @@ async fn standby_mode_has_one_active_replica_and_fails_over() {
         .await;
     let active = actives(&s)[0];
     let active_id = format!("standby-r{active}");
+    // Only the active replica runs its flows: ticks come from it alone.
+    let ticks = ticks_after(&t, &id, Duration::from_millis(1500)).await;
+    assert!(ticks.get(&active_id).copied().unwrap_or(0) > 0, "{ticks:?}");
+    assert_eq!(ticks.len(), 1, "a standby ran its flows: {ticks:?}");
     // Only the active replica answers; the standby's flows do not run.
     for _ in 0..20 {
         let r = t.get("standby", "/hello").await.unwrap();
@@ -275,14 +279,14 @@ async fn standby_mode_has_one_active_replica_and_fails_over() {
         );
     }
 
-    // The active dies: the standby takes over; at no point are two replicas active.
+    // The active dies: the standby takes over (its flows started only then: checked by the
+    // ticks below).
     let pid = s["replicas"][active as usize]["pid"].as_u64().unwrap();
     kill9(pid);
     let other = format!("standby-r{}", 1 - active);
     let start = Instant::now();
     loop {
         let s = t.status(&id).await;
-        assert!(actives(&s).len() <= 1, "two actives: {s}");
         if let Ok(r) = t.get("standby", "/hello").await {
             if r.status == 200 {
                 assert_eq!(r.header("x-tandem-replica"), Some(other.as_str()));
@@ -306,8 +310,48 @@ async fn standby_mode_has_one_active_replica_and_fails_over() {
         })
         .await;
     assert_eq!(actives(&s), vec![1 - active], "{s}");
+    // The new active ticks; the old one, back as the standby, does not.
+    let ticks = ticks_after(&t, &id, Duration::from_millis(1500)).await;
+    assert_eq!(ticks.keys().collect::<Vec<_>>(), vec![&other], "{ticks:?}");
     for _ in 0..10 {
         let r = t.get("standby", "/hello").await.unwrap();
         assert_eq!(r.header("x-tandem-replica"), Some(other.as_str()));
     }
+}
+
+/// `hello_flows` plus an inject node that logs `tick` every 200 ms while the flows run.
+fn ticking_flows() -> Value {
+    let mut flows = hello_flows();
+    for node in [
+        json!({ "id": "tick", "type": "inject", "z": "t1", "once": true, "onceDelay": 0.1, "repeat": "0.2", "wires": [["say"]] }),
+        json!({ "id": "say", "type": "function", "z": "t1", "func": "node.warn('tick'); return null;", "wires": [[]] }),
+    ] {
+        flows.as_array_mut().unwrap().push(node);
+    }
+    flows
+}
+
+/// The `tick` lines per replica logged during `wait`, from now on.
+async fn ticks_after(t: &Tandem, id: &str, wait: Duration) -> BTreeMap<String, u64> {
+    let r = t
+        .api(
+            "GET",
+            &format!("/api/v1/instances/{id}/logs?limit=1"),
+            Value::Null,
+        )
+        .await;
+    let cursor = r.json()["meta"]["next_cursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(wait).await;
+    let mut ticks = BTreeMap::new();
+    for e in t.logs(id, &format!("cursor={cursor}&limit=1000")).await {
+        if e["msg"] == "tick" {
+            *ticks
+                .entry(e["src"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+        }
+    }
+    ticks
 }
