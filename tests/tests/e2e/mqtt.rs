@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::harness::Tandem;
+use crate::harness::{free_port, Tandem};
 
 /// A Mosquitto of its own on a free port.
 struct Mosquitto {
@@ -20,11 +20,7 @@ struct Mosquitto {
 
 impl Mosquitto {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = std::env::temp_dir().join(format!("tandem-e2e-mosquitto-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
@@ -175,14 +171,6 @@ async fn ha_replicas_share_mqtt_messages_through_tandem() {
         m.contains("tandem_proxy_mqtt_connections{instance=\"mq\""),
         "{m}"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
