@@ -372,7 +372,9 @@ impl LocalDriver {
 
 /// Follows a replica's output file from `offset` into `log` until the process has ended and the
 /// file is read to its end. Rotates the file past `max_bytes`.
-fn tail(
+///
+/// What the file already holds past `offset` is in the log when this returns.
+async fn tail(
     path: PathBuf,
     offset: u64,
     src: String,
@@ -381,14 +383,17 @@ fn tail(
     max_bytes: u64,
     seen: Arc<Seen>,
 ) {
+    let mut t = Tail {
+        offset,
+        partial: Vec::new(),
+        src,
+        log,
+        seen,
+    };
+    if let Ok(mut f) = tokio::fs::File::open(&path).await {
+        t.read(&mut f).await;
+    }
     tokio::spawn(async move {
-        let mut t = Tail {
-            offset,
-            partial: Vec::new(),
-            src,
-            log,
-            seen,
-        };
         // The sender gone without an exit reason: the start was abandoned (and its process
         // killed); read what is left and end.
         let mut abandoned = false;
@@ -427,6 +432,32 @@ fn tail(
             }
         }
     });
+}
+
+/// The offset of the first line that starts in the last `window` bytes of `path`.
+async fn replay_start(path: &Path, window: u64) -> u64 {
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return 0;
+    };
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(window);
+    if start == 0 || f.seek(std::io::SeekFrom::Start(start - 1)).await.is_err() {
+        return start;
+    }
+    let mut buf = Vec::new();
+    if (&mut f)
+        .take(window + 1)
+        .read_to_end(&mut buf)
+        .await
+        .is_err()
+    {
+        return len;
+    }
+    // The byte before the window included: a newline there means the window starts a line.
+    match buf.iter().position(|b| *b == b'\n') {
+        Some(i) => start - 1 + i as u64 + 1,
+        None => len,
+    }
 }
 
 /// Where a tailer is in a replica's output file.
@@ -694,21 +725,20 @@ impl Driver for LocalDriver {
         }
         let hash = spec_hash(spec);
         if let Some((w, flows_started)) = self.adopt(spec, &dir, &hash).await {
-            // Replay the end of the file so the log is not empty after Tandem's restart.
-            let len = tokio::fs::metadata(&log_path)
-                .await
-                .map(|m| m.len())
-                .unwrap_or(0);
+            // Replay the end of the file (its last 64 KiB, from a line start) so the log is not
+            // empty after Tandem's restart.
+            let from = replay_start(&log_path, 64 << 10).await;
             let seen = Arc::new(Seen::default());
             tail(
                 log_path,
-                len.saturating_sub(64 << 10),
+                from,
                 id.clone(),
                 log.clone(),
                 w.exit.clone(),
                 self.max_log_bytes,
                 seen,
-            );
+            )
+            .await;
             log.note("info", format!("adopted replica {id} (pid {})", w.pid));
             tracing::info!(replica = %id, addr = %w.addr, pid = w.pid, "adopted a running replica");
             let running = Running {
@@ -798,7 +828,8 @@ impl Driver for LocalDriver {
             exit_rx.clone(),
             self.max_log_bytes,
             seen.clone(),
-        );
+        )
+        .await;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = tokio::time::Instant::now() + self.ready_timeout;
         loop {
