@@ -175,11 +175,6 @@ impl<D: Driver> Coordinator<D> {
         })
     }
 
-    /// The logs of every instance.
-    pub fn logs(&self) -> &Arc<LogBook> {
-        &self.logs
-    }
-
     /// Makes `desired` the whole desired state: instances not in it are stopped and their data
     /// removed.
     pub fn apply(self: &Arc<Self>, desired: Vec<InstanceDesired>) {

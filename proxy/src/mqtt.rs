@@ -530,17 +530,14 @@ async fn accept_loop(
     next_conn: Arc<AtomicU64>,
 ) {
     let mut conns = JoinSet::new();
+    let label = format!("MQTT {}/r{slot}", instance.name);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%error, instance = %instance.name, replica = slot, "MQTT accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                let Some((stream, peer)) =
+                    crate::server::accepted_or_back_off(accepted, &label).await
+                else {
+                    continue;
                 };
                 let cx = conn::Context {
                     instance: instance.clone(),

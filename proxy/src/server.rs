@@ -126,14 +126,8 @@ async fn accept_loop<F, S>(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                let Some((stream, peer)) = accepted_or_back_off(accepted, "HTTP").await else {
+                    continue;
                 };
                 let _ = stream.set_nodelay(true);
                 let service = make_service(peer);
@@ -174,5 +168,21 @@ async fn accept_loop<F, S>(
             "closing connections still open after the shutdown grace period"
         );
         connections.shutdown().await;
+    }
+}
+
+/// The accepted connection, or, after an accept error (out of file descriptors and the like),
+/// `None` once a short pause has passed, so an accept loop backs off instead of spinning.
+pub(crate) async fn accepted_or_back_off(
+    accepted: std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>,
+    listener: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match accepted {
+        Ok(x) => Some(x),
+        Err(error) => {
+            tracing::warn!(%error, %listener, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
     }
 }

@@ -487,3 +487,47 @@ async fn a_replica_log_file_is_rotated_and_every_line_still_reaches_the_log() {
     );
     d.stop(&r.id).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_can_be_deployed_and_stopped_without_a_restart() {
+    let d = driver();
+    let s = spec(&unique("deploy"), 0, false, false);
+    let r = d.start(&s, log()).await.unwrap();
+    assert_eq!(
+        http(r.addr, "GET", "/hello", &[], "").await,
+        (200, "r0".to_string())
+    );
+    // New flows through the admin API: the same process answers with them.
+    let flows = json!([
+        { "id": "t1", "type": "tab", "label": "Hello" },
+        { "id": "in", "type": "http in", "z": "t1", "url": "/hello", "method": "get", "wires": [["fn"]] },
+        { "id": "fn", "type": "function", "z": "t1", "func": "msg.payload = 'deployed'; return msg;", "wires": [["out"]] },
+        { "id": "out", "type": "http response", "z": "t1", "statusCode": "", "headers": {}, "wires": [] }
+    ]);
+    d.deploy(&r.id, &flows).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http(r.addr, "GET", "/hello", &[], "").await.1 != "deployed" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deploy did not take"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Flows stopped: the endpoint is gone; started again: back, same process.
+    d.set_flows_running(&r.id, false).await.unwrap();
+    assert_eq!(probe(r.addr, &s.admin_secret).await.unwrap(), "stop");
+    assert_eq!(http(r.addr, "GET", "/hello", &[], "").await.0, 404);
+    d.set_flows_running(&r.id, true).await.unwrap();
+    assert_eq!(probe(r.addr, &s.admin_secret).await.unwrap(), "start");
+    assert_eq!(
+        http(r.addr, "GET", "/hello", &[], "").await,
+        (200, "deployed".to_string())
+    );
+    // Bad flows are refused with Node-RED's reason, and unknown replicas are an error.
+    assert!(d
+        .deploy(&r.id, &json!({ "not": "an array" }))
+        .await
+        .is_err());
+    assert!(d.deploy("nope-r0", &flows).await.is_err());
+    d.stop(&r.id).await.unwrap();
+}
