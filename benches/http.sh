@@ -119,7 +119,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # Free ports on 127.0.0.1, all distinct (each socket stays bound until all are chosen).
-read -r UP_PORT NGINX_PORT HAPROXY_PORT TANDEM_PORT TANDEM_ADMIN_PORT < <(python3 -c '
+read -r UP_PORT NGINX_PORT HAPROXY_PORT TANDEM_PORT TANDEM_METRICS_PORT < <(python3 -c '
 import socket
 socks = [socket.socket() for _ in range(5)]
 for s in socks:
@@ -235,7 +235,7 @@ start upstream nginx -e "$tmp/upstream.error.log" -p "$tmp" -c "$tmp/upstream.co
 start nginx nginx -e "$tmp/nginx.error.log" -p "$tmp" -c "$tmp/nginx.conf"
 start haproxy haproxy -db -f "$tmp/haproxy.cfg"
 start tandem env RUST_LOG=warn "$TANDEM" proxy --routes "$tmp/routes.toml" \
-    --listen "127.0.0.1:$TANDEM_PORT" --admin-listen "127.0.0.1:$TANDEM_ADMIN_PORT" \
+    --listen "127.0.0.1:$TANDEM_PORT" --metrics-listen "127.0.0.1:$TANDEM_METRICS_PORT" \
     --threads 1 --access-log false
 
 declare -A PORT=([direct]=$UP_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [tandem]=$TANDEM_PORT)

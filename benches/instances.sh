@@ -14,11 +14,11 @@ cargo build --release --quiet --bin tandem
 BIN=${CARGO_TARGET_DIR:-target}/release/tandem
 DIR=$(mktemp -d /tmp/tandem-bench-XXXXXX)
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-APIP=$(port); HTTPP=$(port)
+APIP=$(port); HTTPP=$(port); METRICSP=$(port)
 A=http://127.0.0.1:$APIP/api/v1
 STACKS=${TANDEM_TEST_STACKS:-${TMPDIR:-/tmp}/tandem-test-stacks}/stacks
 "$BIN" serve --data-dir "$DIR" --api-listen 127.0.0.1:$APIP --http-listen 127.0.0.1:$HTTPP \
-  --stacks-dir "$STACKS" --stop-replicas-on-exit --max-ha-replicas 8 >"$DIR/tandem.log" 2>&1 &
+  --metrics-listen 127.0.0.1:$METRICSP --stacks-dir "$STACKS" --stop-replicas-on-exit --max-ha-replicas 8 >"$DIR/tandem.log" 2>&1 &
 TANDEM=$!
 trap 'kill $TANDEM 2>/dev/null; wait $TANDEM 2>/dev/null; rm -rf "$DIR"' EXIT
 until curl -sf http://127.0.0.1:$APIP/healthz >/dev/null; do sleep 0.05; done

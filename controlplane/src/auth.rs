@@ -2,17 +2,33 @@
 //!
 //! Secrets are stored only as hashes: passwords with argon2id, tokens and session ids (which are
 //! 256 random bits, so a fast hash is enough) with SHA-256.
+//!
+//! Password hashes and checks run on blocking threads, at most one per core at a time
+//! ([`password_work`]): each takes argon2's memory (19 MiB) and tens of milliseconds of CPU, and
+//! unbounded, 100 concurrent wrong sign-ins took the process to 2 GB. Failed sign-ins are limited
+//! per username and per address by [`throttle`].
+//!
+//! The session cookie goes with every request a browser makes to the API, whichever site asked
+//! for it, so a request that changes something with the cookie alone must come from the API's own
+//! origin ([`cross_site`]); the proxy applies the same rule to instances' editors.
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
 use argon2::Argon2;
 use axum::extract::FromRequestParts;
 use http::request::Parts;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
+use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::store::{hex, now_ms};
+
+pub mod throttle;
 
 /// Prefix of personal access tokens, so they are easy to spot in logs and secret scanners.
 pub const TOKEN_PREFIX: &str = "tdm_";
@@ -29,6 +45,24 @@ pub struct Caller {
     pub username: String,
     /// Platform admin.
     pub admin: bool,
+    /// How the caller proved who they are.
+    pub via: Credential,
+}
+
+/// The credential a [`Caller`] authenticated with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A personal access token.
+    Token {
+        /// The token's id.
+        id: String,
+        /// Its expiry, epoch ms; `None` for none.
+        expires_at: Option<i64>,
+    },
+    /// The session cookie of a sign-in with the password.
+    Session,
+    /// Tandem itself, outside any request (the first-start bootstrap).
+    Internal,
 }
 
 /// Hashes a password with argon2id and a random salt.
@@ -53,22 +87,99 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// [`hash_password`] off the async workers: argon2 takes tens of milliseconds of CPU.
+/// [`hash_password`] off the async workers, within the [`password_work`] bound.
 pub async fn hash_password_blocking(password: String) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || hash_password(&password)).await?
+    run_password_work(move || hash_password(&password)).await?
 }
 
-/// Checks `password` against `hash` off the async workers; with no hash (a user that only uses
-/// tokens, or no such user) it checks against a dummy hash, so every miss costs the same time.
+/// Checks `password` against `hash` off the async workers, within the [`password_work`] bound;
+/// with no hash (a user that only uses tokens, or no such user) it checks against a dummy hash,
+/// so every miss costs the same time.
 pub async fn verify_password_blocking(password: String, hash: Option<String>) -> bool {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    tokio::task::spawn_blocking(move || {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    run_password_work(move || {
         let dummy = DUMMY.get_or_init(|| hash_password("no password").unwrap_or_default());
         let ok = verify_password(&password, hash.as_deref().unwrap_or(dummy));
         ok && hash.is_some()
     })
     .await
     .unwrap_or(false)
+}
+
+/// The password hashes and checks of the process: how many may run at once, how many do, and
+/// the most that ever did.
+#[derive(Debug)]
+pub struct PasswordWork {
+    permits: Semaphore,
+    limit: usize,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl PasswordWork {
+    /// How many may run at once: the number of cores.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// How many run now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
+    }
+
+    /// The most that ever ran at once in this process.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// The process's [`PasswordWork`]. One for the process, not per server: the cores and the memory
+/// it shares out are the process's.
+pub fn password_work() -> &'static PasswordWork {
+    static WORK: OnceLock<PasswordWork> = OnceLock::new();
+    WORK.get_or_init(|| {
+        let limit = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        PasswordWork {
+            permits: Semaphore::new(limit),
+            limit,
+            running: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        }
+    })
+}
+
+/// Runs `f` on a blocking thread once a [`password_work`] permit is free.
+async fn run_password_work<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let work = password_work();
+    let permit = work.permits.acquire().await?;
+    let out = tokio::task::spawn_blocking(move || {
+        // The permit moves into the thread: if the request that asked goes away, argon2 still
+        // runs to the end, and its permit must stay taken until then.
+        let _permit = permit;
+        let _running = Running::start(work);
+        f()
+    })
+    .await?;
+    Ok(out)
+}
+
+/// Counts one running password job for [`PasswordWork::running`] and `peak`, until dropped.
+struct Running(&'static PasswordWork);
+
+impl Running {
+    fn start(work: &'static PasswordWork) -> Self {
+        let now = work.running.fetch_add(1, Ordering::SeqCst) + 1;
+        work.peak.fetch_max(now, Ordering::SeqCst);
+        Self(work)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A new random secret: 32 bytes as hex.
@@ -83,10 +194,10 @@ pub fn hash_secret(secret: &str) -> String {
     hex(&Sha256::digest(secret.as_bytes()))
 }
 
+/// The request's bearer token. The proxy's parser, so that every form the API accepts is one the
+/// proxy strips before a flow sees it.
 fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    tandem_proxy::credentials::bearer(headers)
 }
 
 /// The session cookie's value, if the request has one.
@@ -101,6 +212,72 @@ pub fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
         .map(|(_, v)| v)
 }
 
+/// Why a request looks cross-site, by [`cross_site`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrossSite {
+    /// `Origin` names another origin than the `Host` the request went to.
+    Origin(String),
+    /// No `Origin`, and `Sec-Fetch-Site` is not `same-origin` (its value).
+    FetchSite(String),
+}
+
+/// Whether a request authenticated by the session cookie alone looks cross-site: it changes
+/// something (not GET, HEAD or OPTIONS, or it opens a WebSocket) and it does not come from the
+/// origin it is sent to. Same origin means an `Origin` whose host and port equal `Host`, or,
+/// without `Origin`, `Sec-Fetch-Site: same-origin` or no `Sec-Fetch-Site` at all: browsers send
+/// one of the two with every such request, and clients that are not browsers send neither (and
+/// cannot be made to send a user's cookie by another site). Requests with a bearer token are
+/// never cross-site: browsers do not attach one on their own.
+///
+/// The one rule for both the API ([`Caller`]) and instances' editors (`editor_gate`).
+pub fn cross_site(method: &http::Method, headers: &http::HeaderMap) -> Option<CrossSite> {
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.get(..7)
+                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
+        });
+    let changes = !matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    ) || headers.contains_key(http::header::UPGRADE);
+    if bearer || !changes {
+        return None;
+    }
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if let Some(origin) = headers
+        .get(http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    {
+        let same = origin
+            .split_once("://")
+            .is_some_and(|(_, o)| o.eq_ignore_ascii_case(host));
+        return (!same).then(|| CrossSite::Origin(origin.to_owned()));
+    }
+    match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        Some("same-origin") | None => None,
+        Some(other) => Some(CrossSite::FetchSite(other.to_owned())),
+    }
+}
+
+/// 403 for an API request that changes something with the session cookie from another site.
+pub fn refuse_cross_site(method: &http::Method, headers: &http::HeaderMap) -> ApiResult<()> {
+    let from = match cross_site(method, headers) {
+        None => return Ok(()),
+        Some(CrossSite::Origin(origin)) => format!("a request from {origin}"),
+        Some(CrossSite::FetchSite(site)) => format!("a {site} request (Sec-Fetch-Site)"),
+    };
+    Err(ApiError::Forbidden(format!(
+        "refused: {from} cannot change anything through the API with your session cookie; \
+         such requests must come from the API's own origin. Other sites and tools send \
+         Authorization: Bearer <token> instead"
+    )))
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -108,7 +285,13 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        Self::from_headers(&parts.headers, state).await
+        let caller = Self::from_headers(&parts.headers, state).await?;
+        // Only the cookie comes along on its own when another site makes the browser call us;
+        // every route takes its caller from here, so every write gets the check.
+        if caller.via == Credential::Session {
+            refuse_cross_site(&parts.method, &parts.headers)?;
+        }
+        Ok(caller)
     }
 }
 
@@ -148,6 +331,10 @@ impl Caller {
                 id: row.get(0),
                 username: row.get(1),
                 admin: row.get::<i64, _>(2) != 0,
+                via: Credential::Token {
+                    id: row.get(4),
+                    expires_at: expires,
+                },
             });
         }
         if let Some(session) = session_cookie(headers) {
@@ -163,6 +350,7 @@ impl Caller {
                     id: row.get(0),
                     username: row.get(1),
                     admin: row.get::<i64, _>(2) != 0,
+                    via: Credential::Session,
                 }),
                 None => Err(ApiError::Unauthorized(
                     "the session has ended; sign in again".into(),

@@ -1,5 +1,6 @@
 //! The `tandem` command line. Every flag also reads a `TANDEM_` environment variable.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -26,6 +27,57 @@ pub enum Command {
     /// Run the ingress proxy alone, serving the instances of a routes file (reloaded when it
     /// changes and on SIGHUP).
     Proxy(ProxyArgs),
+    /// Internal: runs PROGRAM in a local replica's Landlock sandbox (`SandboxExecArgs`).
+    #[command(hide = true)]
+    SandboxExec(SandboxExecArgs),
+}
+
+/// `tandem sandbox-exec [--rw PATH]... [--ro PATH]... [--require] -- PROGRAM [ARGS...]`: an
+/// internal command, hidden from `--help`. The local driver starts each Node-RED replica through
+/// it: it restricts itself with Landlock to the given paths
+/// ([`tandem_coordinator::sandbox::restrict_self`]) and then executes PROGRAM in its place, which
+/// keeps the restriction. The environment, working directory, standard streams and process group
+/// are the launcher's, so the driver sets them on it.
+///
+/// It runs before any tracing or runtime is set up and prints nothing when it succeeds (PROGRAM's
+/// output is the replica's log). When it cannot sandbox or execute PROGRAM it prints one line to
+/// standard error and exits with status 126. Without Landlock in the kernel it runs PROGRAM
+/// unsandboxed after a warning line, unless `--require` is given.
+#[derive(Debug, clap::Args)]
+pub struct SandboxExecArgs {
+    /// Path PROGRAM may read, write, create and remove beneath (repeatable).
+    #[arg(long = "rw", value_name = "PATH", allow_hyphen_values = true)]
+    pub read_write: Vec<PathBuf>,
+    /// Path PROGRAM may read and execute beneath (repeatable).
+    #[arg(long = "ro", value_name = "PATH", allow_hyphen_values = true)]
+    pub read_only: Vec<PathBuf>,
+    /// Fail (status 126) instead of running unsandboxed when the kernel lacks Landlock.
+    #[arg(long)]
+    pub require: bool,
+    /// PROGRAM and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    pub command: Vec<OsString>,
+}
+
+impl SandboxExecArgs {
+    /// Restricts this process and executes the program; returns only by exiting with 126.
+    fn run(self) -> ! {
+        use tandem_coordinator::sandbox;
+        let rules = sandbox::Rules {
+            read_write: self.read_write,
+            read_only: self.read_only,
+        };
+        // clap requires at least one value after `--`.
+        let error = match self.command.split_first() {
+            Some((program, args)) => sandbox::exec(program, args, &rules, self.require),
+            None => sandbox::SandboxError::Exec {
+                program: OsString::new(),
+                source: std::io::ErrorKind::NotFound.into(),
+            },
+        };
+        eprintln!("tandem sandbox-exec: {error}");
+        std::process::exit(126)
+    }
 }
 
 /// Flags of `tandem proxy`.
@@ -37,9 +89,15 @@ pub struct ProxyArgs {
     /// Address the proxy listens on.
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Address of the admin listener (/metrics, /healthz).
-    #[arg(long, env = "TANDEM_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
-    pub admin_listen: SocketAddr,
+    /// Address of the metrics listener (/metrics in the Prometheus text format, /healthz),
+    /// unauthenticated like any Prometheus exporter: keep it on a private network. Default
+    /// 127.0.0.1:9464. Its earlier name `--admin-listen` (`TANDEM_ADMIN_LISTEN`) still works.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN", alias = "admin-listen")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// `TANDEM_ADMIN_LISTEN`, the earlier name of `TANDEM_METRICS_LISTEN`; the flag or
+    /// `TANDEM_METRICS_LISTEN` wins over it.
+    #[arg(long = "legacy-admin-listen", env = "TANDEM_ADMIN_LISTEN", hide = true)]
+    pub legacy_admin_listen: Option<SocketAddr>,
     /// Worker threads; 1 runs everything on one thread.
     #[arg(
         long,
@@ -81,6 +139,20 @@ pub struct ProxyArgs {
     pub reload_poll_ms: u64,
 }
 
+/// Where `tandem proxy` and `tandem serve` serve their metrics unless told otherwise.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9464);
+
+impl ProxyArgs {
+    /// The metrics listener's address: `--metrics-listen` (or `--admin-listen`,
+    /// `TANDEM_METRICS_LISTEN`), else `TANDEM_ADMIN_LISTEN`, else [`DEFAULT_METRICS_LISTEN`].
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listen
+            .or(self.legacy_admin_listen)
+            .unwrap_or(DEFAULT_METRICS_LISTEN)
+    }
+}
+
 /// Flags of `tandem serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -93,6 +165,10 @@ pub struct ServeArgs {
     /// Address where instances are served (by host name).
     #[arg(long, env = "TANDEM_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
+    /// Address of the metrics listener (/metrics in the Prometheus text format, /healthz),
+    /// unauthenticated like any Prometheus exporter: keep it on a private network.
+    #[arg(long, env = "TANDEM_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
     /// PostgreSQL URL (postgres://user:password@host/db); SQLite in the data directory when absent.
     #[arg(long, env = "TANDEM_DATABASE_URL")]
     pub database_url: Option<String>,
@@ -133,6 +209,10 @@ pub struct ServeArgs {
     /// next `tandem serve` adopts them, so restarting Tandem does not restart instances.
     #[arg(long, env = "TANDEM_STOP_REPLICAS_ON_EXIT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub stop_replicas_on_exit: bool,
+    /// Refuse to start replicas without a sandbox. By default, where the kernel has no Landlock,
+    /// replicas start unconfined with a warning in their log and `isolation: none` in the status.
+    #[arg(long, env = "TANDEM_REQUIRE_ISOLATION", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub require_isolation: bool,
 }
 
 /// `tandem user ...`.
@@ -160,8 +240,14 @@ pub enum UserCommand {
 /// Runs the command line: parses the arguments and runs the command.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The sandbox launcher goes first: no tracing (its output is the replica's log) and no
+    // runtime threads (Landlock restricts only the calling thread until the exec).
+    if let Command::SandboxExec(args) = cli.command {
+        args.run()
+    }
     crate::init_tracing();
     match cli.command {
+        Command::SandboxExec(args) => args.run(),
         Command::Proxy(args) => {
             let mut rt = if args.threads == 1 {
                 tokio::runtime::Builder::new_current_thread()

@@ -17,7 +17,7 @@ use sqlx::Row;
 use tandem_proxy::{EditorDecision, EditorGate};
 
 use crate::api::authorize;
-use crate::auth::Caller;
+use crate::auth::{self, Caller, CrossSite};
 use crate::error::ApiError;
 use crate::roles::Action;
 use crate::state::AppState;
@@ -72,41 +72,15 @@ impl EditorGate for TeamEditorGate {
     }
 }
 
-/// Why a cookie-authenticated request looks cross-site, if it does.
+/// Why a cookie-authenticated request looks cross-site, if it does, in the editor's words (the
+/// rule is [`auth::cross_site`], shared with the API).
 fn cross_site(method: &http::Method, headers: &http::HeaderMap) -> Option<String> {
-    let bearer = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.get(..7)
-                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
-        });
-    let changes = !matches!(
-        *method,
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-    ) || headers.contains_key(http::header::UPGRADE);
-    if bearer || !changes {
-        return None;
-    }
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if let Some(origin) = headers
-        .get(http::header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-    {
-        let same = origin
-            .split_once("://")
-            .is_some_and(|(_, o)| o.eq_ignore_ascii_case(host));
-        return (!same).then(|| {
-            format!("refused: a request from {origin} cannot change this instance's editor with your session; use the editor at its own address\n")
-        });
-    }
-    match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        Some("same-origin") | None => None,
-        Some(other) => Some(format!(
-            "refused: a {other} request cannot change this instance's editor with your session\n"
+    match auth::cross_site(method, headers)? {
+        CrossSite::Origin(origin) => Some(format!(
+            "refused: a request from {origin} cannot change this instance's editor with your session; use the editor at its own address\n"
+        )),
+        CrossSite::FetchSite(site) => Some(format!(
+            "refused: a {site} request cannot change this instance's editor with your session\n"
         )),
     }
 }

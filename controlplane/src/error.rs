@@ -40,6 +40,14 @@ pub enum ApiError {
     /// The body is larger than the limit.
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// Too many attempts (failed sign-ins); the answer carries `Retry-After`.
+    #[error("{message}")]
+    TooManyRequests {
+        /// What was refused and why, for people.
+        message: String,
+        /// Seconds until an attempt may succeed again: the `Retry-After` header.
+        retry_after_secs: u64,
+    },
     /// A fault of ours.
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
@@ -77,6 +85,7 @@ impl ApiError {
             Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -106,7 +115,7 @@ pub struct ErrorBody {
 /// Code and message of an error.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
-    /// Machine-readable code: bad_request, unauthorized, forbidden, not_found, conflict, invalid, too_large, internal.
+    /// Machine-readable code: bad_request, unauthorized, forbidden, not_found, conflict, invalid, too_large, too_many_requests, internal.
     pub code: String,
     /// What was wrong, for people.
     pub message: String,
@@ -140,6 +149,15 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(
                 http::header::WWW_AUTHENTICATE,
                 http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        if let Self::TooManyRequests {
+            retry_after_secs, ..
+        } = &self
+        {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(*retry_after_secs),
             );
         }
         resp

@@ -6,6 +6,9 @@
 //! - [`proxy_cmd`]: `tandem proxy`, the data plane alone, fed by a routes file.
 //! - [`api`]: the routes under `/api/v1`, one module per resource, and the OpenAPI document.
 //! - [`auth`]: passwords, tokens, sessions, the `Caller` extractor.
+//! - [`node_settings`], [`node_env`]: the Node-RED settings and environment variables users may
+//!   set on instances and templates (an allowlist of typed settings; runtime, loader and shell
+//!   variables refused).
 //! - [`roles`]: roles and the permission table.
 //! - [`audit`]: writing audit entries.
 //! - [`store`]: the database (SQLite or PostgreSQL) and its schema.
@@ -28,6 +31,8 @@ pub mod cli;
 pub mod editor_gate;
 pub mod error;
 pub mod metrics;
+pub mod node_env;
+pub mod node_settings;
 pub mod proxy_cmd;
 pub mod reconcile;
 pub mod roles;
@@ -38,16 +43,27 @@ pub mod store;
 
 use state::AppState;
 
-/// The whole HTTP surface of the control plane: `/api/v1/…`, `/healthz`, `/readyz`, `/metrics`.
+/// The API listener's HTTP surface: `/api/v1/…`, `/healthz`, `/readyz`. `/metrics` is not
+/// here: it names every team's instances, so it has a listener of its own ([`metrics_app`]).
 pub fn app(state: AppState) -> Router {
     let ops = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .with_state(state.clone());
     api::router(state.clone())
         .merge(ops)
         .layer(axum::middleware::from_fn_with_state(state, track))
+}
+
+/// The metrics listener's HTTP surface (`--metrics-listen`): `/metrics`, the API's, the
+/// coordinator's and the proxy's series in the Prometheus text format, and `/healthz`.
+/// Unauthenticated like any Prometheus exporter, so meant for a private network; scrapes are
+/// not API requests and are not counted as such.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -82,7 +98,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -91,8 +107,27 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     let resp = next.run(req).await;
     state
         .metrics
-        .record(&method, &route, resp.status().as_u16(), start.elapsed());
+        .record(method, &route, resp.status().as_u16(), start.elapsed());
     resp
+}
+
+/// The metrics label of a request method. Any token is a valid HTTP method, and each label value
+/// is a series kept for the life of the process, so methods outside the standard set are all
+/// `other`: random 60 KB methods once made `/metrics` 256 MB.
+fn method_label(method: &http::Method) -> &'static str {
+    use http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// Installs the tracing subscriber: `RUST_LOG` if set, else `info`.

@@ -46,10 +46,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+    let metrics_addr = args.metrics_addr();
+    let metrics = tokio::net::TcpListener::bind(metrics_addr)
         .await
-        .with_context(|| format!("cannot listen on {} (admin)", args.admin_listen))?;
-    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, routes = %args.routes.display(), instances = n, mqtt_listeners, "tandem proxy serving");
+        .with_context(|| format!("cannot listen on {metrics_addr} (metrics)"))?;
+    tracing::info!(listen = %listener.local_addr()?, metrics = %metrics.local_addr()?, routes = %args.routes.display(), instances = n, mqtt_listeners, "tandem proxy serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
@@ -61,8 +62,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         Duration::from_millis(args.reload_poll_ms.max(10)),
         stopped(),
     ));
-    let admin = tokio::spawn(tandem_proxy::server::serve_admin(
-        admin,
+    let metrics = tokio::spawn(tandem_proxy::server::serve_admin(
+        metrics,
         proxy.clone(),
         stopped(),
     ));
@@ -72,7 +73,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     let _ = stop_tx.send(true);
     let _ = server.await;
-    let _ = admin.await;
+    let _ = metrics.await;
     let _ = watcher.await;
     // MQTT connections are long-lived: close them, the replicas reconnect.
     mqtt.shutdown().await;

@@ -18,6 +18,7 @@ use tandem_coordinator::driver::{Driver, ReplicaSpec};
 use tandem_coordinator::reconcile::{Coordinator, DesiredState, InstanceDesired};
 
 use crate::api::instances::{self, HaMode, TemplateCache};
+use crate::node_settings::Refused;
 use crate::state::AppState;
 
 /// The key instance secrets are derived from.
@@ -75,11 +76,23 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Every instance's desired state, as the coordinator takes it.
+/// Stored settings or variables of one instance that its replicas do not get.
+#[derive(Debug, Clone)]
+pub struct NotApplied {
+    /// Instance id.
+    pub instance_id: String,
+    /// Its team.
+    pub team_id: String,
+    /// What was left out, and why.
+    pub items: Vec<Refused>,
+}
+
+/// Every instance's desired state, as the coordinator takes it, and what of each instance's
+/// stored configuration the rules refuse and leave out.
 pub async fn desired_instances(
     state: &AppState,
     key: &PlatformKey,
-) -> anyhow::Result<Vec<InstanceDesired>> {
+) -> anyhow::Result<(Vec<InstanceDesired>, Vec<NotApplied>)> {
     type Stack = (String, String, Option<String>, i64);
     let extra: HashMap<String, Stack> = sqlx::query(
         "SELECT i.id, i.flows, s.nodered_version, s.node_version, s.memory_mb FROM instances i JOIN stacks s ON s.id = i.stack_id",
@@ -97,6 +110,7 @@ pub async fn desired_instances(
     .await?;
     let mut cache = TemplateCache::new();
     let mut out = Vec::with_capacity(rows.len());
+    let mut not_applied = Vec::new();
     for row in &rows {
         let i = instances::view(state, row, &mut cache)
             .await
@@ -110,6 +124,13 @@ pub async fn desired_instances(
             _ => DesiredState::Stopped,
         };
         let flows = serde_json::from_str(flows).unwrap_or_else(|_| serde_json::json!([]));
+        if !i.not_applied.is_empty() {
+            not_applied.push(NotApplied {
+                instance_id: i.id.clone(),
+                team_id: i.team_id.clone(),
+                items: i.not_applied.clone(),
+            });
+        }
         out.push(InstanceDesired {
             hosts: vec![format!("{}.{}", i.name, state.config.base_domain)],
             state: state_wanted,
@@ -133,7 +154,76 @@ pub async fn desired_instances(
             id: i.id,
         });
     }
-    Ok(out)
+    Ok((out, not_applied))
+}
+
+/// Tells, once per change, what of an instance's stored configuration is not applied: a
+/// warning in the instance's log per item, and an audit entry `instance.config-not-applied`
+/// (skipped when the newest such entry already says the same, so restarts of Tandem do not
+/// repeat it).
+#[derive(Debug, Default)]
+pub struct NotAppliedReporter {
+    told: HashMap<String, Vec<Refused>>,
+}
+
+impl NotAppliedReporter {
+    /// Reports what changed since the last call.
+    pub async fn report(&mut self, state: &AppState, now: Vec<NotApplied>) {
+        let ids: std::collections::HashSet<String> =
+            now.iter().map(|n| n.instance_id.clone()).collect();
+        self.told.retain(|id, _| ids.contains(id));
+        for n in now {
+            if self.told.get(&n.instance_id) == Some(&n.items) {
+                continue;
+            }
+            if let Some(book) = state.coordinator.logs() {
+                let log = book.instance(&n.instance_id);
+                for r in &n.items {
+                    log.note(
+                        "warn",
+                        format!("not applied: {} {} (stored before Tandem's rules refused it)", r.field, r.message),
+                    );
+                }
+            }
+            let details = serde_json::json!({ "not_applied": n.items });
+            if let Err(e) = audit_once(state, &n, details).await {
+                tracing::warn!(instance = %n.instance_id, error = %e, "cannot record what is not applied");
+                continue;
+            }
+            self.told.insert(n.instance_id, n.items);
+        }
+    }
+}
+
+const NOT_APPLIED_EVENT: &str = "instance.config-not-applied";
+
+async fn audit_once(
+    state: &AppState,
+    n: &NotApplied,
+    details: serde_json::Value,
+) -> anyhow::Result<()> {
+    let last: Option<String> = sqlx::query(
+        "SELECT body FROM audit WHERE instance_id = $1 AND event = $2 ORDER BY id DESC LIMIT 1",
+    )
+    .bind(&n.instance_id)
+    .bind(NOT_APPLIED_EVENT)
+    .fetch_optional(&state.store.pool)
+    .await?
+    .map(|r| r.get(0));
+    if last.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) == Some(details.clone()) {
+        return Ok(());
+    }
+    let mut tx = state.store.write().await?;
+    crate::audit::record(
+        &mut tx,
+        None,
+        NOT_APPLIED_EVENT,
+        crate::audit::Subject::instance(&n.team_id, &n.instance_id),
+        details,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The MQTT proxy in `tandem serve`: one listener per replica of every running instance, on a
@@ -192,18 +282,15 @@ impl MqttWiring {
                     instances.push(tandem_proxy::MqttInstance {
                         name: d.replica.instance.clone(),
                         ha: d.replica.ha,
-                        exclude: d
-                            .replica
-                            .env
-                            .get("TANDEM_MQTT_EXCLUDE")
-                            .map(|v| {
-                                v.split(',')
-                                    .map(str::trim)
-                                    .filter(|f| !f.is_empty())
-                                    .map(str::to_owned)
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
+                        // Checked by the API and again here: one instance's bad value must
+                        // never fail the listeners of all the others.
+                        exclude: match d.replica.env.get("TANDEM_MQTT_EXCLUDE") {
+                            Some(v) => crate::node_env::mqtt_exclude(v).unwrap_or_else(|e| {
+                                tracing::warn!(instance = %d.replica.instance, error = %e, "TANDEM_MQTT_EXCLUDE ignored");
+                                Vec::new()
+                            }),
+                            None => Vec::new(),
+                        },
                         replicas,
                     });
                 }
@@ -257,9 +344,11 @@ pub async fn run<D: Driver>(
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
+    let mut reporter = NotAppliedReporter::default();
     loop {
         match desired_instances(&state, &key).await {
-            Ok(mut desired) => {
+            Ok((mut desired, not_applied)) => {
+                reporter.report(&state, not_applied).await;
                 if let Some(m) = &mut mqtt {
                     m.apply(&mut desired).await;
                 }

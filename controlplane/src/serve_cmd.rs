@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use sqlx::Row;
-use tandem_coordinator::local::LocalDriver;
+use tandem_coordinator::local::{LocalDriver, SandboxLauncher};
 use tandem_coordinator::logs::LogBook;
 use tandem_coordinator::reconcile::Coordinator;
 use tandem_coordinator::restart::RestartPolicy;
@@ -18,7 +18,8 @@ use tandem_proxy::{Proxy, ProxyConfig, ProxyStats, Routes};
 
 use crate::api::stacks::{self, StackBody};
 use crate::api::users;
-use crate::auth::Caller;
+use crate::auth::throttle::LoginThrottle;
+use crate::auth::{Caller, Credential};
 use crate::cli::ServeArgs;
 use crate::reconcile::PlatformKey;
 use crate::state::{ApiConfig, AppState};
@@ -33,6 +34,7 @@ pub async fn state(
     database_url: Option<&str>,
     config: ApiConfig,
 ) -> anyhow::Result<AppState> {
+    secure_data_dir(data_dir)?;
     let store = Store::open(data_dir, database_url)
         .await
         .with_context(|| match database_url {
@@ -41,10 +43,11 @@ pub async fn state(
         })?;
     Ok(AppState {
         store,
-        config: Arc::new(config),
         coordinator: Arc::new(NotObserved),
         metrics: Arc::default(),
         more_metrics: None,
+        login_throttle: Arc::new(LoginThrottle::new(config.login_limits.clone())),
+        config: Arc::new(config),
     })
 }
 
@@ -68,6 +71,7 @@ pub async fn bootstrap(
         id: admin.id,
         username: admin.username,
         admin: true,
+        via: Credential::Internal,
     };
     let token = users::issue_token(state, &caller, "first-start admin token", None)
         .await
@@ -92,6 +96,46 @@ pub async fn bootstrap(
             .map_err(|e| anyhow::anyhow!("cannot create the default stack: {e}"))?;
     }
     Ok(Some(path))
+}
+
+/// Makes the data directory private to Tandem's OS user: the directory 0700, the files in it
+/// (the database and its WAL, the admin token, the platform key) 0600. Data directories made by
+/// older versions (0755 and 0644) are tightened at every start. SQLite gives the WAL and shared
+/// memory files the database file's mode, so the database is created 0600 before SQLite opens
+/// it.
+pub fn secure_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let private = |path: &Path, mode: u32| -> anyhow::Result<()> {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot make {} private", path.display()))
+        };
+        private(data_dir, 0o700)?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(data_dir.join("tandem.db"))
+            .with_context(|| format!("cannot create {}", data_dir.join("tandem.db").display()))?;
+        for entry in std::fs::read_dir(data_dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_file() {
+                private(&entry.path(), 0o600)?;
+            } else if kind.is_dir() && entry.file_name() == "instances" {
+                private(&entry.path(), 0o700)?;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(data_dir)?;
+    Ok(())
 }
 
 /// Writes `text` to `path` readable by the owner only.
@@ -128,7 +172,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("cannot listen on {} (instances)", args.http_listen))?;
-    tracing::info!(api = %api.local_addr()?, http = %http.local_addr()?, data_dir = %args.data_dir.display(), base_domain = %args.base_domain, "tandem serving");
+    let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (metrics)", args.metrics_listen))?;
+    tracing::info!(api = %api.local_addr()?, http = %http.local_addr()?, metrics = %metrics.local_addr()?, data_dir = %args.data_dir.display(), base_domain = %args.base_domain, "tandem serving");
 
     // The coordinator runs the instances' replicas and publishes them into the proxy's routes.
     let key = PlatformKey::load_or_create(&args.data_dir)?;
@@ -137,6 +184,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.stacks_dir {
         driver.stacks_dir = dir.clone();
     }
+    // Every replica runs in a Landlock sandbox through `tandem sandbox-exec`.
+    let driver = driver.with_sandbox(SandboxLauncher {
+        exe: std::env::current_exe().context("cannot find the tandem binary to sandbox replicas with")?,
+        required: args.require_isolation,
+    });
     let coordinator = Coordinator::new(
         Arc::new(driver),
         routes.clone(),
@@ -188,12 +240,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         stopped(),
     ));
     let proxy_task = tokio::spawn(tandem_proxy::server::serve(http, proxy, stopped()));
+    let metrics_task = tokio::spawn({
+        let (stop, app) = (stopped(), crate::metrics_app(state.clone()));
+        async move { axum::serve(metrics, app).with_graceful_shutdown(stop).await }
+    });
     let api_task = tokio::spawn({
         let stop = stopped();
         async move {
-            axum::serve(api, crate::app(state))
-                .with_graceful_shutdown(stop)
-                .await
+            axum::serve(
+                api,
+                crate::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop)
+            .await
         }
     });
     crate::shutdown_signal().await;
@@ -202,6 +261,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = reconcile_task.await;
     let _ = proxy_task.await;
     api_task.await??;
+    metrics_task.await??;
     if args.stop_replicas_on_exit {
         tracing::info!("stopping every replica");
         coordinator.stop_all().await;

@@ -1,9 +1,11 @@
 //! What every API handler shares.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tandem_coordinator::status::Coordination;
 
+use crate::auth::throttle::{LoginLimits, LoginThrottle};
 use crate::store::Store;
 
 /// Settings of the API that are not per request.
@@ -15,6 +17,11 @@ pub struct ApiConfig {
     pub max_ha_replicas: u32,
     /// Lifetime of a sign-in session, in milliseconds.
     pub session_ttl_ms: i64,
+    /// Limits on failed sign-ins (see [`crate::auth::throttle`]).
+    pub login_limits: LoginLimits,
+    /// How often an open log stream checks that its caller may still read the instance.
+    /// Default 5 s.
+    pub stream_recheck: Duration,
 }
 
 impl Default for ApiConfig {
@@ -23,6 +30,8 @@ impl Default for ApiConfig {
             base_domain: "localhost".into(),
             max_ha_replicas: 8,
             session_ttl_ms: 7 * 24 * 3600 * 1000,
+            login_limits: LoginLimits::default(),
+            stream_recheck: Duration::from_secs(5),
         }
     }
 }
@@ -40,4 +49,6 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::ApiMetrics>,
     /// More of `/metrics` (the proxy's series in `tandem serve`).
     pub more_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// Failed sign-ins by user and address, limited by `config.login_limits`.
+    pub login_throttle: Arc<LoginThrottle>,
 }

@@ -60,6 +60,23 @@ pub struct Running {
     pub adopted: bool,
     /// Its flows run (false for a hot standby booted with flows stopped).
     pub flows_started: bool,
+    /// Adopted, but started for another spec (an older version of Tandem, or a change made
+    /// while Tandem was down): it serves until the coordinator replaces it, one replica at a
+    /// time, so an upgrade does not take an HA instance down.
+    pub stale: bool,
+    /// What confines the replica's process.
+    pub isolation: Isolation,
+}
+
+/// What confines a replica's process to its own files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A Landlock sandbox: its own userDir read-write; the stack, the Node.js runtime and the
+    /// system read-only; nothing else.
+    Landlock,
+    /// Nothing beyond the OS user Tandem runs as.
+    None,
 }
 
 /// Why a driver call failed.
@@ -101,6 +118,12 @@ pub enum DriverError {
         id: String,
         /// What went wrong.
         reason: String,
+    },
+    /// Replicas must run sandboxed (`--require-isolation`) and this kernel has no Landlock.
+    #[error("replica {id} was not started: isolation is required and this kernel has no Landlock")]
+    Unconfined {
+        /// The replica.
+        id: String,
     },
     /// An operating-system error.
     #[error("{context}: {source}")]

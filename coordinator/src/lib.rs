@@ -10,6 +10,7 @@
 //! - [`restart`]: restart backoff and crash-loop detection for a replica.
 //! - [`supervise`]: keeping one replica alive with a driver and that policy.
 //! - [`logs`]: per-instance logs, merged across replicas, each line tagged with its replica.
+//! - [`sandbox`]: the Landlock sandbox a local replica runs in, applied by `tandem sandbox-exec`.
 
 pub use tandem_proxy as proxy;
 
@@ -18,5 +19,6 @@ pub mod local;
 pub mod logs;
 pub mod reconcile;
 pub mod restart;
+pub mod sandbox;
 pub mod status;
 pub mod supervise;

@@ -29,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::{watch, Mutex};
 
-use crate::driver::{Driver, DriverError, ReplicaSpec, Running};
+use crate::driver::{Driver, DriverError, Isolation, ReplicaSpec, Running};
 use crate::logs::InstanceLog;
 
 /// Longest an `npm install` may take.
@@ -125,13 +125,24 @@ struct Record {
     spec: String,
 }
 
-/// A stable hash of a spec (FNV-1a over its JSON), to tell whether a running replica is the
-/// one asked for.
-pub fn spec_hash(spec: &ReplicaSpec) -> String {
-    format!(
-        "{:016x}",
-        fnv(serde_json::to_string(spec).unwrap_or_default().as_bytes())
-    )
+/// A stable hash of a spec (FNV-1a over its JSON) and of how it is launched (how secrets are
+/// passed, whether it is sandboxed), to tell whether a running replica is the one asked for.
+pub fn spec_hash(spec: &ReplicaSpec, sandboxed: bool) -> String {
+    let text = format!(
+        "{}\n{SECRETS_ON_STDIN}\nsandboxed={sandboxed}",
+        serde_json::to_string(spec).unwrap_or_default()
+    );
+    format!("{:016x}", fnv(text.as_bytes()))
+}
+
+/// How the local driver sandboxes replicas: the `tandem` binary re-executed as
+/// `tandem sandbox-exec`, which restricts itself with Landlock and then runs Node.js.
+#[derive(Debug, Clone)]
+pub struct SandboxLauncher {
+    /// The `tandem` binary.
+    pub exe: PathBuf,
+    /// Refuse to start a replica the kernel cannot sandbox (default: start it with a warning).
+    pub required: bool,
 }
 
 /// The local driver.
@@ -146,6 +157,9 @@ pub struct LocalDriver {
     pub stop_grace: Duration,
     /// A replica's log file is rotated (one old file kept) past this size. Default 8 MiB.
     pub max_log_bytes: u64,
+    /// How replicas are sandboxed; `None` runs them as plain processes (the coordinator's own
+    /// tests, which have no `tandem` binary).
+    sandbox: Option<(SandboxLauncher, Isolation)>,
     children: Mutex<HashMap<String, Watched>>,
 }
 
@@ -161,7 +175,31 @@ impl LocalDriver {
             ready_timeout: Duration::from_secs(60),
             stop_grace: Duration::from_secs(10),
             max_log_bytes: 8 << 20,
+            sandbox: None,
             children: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sandboxes every replica through `launcher`. Probes the kernel once: without Landlock,
+    /// replicas start unconfined with a warning in their log (or, when `launcher.required`,
+    /// do not start).
+    pub fn with_sandbox(mut self, launcher: SandboxLauncher) -> Self {
+        let isolation = match crate::sandbox::probe() {
+            crate::sandbox::Isolation::Landlock { .. } => Isolation::Landlock,
+            crate::sandbox::Isolation::None { reason } => {
+                tracing::warn!(%reason, required = launcher.required, "this kernel cannot sandbox replicas (Landlock)");
+                Isolation::None
+            }
+        };
+        self.sandbox = Some((launcher, isolation));
+        self
+    }
+
+    /// What confines the replicas this driver starts.
+    pub fn isolation(&self) -> Isolation {
+        match &self.sandbox {
+            Some((_, i)) => *i,
+            None => Isolation::None,
         }
     }
 
@@ -294,10 +332,15 @@ impl LocalDriver {
             .join(format!("r{slot}.log"))
     }
 
-    /// Takes over the replica recorded in `dir` if it still runs with this spec; otherwise
-    /// kills whatever of it is left.
-    /// Returns the replica and whether its flows run.
-    async fn adopt(&self, spec: &ReplicaSpec, dir: &Path, hash: &str) -> Option<(Watched, bool)> {
+    /// Takes over the replica recorded in `dir` if it still runs and answers with the secret;
+    /// otherwise kills whatever of it is left. Returns the replica, whether its flows run, and
+    /// whether it runs another spec (stale: the coordinator replaces it when it can spare it).
+    async fn adopt(
+        &self,
+        spec: &ReplicaSpec,
+        dir: &Path,
+        hash: &str,
+    ) -> Option<(Watched, bool, bool)> {
         let text = tokio::fs::read_to_string(dir.join("replica.json"))
             .await
             .ok()?;
@@ -313,12 +356,13 @@ impl LocalDriver {
                 Ok(Ok(state)) => Some(state),
                 _ => None,
             };
-        if record.spec != hash || state.is_none() {
-            tracing::info!(replica = %spec.id(), pid = record.pid, "a replica from before runs another spec; stopping it");
+        let Some(state) = state else {
+            tracing::info!(replica = %spec.id(), pid = record.pid, "a replica from before does not answer with its secret; stopping it");
             signal_group(record.pid, "-KILL").await;
             return None;
-        }
-        let flows_started = state.as_deref() == Some("start");
+        };
+        let stale = record.spec != hash;
+        let flows_started = state == "start";
         Some((
             Watched {
                 pid: record.pid,
@@ -327,6 +371,7 @@ impl LocalDriver {
                 exit: watch_pid(record.pid),
             },
             flows_started,
+            stale,
         ))
     }
 
@@ -355,6 +400,21 @@ impl LocalDriver {
             }
         }
         Ok(())
+    }
+
+    /// What a replica may touch: its userDir read-write; the stack, the Node.js runtime and the
+    /// system read-only; nothing else (not the rest of the data directory).
+    fn sandbox_rules(&self, user_dir: &Path, red: &Path, node: &Path) -> crate::sandbox::Rules {
+        let mut rules = crate::sandbox::Rules::system();
+        rules.read_write.push(user_dir.to_path_buf());
+        // `<stacks>/node-red-<v>/node_modules/node-red/red.js` → `<stacks>/node-red-<v>`.
+        if let Some(stack) = red.ancestors().nth(3) {
+            rules.read_only.push(stack.to_path_buf());
+        }
+        if let Some(runtime) = node_home(node) {
+            rules.read_only.push(runtime);
+        }
+        rules
     }
 
     async fn watched(&self, id: &str) -> Result<Watched, DriverError> {
@@ -542,8 +602,12 @@ async fn installed_version(dir: &Path, package: &str) -> Option<String> {
     v.get("version")?.as_str().map(str::to_owned)
 }
 
-/// The `settings.js` of a replica: the instance's effective settings, then the keys Tandem
-/// manages, which always win.
+/// The `settings.js` of a replica: the instance's effective settings (already checked against
+/// the control plane's allowlist), then the keys Tandem manages, which always win.
+///
+/// The secrets are not in it and not in the environment: the file reads them once from
+/// standard input, a pipe Tandem writes them to and closes ([`SECRETS_ON_STDIN`]). So no flow
+/// finds them with `env.get`, in `/proc/<pid>/environ`, or in a file it can open.
 pub fn settings_js(spec: &ReplicaSpec, port: u16, user_dir: &Path) -> String {
     let user = if spec.settings.is_object() {
         spec.settings.to_string()
@@ -551,8 +615,33 @@ pub fn settings_js(spec: &ReplicaSpec, port: u16, user_dir: &Path) -> String {
         "{}".into()
     };
     let user_dir = serde_json::Value::String(user_dir.display().to_string());
+    // Users set the console's level and switches; the handler stays Tandem's (JSON lines).
+    let console = spec.settings.pointer("/logging/console");
+    let console_str = |k: &str, default: &str| {
+        serde_json::Value::String(
+            console
+                .and_then(|c| c.get(k))
+                .and_then(|v| v.as_str())
+                .unwrap_or(default)
+                .to_owned(),
+        )
+    };
+    let console_bool = |k: &str| {
+        console
+            .and_then(|c| c.get(k))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false)
+    };
+    let diagnostics = spec
+        .settings
+        .get("diagnostics")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({ "enabled": false }));
     format!(
         r#"// Generated by Tandem for replica {id}. Changes are overwritten at the next start.
+// The instance's secrets come once, on standard input (a pipe Tandem closes after writing
+// them): never in the environment, where flows could read them.
+const secrets = JSON.parse(require("fs").readFileSync(0, "utf8"));
 const user = {user};
 module.exports = Object.assign({{}}, user, {{
     uiHost: "127.0.0.1",
@@ -562,24 +651,33 @@ module.exports = Object.assign({{}}, user, {{
     httpAdminRoot: "/admin",
     httpNodeRoot: "/",
     disableEditor: {ha},
-    credentialSecret: process.env.TANDEM_CREDENTIAL_SECRET,
+    credentialSecret: secrets.credentials,
     adminAuth: {{
         tokenHeader: "{header}",
         tokens: function (token) {{
-            const ok = typeof token === "string" && token.length > 0 && token === process.env.TANDEM_ADMIN_SECRET;
+            const ok = typeof token === "string" && token.length > 0 && token === secrets.admin;
             return Promise.resolve(ok ? {{ username: "tandem", permissions: "*" }} : null);
         }},
     }},
+    // The admin secret is for the admin API alone: a flow's own routes (even under /admin,
+    // where Node-RED's admin app passes on what it does not serve) never see the header.
+    httpNodeMiddleware: function (req, res, next) {{
+        delete req.headers["{header}"];
+        for (let i = req.rawHeaders.length - 2; i >= 0; i -= 2) {{
+            if (String(req.rawHeaders[i]).toLowerCase() === "{header}") {{ req.rawHeaders.splice(i, 2); }}
+        }}
+        next();
+    }},
     runtimeState: {{ enabled: true }},
-    diagnostics: {{ enabled: false }},
+    diagnostics: {diagnostics},
     telemetry: {{ enabled: false }},
     externalModules: {{ palette: {{ allowInstall: false }}, modules: {{ allowInstall: false }} }},
     editorTheme: Object.assign({{}}, user.editorTheme, {{ palette: {{ catalogues: [] }}, tours: false }}),
     logging: {{
         console: {{
-            level: "info",
-            metrics: false,
-            audit: false,
+            level: {level},
+            metrics: {metrics},
+            audit: {audit},
             handler: function () {{
                 return function (msg) {{
                     const line = Object.assign({{}}, msg, {{ ts: msg.timestamp, level: levelName(msg.level) }});
@@ -598,8 +696,16 @@ function levelName(l) {{
         id = spec.id(),
         ha = spec.ha,
         header = TOKEN_HEADER,
+        level = console_str("level", "info"),
+        metrics = console_bool("metrics"),
+        audit = console_bool("audit"),
     )
 }
+
+/// How a replica gets its secrets: one JSON line on standard input, `{"admin", "credentials"}`.
+/// Part of the spec hash, so replicas started the older way (secrets in the environment) are
+/// replaced, one at a time, after an upgrade.
+pub const SECRETS_ON_STDIN: &str = "secrets-on-stdin";
 
 /// A free port on 127.0.0.1 (bound and released; Node-RED fails clearly if it is taken since).
 fn free_port() -> Result<u16, DriverError> {
@@ -723,8 +829,8 @@ impl Driver for LocalDriver {
                 .await
                 .map_err(DriverError::io(format!("cannot create {}", d.display())))?;
         }
-        let hash = spec_hash(spec);
-        if let Some((w, flows_started)) = self.adopt(spec, &dir, &hash).await {
+        let hash = spec_hash(spec, self.sandbox.is_some());
+        if let Some((w, flows_started, stale)) = self.adopt(spec, &dir, &hash).await {
             // Replay the end of the file (its last 64 KiB, from a line start) so the log is not
             // empty after Tandem's restart.
             let from = replay_start(&log_path, 64 << 10).await;
@@ -739,8 +845,12 @@ impl Driver for LocalDriver {
                 seen,
             )
             .await;
-            log.note("info", format!("adopted replica {id} (pid {})", w.pid));
-            tracing::info!(replica = %id, addr = %w.addr, pid = w.pid, "adopted a running replica");
+            if stale {
+                log.note("info", format!("adopted replica {id} (pid {}); it was started for another spec or by an older Tandem and will be replaced", w.pid));
+            } else {
+                log.note("info", format!("adopted replica {id} (pid {})", w.pid));
+            }
+            tracing::info!(replica = %id, addr = %w.addr, pid = w.pid, stale, "adopted a running replica");
             let running = Running {
                 id: id.clone(),
                 addr: w.addr,
@@ -748,6 +858,13 @@ impl Driver for LocalDriver {
                 user_dir: Some(dir),
                 adopted: true,
                 flows_started,
+                stale,
+                // Started by whichever Tandem ran before; only a current spec says how.
+                isolation: if stale {
+                    Isolation::None
+                } else {
+                    self.isolation()
+                },
             };
             self.children.lock().await.insert(id, w);
             return Ok(running);
@@ -791,7 +908,33 @@ impl Driver for LocalDriver {
             )))?;
         let offset = out.metadata().map(|m| m.len()).unwrap_or(0);
         let err = out.try_clone().map_err(DriverError::io("cannot dup"))?;
-        let mut cmd = Command::new(&node);
+        // A private temporary directory: the sandbox leaves the system's /tmp out.
+        let tmp = dir.join(".tmp");
+        tokio::fs::create_dir_all(&tmp)
+            .await
+            .map_err(DriverError::io(format!("cannot create {}", tmp.display())))?;
+        let mut cmd = match &self.sandbox {
+            Some((launcher, isolation)) => {
+                if *isolation == Isolation::None {
+                    if launcher.required {
+                        return Err(DriverError::Unconfined { id });
+                    }
+                    log.note(
+                        "warn",
+                        format!("replica {id} runs without a sandbox: this kernel has no Landlock, so its flows can read whatever Tandem's OS user can"),
+                    );
+                }
+                let rules = self.sandbox_rules(&dir, &red, &node);
+                let mut c = Command::new(&launcher.exe);
+                c.arg("sandbox-exec").args(rules.to_args());
+                if launcher.required {
+                    c.arg("--require");
+                }
+                c.arg("--").arg(&node);
+                c
+            }
+            None => Command::new(&node),
+        };
         cmd.arg(format!(
             "--max-old-space-size={}",
             (spec.memory_mb * 3 / 4).max(64)
@@ -801,22 +944,39 @@ impl Driver for LocalDriver {
         .arg(dir.join("settings.js"))
         .args(["--userDir"])
         .arg(&dir)
+        // Only what Node.js needs of Tandem's own environment (which may hold a database URL
+        // with its password), then the instance's variables (checked by the control plane).
+        .env_clear()
+        .envs(
+            ["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ"]
+                .into_iter()
+                .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
+        )
+        .env("HOME", &dir)
+        .env("TMPDIR", &tmp)
         .envs(&spec.env)
-        .env("TANDEM_ADMIN_SECRET", &spec.admin_secret)
-        .env("TANDEM_CREDENTIAL_SECRET", &spec.credential_secret)
         .env("NODE_RED_DISABLE_TELEMETRY", "true")
         // The persisted runtime state alone did not always hold on a fresh userDir (flows were
         // started in about one boot in five); safe mode is Node-RED's own "load, do not start",
         // left by `POST /admin/flows/state {"state":"start"}`.
         .args(spec.start_stopped.then_some("--safe"))
         .current_dir(&dir)
-        .stdin(Stdio::null())
+        // The secrets: written once to this pipe, read once by settings.js.
+        .stdin(Stdio::piped())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
         .process_group(0);
         let mut child = cmd.spawn().map_err(DriverError::io("cannot start node"))?;
         let pid = child.id().unwrap_or_default();
         let mut guard = KillOnDrop(Some(pid));
+        if let Some(mut stdin) = child.stdin.take() {
+            let secrets = serde_json::json!({
+                "admin": spec.admin_secret,
+                "credentials": spec.credential_secret,
+            });
+            // A process that died at once shows in its exit below, with its output.
+            let _ = stdin.write_all(format!("{secrets}\n").as_bytes()).await;
+        }
         log.note("info", format!("starting replica {id} (pid {pid})"));
         let (exit_tx, exit_rx) = watch::channel(None);
         let seen = Arc::new(Seen::default());
@@ -906,6 +1066,8 @@ impl Driver for LocalDriver {
             user_dir: Some(dir),
             adopted: false,
             flows_started: !spec.start_stopped,
+            stale: false,
+            isolation: self.isolation(),
         })
     }
 
@@ -959,6 +1121,22 @@ impl Driver for LocalDriver {
             }),
         }
     }
+}
+
+/// The installation a `node` binary belongs to (`<prefix>/bin/node` → `<prefix>`), found on
+/// `PATH` when it is a bare name: the sandbox must let Node.js read it.
+fn node_home(node: &Path) -> Option<PathBuf> {
+    let binary = if node.components().count() == 1 {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(node))
+                .find(|p| p.is_file())
+        })?
+    } else {
+        node.to_path_buf()
+    };
+    let real = std::fs::canonicalize(binary).ok()?;
+    real.parent()?.parent().map(Path::to_path_buf)
 }
 
 async fn exited_ref(rx: &mut watch::Receiver<Option<String>>) -> String {

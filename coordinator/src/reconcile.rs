@@ -23,7 +23,7 @@ use tandem_proxy::{HealthConfig, Routes};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::driver::{Driver, ReplicaSpec};
+use crate::driver::{Driver, Isolation, ReplicaSpec};
 use crate::logs::{now_ms, InstanceLog, LogBook};
 use crate::restart::RestartPolicy;
 use crate::status::{Coordination, ObservedStatus, ReplicaStatus};
@@ -131,6 +131,8 @@ struct Observed {
     active: Option<u32>,
     /// Wakes the instance's standby promoter.
     promote: Arc<Notify>,
+    /// Wakes the instance's worker to converge again (a stale replica was adopted).
+    resync: Arc<Notify>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +151,7 @@ struct ReplicaObserved {
     last_exit: Option<String>,
     since: i64,
     flows_started: bool,
+    isolation: Option<Isolation>,
 }
 
 impl<D: Driver> Coordinator<D> {
@@ -289,11 +292,20 @@ impl<D: Driver> Coordinator<D> {
         self.shared.update(&id, |_| {});
         let promoter = tokio::spawn(self.clone().promote_standbys(id.clone(), log.clone()));
         let mut replicas: BTreeMap<u32, Run> = BTreeMap::new();
+        let resync = self
+            .shared
+            .with(&id, |o| o.resync.clone())
+            .unwrap_or_default();
         let name = loop {
             let want = rx.borrow_and_update().clone();
             self.converge(&id, &want, &mut replicas, &log).await;
-            if rx.changed().await.is_err() {
-                break want.desired.replica.instance;
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() {
+                    break want.desired.replica.instance;
+                },
+                // A replica adopted with an older spec is ready: replace it (and any others
+                // like it), one at a time.
+                _ = resync.notified() => {}
             }
         };
         // The instance is gone from the desired state (deleted), or Tandem stops everything.
@@ -461,7 +473,9 @@ impl<D: Driver> Coordinator<D> {
                     let run = self.start_run(id, spec, want, log);
                     replicas.insert(slot, run);
                 }
-                Some(run) if run.spec != spec || run.restart != want.restart => replace.push(slot),
+                Some(run) if run.spec != spec || run.restart != want.restart || run.stale() => {
+                    replace.push(slot)
+                }
                 Some(run) if run.task.is_finished() && run.retry != want.retry => {
                     replace.push(slot)
                 }
@@ -543,6 +557,13 @@ struct Run {
     task: JoinHandle<()>,
 }
 
+impl Run {
+    /// Running, adopted from before with another spec: to be replaced.
+    fn stale(&self) -> bool {
+        matches!(&*self.events.borrow(), Some(Event::Ready(r)) if r.stale)
+    }
+}
+
 impl Shared {
     /// Stops replicas, all at once, and waits for them; they leave the rotation first.
     async fn stop_runs(&self, id: &str, runs: BTreeMap<u32, Run>) {
@@ -622,6 +643,7 @@ impl Shared {
                 replicas: BTreeMap::new(),
                 active: None,
                 promote: Arc::new(Notify::new()),
+                resync: Arc::new(Notify::new()),
             });
             f(o);
             self.publish(&map);
@@ -650,6 +672,7 @@ impl Shared {
                 last_exit: None,
                 since: now,
                 flows_started: false,
+                isolation: None,
             });
             r.since = now;
             // Only a ready replica runs flows.
@@ -659,13 +682,18 @@ impl Shared {
                 Event::Starting => {
                     r.state = "starting";
                     r.addr = None;
+                    r.isolation = None;
                 }
                 Event::Ready(running) => {
                     r.state = "running";
                     r.addr = Some(running.addr);
                     r.pid = running.pid;
                     r.flows_started = running.flows_started;
+                    r.isolation = Some(running.isolation);
                     gone = false;
+                    if running.stale {
+                        o.resync.notify_one();
+                    }
                     if o.standby && running.flows_started && o.active.is_none() {
                         // Adopted with its flows running: it stays the active.
                         o.active = Some(slot);
@@ -673,6 +701,7 @@ impl Shared {
                 }
                 Event::Exited { reason, restarts } => {
                     r.state = "restarting";
+                    r.isolation = None;
                     r.addr = None;
                     r.pid = None;
                     r.restarts = *restarts;
@@ -680,6 +709,7 @@ impl Shared {
                 }
                 Event::Crashed(reason) => {
                     r.state = "crashed";
+                    r.isolation = None;
                     r.addr = None;
                     r.pid = None;
                     r.last_exit = Some(reason.clone());
@@ -830,8 +860,14 @@ impl Shared {
                     last_exit: r.last_exit.clone(),
                     since: r.since,
                     active: r.state == "running" && (!o.standby || o.active == Some(*slot)),
+                    isolation: r.isolation,
                 })
                 .collect(),
+            isolation: o
+                .replicas
+                .values()
+                .filter_map(|r| r.isolation)
+                .reduce(|a, b| if a == Isolation::None { a } else { b }),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::driver::Isolation;
 use crate::logs::LogBook;
 
 /// What the coordinator sees of one instance.
@@ -23,6 +24,9 @@ pub struct ObservedStatus {
     pub reason: Option<String>,
     /// Each replica, by slot.
     pub replicas: Vec<ReplicaStatus>,
+    /// What confines the running replicas: `landlock`, or `none` when any runs without a
+    /// sandbox (a kernel without Landlock); absent while none runs.
+    pub isolation: Option<Isolation>,
 }
 
 /// What the coordinator sees of one replica.
@@ -47,6 +51,8 @@ pub struct ReplicaStatus {
     /// It takes traffic: every running replica in balanced mode, the one whose flows run in
     /// standby mode.
     pub active: bool,
+    /// What confines it while it runs.
+    pub isolation: Option<Isolation>,
 }
 
 impl ObservedStatus {
@@ -59,6 +65,7 @@ impl ObservedStatus {
             summary: "unknown".into(),
             reason: None,
             replicas: Vec::new(),
+            isolation: None,
         }
     }
 }

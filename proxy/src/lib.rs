@@ -14,6 +14,8 @@
 //! - [`balance`]: choosing a replica.
 //! - [`proxy`]: one request, phase by phase.
 //! - [`policy`]: the editor policy for HA instances.
+//! - [`credentials`]: Tandem's own credentials (bearer tokens, session cookie, admin secret):
+//!   the one parser the control plane authenticates with and the proxy strips by.
 //! - [`pool`]: upstream connections and their per-replica pool.
 //! - [`body`]: request and response bodies (streamed, size-limited).
 //! - [`tunnel`]: upgraded (WebSocket) connections.
@@ -25,6 +27,7 @@
 pub mod balance;
 pub mod body;
 pub mod config;
+pub mod credentials;
 pub mod health;
 pub mod metrics;
 pub mod mqtt;

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::{RequestBody, ResponseBody, Tail};
+use crate::credentials::{self, ADMIN_TOKEN};
 use crate::metrics::ProxyStats;
 use crate::pool::{self, ConnectError, Sender};
 use crate::routes::{normalize_host, Instance, Routes};
@@ -124,6 +125,9 @@ impl Proxy {
         };
 
         // Phase 2: policy and limits.
+        // The admin secret is the proxy's to add, on editor paths only: a client-sent one never
+        // passes, whatever the instance (HA, without a secret, or the path of a flow).
+        req.headers_mut().remove(ADMIN_TOKEN);
         let editor = policy::is_editor_path(req.uri().path());
         if instance.ha && editor {
             instance.stats.editor_blocked();
@@ -155,7 +159,7 @@ impl Proxy {
                     return self.finish_local(&instance, &req, start, local(status, msg));
                 }
             }
-            strip_tandem_credentials(req.headers_mut());
+            credentials::strip(req.headers_mut());
             if editor {
                 req.headers_mut().insert(ADMIN_TOKEN, secret.clone());
             }
@@ -541,54 +545,6 @@ pub(crate) fn local(status: StatusCode, msg: impl Into<bytes::Bytes>) -> Respons
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-/// The header a replica's admin API takes its secret from.
-const ADMIN_TOKEN: HeaderName = HeaderName::from_static("x-tandem-token");
-/// Tandem's session cookie (the control plane's sign-in).
-const SESSION_COOKIE: &str = "tandem_session";
-
-/// Removes what authenticates a user to Tandem from a request bound for a replica, so flows
-/// never see it: the session cookie, `tdm_` bearer tokens, and any client-sent admin secret.
-fn strip_tandem_credentials(headers: &mut HeaderMap) {
-    headers.remove(ADMIN_TOKEN);
-    let tandem_bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .is_some_and(|(scheme, token)| {
-            scheme.eq_ignore_ascii_case("bearer") && token.trim().starts_with("tdm_")
-        });
-    if tandem_bearer {
-        headers.remove(header::AUTHORIZATION);
-    }
-    if !headers.contains_key(header::COOKIE) {
-        return;
-    }
-    // On bytes, not strings: one non-ASCII cookie must not cost a flow the others.
-    let mut kept: Vec<u8> = Vec::new();
-    for value in headers.get_all(header::COOKIE) {
-        for c in value.as_bytes().split(|b| *b == b';') {
-            let c = c.trim_ascii();
-            let name = c
-                .split(|b| *b == b'=')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
-            if c.is_empty() || name == SESSION_COOKIE.as_bytes() {
-                continue;
-            }
-            if !kept.is_empty() {
-                kept.extend_from_slice(b"; ");
-            }
-            kept.extend_from_slice(c);
-        }
-    }
-    headers.remove(header::COOKIE);
-    if let Ok(v) = HeaderValue::from_bytes(&kept) {
-        if !kept.is_empty() {
-            headers.insert(header::COOKIE, v);
-        }
-    }
-}
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The normalized host a request is for: the authority of an absolute-form target, else the one
@@ -707,46 +663,4 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tandem_credentials_never_reach_a_replica_and_other_cookies_do() {
-        let mut h = HeaderMap::new();
-        h.append(
-            header::COOKIE,
-            HeaderValue::from_static("theme=dark; tandem_session=s3cret"),
-        );
-        h.append(header::COOKIE, HeaderValue::from_static("lang=en"));
-        h.append(
-            header::COOKIE,
-            HeaderValue::from_bytes("name=Jos\u{e9}".as_bytes()).unwrap(),
-        );
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer tdm_abc"),
-        );
-        h.insert(ADMIN_TOKEN, HeaderValue::from_static("guess"));
-        strip_tandem_credentials(&mut h);
-        assert_eq!(
-            h.get(header::COOKIE).unwrap().as_bytes(),
-            "theme=dark; lang=en; name=Jos\u{e9}".as_bytes()
-        );
-        assert!(h.get(header::AUTHORIZATION).is_none());
-        assert!(h.get(ADMIN_TOKEN).is_none());
-
-        // A flow's own credentials pass; a request with only Tandem's cookie loses the header.
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer flow-token"),
-        );
-        h.insert(header::COOKIE, HeaderValue::from_static("tandem_session=x"));
-        strip_tandem_credentials(&mut h);
-        assert_eq!(h.get(header::AUTHORIZATION).unwrap(), "Bearer flow-token");
-        assert!(h.get(header::COOKIE).is_none());
-    }
 }

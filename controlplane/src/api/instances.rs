@@ -15,6 +15,7 @@ use super::{authorize, json_text, templates, Page, PageQuery};
 use crate::audit::{self, Subject};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, Json, Query};
+use crate::node_settings::Refused;
 use crate::roles::Action;
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
@@ -110,6 +111,9 @@ pub struct Instance {
     pub effective_settings: Value,
     /// Environment merged with the template's.
     pub effective_env: BTreeMap<String, String>,
+    /// Stored settings and variables (of the instance or its template) that Tandem's rules
+    /// refuse: written before the rules existed, they are left out of what the replicas get.
+    pub not_applied: Vec<Refused>,
     /// HA settings; absent when HA is off.
     pub ha: Option<Ha>,
     /// `running`, `stopped` or `suspended`.
@@ -132,8 +136,8 @@ pub struct NewInstance {
     pub stack_id: String,
     /// A template.
     pub template_id: Option<String>,
-    /// Node-RED settings overrides (object).
-    #[schema(value_type = Option<Object>)]
+    /// Node-RED settings overrides: only the settings Tandem allows, each with its type.
+    #[schema(value_type = Option<crate::node_settings::NodeSettings>)]
     pub settings: Option<Value>,
     /// Environment variables.
     #[serde(default)]
@@ -152,8 +156,8 @@ pub struct InstanceUpdate {
     /// Refused: names are permanent.
     #[schema(value_type = Option<String>)]
     pub name: Option<serde::de::IgnoredAny>,
-    /// New settings overrides (replace the old ones).
-    #[schema(value_type = Option<Object>)]
+    /// New settings overrides (replace the old ones): only the settings Tandem allows.
+    #[schema(value_type = Option<crate::node_settings::NodeSettings>)]
     pub settings: Option<Value>,
     /// New environment (replaces the old one).
     pub env: Option<BTreeMap<String, String>>,
@@ -174,6 +178,8 @@ pub struct Status {
     /// `suspended`, `crashed`, `unknown`), replicas ready and wanted.
     #[schema(value_type = Object)]
     pub observed: ObservedStatus,
+    /// Stored settings and variables left out because Tandem's rules refuse them.
+    pub not_applied: Vec<Refused>,
 }
 
 /// Result of an action.
@@ -249,10 +255,9 @@ pub(crate) async fn view(
         }
         None => None,
     };
-    // Stored overrides were valid when written; a template changed since is checked on update.
-    let (effective_settings, effective_env) =
-        templates::effective(template.as_ref(), &settings, &env)
-            .unwrap_or_else(|_| (settings.clone(), env.clone()));
+    // Stored values were valid when written, but may be refused by rules that came later.
+    let (effective_settings, effective_env, not_applied) =
+        templates::effective_stored(template.as_ref(), &settings, &env);
     let replicas: Option<i64> = r.get(8);
     let mode: Option<String> = r.get(9);
     Ok(Instance {
@@ -267,6 +272,7 @@ pub(crate) async fn view(
         env,
         effective_settings,
         effective_env,
+        not_applied,
         ha: replicas.map(|replicas| Ha {
             replicas,
             mode: if mode.as_deref() == Some("standby") {
@@ -398,11 +404,16 @@ async fn update_instance(
             "an instance's name cannot be changed",
         ));
     }
+    // What the body leaves out is kept, less what the rules refuse (stored before they existed;
+    // the audit entry of this update records it as removed).
     let settings = body
         .settings
         .clone()
-        .unwrap_or_else(|| before.settings.clone());
-    let env = body.env.clone().unwrap_or_else(|| before.env.clone());
+        .unwrap_or_else(|| crate::node_settings::sanitize("settings", &before.settings).0);
+    let env = body
+        .env
+        .clone()
+        .unwrap_or_else(|| crate::node_env::sanitize("env", &before.env).0);
     let stack_id = body
         .stack_id
         .clone()
@@ -584,6 +595,7 @@ async fn instance_status(
         name: i.name,
         desired_state: i.desired_state,
         observed,
+        not_applied: i.not_applied,
     }))
 }
 

@@ -5,18 +5,25 @@
 //! follow the log), `b<seq>` the entries before it (scroll back with `previous_cursor`). Without
 //! a cursor the newest entries come. The log lives in Tandem's memory (the newest 10,000 entries
 //! per instance) and in the replicas' log files; a dead replica's lines stay readable.
+//!
+//! A stream checks again, at least every few seconds ([`ApiConfig::stream_recheck`]), that its
+//! caller may still read the instance, and ends when not: a member removed from the team, a
+//! revoked token, an ended session or a deleted instance stops getting lines.
+//!
+//! [`ApiConfig::stream_recheck`]: crate::state::ApiConfig::stream_recheck
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::stream::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tandem_coordinator::logs::{Cursor, InstanceLog, LogEntry};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::time::{Instant, MissedTickBehavior};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -197,6 +204,9 @@ async fn instance_log_stream(
     };
     let (name, log) = instance_log(&state, &caller, &id).await?;
     let src = replica_src(&name, q.replica.as_deref())?;
+    // `interval` takes no zero period.
+    let every = state.config.stream_recheck.max(Duration::from_millis(1));
+    let mut access = Access::new(state, &headers, caller, id);
     let stream = async_stream(move |tx| async move {
         let Some(log) = log else {
             // Nothing runs instances here: the stream ends at once.
@@ -208,13 +218,19 @@ async fn instance_log_stream(
             Some(n) => n,
             None => log.read(Cursor::Latest, 1, None).next_seq.saturating_sub(1),
         };
+        // While the log is quiet, access is checked on this tick; while it is busy, before the
+        // events that fall due.
+        let mut recheck = tokio::time::interval_at(Instant::now() + every, every);
+        recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             // Catch up from the ring (the backlog, or after falling behind), then follow.
             let page = log.read(Cursor::After(last), MAX_LIMIT, None);
             let caught_up = page.entries.len() < MAX_LIMIT;
             for e in page.entries {
                 last = e.seq;
-                if src.as_deref().is_none_or(|s| e.src == s) && !send(&tx, &e).await {
+                if src.as_deref().is_none_or(|s| e.src == s)
+                    && !(access.allowed().await && send(&tx, &e).await)
+                {
                     return;
                 }
             }
@@ -226,12 +242,20 @@ async fn instance_log_stream(
                     next = rx.recv() => next,
                     // The client went away while the log is quiet.
                     _ = tx.closed() => return,
+                    _ = recheck.tick() => {
+                        if !access.allowed().await {
+                            return;
+                        }
+                        continue;
+                    }
                 };
                 match next {
                     Ok(e) if e.seq <= last => {}
                     Ok(e) => {
                         last = e.seq;
-                        if src.as_deref().is_none_or(|s| e.src == s) && !send(&tx, &e).await {
+                        if src.as_deref().is_none_or(|s| e.src == s)
+                            && !(access.allowed().await && send(&tx, &e).await)
+                        {
                             return;
                         }
                     }
@@ -242,6 +266,59 @@ async fn instance_log_stream(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// The right of a stream's caller to read its instance, checked again while the stream is open.
+struct Access {
+    state: AppState,
+    /// The request's credentials (`Authorization` and `Cookie` only), to authenticate again: a
+    /// revoked token or an ended session must end the stream too.
+    credentials: HeaderMap,
+    username: String,
+    instance: String,
+    checked: Instant,
+}
+
+impl Access {
+    fn new(state: AppState, headers: &HeaderMap, caller: Caller, instance: String) -> Self {
+        let mut credentials = HeaderMap::new();
+        for name in [header::AUTHORIZATION, header::COOKIE] {
+            for v in headers.get_all(&name) {
+                credentials.append(name.clone(), v.clone());
+            }
+        }
+        Self {
+            state,
+            credentials,
+            username: caller.username,
+            instance,
+            checked: Instant::now(),
+        }
+    }
+
+    /// Whether the caller may still read the instance. Asks the store only when the last check
+    /// is older than `stream_recheck`: a check per event would cost queries per log line.
+    async fn allowed(&mut self) -> bool {
+        if self.checked.elapsed() < self.state.config.stream_recheck {
+            return true;
+        }
+        let still = match Caller::from_headers(&self.credentials, &self.state).await {
+            Ok(caller) => load_for(&self.state, &caller, &self.instance, Action::Read)
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        self.checked = Instant::now();
+        match still {
+            Ok(()) => true,
+            Err(e) => {
+                // Any failure ends the stream, a database error too: a client reconnects with
+                // `Last-Event-ID` and gets a clear answer then.
+                tracing::info!(instance = %self.instance, user = %self.username, reason = %e, "log stream ended: access is gone");
+                false
+            }
+        }
+    }
 }
 
 async fn send(tx: &tokio::sync::mpsc::Sender<Event>, e: &LogEntry) -> bool {

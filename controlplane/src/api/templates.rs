@@ -16,6 +16,8 @@ use super::{json_text, require_admin, Page, PageQuery};
 use crate::audit::{self, Subject};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, Json, Query};
+use crate::node_settings::{self, Refused};
+use crate::node_env;
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
 
@@ -24,20 +26,6 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_templates, create_template))
         .routes(routes!(get_template, update_template, delete_template))
 }
-
-/// Node-RED settings that Tandem sets itself for every replica; nobody may override them.
-pub const MANAGED_SETTINGS: &[&str] = &[
-    "adminAuth",
-    "credentialSecret",
-    "disableEditor",
-    "httpAdminRoot",
-    "httpNodeRoot",
-    "logging",
-    "runtimeState",
-    "uiHost",
-    "uiPort",
-    "userDir",
-];
 
 /// An environment variable of a template.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema, PartialEq)]
@@ -83,9 +71,9 @@ pub struct Template {
 pub struct TemplateBody {
     /// Unique name, 1 to 100 characters.
     pub name: String,
-    /// Default settings (object).
+    /// Default settings: only the Node-RED settings Tandem allows, each with its type.
     #[serde(default = "empty_object")]
-    #[schema(value_type = Object)]
+    #[schema(value_type = node_settings::NodeSettings)]
     pub settings: Value,
     /// Default environment variables.
     #[serde(default)]
@@ -99,71 +87,88 @@ fn empty_object() -> Value {
     Value::Object(Map::new())
 }
 
-/// Checks an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 128 characters.
-pub fn check_env_name(field: &str, name: &str) -> ApiResult<()> {
-    let b = name.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= 128
-        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
-            format!("{field}.{name}"),
-            "is not a valid environment variable name",
-        ))
-    }
-}
-
-/// Checks a settings object: an object, with no Tandem-managed key.
-pub fn check_settings(field: &str, settings: &Value) -> ApiResult<()> {
-    let Some(map) = settings.as_object() else {
-        return Err(ApiError::invalid(
-            field,
-            "must be an object of Node-RED settings",
-        ));
-    };
-    for key in map.keys() {
-        if MANAGED_SETTINGS.contains(&key.as_str()) {
-            return Err(ApiError::invalid(
-                format!("{field}.{key}"),
-                "is managed by Tandem and cannot be set",
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn validate(body: &TemplateBody) -> ApiResult<()> {
     super::check_display_name("name", &body.name)?;
-    check_settings("settings", &body.settings)?;
-    for name in body.env.keys() {
-        check_env_name("env", name)?;
-    }
+    // The allowlist binds templates as it binds instances: a template's settings reach
+    // `settings.js` of every instance made from it.
+    node_settings::check("settings", &body.settings)?;
+    node_env::check("env", body.env.iter().map(|(k, v)| (k, v.value.as_str())))?;
     for key in body.policy.settings.keys() {
-        if MANAGED_SETTINGS.contains(&key.as_str()) {
-            return Err(ApiError::invalid(
-                format!("policy.settings.{key}"),
-                "is managed by Tandem and cannot be opened to instances",
-            ));
-        }
+        node_settings::check_name("policy.settings", key)?;
     }
     Ok(())
 }
 
-/// The effective settings and environment of an instance: `template` merged with the instance's
-/// own `settings` and `env`. A setting the policy does not allow, or a locked variable, is a 422
-/// naming the field.
+/// The effective settings and environment of an instance as a user sets them: `template` merged
+/// with the instance's own `settings` and `env`. A setting or variable the allowlist refuses, a
+/// setting the policy does not open, or a locked variable, is a 422 naming the field.
 pub fn effective(
     template: Option<&Template>,
     settings: &Value,
     env: &BTreeMap<String, String>,
 ) -> ApiResult<(Value, BTreeMap<String, String>)> {
-    check_settings("settings", settings)?;
-    for name in env.keys() {
-        check_env_name("env", name)?;
+    node_settings::check("settings", settings)?;
+    node_env::check("env", env.iter().map(|(k, v)| (k, v.as_str())))?;
+    merge(template, settings, env)
+}
+
+/// What an instance's replicas get from what is stored: like [`effective`], but a stored
+/// setting or variable the rules refuse (written before they existed) is left out and named in
+/// the list, rather than failing: the instance starts without it.
+pub fn effective_stored(
+    template: Option<&Template>,
+    settings: &Value,
+    env: &BTreeMap<String, String>,
+) -> (Value, BTreeMap<String, String>, Vec<Refused>) {
+    let (settings, mut dropped) = node_settings::sanitize("settings", settings);
+    let (env, env_dropped) = node_env::sanitize("env", env);
+    dropped.extend(env_dropped);
+    let clean_template = template.map(|t| {
+        let (settings, s_dropped) = node_settings::sanitize(
+            &format!("template {} settings", t.name),
+            &t.settings,
+        );
+        let vars: BTreeMap<String, String> =
+            t.env.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect();
+        let (vars, e_dropped) = node_env::sanitize(&format!("template {} env", t.name), &vars);
+        dropped.extend(s_dropped);
+        dropped.extend(e_dropped);
+        Template {
+            settings,
+            env: t
+                .env
+                .iter()
+                .filter(|(k, _)| vars.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..t.clone()
+        }
+    });
+    match merge(clean_template.as_ref(), &settings, &env) {
+        Ok((s, e)) => (s, e, dropped),
+        // An override the template no longer opens: the template's values alone.
+        Err(e) => {
+            dropped.push(Refused {
+                field: "settings".into(),
+                message: format!("overrides not applied: {e}"),
+            });
+            let (s, e) = merge(
+                clean_template.as_ref(),
+                &Value::Object(Map::new()),
+                &BTreeMap::new(),
+            )
+            .unwrap_or_default();
+            (s, e, dropped)
+        }
     }
+}
+
+/// `template` merged with an instance's own settings and variables, under its policy.
+fn merge(
+    template: Option<&Template>,
+    settings: &Value,
+    env: &BTreeMap<String, String>,
+) -> ApiResult<(Value, BTreeMap<String, String>)> {
     let Some(t) = template else {
         return Ok((settings.clone(), env.clone()));
     };
@@ -333,6 +338,10 @@ async fn update_template(
         let settings = json_text(&r.get::<String, _>(1));
         let env: BTreeMap<String, String> =
             serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default();
+        // Stored values the allowlist refuses are not applied anyway; they must not hold up
+        // the template.
+        let (settings, _) = node_settings::sanitize("settings", &settings);
+        let (env, _) = node_env::sanitize("env", &env);
         if let Err(e) = effective(Some(&after), &settings, &env) {
             return Err(ApiError::Conflict(format!(
                 "instance {name} would break the new template: {e}"

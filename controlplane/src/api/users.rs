@@ -1,7 +1,7 @@
 //! Sign-in, users and personal access tokens.
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -10,7 +10,8 @@ use utoipa_axum::routes;
 
 use super::{require_admin, Page, PageQuery};
 use crate::audit::{self, Subject};
-use crate::auth::{self, Caller, TOKEN_PREFIX};
+use crate::auth::throttle::ClientAddr;
+use crate::auth::{self, Caller, Credential, TOKEN_PREFIX};
 use crate::error::{ApiError, ApiResult, Json, Query};
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
@@ -61,13 +62,39 @@ pub struct Login {
 }
 
 /// Signs in with a password; the answer sets the session cookie (HttpOnly, SameSite=Lax).
+/// Failed sign-ins are limited: 5 a minute per username and 50 a minute per client address,
+/// then 429 with `Retry-After` (seconds) for a lockout that doubles each time, up to 15 minutes.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = Login,
-    responses((status = 200, body = User), (status = 401, body = crate::error::ErrorBody)))]
+    responses((status = 200, body = User), (status = 401, body = crate::error::ErrorBody),
+        (status = 429, description = "Too many failed sign-ins for this username or from this address",
+            body = crate::error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a sign-in may be tried again")))))]
 async fn login(
     State(state): State<AppState>,
+    ClientAddr(addr): ClientAddr,
     headers: HeaderMap,
     Json(body): Json<Login>,
 ) -> ApiResult<Response> {
+    // Before anything costs a query or a hash: a refused attempt is cheap, whatever its number.
+    if let Err(refused) =
+        state
+            .login_throttle
+            .begin(&body.username, addr, tokio::time::Instant::now())
+    {
+        let retry_after_secs = refused.retry_after_secs();
+        tracing::warn!(
+            username = ?body.username.chars().take(64).collect::<String>(),
+            address = ?addr,
+            retry_after_secs,
+            "sign-in refused: too many failures"
+        );
+        return Err(ApiError::TooManyRequests {
+            message: format!(
+                "too many failed sign-ins for this username or from this address; try again in {retry_after_secs} s"
+            ),
+            retry_after_secs,
+        });
+    }
     let row = sqlx::query("SELECT id, username, email, admin, created_at, password_hash FROM users WHERE username = $1")
         .bind(&body.username)
         .fetch_optional(&state.store.pool)
@@ -82,6 +109,7 @@ async fn login(
     let Some(row) = row else {
         return Err(wrong());
     };
+    state.login_throttle.succeeded(&body.username, addr);
     let user = user_from(&row);
     let secret = auth::random_secret()?;
     let now = now_ms();
@@ -134,10 +162,17 @@ fn cookie_domain(state: &AppState, headers: &HeaderMap) -> String {
     }
 }
 
-/// Ends the session of the cookie sent (if any) and clears the cookie.
-#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses((status = 204)))]
-async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+/// Ends the session of the cookie sent (if any) and clears the cookie. From another site's page
+/// (a foreign `Origin`) it is refused, as every change made with the cookie is.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses((status = 204), (status = 403, body = crate::error::ErrorBody)))]
+async fn logout(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     if let Some(session) = auth::session_cookie(&headers) {
+        // Logout takes no `Caller`, so it makes the cross-site check itself.
+        auth::refuse_cross_site(&method, &headers)?;
         sqlx::query("DELETE FROM sessions WHERE hash = $1")
             .bind(auth::hash_secret(session))
             .execute(&state.store.pool)
@@ -330,7 +365,9 @@ pub struct CreatedToken {
 pub struct NewToken {
     /// 1 to 100 characters.
     pub name: String,
-    /// Expiry, epoch ms, in the future; none for no expiry.
+    /// Expiry, epoch ms, in the future; none for no expiry. A request made with a token that
+    /// expires may not outlive it: no expiry then means that token's expiry, and a later one is
+    /// refused.
     pub expires_at: Option<i64>,
 }
 
@@ -376,8 +413,32 @@ async fn create_token(
             "must be in the future (epoch milliseconds)",
         ));
     }
-    let created = issue_token(&state, &caller, &body.name, body.expires_at).await?;
+    let expires_at = capped_expiry(&caller, body.expires_at)?;
+    let created = issue_token(&state, &caller, &body.name, expires_at).await?;
     Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// The expiry a new token gets: a token may not outlive the token it is made with, or a leaked
+/// short-lived token could mint itself a permanent one. A caller signed in with the password
+/// (the session cookie) is not limited: whoever has the password can sign in again anyway.
+fn capped_expiry(caller: &Caller, asked: Option<i64>) -> ApiResult<Option<i64>> {
+    let Credential::Token {
+        expires_at: Some(limit),
+        ..
+    } = caller.via
+    else {
+        return Ok(asked);
+    };
+    match asked {
+        None => Ok(Some(limit)),
+        Some(e) if e <= limit => Ok(Some(e)),
+        Some(e) => Err(ApiError::invalid(
+            "expires_at",
+            format!(
+                "{e} is later than {limit}, when the token this request is made with expires; a token may not outlive the token that creates it. Ask for {limit} or earlier, leave expires_at out to get {limit}, or sign in with the password to create a longer-lived token"
+            ),
+        )),
+    }
 }
 
 /// Issues a token for `caller` (API and first-start bootstrap).

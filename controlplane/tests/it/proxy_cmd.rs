@@ -70,24 +70,30 @@ fn routes(instances: &[(&str, SocketAddr)]) -> String {
 struct Tandem {
     child: Child,
     listen: SocketAddr,
-    admin: SocketAddr,
+    metrics: SocketAddr,
     lines: mpsc::Receiver<String>,
 }
 
 impl Tandem {
     fn start(routes: &std::path::Path, extra: &[&str]) -> Result<Self, String> {
+        let metrics = ["--metrics-listen", "127.0.0.1:0"];
+        Self::spawn(routes, &[&metrics[..], extra].concat(), &[])
+    }
+
+    /// `tandem proxy` with `args` (which must say where metrics go) and `envs`.
+    fn spawn(
+        routes: &std::path::Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
             .args(["proxy", "--routes"])
             .arg(routes)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--reload-poll-ms",
-                "50",
-            ])
-            .args(extra)
+            .args(["--listen", "127.0.0.1:0", "--reload-poll-ms", "50"])
+            .args(args)
+            .env_remove("TANDEM_METRICS_LISTEN")
+            .env_remove("TANDEM_ADMIN_LISTEN")
+            .envs(envs.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
@@ -113,7 +119,7 @@ impl Tandem {
                         };
                         return Ok(Self {
                             listen: field("listen"),
-                            admin: field("admin"),
+                            metrics: field("metrics"),
                             child,
                             lines: rx,
                         });
@@ -214,14 +220,14 @@ async fn serves_reloads_on_change_and_on_sighup_and_stops_gracefully() {
         (200, "b".into())
     );
 
-    let (status, metrics) = get(tandem.admin, "admin", "/metrics").await;
+    let (status, metrics) = get(tandem.metrics, "metrics", "/metrics").await;
     assert_eq!(status, 200);
     assert!(
         metrics.contains("tandem_proxy_route_reloads_total{result=\"error\"} 1"),
         "{metrics}"
     );
     assert_eq!(
-        get(tandem.admin, "admin", "/healthz").await,
+        get(tandem.metrics, "metrics", "/healthz").await,
         (200, "ok\n".into())
     );
 
@@ -243,6 +249,45 @@ async fn serves_reloads_on_change_and_on_sighup_and_stops_gracefully() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// `--admin-listen` and `TANDEM_ADMIN_LISTEN`, the metrics listener's earlier names, still
+/// work; `TANDEM_METRICS_LISTEN` wins over `TANDEM_ADMIN_LISTEN`.
+#[tokio::test]
+async fn the_earlier_admin_listen_names_still_place_the_metrics_listener() {
+    let a = upstream("a").await;
+    let path = temp_routes("alias");
+    std::fs::write(&path, routes(&[("orders", a)])).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let (flag, env, both, loser) = (free(), free(), free(), free());
+    for (args, envs, want) in [
+        (vec!["--admin-listen", flag.as_str()], vec![], &flag),
+        (vec![], vec![("TANDEM_ADMIN_LISTEN", env.as_str())], &env),
+        (
+            vec![],
+            vec![
+                ("TANDEM_ADMIN_LISTEN", loser.as_str()),
+                ("TANDEM_METRICS_LISTEN", both.as_str()),
+            ],
+            &both,
+        ),
+    ] {
+        let tandem = Tandem::spawn(&path, &args, &envs).unwrap();
+        assert_eq!(tandem.metrics.to_string(), *want, "{args:?} {envs:?}");
+        let (status, metrics) = get(tandem.metrics, "metrics", "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(
+            metrics.contains("tandem_proxy_routes_instances 1"),
+            "{metrics}"
+        );
+    }
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
@@ -269,7 +314,8 @@ fn help_documents_every_flag_and_its_environment_variable() {
     for flag in [
         "--routes",
         "--listen",
-        "--admin-listen",
+        "--metrics-listen",
+        "TANDEM_METRICS_LISTEN",
         "--max-body-bytes",
         "TANDEM_HEADER_TIMEOUT_MS",
         "TANDEM_REPLICA_HEADER",
@@ -292,6 +338,8 @@ fn serve_help_documents_every_flag_and_its_environment_variable() {
         "TANDEM_API_LISTEN",
         "--http-listen",
         "TANDEM_HTTP_LISTEN",
+        "--metrics-listen",
+        "TANDEM_METRICS_LISTEN",
         "--database-url",
         "TANDEM_DATABASE_URL",
         "--base-domain",

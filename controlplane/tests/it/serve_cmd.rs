@@ -12,10 +12,11 @@ use serde_json::{json, Value};
 
 use crate::api::support::{http, Auth, TempDir};
 
-/// A running `tandem serve` on free ports, its API address read from its start-up line.
+/// A running `tandem serve` on free ports, its addresses read from its start-up line.
 struct Serve {
     child: Child,
     api: SocketAddr,
+    metrics: SocketAddr,
     lines: Vec<String>,
 }
 
@@ -27,6 +28,8 @@ impl Serve {
                 "--api-listen",
                 "127.0.0.1:0",
                 "--http-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
                 "127.0.0.1:0",
                 "--data-dir",
             ])
@@ -50,9 +53,17 @@ impl Serve {
                 let serving = line.contains("tandem serving");
                 lines.push(line.clone());
                 if serving {
-                    let rest = &line[line.find("api=").unwrap() + 4..];
-                    let api = rest.split_whitespace().next().unwrap().parse().unwrap();
-                    return Self { child, api, lines };
+                    let field = |k: &str| -> SocketAddr {
+                        let rest = &line[line.find(&format!(" {k}=")).unwrap() + k.len() + 2..];
+                        rest.split_whitespace().next().unwrap().parse().unwrap()
+                    };
+                    let (api, metrics) = (field("api"), field("metrics"));
+                    return Self {
+                        child,
+                        api,
+                        metrics,
+                        lines,
+                    };
                 }
             }
         }
@@ -138,6 +149,51 @@ async fn first_start_writes_a_private_admin_token_once() {
         call(serve.api, "GET", "/api/v1/user", &token, None).await.0,
         200
     );
+}
+
+/// `/metrics` names every team's instances: the API listener answers 404 for it, to anyone;
+/// the metrics listener of the same process serves it, with `/healthz`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_on_their_own_listener_only() {
+    let dir = TempDir::new("tandem-serve-metrics");
+    let data = dir.path().join("data");
+    let serve = Serve::start(&data);
+    assert_ne!(serve.metrics, serve.api);
+    let token = std::fs::read_to_string(data.join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    for auth in [Auth::Anon, Auth::Bearer(token)] {
+        let r = http(serve.api, "GET", "/metrics", &auth, None, Vec::new()).await;
+        assert_eq!(r.status, 404, "{r}");
+    }
+    let r = http(
+        serve.metrics,
+        "GET",
+        "/metrics",
+        &Auth::Anon,
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r}");
+    for series in [
+        "# TYPE tandem_api_requests_total counter",
+        "# TYPE tandem_proxy_requests_total counter",
+        "tandem_proxy_routes_instances ",
+    ] {
+        assert!(r.text.contains(series), "no {series} in\n{}", r.text);
+    }
+    let r = http(
+        serve.metrics,
+        "GET",
+        "/healthz",
+        &Auth::Anon,
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!((r.status, r.text.as_str()), (200, "ok\n"));
 }
 
 fn user_create(data: &Path, args: &[&str], password: &str) -> std::process::Output {

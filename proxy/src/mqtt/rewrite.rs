@@ -271,8 +271,15 @@ impl ShareRules {
         !filter.starts_with('$') && !self.exclude.iter().any(|e| covers(e, filter))
     }
 
-    fn shared(&self, filter: &str) -> String {
-        format!("$share/{}/{filter}", self.group)
+    /// `$share/<group>/<filter>`; `TooLong` when that no longer fits an MQTT string, since
+    /// rumqttc's encoder would write its length modulo 65,536 and the broker would read the
+    /// rest of the filter as packet fields of the client's choosing.
+    fn shared(&self, filter: &str, packet: &'static str) -> Result<String, PacketError> {
+        let shared = format!("$share/{}/{filter}", self.group);
+        if shared.len() > usize::from(u16::MAX) {
+            return Err(PacketError::TooLong(packet));
+        }
+        Ok(shared)
     }
 }
 
@@ -322,7 +329,7 @@ pub fn subscribe(
                     retain_as_published: false,
                 });
                 if shared {
-                    f.path = rules.shared(&f.path);
+                    f.path = rules.shared(&f.path, P)?;
                     rewrites += 1;
                 }
             }
@@ -341,7 +348,7 @@ pub fn subscribe(
                     retain_as_published: f.preserve_retain,
                 });
                 if shared {
-                    f.path = rules.shared(&f.path);
+                    f.path = rules.shared(&f.path, P)?;
                     f.nolocal = false;
                     rewrites += 1;
                 }
@@ -376,21 +383,21 @@ pub fn unsubscribe(
     let bytes = Bytes::copy_from_slice(frame);
     let mut rewrites = 0;
     let mut out = BytesMut::new();
-    let mut rewrite = |paths: &mut Vec<String>| {
+    let mut rewrite = |paths: &mut Vec<String>| -> Result<Vec<String>, PacketError> {
         let original = paths.clone();
         for p in paths.iter_mut() {
             if rules.shares(p) {
-                *p = rules.shared(p);
+                *p = rules.shared(p, P)?;
                 rewrites += 1;
             }
         }
-        original
+        Ok(original)
     };
     let filters = match protocol {
         Protocol::V31 | Protocol::V311 => {
             let fh = rumqttc::mqttbytes::FixedHeader::new(h.byte1, h.header_len - 1, h.remaining);
             let mut unsub = v4::Unsubscribe::read(fh, bytes).map_err(codec_error(P))?;
-            let original = rewrite(&mut unsub.topics);
+            let original = rewrite(&mut unsub.topics)?;
             if rewrites > 0 {
                 unsub.write(&mut out).map_err(codec_error(P))?;
             }
@@ -399,7 +406,7 @@ pub fn unsubscribe(
         Protocol::V5 => {
             let fh = v5::FixedHeader::new(h.byte1, h.header_len - 1, h.remaining);
             let mut unsub = v5::Unsubscribe::read(fh, bytes).map_err(codec_error_v5(P))?;
-            let original = rewrite(&mut unsub.filters);
+            let original = rewrite(&mut unsub.filters)?;
             if rewrites > 0 {
                 unsub.write(&mut out).map_err(codec_error_v5(P))?;
             }
@@ -525,3 +532,6 @@ fn strip_share(filter: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod props;

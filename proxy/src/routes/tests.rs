@@ -276,3 +276,53 @@ fn routes_file_mqtt_section_and_listeners() {
     let err = file::parse_file(&base("", "mqtt_listeners = [\"localhost\"]")).unwrap_err();
     assert!(err.contains("invalid socket address"), "{err}");
 }
+
+// === Properties of host normalization ===
+
+mod normalize_props {
+    use proptest::prelude::*;
+
+    use super::normalize_host;
+
+    /// Host headers built from the pieces real and hostile ones are made of.
+    fn host_like() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("a"),
+            Just("Orders"),
+            Just("LOCALHOST"),
+            Just("-"),
+            Just("_"),
+            Just("."),
+            Just(":"),
+            Just("80"),
+            Just("65535"),
+            Just("65536"),
+            Just("["),
+            Just("]"),
+            Just("::1"),
+            Just("Ab:CD"),
+            Just(" "),
+            Just("é"),
+            Just("%2e"),
+            Just("/"),
+        ];
+        proptest::collection::vec(piece, 0..12).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// No panic on any input; a normalized host normalizes to itself and is a lookup key
+        /// (lower case, no port, no trailing dot).
+        #[test]
+        fn normalize_host_is_idempotent(raw in prop_oneof![host_like(), any::<String>()]) {
+            if let Some(once) = normalize_host(&raw) {
+                let again = normalize_host(&once);
+                prop_assert_eq!(again.as_deref(), Some(&*once));
+                prop_assert!(!once.bytes().any(|b| b.is_ascii_uppercase()));
+                prop_assert!(!once.ends_with('.'));
+                prop_assert!(once.starts_with('[') || !once.contains(':'));
+            }
+        }
+    }
+}

@@ -5,8 +5,10 @@
 
 mod support;
 
+mod credentials;
 mod errors;
 mod failover;
+mod metrics;
 mod mqtt;
 mod policy;
 mod reload;

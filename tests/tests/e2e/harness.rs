@@ -116,6 +116,8 @@ pub struct Tandem {
     pub dir: PathBuf,
     pub api: SocketAddr,
     pub http: SocketAddr,
+    /// The metrics listener (`--metrics-listen`): `/metrics`, `/healthz`.
+    pub metrics: SocketAddr,
     pub token: String,
     child: Option<Child>,
     stop_replicas: bool,
@@ -146,6 +148,7 @@ impl Tandem {
     async fn launch(dir: &Path, stop_replicas: bool, args: &[&str]) -> Self {
         let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         std::fs::create_dir_all(dir).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -160,6 +163,7 @@ impl Tandem {
             .arg(stacks_dir())
             .args(["--api-listen", &api.to_string()])
             .args(["--http-listen", &http_addr.to_string()])
+            .args(["--metrics-listen", &metrics.to_string()])
             .args(["--restart-backoff-ms", "200"])
             .args(["--crash-loop-restarts", "3"])
             .args(["--liveness-check-ms", "500"])
@@ -192,6 +196,7 @@ impl Tandem {
             dir: dir.to_path_buf(),
             api,
             http: http_addr,
+            metrics,
             token,
             child: Some(child),
             stop_replicas,
@@ -212,6 +217,16 @@ impl Tandem {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+
+    /// The Prometheus page of the metrics listener (the API's, the coordinator's and the
+    /// proxy's series).
+    pub async fn metrics(&self) -> String {
+        let r = http(self.metrics, "GET", "metrics", "/metrics", &[], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
     }
 
     /// An API call as the platform admin.

@@ -39,11 +39,13 @@ async fn an_instance_is_served_by_host_and_follows_its_actions() {
     let only_r0 = t.logs(&id, "replica=r0&limit=1000").await;
     assert!(!only_r0.is_empty() && only_r0.iter().all(|e| e["src"] == "life-r0"));
 
-    // Prometheus: the instance, its replica and the proxy's traffic to it, on the API's /metrics.
-    let m = crate::harness::http(t.api, "GET", "api", "/metrics", &[], "")
+    // Prometheus: the instance, its replica and the proxy's traffic to it, on the metrics
+    // listener; the API listener does not serve /metrics (it names every team's instances).
+    let r = crate::harness::http(t.api, "GET", "api", "/metrics", &[], "")
         .await
-        .unwrap()
-        .body;
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    let m = t.metrics().await;
     for series in [
         "tandem_instance_ready_replicas{instance=\"life\"} 1",
         "tandem_instance_desired_replicas{instance=\"life\"} 1",

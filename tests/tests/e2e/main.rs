@@ -9,3 +9,4 @@ mod ha;
 mod harness;
 mod lifecycle;
 mod mqtt;
+mod security;

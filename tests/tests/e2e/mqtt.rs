@@ -163,10 +163,7 @@ async fn ha_replicas_share_mqtt_messages_through_tandem() {
         (1, 1)
     );
     // The proxy's counters name the instance.
-    let m = crate::harness::http(t.api, "GET", "api", "/metrics", &[], "")
-        .await
-        .unwrap()
-        .body;
+    let m = t.metrics().await;
     assert!(
         m.contains("tandem_proxy_mqtt_connections{instance=\"mq\""),
         "{m}"
@@ -179,7 +176,7 @@ async fn tandem_proxy_serves_the_mqtt_listeners_of_its_routes_file() {
     let dir = std::env::temp_dir().join(format!("tandem-e2e-mqtt-proxy-{}", free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let (l0, l1) = (free_port(), free_port());
-    let admin = free_port();
+    let metrics = free_port();
     std::fs::write(
         dir.join("routes.toml"),
         format!(
@@ -193,7 +190,7 @@ async fn tandem_proxy_serves_the_mqtt_listeners_of_its_routes_file() {
         .arg("--routes")
         .arg(dir.join("routes.toml"))
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -262,9 +259,9 @@ async fn tandem_proxy_serves_the_mqtt_listeners_of_its_routes_file() {
         );
     }
     let m = crate::harness::http(
-        SocketAddr::from(([127, 0, 0, 1], admin)),
+        SocketAddr::from(([127, 0, 0, 1], metrics)),
         "GET",
-        "admin",
+        "metrics",
         "/metrics",
         &[],
         "",

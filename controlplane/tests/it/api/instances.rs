@@ -54,7 +54,7 @@ async fn effective_settings(b: Backend) {
                 "settings": {
                     "flowFilePretty": true,
                     "functionTimeout": 5,
-                    "editorTheme": { "projects": { "enabled": false } },
+                    "editorTheme": { "userMenu": false },
                 },
                 "env": {
                     "REGION": { "value": "eu", "locked": true },
@@ -94,7 +94,7 @@ async fn effective_settings(b: Backend) {
     let merged = json!({
         "flowFilePretty": true,
         "functionTimeout": 10,
-        "editorTheme": { "projects": { "enabled": false } },
+        "editorTheme": { "userMenu": false },
     });
     let merged_env = json!({ "REGION": "eu", "LOG_LEVEL": "debug", "EXTRA": "1" });
     check(
@@ -181,14 +181,14 @@ async fn effective_settings(b: Backend) {
         .instance(
             &owner,
             &app,
-            json!({ "settings": { "anything": [1, 2] }, "env": { "A": "b" } }),
+            json!({ "settings": { "functionGlobalContext": { "anything": [1, 2] } }, "env": { "A": "b" } }),
         )
         .await;
     check(
         &plain,
-        json!({ "anything": [1, 2] }),
+        json!({ "functionGlobalContext": { "anything": [1, 2] } }),
         json!({ "A": "b" }),
-        json!({ "anything": [1, 2] }),
+        json!({ "functionGlobalContext": { "anything": [1, 2] } }),
         json!({ "A": "b" }),
     );
     let bare = s.instance(&owner, &app, json!({})).await;

@@ -6,9 +6,12 @@
 
 mod audit;
 mod auth;
+mod auth_attacks;
+mod config_rules;
 mod instances;
 mod lists;
 mod matrix;
+mod metrics_labels;
 mod ops;
 mod races;
 pub(crate) mod support;

@@ -1,8 +1,23 @@
-//! `/healthz`, `/readyz`, `/metrics` and the OpenAPI document.
+//! `/healthz`, `/readyz`, `/metrics` (on the metrics listener) and the OpenAPI document.
+
+use std::net::SocketAddr;
 
 use serde_json::json;
 
-use super::support::{both_backends, Auth, Backend, Server};
+use super::support::{both_backends, http, Auth, Backend, Resp, Server};
+
+/// The metrics listener of `s`, as `tandem serve` runs it beside the API, on a free port.
+async fn metrics_listener(s: &Server) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = tandem_controlplane::metrics_app(s.state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+async fn scrape(addr: SocketAddr, path: &str) -> Resp {
+    http(addr, "GET", path, &Auth::Anon, None, Vec::new()).await
+}
 
 async fn health_and_readiness(b: Backend) {
     let s = Server::start(b).await;
@@ -31,7 +46,8 @@ async fn metrics(b: Backend) {
         .ok(200);
     s.get("/api/v1/no-such-thing", &s.admin).await.err(404);
 
-    let r = s.get("/metrics", &Auth::Anon).await;
+    let metrics = metrics_listener(&s).await;
+    let r = scrape(metrics, "/metrics").await;
     assert_eq!(r.status, 200, "{r}");
     assert!(
         r.header("content-type")
@@ -66,14 +82,30 @@ async fn metrics(b: Backend) {
         .collect();
     assert_eq!(buckets.len(), 11, "{}", r.text);
     assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
-    // The scrape itself is counted on the next one.
-    let r = s.get("/metrics", &Auth::Anon).await;
+    // A scrape is not an API request: it is not counted.
+    let r = scrape(metrics, "/metrics").await;
+    assert!(!r.text.contains(r#"route="/metrics""#), "{}", r.text);
+}
+
+/// `/metrics` names every team's instances: the API listener does not serve it, to anyone; the
+/// metrics listener does, with `/healthz`, and nothing else.
+async fn metrics_only_on_the_metrics_listener(b: Backend) {
+    let s = Server::start(b).await;
+    for auth in [&Auth::Anon, &s.admin] {
+        let r = s.get("/metrics", auth).await;
+        assert_eq!(r.status, 404, "{r}");
+        assert!(!r.text.contains("tandem_api_requests_total"), "{r}");
+    }
+    let metrics = metrics_listener(&s).await;
+    let r = scrape(metrics, "/metrics").await;
+    assert_eq!(r.status, 200, "{r}");
     assert!(
-        r.text
-            .lines()
-            .any(|l| l
-                == r#"tandem_api_requests_total{method="GET",route="/metrics",status="200"} 1"#)
+        r.text.contains("# TYPE tandem_api_requests_total counter"),
+        "{r}"
     );
+    let r = scrape(metrics, "/healthz").await;
+    assert_eq!((r.status, r.text.as_str()), (200, "ok\n"));
+    assert_eq!(scrape(metrics, "/api/v1/teams").await.status, 404);
 }
 
 async fn openapi_document(b: Backend) {
@@ -116,7 +148,12 @@ async fn openapi_document(b: Backend) {
     }
 }
 
-both_backends!(health_and_readiness, metrics, openapi_document);
+both_backends!(
+    health_and_readiness,
+    metrics,
+    metrics_only_on_the_metrics_listener,
+    openapi_document
+);
 
 /// With the database gone, `/readyz` says so while `/healthz` still answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tandem_controlplane::scratch_pg::ScratchPostgres;
 use tandem_controlplane::serve_cmd;
-use tandem_controlplane::state::ApiConfig;
+use tandem_controlplane::state::{ApiConfig, AppState};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The store behind a test's server.
@@ -197,6 +197,7 @@ pub fn code_of(status: u16) -> &'static str {
         409 => "conflict",
         422 => "invalid",
         413 => "too_large",
+        429 => "too_many_requests",
         500 => "internal",
         _ => panic!("no error code for status {status}"),
     }
@@ -262,6 +263,8 @@ pub struct Server {
     pub database_url: Option<String>,
     /// The default stack created at first start.
     pub stack_id: String,
+    /// The server's state (its metrics, its throttles), to look at from the test.
+    pub state: AppState,
     pub dir: TempDir,
 }
 
@@ -277,14 +280,25 @@ pub struct User {
 impl Server {
     /// `tandem serve`'s API on a free port, bootstrapped: admin user, admin token, default stack.
     pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, ApiConfig::default(), |_| {}).await
+    }
+
+    /// [`Self::start`] with `config`, and `setup` to change the state before the server starts
+    /// (a coordinator with logs, say).
+    pub async fn start_with(
+        backend: Backend,
+        config: ApiConfig,
+        setup: impl FnOnce(&mut AppState),
+    ) -> Self {
         let dir = TempDir::new("tandem-it-api");
         let database_url = match backend {
             Backend::Sqlite => None,
             Backend::Postgres => Some(pg_database().await),
         };
-        let state = serve_cmd::state(dir.path(), database_url.as_deref(), ApiConfig::default())
+        let mut state = serve_cmd::state(dir.path(), database_url.as_deref(), config)
             .await
             .unwrap();
+        setup(&mut state);
         let token_path = serve_cmd::bootstrap(&state, dir.path())
             .await
             .unwrap()
@@ -296,10 +310,10 @@ impl Server {
             .to_string();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let app = tandem_controlplane::app(state.clone())
+            .into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move {
-            axum::serve(listener, tandem_controlplane::app(state))
-                .await
-                .unwrap();
+            axum::serve(listener, app).await.unwrap();
         });
         let mut server = Self {
             addr,
@@ -307,6 +321,7 @@ impl Server {
             admin: Auth::Bearer(token),
             database_url,
             stack_id: String::new(),
+            state,
             dir,
         };
         let stacks = server.get("/api/v1/stacks", &server.admin).await;
