@@ -202,14 +202,8 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 
 /// The session cookie's value, if the request has one.
 pub fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|p| p.trim().split_once('='))
-        .find(|(k, _)| *k == SESSION_COOKIE)
-        .map(|(_, v)| v)
+    // The proxy's parser: what the API accepts is what the proxy strips.
+    tandem_proxy::credentials::session_cookie(headers)
 }
 
 /// Why a request looks cross-site, by [`cross_site`].
@@ -231,13 +225,8 @@ pub enum CrossSite {
 ///
 /// The one rule for both the API ([`Caller`]) and instances' editors (`editor_gate`).
 pub fn cross_site(method: &http::Method, headers: &http::HeaderMap) -> Option<CrossSite> {
-    let bearer = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.get(..7)
-                .is_some_and(|s| s.eq_ignore_ascii_case("bearer "))
-        });
+    // Exactly when `Caller::from_headers` uses the token rather than the cookie.
+    let bearer = bearer(headers).is_some();
     let changes = !matches!(
         *method,
         http::Method::GET | http::Method::HEAD | http::Method::OPTIONS

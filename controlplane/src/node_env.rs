@@ -107,8 +107,7 @@ pub fn refusal(name: &str, value: &str) -> Option<String> {
     }
     if EXACT.contains(&upper.as_str()) || PREFIXES.iter().any(|p| upper.starts_with(p)) {
         return Some(
-            "changes how Node.js, the loader or the shell start, so instances cannot set it"
-                .into(),
+            "changes how Node.js, the loader or the shell start, so instances cannot set it".into(),
         );
     }
     None
@@ -201,7 +200,15 @@ mod tests {
         ] {
             assert!(refusal(name, "x").is_some(), "{name} should be refused");
         }
-        for name in ["API_URL", "SITE", "_PRIVATE", "NODEJS_FLAVOUR", "MY_NODE_OPTIONS", "TZ", "LANG"] {
+        for name in [
+            "API_URL",
+            "SITE",
+            "_PRIVATE",
+            "NODEJS_FLAVOUR",
+            "MY_NODE_OPTIONS",
+            "TZ",
+            "LANG",
+        ] {
             assert_eq!(refusal(name, "x"), None, "{name} should be allowed");
         }
     }

@@ -501,10 +501,7 @@ impl NodeSettings {
                 && s.len() <= 16
                 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
             if !ok {
-                return Err((
-                    "lang".into(),
-                    "must be a language tag such as en-US".into(),
-                ));
+                return Err(("lang".into(), "must be a language tag such as en-US".into()));
             }
         }
         if let Some(ui) = &self.ui {
@@ -584,7 +581,11 @@ fn refusal(key: &str, value: &Value) -> Option<(String, String)> {
             } else {
                 // serde's own words, without its " at line 1 column 2" position (there is none
                 // in a JSON value).
-                inner.split(" at line ").next().unwrap_or(&inner).to_string()
+                inner
+                    .split(" at line ")
+                    .next()
+                    .unwrap_or(&inner)
+                    .to_string()
             };
             let path = if path == "." || path.is_empty() {
                 key.into()
@@ -677,23 +678,62 @@ mod tests {
             (json!({"httpStatic": "/"}), "settings.httpStatic"),
             (json!({"httpStaticRoot": "/x"}), "settings.httpStaticRoot"),
             (json!({"storageModule": "x"}), "settings.storageModule"),
-            (json!({"contextStorage": {"default": {"module": "localfilesystem"}}}), "settings.contextStorage"),
+            (
+                json!({"contextStorage": {"default": {"module": "localfilesystem"}}}),
+                "settings.contextStorage",
+            ),
             (json!({"nodesDir": "/tmp"}), "settings.nodesDir"),
-            (json!({"httpNodeMiddleware": "x"}), "settings.httpNodeMiddleware"),
-            (json!({"functionExternalModules": true}), "settings.functionExternalModules"),
-            (json!({"https": {"key": "/etc/ssl/key.pem"}}), "settings.https"),
-            (json!({"httpServerOptions": {}}), "settings.httpServerOptions"),
-            (json!({"fileWorkingDirectory": "/"}), "settings.fileWorkingDirectory"),
-            (json!({"editorTheme": {"page": {"scripts": ["/etc/passwd"]}}}), "settings.editorTheme.page.scripts"),
-            (json!({"editorTheme": {"page": {"css": "/x.css"}}}), "settings.editorTheme.page.css"),
-            (json!({"editorTheme": {"header": {"image": "/x.png"}}}), "settings.editorTheme.header.image"),
-            (json!({"editorTheme": {"theme": "some-module"}}), "settings.editorTheme.theme"),
+            (
+                json!({"httpNodeMiddleware": "x"}),
+                "settings.httpNodeMiddleware",
+            ),
+            (
+                json!({"functionExternalModules": true}),
+                "settings.functionExternalModules",
+            ),
+            (
+                json!({"https": {"key": "/etc/ssl/key.pem"}}),
+                "settings.https",
+            ),
+            (
+                json!({"httpServerOptions": {}}),
+                "settings.httpServerOptions",
+            ),
+            (
+                json!({"fileWorkingDirectory": "/"}),
+                "settings.fileWorkingDirectory",
+            ),
+            (
+                json!({"editorTheme": {"page": {"scripts": ["/etc/passwd"]}}}),
+                "settings.editorTheme.page.scripts",
+            ),
+            (
+                json!({"editorTheme": {"page": {"css": "/x.css"}}}),
+                "settings.editorTheme.page.css",
+            ),
+            (
+                json!({"editorTheme": {"header": {"image": "/x.png"}}}),
+                "settings.editorTheme.header.image",
+            ),
+            (
+                json!({"editorTheme": {"theme": "some-module"}}),
+                "settings.editorTheme.theme",
+            ),
             (json!({"ui": {"middleware": "x"}}), "settings.ui.middleware"),
-            (json!({"logging": {"file": {"handler": "x"}}}), "settings.logging.file"),
-            (json!({"logging": {"console": {"handler": "x"}}}), "settings.logging.console.handler"),
+            (
+                json!({"logging": {"file": {"handler": "x"}}}),
+                "settings.logging.file",
+            ),
+            (
+                json!({"logging": {"console": {"handler": "x"}}}),
+                "settings.logging.console.handler",
+            ),
             (json!({"userDir": "/"}), "settings.userDir"),
             (json!({"adminAuth": {}}), "settings.adminAuth"),
-            (json!({"__proto__": {"httpStatic": "/"}}), "settings.__proto__"),
+            (
+                json!({"__proto__": {"httpStatic": "/"}}),
+                "settings.__proto__",
+            ),
         ] {
             assert_eq!(refused(v.clone()).as_deref(), Some(field), "{v}");
         }
@@ -701,15 +741,42 @@ mod tests {
 
     #[test]
     fn allowed_settings_are_type_checked() {
-        assert_eq!(refused(json!({"functionTimeout": "10"})).as_deref(), Some("settings.functionTimeout"));
-        assert_eq!(refused(json!({"functionTimeout": 99999})).as_deref(), Some("settings.functionTimeout"));
-        assert_eq!(refused(json!({"debugMaxLength": -1})).as_deref(), Some("settings.debugMaxLength"));
-        assert_eq!(refused(json!({"logging": {"console": {"level": "loud"}}})).as_deref(), Some("settings.logging.console.level"));
-        assert_eq!(refused(json!({"timeZone": "../../etc"})).as_deref(), Some("settings.timeZone"));
-        assert_eq!(refused(json!({"apiMaxLength": "5 mb; x"})).as_deref(), Some("settings.apiMaxLength"));
-        assert_eq!(refused(json!({"ui": {"path": "../x"}})).as_deref(), Some("settings.ui.path"));
-        assert_eq!(refused(json!({"httpNodeAuth": {"user": "a", "pass": "plain"}})).as_deref(), Some("settings.httpNodeAuth.pass"));
-        assert_eq!(refused(json!({"editorTheme": {"header": {"url": "javascript:alert(1)"}}})).as_deref(), Some("settings.editorTheme.header.url"));
+        assert_eq!(
+            refused(json!({"functionTimeout": "10"})).as_deref(),
+            Some("settings.functionTimeout")
+        );
+        assert_eq!(
+            refused(json!({"functionTimeout": 99999})).as_deref(),
+            Some("settings.functionTimeout")
+        );
+        assert_eq!(
+            refused(json!({"debugMaxLength": -1})).as_deref(),
+            Some("settings.debugMaxLength")
+        );
+        assert_eq!(
+            refused(json!({"logging": {"console": {"level": "loud"}}})).as_deref(),
+            Some("settings.logging.console.level")
+        );
+        assert_eq!(
+            refused(json!({"timeZone": "../../etc"})).as_deref(),
+            Some("settings.timeZone")
+        );
+        assert_eq!(
+            refused(json!({"apiMaxLength": "5 mb; x"})).as_deref(),
+            Some("settings.apiMaxLength")
+        );
+        assert_eq!(
+            refused(json!({"ui": {"path": "../x"}})).as_deref(),
+            Some("settings.ui.path")
+        );
+        assert_eq!(
+            refused(json!({"httpNodeAuth": {"user": "a", "pass": "plain"}})).as_deref(),
+            Some("settings.httpNodeAuth.pass")
+        );
+        assert_eq!(
+            refused(json!({"editorTheme": {"header": {"url": "javascript:alert(1)"}}})).as_deref(),
+            Some("settings.editorTheme.header.url")
+        );
         assert_eq!(refused(json!([1])).as_deref(), Some("settings"));
         assert_eq!(
             refused(json!({

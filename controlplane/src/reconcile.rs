@@ -181,7 +181,10 @@ impl NotAppliedReporter {
                 for r in &n.items {
                     log.note(
                         "warn",
-                        format!("not applied: {} {} (stored before Tandem's rules refused it)", r.field, r.message),
+                        format!(
+                            "not applied: {} {} (stored before Tandem's rules refused it)",
+                            r.field, r.message
+                        ),
                     );
                 }
             }
@@ -210,7 +213,9 @@ async fn audit_once(
     .fetch_optional(&state.store.pool)
     .await?
     .map(|r| r.get(0));
-    if last.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) == Some(details.clone()) {
+    if last.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        == Some(details.clone())
+    {
         return Ok(());
     }
     let mut tx = state.store.write().await?;

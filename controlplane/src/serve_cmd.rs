@@ -186,7 +186,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     // Every replica runs in a Landlock sandbox through `tandem sandbox-exec`.
     let driver = driver.with_sandbox(SandboxLauncher {
-        exe: std::env::current_exe().context("cannot find the tandem binary to sandbox replicas with")?,
+        exe: std::env::current_exe()
+            .context("cannot find the tandem binary to sandbox replicas with")?,
         required: args.require_isolation,
     });
     let coordinator = Coordinator::new(

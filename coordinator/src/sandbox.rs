@@ -326,6 +326,21 @@ pub fn drop_privileges() -> Result<(), SandboxError> {
     .map_err(fail("drop capabilities"))
 }
 
+// === impl SandboxError ===
+
+impl SandboxError {
+    /// A short stable name of the kind of failure, for logs and metric labels.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Unavailable { .. } => "unavailable",
+            Self::Path { .. } => "path",
+            Self::Ruleset(_) => "ruleset",
+            Self::Privileges { .. } => "privileges",
+            Self::Exec { .. } => "exec",
+        }
+    }
+}
+
 // === impl Isolation ===
 
 impl Isolation {

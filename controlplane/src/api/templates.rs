@@ -16,8 +16,8 @@ use super::{json_text, require_admin, Page, PageQuery};
 use crate::audit::{self, Subject};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, Json, Query};
-use crate::node_settings::{self, Refused};
 use crate::node_env;
+use crate::node_settings::{self, Refused};
 use crate::state::AppState;
 use crate::store::{new_id, now_ms};
 
@@ -124,12 +124,13 @@ pub fn effective_stored(
     let (env, env_dropped) = node_env::sanitize("env", env);
     dropped.extend(env_dropped);
     let clean_template = template.map(|t| {
-        let (settings, s_dropped) = node_settings::sanitize(
-            &format!("template {} settings", t.name),
-            &t.settings,
-        );
-        let vars: BTreeMap<String, String> =
-            t.env.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect();
+        let (settings, s_dropped) =
+            node_settings::sanitize(&format!("template {} settings", t.name), &t.settings);
+        let vars: BTreeMap<String, String> = t
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect();
         let (vars, e_dropped) = node_env::sanitize(&format!("template {} env", t.name), &vars);
         dropped.extend(s_dropped);
         dropped.extend(e_dropped);

@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use tandem_coordinator::sandbox::{self, Isolation, Rules};
 
@@ -218,11 +219,16 @@ fn a_sandboxed_process_cannot_read_or_signal_processes_outside_it() {
         .spawn()
         .unwrap();
     let pid = outside.id();
-    let unsandboxed = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    assert!(
-        text(&unsandboxed).contains(&marker),
-        "control: the environment is readable from outside the sandbox"
-    );
+    // Control: readable from outside the sandbox, once `sleep` has exec'd (until then the
+    // child's environment is the test's own).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !text(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).contains(&marker) {
+        assert!(
+            Instant::now() < deadline,
+            "control: the marker never showed in /proc/{pid}/environ"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     for target in [pid, std::process::id()] {
         let out = sh(
@@ -235,20 +241,30 @@ fn a_sandboxed_process_cannot_read_or_signal_processes_outside_it() {
             "the marker leaked from /proc/{target}/environ"
         );
         assert_denied(&out, &format!("reading /proc/{target}/environ"));
-        for entry in ["cwd/", "root/", "fd/"] {
+        // The other entries behind the same ptrace check: memory maps (the bypass for
+        // CAP_PERFMON holds for these too), and the links to its files.
+        for file in ["maps", "auxv", "mem"] {
             let out = sh(
                 &rules,
                 &data.user_dir,
-                &format!("ls /proc/{target}/{entry}"),
+                &format!("cat /proc/{target}/{file}"),
             );
-            assert_denied(&out, &format!("listing /proc/{target}/{entry}"));
+            assert_denied(&out, &format!("reading /proc/{target}/{file}"));
+        }
+        for link in ["cwd", "root", "exe", "fd/0"] {
+            let out = sh(
+                &rules,
+                &data.user_dir,
+                &format!("readlink -v /proc/{target}/{link}"),
+            );
+            assert_denied(&out, &format!("following /proc/{target}/{link}"));
         }
     }
     // No capabilities are left that would pass over those checks (CAP_SYS_ADMIN and CAP_PERFMON
     // read any process's environ whatever its Landlock domain), even when the tests run as root.
     let out = sh(&rules, &data.user_dir, "grep ^Cap /proc/self/status");
     let status = assert_ok(&out, "reading its capabilities");
-    let kept = u64::from(sandbox::KEPT_CAPABILITIES.bits());
+    let kept = sandbox::KEPT_CAPABILITIES.bits();
     for line in status.lines() {
         let (name, hex) = line.split_once(':').unwrap();
         let caps = u64::from_str_radix(hex.trim(), 16).unwrap();

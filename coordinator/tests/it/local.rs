@@ -408,12 +408,19 @@ async fn output_is_logged_by_replica_and_a_new_driver_adopts_a_running_replica()
         .entries
         .iter()
         .any(|e| e.msg.contains("Started flows")));
-    // A changed spec is not adopted: the old process goes, a new one starts.
+    assert!(!again.stale);
+    // A changed spec (a change made while Tandem was down, or an upgrade of Tandem) is adopted
+    // as stale: it keeps serving until the coordinator replaces it, when it can spare it.
     let mut changed = s.clone();
     changed.env.insert("EXTRA".into(), "1".into());
     let third = driver();
+    let stale = third.start(&changed, log()).await.unwrap();
+    assert!(stale.adopted && stale.stale, "{stale:?}");
+    assert_eq!(stale.pid, r.pid);
+    // Replaced: the old process goes, a new one starts with the new spec.
+    third.stop(&stale.id).await.unwrap();
     let fresh = third.start(&changed, log()).await.unwrap();
-    assert!(!fresh.adopted);
+    assert!(!fresh.adopted && !fresh.stale);
     assert_ne!(fresh.pid, r.pid);
     assert!(!std::path::Path::new(&format!("/proc/{}", r.pid.unwrap())).exists());
     third.stop(&fresh.id).await.unwrap();

@@ -58,13 +58,30 @@ async fn member_cannot_reach_the_machine_through_settings_or_env(b: Backend) {
             json!({ "editorTheme": { "page": { "css": format!("{data_dir}/admin-token") } } }),
             "settings.editorTheme.page.css",
         ),
-        (json!({ "httpNodeMiddleware": "x" }), "settings.httpNodeMiddleware"),
-        (json!({ "ui": { "middleware": "x" } }), "settings.ui.middleware"),
-        (json!({ "functionExternalModules": true }), "settings.functionExternalModules"),
-        (json!({ "__proto__": { "httpStatic": data_dir } }), "settings.__proto__"),
-        (json!({ "functionTimeout": "1" }), "settings.functionTimeout"),
+        (
+            json!({ "httpNodeMiddleware": "x" }),
+            "settings.httpNodeMiddleware",
+        ),
+        (
+            json!({ "ui": { "middleware": "x" } }),
+            "settings.ui.middleware",
+        ),
+        (
+            json!({ "functionExternalModules": true }),
+            "settings.functionExternalModules",
+        ),
+        (
+            json!({ "__proto__": { "httpStatic": data_dir } }),
+            "settings.__proto__",
+        ),
+        (
+            json!({ "functionTimeout": "1" }),
+            "settings.functionTimeout",
+        ),
     ] {
-        let r = s.put(&path, &member.auth, json!({ "settings": settings })).await;
+        let r = s
+            .put(&path, &member.auth, json!({ "settings": settings }))
+            .await;
         let message = r.invalid(field);
         assert!(!message.is_empty(), "{settings}: {r}");
     }
@@ -78,7 +95,10 @@ async fn member_cannot_reach_the_machine_through_settings_or_env(b: Backend) {
     .ok(200);
 
     for (name, value) in [
-        ("NODE_OPTIONS", "--import=data:text/javascript,console.log(1)"),
+        (
+            "NODE_OPTIONS",
+            "--import=data:text/javascript,console.log(1)",
+        ),
         ("NODE_PATH", "/tmp"),
         ("LD_PRELOAD", "/tmp/x.so"),
         ("PATH", "/tmp"),
@@ -101,12 +121,21 @@ async fn member_cannot_reach_the_machine_through_settings_or_env(b: Backend) {
             json!({ "env": { "TANDEM_MQTT_EXCLUDE": "replies/#, a/+/b", "API_URL": "http://x" } }),
         )
         .await;
-    assert_eq!(r.ok(200)["effective_env"]["TANDEM_MQTT_EXCLUDE"], "replies/#, a/+/b");
+    assert_eq!(
+        r.ok(200)["effective_env"]["TANDEM_MQTT_EXCLUDE"],
+        "replies/#, a/+/b"
+    );
 
     // Templates are bound by the same list; so is what their policy opens.
     for (body, field) in [
-        (json!({ "name": "t1", "settings": { "httpStatic": "/" } }), "settings.httpStatic"),
-        (json!({ "name": "t2", "env": { "NODE_OPTIONS": { "value": "x" } } }), "env.NODE_OPTIONS"),
+        (
+            json!({ "name": "t1", "settings": { "httpStatic": "/" } }),
+            "settings.httpStatic",
+        ),
+        (
+            json!({ "name": "t2", "env": { "NODE_OPTIONS": { "value": "x" } } }),
+            "env.NODE_OPTIONS",
+        ),
         (
             json!({ "name": "t3", "policy": { "settings": { "httpStatic": true } } }),
             "policy.settings.httpStatic",
@@ -127,7 +156,11 @@ async fn stored_values_the_rules_refuse_are_left_out_named_logged_and_audited_on
     let team = s.team(&owner.auth).await;
     let app = s.application(&owner.auth, &team).await;
     let inst = s
-        .instance(&owner.auth, &app, json!({ "settings": { "functionTimeout": 5 }, "env": { "SITE": "b" } }))
+        .instance(
+            &owner.auth,
+            &app,
+            json!({ "settings": { "functionTimeout": 5 }, "env": { "SITE": "b" } }),
+        )
         .await;
     let id = inst["id"].as_str().unwrap().to_string();
     // What a store written by an older Tandem can hold.
@@ -142,7 +175,11 @@ async fn stored_values_the_rules_refuse_are_left_out_named_logged_and_audited_on
 
     let path = format!("/api/v1/instances/{id}");
     let i = s.get(&path, &owner.auth).await.ok(200).clone();
-    assert_eq!(i["effective_settings"], json!({ "functionTimeout": 5 }), "{i}");
+    assert_eq!(
+        i["effective_settings"],
+        json!({ "functionTimeout": 5 }),
+        "{i}"
+    );
     assert_eq!(i["effective_env"], json!({ "SITE": "b" }), "{i}");
     let fields = |v: &Value| -> Vec<String> {
         v.as_array()
@@ -151,7 +188,10 @@ async fn stored_values_the_rules_refuse_are_left_out_named_logged_and_audited_on
             .map(|r| r["field"].as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(fields(&i["not_applied"]), ["settings.httpStatic", "env.NODE_OPTIONS"]);
+    assert_eq!(
+        fields(&i["not_applied"]),
+        ["settings.httpStatic", "env.NODE_OPTIONS"]
+    );
     let status = s.get(&format!("{path}/status"), &owner.auth).await;
     assert_eq!(
         fields(&status.ok(200)["not_applied"]),
@@ -176,7 +216,10 @@ async fn stored_values_the_rules_refuse_are_left_out_named_logged_and_audited_on
         }
     }
     let audit = s
-        .get(&format!("{path}/audit-log?event=instance.config-not-applied"), &owner.auth)
+        .get(
+            &format!("{path}/audit-log?event=instance.config-not-applied"),
+            &owner.auth,
+        )
         .await;
     let items = audit.ok(200)["items"].as_array().unwrap().clone();
     assert_eq!(items.len(), 1, "{items:?}");
