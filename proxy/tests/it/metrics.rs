@@ -101,18 +101,7 @@ fn mqtt_string(out: &mut Vec<u8>, s: &str) {
 
 fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![byte1];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
+    tandem_proxy::mqtt::frame::put_remaining_length(&mut out, body.len());
     out.extend_from_slice(body);
     out
 }

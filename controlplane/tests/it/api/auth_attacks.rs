@@ -15,11 +15,10 @@ use tandem_controlplane::auth::password_work;
 use tandem_controlplane::auth::throttle::LoginLimits;
 use tandem_controlplane::state::ApiConfig;
 use tandem_coordinator::logs::LogBook;
-use tandem_coordinator::status::{Coordination, ObservedStatus};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::support::{both_backends, now_ms, unique, Auth, Backend, Resp, Server};
+use super::support::{both_backends, now_ms, unique, Auth, Backend, LogsOnly, Resp, Server};
 
 /// One request with extra headers (`Origin`, `Sec-Fetch-Site`), on a new connection.
 async fn send(
@@ -401,19 +400,6 @@ async fn cookie_writes_must_come_from_the_apis_own_origin(b: Backend) {
 
 // ---------------------------------------------------------------------------------------------
 // Log streams.
-
-/// A coordinator that runs nothing but keeps logs, so streams have something to follow.
-struct LogsOnly(Arc<LogBook>);
-
-impl Coordination for LogsOnly {
-    fn status(&self, _instance_id: &str) -> ObservedStatus {
-        ObservedStatus::unknown()
-    }
-
-    fn logs(&self) -> Option<Arc<LogBook>> {
-        Some(self.0.clone())
-    }
-}
 
 /// An open `GET /instances/{id}/logs/stream`.
 struct Stream {

@@ -9,21 +9,8 @@ use serde_json::{json, Value};
 use tandem_controlplane::reconcile::{desired_instances, NotAppliedReporter, PlatformKey};
 use tandem_controlplane::state::ApiConfig;
 use tandem_coordinator::logs::{Cursor, LogBook};
-use tandem_coordinator::status::{Coordination, ObservedStatus};
 
-use super::support::{both_backends, Backend, Server};
-
-struct LogsOnly(Arc<LogBook>);
-
-impl Coordination for LogsOnly {
-    fn status(&self, _instance_id: &str) -> ObservedStatus {
-        ObservedStatus::unknown()
-    }
-
-    fn logs(&self) -> Option<Arc<LogBook>> {
-        Some(self.0.clone())
-    }
-}
+use super::support::{both_backends, Backend, LogsOnly, Server};
 
 async fn member_cannot_reach_the_machine_through_settings_or_env(b: Backend) {
     let s = Server::start(b).await;

@@ -526,3 +526,17 @@ pub fn keys(items: &[Value], key: &str) -> Vec<String> {
 pub fn ids(items: &[Value]) -> Vec<String> {
     keys(items, "id")
 }
+
+/// A coordinator that runs nothing but keeps logs: log streams have something to follow, and
+/// what the control plane notes in an instance's log can be read back.
+pub struct LogsOnly(pub std::sync::Arc<tandem_coordinator::logs::LogBook>);
+
+impl tandem_coordinator::status::Coordination for LogsOnly {
+    fn status(&self, _instance_id: &str) -> tandem_coordinator::status::ObservedStatus {
+        tandem_coordinator::status::ObservedStatus::unknown()
+    }
+
+    fn logs(&self) -> Option<std::sync::Arc<tandem_coordinator::logs::LogBook>> {
+        Some(self.0.clone())
+    }
+}
