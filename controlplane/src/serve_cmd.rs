@@ -34,7 +34,7 @@ pub async fn state(
     database_url: Option<&str>,
     config: ApiConfig,
 ) -> anyhow::Result<AppState> {
-    secure_data_dir(data_dir)?;
+    secure_data_dir(data_dir, database_url.is_none())?;
     let store = Store::open(data_dir, database_url)
         .await
         .with_context(|| match database_url {
@@ -103,7 +103,7 @@ pub async fn bootstrap(
 /// older versions (0755 and 0644) are tightened at every start. SQLite gives the WAL and shared
 /// memory files the database file's mode, so the database is created 0600 before SQLite opens
 /// it.
-pub fn secure_data_dir(data_dir: &Path) -> anyhow::Result<()> {
+pub fn secure_data_dir(data_dir: &Path, sqlite: bool) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -117,12 +117,15 @@ pub fn secure_data_dir(data_dir: &Path) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot make {} private", path.display()))
         };
         private(data_dir, 0o700)?;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(data_dir.join("tandem.db"))
-            .with_context(|| format!("cannot create {}", data_dir.join("tandem.db").display()))?;
+        if sqlite {
+            let db = data_dir.join("tandem.db");
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&db)
+                .with_context(|| format!("cannot create {}", db.display()))?;
+        }
         for entry in std::fs::read_dir(data_dir)? {
             let entry = entry?;
             let kind = entry.file_type()?;
@@ -134,7 +137,10 @@ pub fn secure_data_dir(data_dir: &Path) -> anyhow::Result<()> {
         }
     }
     #[cfg(not(unix))]
-    std::fs::create_dir_all(data_dir)?;
+    {
+        let _ = sqlite;
+        std::fs::create_dir_all(data_dir)?;
+    }
     Ok(())
 }
 
