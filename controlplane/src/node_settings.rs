@@ -506,14 +506,17 @@ impl NodeSettings {
         }
         if let Some(ui) = &self.ui {
             if let Some(p) = &ui.path {
+                // Not the editor's own root: the proxy treats everything under `/admin` as
+                // the editor (blocked on HA, the admin secret added for members).
                 let ok = !p.is_empty()
                     && p.len() <= 64
+                    && !p.eq_ignore_ascii_case("admin")
                     && p.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
                 if !ok {
                     return Err((
                         "ui.path".into(),
-                        "must be one path segment of letters, digits, '-' and '_', e.g. ui".into(),
+                        "must be one path segment of letters, digits, '-' and '_' other than admin, e.g. ui".into(),
                     ));
                 }
             }
@@ -564,10 +567,34 @@ impl NodeSettings {
     }
 }
 
+/// The path of the first `__proto__` key in `value`, below `path`. In the object literal of
+/// `settings.js` such a key sets the prototype of the object it is in rather than a property,
+/// and free-form maps (`functionGlobalContext`, `editorTheme.menu`) would let it through.
+fn proto_key(path: &str, value: &Value) -> Option<String> {
+    match value {
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let here = format!("{path}.{k}");
+            if k == "__proto__" {
+                Some(here)
+            } else {
+                proto_key(&here, v)
+            }
+        }),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| proto_key(&format!("{path}[{i}]"), v)),
+        _ => None,
+    }
+}
+
 /// Why the one key `key` with `value` is not allowed, if it is not.
 fn refusal(key: &str, value: &Value) -> Option<(String, String)> {
     if MANAGED.contains(&key) {
         return Some((key.into(), "is managed by Tandem and cannot be set".into()));
+    }
+    if let Some(path) = proto_key(key, value) {
+        return Some((path, "is not a name a setting may use".into()));
     }
     let one = Value::Object(Map::from_iter([(key.to_owned(), value.clone())]));
     let parsed: Result<NodeSettings, _> = serde_path_to_error::deserialize(&one);
@@ -734,6 +761,15 @@ mod tests {
                 json!({"__proto__": {"httpStatic": "/"}}),
                 "settings.__proto__",
             ),
+            (
+                json!({"functionGlobalContext": {"a": {"__proto__": {"x": 1}}}}),
+                "settings.functionGlobalContext.a.__proto__",
+            ),
+            (
+                json!({"editorTheme": {"menu": {"__proto__": true}}}),
+                "settings.editorTheme.menu.__proto__",
+            ),
+            (json!({"ui": {"path": "Admin"}}), "settings.ui.path"),
         ] {
             assert_eq!(refused(v.clone()).as_deref(), Some(field), "{v}");
         }

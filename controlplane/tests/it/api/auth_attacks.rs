@@ -18,7 +18,9 @@ use tandem_coordinator::logs::LogBook;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::support::{both_backends, now_ms, unique, Auth, Backend, LogsOnly, Resp, Server};
+use super::support::{
+    both_backends, http_with, now_ms, unique, Auth, Backend, LogsOnly, Resp, Server,
+};
 
 /// One request with extra headers (`Origin`, `Sec-Fetch-Site`), on a new connection.
 async fn send(
@@ -29,42 +31,9 @@ async fn send(
     extra: &[(&str, String)],
     body: Option<Value>,
 ) -> Resp {
-    let (mut sender, _) = connect(addr).await;
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
-    match auth {
-        Auth::Anon => {}
-        Auth::Bearer(t) => req = req.header("authorization", format!("Bearer {t}")),
-        Auth::Cookie(c) => req = req.header("cookie", c.as_str()),
-        Auth::Authorization(v) => req = req.header("authorization", v.as_str()),
-    }
-    for (k, v) in extra {
-        req = req.header(*k, v.as_str());
-    }
-    let bytes = match &body {
-        Some(b) => {
-            req = req.header("content-type", "application/json");
-            b.to_string().into_bytes()
-        }
-        None => Vec::new(),
-    };
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(bytes))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    Resp {
-        method: method.to_string(),
-        path: path.to_string(),
-        status,
-        headers,
-        text: String::from_utf8_lossy(&bytes).into_owned(),
-        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    }
+    let content_type = body.as_ref().map(|_| "application/json");
+    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    http_with(addr, method, path, auth, extra, content_type, bytes).await
 }
 
 async fn connect(

@@ -113,6 +113,23 @@ async fn member_cannot_reach_the_machine_through_settings_or_env(b: Backend) {
         "replies/#, a/+/b"
     );
 
+    // The OpenAPI document carries the allowlist, with types, and nothing else.
+    let doc = s.get("/api/v1/openapi.json", &s.admin).await;
+    let allowed = &doc.ok(200)["components"]["schemas"]["NodeSettings"];
+    assert_eq!(allowed["additionalProperties"], json!(false), "{allowed}");
+    let props = allowed["properties"].as_object().unwrap();
+    for key in ["httpNodeCors", "functionTimeout", "editorTheme", "logging"] {
+        assert!(props.contains_key(key), "{key} missing: {allowed}");
+    }
+    for key in [
+        "httpStatic",
+        "userDir",
+        "storageModule",
+        "httpNodeMiddleware",
+    ] {
+        assert!(!props.contains_key(key), "{key} listed: {allowed}");
+    }
+
     // Templates are bound by the same list; so is what their policy opens.
     for (body, field) in [
         (

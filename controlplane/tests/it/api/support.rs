@@ -115,6 +115,19 @@ pub async fn http(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> Resp {
+    http_with(addr, method, path, auth, &[], content_type, body).await
+}
+
+/// [`http`] with `extra` headers (`Origin`, `Sec-Fetch-Site`, ...).
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: &Auth,
+    extra: &[(&str, String)],
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Resp {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -129,6 +142,9 @@ pub async fn http(
         Auth::Bearer(t) => req = req.header("authorization", format!("Bearer {t}")),
         Auth::Cookie(c) => req = req.header("cookie", c.as_str()),
         Auth::Authorization(v) => req = req.header("authorization", v.as_str()),
+    }
+    for (k, v) in extra {
+        req = req.header(*k, v.as_str());
     }
     if let Some(ct) = content_type {
         req = req.header("content-type", ct);
