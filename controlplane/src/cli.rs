@@ -186,10 +186,15 @@ pub struct ServeArgs {
     /// `crashed` instead of restarted (until the instance is started or restarted).
     #[arg(long, env = "TANDEM_CRASH_LOOP_RESTARTS", default_value_t = 5)]
     pub crash_loop_restarts: u32,
-    /// Time between liveness checks of a running replica (its admin API), in milliseconds;
-    /// three failed checks in a row count as hung, and the replica is killed and restarted.
-    #[arg(long, env = "TANDEM_LIVENESS_CHECK_MS", default_value_t = 5_000)]
+    /// Time between liveness checks of a running replica (its admin API), in milliseconds.
+    #[arg(long, env = "TANDEM_LIVENESS_CHECK_MS", default_value_t = 250)]
     pub liveness_check_ms: u64,
+    /// A replica whose admin API has not answered for this long, in milliseconds, is hung: it
+    /// leaves the rotation at once, is fenced (SIGKILL of its process group) and restarted; in
+    /// standby mode a ready standby takes over. A flow that blocks Node.js's event loop for
+    /// longer makes its replica count as hung: raise this for such flows.
+    #[arg(long, env = "TANDEM_HANG_AFTER_MS", default_value_t = 1_000)]
+    pub hang_after_ms: u64,
     /// MQTT broker (`host:port`) for the instances' flows. When set, every replica
     /// gets its own listener of Tandem's MQTT proxy in front of it, as `TANDEM_MQTT_URL` in its
     /// environment; on HA instances the proxy makes client ids unique per replica and shares

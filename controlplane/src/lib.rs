@@ -9,6 +9,11 @@
 //! - [`node_settings`], [`node_env`]: the Node-RED settings and environment variables users may
 //!   set on instances and templates (an allowlist of typed settings; runtime, loader and shell
 //!   variables refused).
+//! - [`desired`]: every instance's desired state, projected from the store for the
+//!   coordinator, and the report of stored configuration the rules leave out.
+//! - [`secrets`]: instance secrets, derived from the platform key.
+//! - [`mqtt_wiring`]: the MQTT proxy's per-replica listeners in `tandem serve`.
+//! - [`editor_gate`]: who may open an instance's editor through the proxy.
 //! - [`roles`]: roles and the permission table.
 //! - [`audit`]: writing audit entries.
 //! - [`store`]: the database (SQLite or PostgreSQL) and its schema.
@@ -28,15 +33,17 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod desired;
 pub mod editor_gate;
 pub mod error;
 pub mod metrics;
+pub mod mqtt_wiring;
 pub mod node_env;
 pub mod node_settings;
 pub mod proxy_cmd;
-pub mod reconcile;
 pub mod roles;
 pub mod scratch_pg;
+pub mod secrets;
 pub mod serve_cmd;
 pub mod state;
 pub mod store;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use sqlx::Row;
 use tandem_coordinator::local::{LocalDriver, SandboxLauncher};
 use tandem_coordinator::logs::LogBook;
-use tandem_coordinator::reconcile::Coordinator;
+use tandem_coordinator::{Coordinator, CoordinatorConfig};
 use tandem_coordinator::restart::RestartPolicy;
 use tandem_coordinator::status::NotObserved;
 use tandem_proxy::{Proxy, ProxyConfig, ProxyStats, Routes};
@@ -21,7 +21,7 @@ use crate::api::users;
 use crate::auth::throttle::LoginThrottle;
 use crate::auth::{Caller, Credential};
 use crate::cli::ServeArgs;
-use crate::reconcile::PlatformKey;
+use crate::secrets::PlatformKey;
 use crate::state::{ApiConfig, AppState};
 use crate::store::Store;
 
@@ -191,20 +191,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         driver.stacks_dir = dir.clone();
     }
     // Every replica runs in a Landlock sandbox through `tandem sandbox-exec`.
-    let driver = driver.with_sandbox(SandboxLauncher {
+    let mut driver = driver.with_sandbox(SandboxLauncher {
         exe: std::env::current_exe()
             .context("cannot find the tandem binary to sandbox replicas with")?,
         required: args.require_isolation,
     });
+    driver.liveness = tandem_coordinator::driver::Liveness {
+        interval: std::time::Duration::from_millis(args.liveness_check_ms.max(10)),
+        hang_after: std::time::Duration::from_millis(args.hang_after_ms.max(50)),
+    };
     let coordinator = Coordinator::new(
         Arc::new(driver),
-        routes.clone(),
+        Arc::new(routes.clone()),
         Arc::new(LogBook::default()),
-        RestartPolicy {
-            base: std::time::Duration::from_millis(args.restart_backoff_ms.max(1)),
-            max_quick_crashes: args.crash_loop_restarts.max(1),
-            check_interval: std::time::Duration::from_millis(args.liveness_check_ms.max(10)),
-            ..RestartPolicy::default()
+        CoordinatorConfig {
+            policy: RestartPolicy {
+                base: std::time::Duration::from_millis(args.restart_backoff_ms.max(1)),
+                max_quick_crashes: args.crash_loop_restarts.max(1),
+                ..RestartPolicy::default()
+            },
+            ..CoordinatorConfig::default()
         },
     );
     let mut state = state;
@@ -231,7 +237,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             } else if args.mqtt_ca_file.is_some() {
                 anyhow::bail!("--mqtt-ca-file needs --mqtt-tls");
             }
-            Some(crate::reconcile::MqttWiring::new(
+            Some(crate::mqtt_wiring::MqttWiring::new(
                 &args.data_dir,
                 config,
                 stats.clone(),
@@ -239,7 +245,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let reconcile_task = tokio::spawn(crate::reconcile::run(
+    let reconcile_task = tokio::spawn(crate::desired::run(
         state.clone(),
         key,
         coordinator.clone(),

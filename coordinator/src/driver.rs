@@ -1,68 +1,76 @@
-//! The driver interface: how the coordinator starts, stops and inspects replicas, whatever runs
-//! them (local processes here, Kubernetes later).
+//! The driver interface: how the coordinator runs an instance's replicas, whatever runs them
+//! (local processes here, Kubernetes pods later).
+//!
+//! The split of duties: the driver does the mechanics (processes and signals, or pods) and
+//! reports what happens to each replica as [`Event`]s; the coordinator decides (restart after a
+//! backoff, hold a crash loop, fence, promote a standby, roll a new spec out) from those events.
+//! A driver whose platform restarts replicas itself says so in [`Event::Exited`], and the
+//! coordinator does not restart them a second time.
+//!
+//! Every event carries the replica's `run`, a number the driver gives each start of a slot, so
+//! the coordinator can tell a late event of an old process from one of its successor.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
 
 use crate::logs::InstanceLog;
+use crate::replica::{ExitReason, FlowState, ReplicaId};
+use crate::spec::{Flows, ProcessSpec};
 
-/// What one replica should run.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct ReplicaSpec {
-    /// The instance's name (DNS-safe).
-    pub instance: String,
-    /// The replica's slot, 0-based; stable across restarts.
+/// What happened to one replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The slot.
     pub slot: u32,
-    /// Node-RED version of the stack, e.g. `4.1.2`.
-    pub nodered_version: String,
-    /// Node.js version the stack asks for, installed from npm; the system's `node` when absent.
-    pub node_version: Option<String>,
-    /// Heap cap, MiB (the stack's memory limit).
-    pub memory_mb: u32,
-    /// HA replicas run with the editor disabled.
-    pub ha: bool,
-    /// Secret the admin API accepts (header `x-tandem-token`); never written to disk.
-    pub admin_secret: String,
-    /// Fixed per instance so every replica decrypts the same credentials.
-    pub credential_secret: String,
-    /// Effective Node-RED settings (template merged with overrides), a JSON object.
-    pub settings: serde_json::Value,
-    /// Effective environment.
-    pub env: BTreeMap<String, String>,
-    /// The flows to start with, a Node-RED flows array.
-    pub flows: serde_json::Value,
-    /// Boot with flows stopped (hot standby).
-    pub start_stopped: bool,
+    /// Which start of the slot this is about (see [`InstanceDriver::start`]).
+    pub run: u64,
+    /// What happened.
+    pub kind: EventKind,
 }
 
-impl ReplicaSpec {
-    /// `<instance>-r<slot>`.
-    pub fn id(&self) -> String {
-        format!("{}-r{}", self.instance, self.slot)
-    }
+/// The kinds of [`Event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// Ready: it answers and its flows are in the state its spec asks for (or, adopted, the
+    /// state it was found in).
+    Ready(Running),
+    /// It did not answer its liveness check for the detection time. It is out of rotation
+    /// and may still run flows until it is fenced.
+    Hung {
+        /// Time without an answer, ms.
+        silent_ms: u64,
+    },
+    /// It ended, or failed to start.
+    Exited {
+        /// How.
+        reason: ExitReason,
+        /// The platform restarts it itself (a Kubernetes pod); the coordinator waits for its
+        /// next `Ready` instead of starting it again.
+        restarting: bool,
+    },
+    /// [`InstanceDriver::fence`] holds: it serves and runs nothing any more.
+    Fenced,
 }
 
-/// A replica the driver started.
+/// A replica that is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Running {
-    /// `<instance>-r<slot>`.
-    pub id: String,
-    /// Where its HTTP server listens (loopback).
+    /// Where its HTTP server listens.
     pub addr: SocketAddr,
     /// Process id (local driver).
     pub pid: Option<u32>,
-    /// Its userDir (local driver).
-    pub user_dir: Option<PathBuf>,
     /// Found running from before (a restart of Tandem) and taken over rather than started.
     pub adopted: bool,
     /// Its flows run (false for a hot standby booted with flows stopped).
-    pub flows_started: bool,
-    /// Adopted, but started for another spec (an older version of Tandem, or a change made
-    /// while Tandem was down): it serves until the coordinator replaces it, one replica at a
-    /// time, so an upgrade does not take an HA instance down.
+    pub flows: FlowState,
+    /// The revision of the flows it was started with (or last given).
+    pub flows_rev: Option<String>,
+    /// Adopted, but started for another spec (an older Tandem, or a change made while Tandem
+    /// was down): it serves until the coordinator replaces it, one replica at a time.
     pub stale: bool,
     /// What confines the replica's process.
     pub isolation: Isolation,
@@ -79,6 +87,27 @@ pub enum Isolation {
     None,
 }
 
+/// How a driver finds a replica that hangs: it checks each ready replica's admin API every
+/// `interval`, and reports [`EventKind::Hung`] once none of its checks has been answered for
+/// `hang_after`. A flow that blocks Node.js's event loop longer than `hang_after` makes its
+/// replica count as hung: raise it (`tandem serve --hang-after-ms`) for such flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// Time between checks. Default 250 ms.
+    pub interval: Duration,
+    /// Time without an answer after which a replica is hung. Default 1 s.
+    pub hang_after: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(250),
+            hang_after: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Why a driver call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -93,29 +122,14 @@ pub enum DriverError {
         /// The end of npm's output.
         output: String,
     },
-    /// The replica did not answer its readiness probe in time.
-    #[error("replica {id} was not ready within {seconds} s: {reason}")]
-    NotReady {
-        /// The replica.
-        id: String,
-        /// The deadline.
-        seconds: u64,
-        /// The last probe error or the process's exit.
-        reason: String,
-    },
-    /// The replica's process ended before it was ready.
-    #[error("replica {id} exited while starting: {reason}")]
-    Exited {
-        /// The replica.
-        id: String,
-        /// Exit status and the last lines of its output.
-        reason: String,
-    },
+    /// The replica is not running (never started, ended, or fenced).
+    #[error("replica {0} is not running")]
+    NotRunning(ReplicaId),
     /// The replica's admin API refused a call or did not answer.
     #[error("replica {id}: {reason}")]
     Admin {
         /// The replica.
-        id: String,
+        id: ReplicaId,
         /// What went wrong.
         reason: String,
     },
@@ -123,7 +137,7 @@ pub enum DriverError {
     #[error("replica {id} was not started: isolation is required and this kernel has no Landlock")]
     Unconfined {
         /// The replica.
-        id: String,
+        id: ReplicaId,
     },
     /// An operating-system error.
     #[error("{context}: {source}")]
@@ -142,46 +156,63 @@ impl DriverError {
     }
 }
 
-/// Runs replicas. Implementations: [`crate::local::LocalDriver`].
-///
-/// A replica's output goes to the instance's [`InstanceLog`], one entry per line, tagged with
-/// the replica's id; that is how a driver's logs are read.
+/// Runs instances. Implementations: [`crate::local::LocalDriver`], [`crate::fake::FakeDriver`].
 pub trait Driver: Send + Sync + 'static {
-    /// Makes the stack `spec` runs ready (installs Node-RED, and the Node.js runtime it asks
-    /// for, on first use), writing the install's output to `log`.
-    fn prepare(
+    /// The handle on one instance.
+    type Instance: InstanceDriver;
+
+    /// Opens instance `name`. Its replicas' events go to `events`; their output goes to `log`,
+    /// one entry per line, tagged with the replica's id.
+    fn open(
         &self,
-        spec: &ReplicaSpec,
-        log: &InstanceLog,
-    ) -> impl Future<Output = Result<(), DriverError>> + Send;
-    /// Starts a replica, or adopts one still running from before with the same spec, and
-    /// returns once it answers its readiness probe.
+        name: &str,
+        log: Arc<InstanceLog>,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Self::Instance;
+}
+
+/// One instance's replicas, as a driver runs them. Calls for different slots may run at the
+/// same time; the coordinator makes one call at a time per slot.
+pub trait InstanceDriver: Send + Sync + 'static {
+    /// Makes the runtime `spec` asks for ready (installs Node-RED, and the Node.js runtime it
+    /// asks for, on first use).
+    fn prepare(&self, spec: &ProcessSpec) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Runs `slot` with `spec`: adopts the replica of this slot still running from before (a
+    /// restart of Tandem), or starts one with `flows`. Its events carry `run`, which the
+    /// coordinator gives each start; [`EventKind::Ready`] or [`EventKind::Exited`] follows.
     fn start(
         &self,
-        spec: &ReplicaSpec,
-        log: Arc<InstanceLog>,
-    ) -> impl Future<Output = Result<Running, DriverError>> + Send;
-    /// Resolves when the replica's process has ended, with how it ended (exit status, signal).
-    fn wait(&self, id: &str) -> impl Future<Output = String> + Send;
-    /// Liveness: whether the replica still answers its admin API.
-    fn check(&self, id: &str) -> impl Future<Output = Result<(), String>> + Send;
-    /// Stops a replica: SIGTERM, then SIGKILL after the grace period.
-    fn stop(&self, id: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
-    /// Kills a replica at once (SIGKILL), for one that no longer answers.
-    fn kill(&self, id: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
-    /// Deletes what the driver keeps for a deleted instance (userDirs, logs). Its replicas must
-    /// be stopped first.
-    fn remove(&self, instance: &str) -> impl Future<Output = Result<(), DriverError>> + Send;
-    /// Starts or stops a running replica's flows without restarting it (hot standby).
-    fn set_flows_running(
-        &self,
-        id: &str,
-        running: bool,
+        slot: u32,
+        run: u64,
+        spec: &ProcessSpec,
+        flows: &Flows,
     ) -> impl Future<Output = Result<(), DriverError>> + Send;
-    /// Deploys `flows` (a Node-RED flows array) to a running replica.
+
+    /// Stops `slot` gracefully (its flows stop, requests finish) and resolves once it is gone.
+    /// Sends no event.
+    fn stop(&self, slot: u32) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Fences `slot`: ends it at once, whatever state it is in (hung, stopped by a signal), and
+    /// resolves once it serves and runs nothing any more; [`EventKind::Fenced`] follows.
+    fn fence(&self, slot: u32) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Deploys `flows` to the running replica in `slot` (a full deploy; a replica whose flows are
+    /// stopped keeps them stopped).
     fn deploy(
         &self,
-        id: &str,
-        flows: &serde_json::Value,
+        slot: u32,
+        flows: &Flows,
     ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Starts or stops the flows of the running replica in `slot` without restarting it.
+    fn set_flows(
+        &self,
+        slot: u32,
+        state: FlowState,
+    ) -> impl Future<Output = Result<(), DriverError>> + Send;
+
+    /// Deletes what the driver keeps of the instance (userDirs, logs), once every slot is
+    /// stopped: the instance was deleted.
+    fn remove(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
 }

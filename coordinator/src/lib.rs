@@ -1,24 +1,40 @@
 //! Tandem's coordinator: turns the control plane's desired state into running Node-RED replicas
-//! through a driver, supervises them, and publishes their addresses and health to the proxy.
+//! through a driver, decides what happens to them from the driver's events, and publishes
+//! their addresses and states to the data plane.
 //!
 //! # Layout
-//! - [`status`]: the observed state of instances and the control plane's handle on the
-//!   coordinator.
-//! - [`reconcile`]: the coordinator: desired state in, supervised replicas and routes out.
-//! - [`driver`]: the interface every driver implements (start, stop, check a replica...).
-//! - [`local`]: the local driver: stacks installed with npm, replicas as Node-RED processes.
+//! - [`spec`]: what is wanted of an instance: [`spec::DesiredState`], the process spec (a change
+//!   needs new processes) and the flows (deployed live).
+//! - [`replica`]: a replica's id, phase and exit reason.
+//! - [`driver`]: the interface every driver implements: per instance, start, stop, fence,
+//!   deploy and start or stop flows, with a stream of replica events.
+//! - [`coordinator`]: desired state in, one worker per instance.
+//! - [`worker`]: one instance's worker: restarts, rollouts, deploys, fencing and standby
+//!   promotion, decided from events.
 //! - [`restart`]: restart backoff and crash-loop detection for a replica.
-//! - [`supervise`]: keeping one replica alive with a driver and that policy.
+//! - [`observed`]: what the workers see, read as status and metrics and published as routes.
+//! - [`status`]: the observed state as the control plane reads it, and its handle on the
+//!   coordinator.
+//! - [`dataplane`]: the seam to the proxies: routes and replica states out, "drained" in.
+//! - [`local`]: the local driver: stacks installed with npm, replicas as Node-RED processes.
+//! - [`fake`]: a driver that records calls and lets tests script events.
 //! - [`logs`]: per-instance logs, merged across replicas, each line tagged with its replica.
 //! - [`sandbox`]: the Landlock sandbox a local replica runs in, applied by `tandem sandbox-exec`.
 
 pub use tandem_proxy as proxy;
 
+pub mod coordinator;
+pub mod dataplane;
 pub mod driver;
+pub mod fake;
 pub mod local;
 pub mod logs;
-pub mod reconcile;
+pub(crate) mod observed;
+pub mod replica;
 pub mod restart;
 pub mod sandbox;
+pub mod spec;
 pub mod status;
-pub mod supervise;
+pub(crate) mod worker;
+
+pub use coordinator::{Coordinator, CoordinatorConfig};

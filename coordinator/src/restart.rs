@@ -21,11 +21,6 @@ pub struct RestartPolicy {
     pub stable_after: Duration,
     /// Quick crashes in a row that hold the replica in `crashed`. Default 5.
     pub max_quick_crashes: u32,
-    /// Time between liveness checks of a ready replica. Default 5 s.
-    pub check_interval: Duration,
-    /// Failed liveness checks in a row after which a replica counts as hung and is restarted.
-    /// Default 3.
-    pub check_failures: u32,
 }
 
 impl Default for RestartPolicy {
@@ -35,8 +30,6 @@ impl Default for RestartPolicy {
             max: Duration::from_secs(60),
             stable_after: Duration::from_secs(60),
             max_quick_crashes: 5,
-            check_interval: Duration::from_secs(5),
-            check_failures: 3,
         }
     }
 }
@@ -102,8 +95,6 @@ mod tests {
             max: Duration::from_secs(5),
             stable_after: Duration::from_secs(60),
             max_quick_crashes: 5,
-            check_interval: Duration::from_secs(5),
-            check_failures: 3,
         };
         let mut s = RestartState::default();
         let mut delays = Vec::new();

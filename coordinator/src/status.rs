@@ -7,13 +7,54 @@ use serde::Serialize;
 
 use crate::driver::Isolation;
 use crate::logs::LogBook;
+use crate::replica::ReplicaPhase;
+
+/// The state of an instance as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Every replica wanted is ready.
+    Running,
+    /// Some replicas are ready, not all.
+    Degraded,
+    /// None ready yet.
+    Starting,
+    /// The stack is being installed.
+    Installing,
+    /// Replicas are being stopped.
+    Stopping,
+    /// Nothing runs, as asked.
+    Stopped,
+    /// Nothing runs, as asked (suspended).
+    Suspended,
+    /// No replica is ready and one is held as crashed, or the stack cannot be installed.
+    Crashed,
+    /// Nothing observes the instance.
+    Unknown,
+}
+
+impl InstanceState {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Degraded => "degraded",
+            Self::Starting => "starting",
+            Self::Installing => "installing",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Suspended => "suspended",
+            Self::Crashed => "crashed",
+            Self::Unknown => "unknown",
+        }
+    }
+}
 
 /// What the coordinator sees of one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ObservedStatus {
-    /// `running`, `degraded`, `starting`, `installing`, `stopping`, `stopped`, `suspended`,
-    /// `crashed` or `unknown`.
-    pub state: String,
+    /// The instance as a whole.
+    pub state: InstanceState,
     /// Replicas ready to serve.
     pub ready: u32,
     /// Replicas wanted.
@@ -36,8 +77,8 @@ pub struct ReplicaStatus {
     pub id: String,
     /// Slot, 0-based, stable across restarts.
     pub slot: u32,
-    /// `starting`, `running`, `stopping`, `restarting` or `crashed`.
-    pub state: String,
+    /// Where it is in its life.
+    pub state: ReplicaPhase,
     /// Loopback port while it runs.
     pub port: Option<u16>,
     /// Process id while it runs (local driver).
@@ -59,7 +100,7 @@ impl ObservedStatus {
     /// The answer when nothing observes instances.
     pub fn unknown() -> Self {
         Self {
-            state: "unknown".into(),
+            state: InstanceState::Unknown,
             ready: 0,
             desired: 0,
             summary: "unknown".into(),

@@ -23,6 +23,7 @@
 //! - [`mqtt`]: the MQTT proxy: per-replica listeners, client ids and shared subscriptions.
 //! - [`metrics`]: counters and the Prometheus text format.
 //! - [`config`]: proxy-wide settings.
+//! - [`net`]: small socket helpers shared with the coordinator and the tests.
 
 pub mod balance;
 pub mod body;
@@ -31,6 +32,7 @@ pub mod credentials;
 pub mod health;
 pub mod metrics;
 pub mod mqtt;
+pub mod net;
 pub mod policy;
 pub(crate) mod pool;
 pub mod proxy;

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
+use tandem_coordinator::spec::DesiredState;
 use tandem_coordinator::status::ObservedStatus;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -117,7 +118,8 @@ pub struct Instance {
     /// HA settings; absent when HA is off.
     pub ha: Option<Ha>,
     /// `running`, `stopped` or `suspended`.
-    pub desired_state: String,
+    #[schema(value_type = String)]
+    pub desired_state: DesiredState,
     /// Creation time, epoch ms.
     pub created_at: i64,
     /// Last change, epoch ms.
@@ -173,7 +175,8 @@ pub struct Status {
     /// Instance name.
     pub name: String,
     /// What was asked for.
-    pub desired_state: String,
+    #[schema(value_type = String)]
+    pub desired_state: DesiredState,
     /// What runs: `state` (`running`, `degraded`, `starting`, `installing`, `stopped`,
     /// `suspended`, `crashed`, `unknown`), replicas ready and wanted.
     #[schema(value_type = Object)]
@@ -188,7 +191,8 @@ pub struct ActionResult {
     /// Always `okay`.
     pub status: String,
     /// The desired state after the action.
-    pub desired_state: String,
+    #[schema(value_type = String)]
+    pub desired_state: DesiredState,
 }
 
 /// Checks an instance name.
@@ -281,7 +285,12 @@ pub(crate) async fn view(
                 HaMode::Balanced
             },
         }),
-        desired_state: r.get(10),
+        desired_state: r
+            .get::<String, _>(10)
+            .parse()
+            .map_err(|e: tandem_coordinator::spec::UnknownState| {
+                ApiError::Internal(anyhow::anyhow!("instance {}: {e}", r.get::<String, _>(0)))
+            })?,
         created_at: r.get(11),
         updated_at: r.get(12),
     })
@@ -541,9 +550,9 @@ async fn instance_action(
 ) -> ApiResult<Json<ActionResult>> {
     let before = load_for(&state, &caller, &id, Action::ControlInstance).await?;
     let desired = match action.as_str() {
-        "start" | "restart" => "running",
-        "stop" => "stopped",
-        "suspend" => "suspended",
+        "start" | "restart" => DesiredState::Running,
+        "stop" => DesiredState::Stopped,
+        "suspend" => DesiredState::Suspended,
         other => {
             return Err(ApiError::invalid(
                 "action",
@@ -553,7 +562,7 @@ async fn instance_action(
     };
     let mut tx = state.store.write().await?;
     sqlx::query("UPDATE instances SET desired_state = $1, updated_at = $2 WHERE id = $3")
-        .bind(desired)
+        .bind(desired.as_str())
         .bind(now_ms())
         .bind(&id)
         .execute(&mut *tx)
@@ -576,7 +585,7 @@ async fn instance_action(
     state.coordinator.changed();
     Ok(Json(ActionResult {
         status: "okay".into(),
-        desired_state: desired.into(),
+        desired_state: desired,
     }))
 }
 

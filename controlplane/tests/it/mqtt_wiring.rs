@@ -5,9 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::json;
-use tandem_controlplane::reconcile::MqttWiring;
-use tandem_coordinator::driver::ReplicaSpec;
-use tandem_coordinator::reconcile::{DesiredState, InstanceDesired};
+use tandem_controlplane::mqtt_wiring::MqttWiring;
+use tandem_coordinator::spec::{DesiredState, Flows, InstanceDesired, ProcessSpec};
 
 fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
     InstanceDesired {
@@ -16,9 +15,8 @@ fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
         state: DesiredState::Running,
         replicas: 2,
         standby: false,
-        replica: ReplicaSpec {
+        process: ProcessSpec {
             instance: name.into(),
-            slot: 0,
             nodered_version: "4.1.2".into(),
             node_version: None,
             memory_mb: 256,
@@ -30,10 +28,10 @@ fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
-            flows: json!([]),
             start_stopped: false,
         },
-        mqtt_urls: Vec::new(),
+        flows: Flows::new(json!([])),
+        mqtt_urls: BTreeMap::new(),
     }
 }
 
@@ -55,13 +53,28 @@ async fn a_bad_exclusion_of_one_instance_leaves_every_other_listener_working() {
     // Then another team's new instance arrives: its listeners are bound too.
     list.push(desired("newcomer", &[]));
     wiring.apply(&mut list).await;
+    // Each replica's URL is the listener kept for its own slot (`<name>/<slot>` in the ports
+    // file), whatever other slots got.
+    let ports: BTreeMap<String, u16> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("mqtt-ports.json")).unwrap())
+            .unwrap();
     for d in &list {
-        assert_eq!(d.mqtt_urls.len(), 2, "{}", d.replica.instance);
-        for url in &d.mqtt_urls {
+        let name = &d.process.instance;
+        assert_eq!(d.mqtt_urls.keys().copied().collect::<Vec<_>>(), [0, 1], "{name}");
+        for (slot, url) in &d.mqtt_urls {
+            assert_eq!(
+                *url,
+                format!("mqtt://127.0.0.1:{}", ports[&format!("{name}/{slot}")])
+            );
+            assert_eq!(
+                d.process_for(*slot).env.get("TANDEM_MQTT_URL"),
+                Some(url),
+                "{name} r{slot}"
+            );
             let addr = url.strip_prefix("mqtt://").unwrap();
             tokio::net::TcpStream::connect(addr)
                 .await
-                .unwrap_or_else(|e| panic!("{} {url}: {e}", d.replica.instance));
+                .unwrap_or_else(|e| panic!("{name} {url}: {e}"));
         }
     }
     wiring.shutdown().await;

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tandem_controlplane::reconcile::{desired_instances, NotAppliedReporter, PlatformKey};
+use tandem_controlplane::desired::{desired_instances, NotAppliedReporter};
+use tandem_controlplane::secrets::PlatformKey;
 use tandem_controlplane::state::ApiConfig;
 use tandem_coordinator::logs::{Cursor, LogBook};
 
@@ -206,8 +207,8 @@ async fn stored_values_the_rules_refuse_are_left_out_named_logged_and_audited_on
     let key = PlatformKey::from_bytes([7; 32]);
     let (desired, not_applied) = desired_instances(&s.state, &key).await.unwrap();
     let d = desired.iter().find(|d| d.id == id).unwrap();
-    assert_eq!(d.replica.settings, json!({ "functionTimeout": 5 }));
-    assert!(!d.replica.env.contains_key("NODE_OPTIONS"));
+    assert_eq!(d.process.settings, json!({ "functionTimeout": 5 }));
+    assert!(!d.process.env.contains_key("NODE_OPTIONS"));
     assert_eq!(not_applied.len(), 1);
 
     // Reported once per change: a log line per item, one audit entry, also across restarts (a

@@ -1,0 +1,66 @@
+//! Instance secrets: the admin secret replicas accept and the credential secret that encrypts
+//! flow credentials. They are not stored: they are derived from the platform key in
+//! `<data-dir>/secret-key` (32 random bytes, created at first start, mode 0600) and the instance
+//! id. A restart or an upgrade of Tandem derives the same ones, so running replicas are adopted
+//! and their credentials still decrypt.
+
+use std::path::Path;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+
+/// The key instance secrets are derived from.
+#[derive(Clone)]
+pub struct PlatformKey([u8; 32]);
+
+impl std::fmt::Debug for PlatformKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PlatformKey(..)")
+    }
+}
+
+impl PlatformKey {
+    /// Reads `<data_dir>/secret-key`, creating it on first use.
+    pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join("secret-key");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let bytes = decode_hex(text.trim())
+                .filter(|b| b.len() == 32)
+                .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+            let mut key = [0; 32];
+            key.copy_from_slice(&bytes);
+            return Ok(Self(key));
+        }
+        let mut key = [0; 32];
+        getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        std::fs::create_dir_all(data_dir)?;
+        crate::serve_cmd::write_private(&path, &format!("{}\n", crate::store::hex(&key)))?;
+        Ok(Self(key))
+    }
+
+    /// A key for tests.
+    pub fn from_bytes(key: [u8; 32]) -> Self {
+        Self(key)
+    }
+
+    /// The secret for `purpose` of instance `id`: SHA-256 over key, purpose and id, in hex.
+    pub fn derive(&self, purpose: &str, id: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(self.0);
+        h.update(purpose.as_bytes());
+        h.update([0]);
+        h.update(id.as_bytes());
+        crate::store::hex(&h.finalize())
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+

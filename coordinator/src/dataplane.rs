@@ -1,0 +1,110 @@
+//! The seam between the coordinator and the proxies that carry instances' traffic: the
+//! coordinator publishes routes and replica states, and asks when a replica it takes out of
+//! rotation has no request in flight. It never reads a proxy's tables or counters itself, so a
+//! proxy can run in this process ([`tandem_proxy::Routes`]) or, later, in another one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tandem_proxy::routes::{InstanceSpec, ReplicaSpec};
+use tandem_proxy::{HealthConfig, Routes};
+
+use crate::replica::ReplicaId;
+
+/// Whether a replica takes requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// In rotation.
+    Ready,
+    /// Out of rotation for new requests; those in flight finish.
+    Draining,
+    /// Out of rotation: starting, or hung.
+    Unready,
+}
+
+/// One replica in the routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteReplica {
+    /// Its id.
+    pub id: ReplicaId,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Whether it takes requests.
+    pub serving: Serving,
+}
+
+/// One instance in the routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRoutes {
+    /// Its name.
+    pub name: String,
+    /// The host names it is served at.
+    pub hosts: Vec<String>,
+    /// HA: the editor is blocked.
+    pub ha: bool,
+    /// The admin secret, which the proxy adds to editor requests it lets through.
+    pub editor_secret: String,
+    /// Its replicas that have an address, in slot order.
+    pub replicas: Vec<RouteReplica>,
+}
+
+/// A future the data plane resolves.
+pub type Pending = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where the coordinator publishes routes.
+pub trait DataPlane: Send + Sync + 'static {
+    /// Replaces the whole table. An instance with no replica stays, so its host answers 503
+    /// rather than 404.
+    fn publish(&self, instances: &[InstanceRoutes]);
+    /// Resolves once no request is in flight to `replica` (published as draining or removed).
+    fn drained(&self, replica: &ReplicaId) -> Pending;
+}
+
+/// The proxy of this process.
+impl DataPlane for std::sync::Arc<Routes> {
+    fn publish(&self, instances: &[InstanceRoutes]) {
+        let specs: Vec<InstanceSpec> = instances
+            .iter()
+            .map(|i| InstanceSpec {
+                name: i.name.clone(),
+                hosts: i.hosts.clone(),
+                ha: i.ha,
+                editor_secret: Some(i.editor_secret.clone()),
+                affinity: false,
+                replicas: i
+                    .replicas
+                    .iter()
+                    .map(|r| ReplicaSpec {
+                        id: r.id.to_string(),
+                        addr: r.addr,
+                        ready: r.serving == Serving::Ready,
+                    })
+                    .collect(),
+                health: Some(HealthConfig::default()),
+            })
+            .collect();
+        if let Err(e) = Routes::publish(self, &specs) {
+            tracing::error!(error = %e, "cannot publish the route table");
+        }
+    }
+
+    fn drained(&self, replica: &ReplicaId) -> Pending {
+        let routes = self.clone();
+        let (name, id) = (replica.instance.clone(), replica.to_string());
+        Box::pin(async move {
+            loop {
+                let busy = routes.load().instances().iter().any(|i| {
+                    *i.name == *name
+                        && i.replicas
+                            .iter()
+                            .any(|r| *r.id == *id && r.state.in_flight() > 0)
+                });
+                if !busy {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+}

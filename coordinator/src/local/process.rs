@@ -1,0 +1,103 @@
+//! A replica's process: signals to its process group (rustix), how it ended, and the record
+//! that lets the next Tandem adopt it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::process::{Pid, Signal};
+use tokio::process::Child;
+use tokio::sync::watch;
+
+use crate::replica::ExitReason;
+
+/// What `replica.json` in a replica's userDir records about its running process.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Record {
+    pub pid: u32,
+    pub port: u16,
+    /// [`super::settings::spec_hash`] of what it was started for.
+    pub spec: String,
+}
+
+/// Sends `signal` to the process group `pid` leads (a replica and everything it started).
+pub(crate) fn signal_group(pid: u32, signal: Signal) {
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return;
+    };
+    // ESRCH: the group is gone already.
+    let _ = rustix::process::kill_process_group(pid, signal);
+}
+
+/// Whether any process of the group `pid` leads is left (zombies included).
+pub(crate) fn group_alive(pid: u32) -> bool {
+    i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .is_some_and(|pid| rustix::process::test_kill_process_group(pid).is_ok())
+}
+
+/// Owns the child until it exits and says how it ended.
+pub(crate) fn watch_child(mut child: Child) -> watch::Receiver<Option<ExitReason>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let reason = match child.wait().await {
+            Ok(status) => ExitReason::from_status(status),
+            Err(e) => ExitReason::Gone(format!("cannot wait for the process: {e}")),
+        };
+        let _ = tx.send(Some(reason));
+    });
+    rx
+}
+
+/// Watches a process that is not our child (adopted): it has ended when `/proc/<pid>` is gone
+/// or a zombie.
+pub(crate) fn watch_pid(pid: u32) -> watch::Receiver<Option<ExitReason>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        while process_alive(pid).await && !tx.is_closed() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = tx.send(Some(ExitReason::Gone(format!("process {pid} ended"))));
+    });
+    rx
+}
+
+/// Resolves with how the process ended.
+pub(crate) async fn exited(rx: &mut watch::Receiver<Option<ExitReason>>) -> ExitReason {
+    match rx.wait_for(Option::is_some).await {
+        Ok(r) => r
+            .clone()
+            .unwrap_or_else(|| ExitReason::Gone("ended".into())),
+        Err(_) => ExitReason::Gone("the process watcher ended".into()),
+    }
+}
+
+pub(crate) async fn process_alive(pid: u32) -> bool {
+    match tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await {
+        // The state is the field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Whether `pid` is the Node-RED of the replica in `user_dir` (and not a reused pid): replicas
+/// run with their userDir as working directory. (Node-RED rewrites its command line, so that
+/// cannot tell.)
+pub(crate) async fn is_replica_process(pid: u32, user_dir: &Path) -> bool {
+    let Ok(cwd) = tokio::fs::read_link(format!("/proc/{pid}/cwd")).await else {
+        return false;
+    };
+    let same = match tokio::fs::canonicalize(user_dir).await {
+        Ok(dir) => cwd == dir,
+        Err(_) => false,
+    };
+    same && process_alive(pid).await
+}
+
+/// A free port on 127.0.0.1 (bound and released; Node-RED fails clearly if it is taken since).
+pub(crate) fn free_port() -> std::io::Result<u16> {
+    tandem_proxy::net::free_port()
+}

@@ -1,0 +1,942 @@
+//! One instance's worker: the only task that acts on the instance's replicas, so its actions
+//! never race each other.
+//!
+//! It is level-triggered. After every input (a new desired state, a replica event from the
+//! driver, a driver call that finished, a timer) it compares what it wants with what it sees and
+//! starts the calls that close the gap, at most one call per slot at a time:
+//! - a slot not wanted (scale down, instance stopped or deleted) is drained, then stopped;
+//! - a wanted slot with no replica is started once the runtime is prepared; one that ended is
+//!   started again after the restart backoff, unless it is held as crashed;
+//! - a hung replica is out of rotation at once and fenced, then handled like one that ended;
+//! - a replica whose process spec is outdated is replaced (drained, stopped, started), one at a
+//!   time: the next goes only once its predecessor's successor is ready, and, with several
+//!   replicas, only while another one serves;
+//! - a ready replica whose flows are outdated gets them deployed, one replica at a time;
+//! - in standby mode, exactly one replica runs its flows (the active). Flows are started on a
+//!   ready standby only once no other replica may still run them: a hung active is fenced first.
+//!   Never two actives.
+//!
+//! Before the calls start, the new view is published, so a replica is out of rotation before
+//! anything drains, stops or fences it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::driver::{DriverError, Event, EventKind, InstanceDriver, Running};
+use crate::logs::{now_ms, InstanceLog};
+use crate::observed::{InstanceView, Observed, Phase, ReplicaView};
+use crate::replica::{ExitReason, FlowState, ReplicaId, ReplicaPhase};
+use crate::restart::{Decision, RestartPolicy, RestartState};
+use crate::spec::{DesiredState, Flows, InstanceDesired, ProcessSpec};
+
+/// What the control plane wants of the instance, with the counters its actions bump.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Want {
+    pub desired: InstanceDesired,
+    /// Bumped by a restart: every replica is replaced.
+    pub restart: u64,
+    /// Bumped by a start: replicas held as crashed are tried again.
+    pub retry: u64,
+}
+
+/// Timings of a worker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timings {
+    pub policy: RestartPolicy,
+    /// Longest wait for a draining replica's requests to finish.
+    pub drain_timeout: Duration,
+    /// Wait before a failed fence, deploy or flow start/stop is tried again.
+    pub retry_after: Duration,
+}
+
+/// The runtime (stack) the replicas need: prepared once per Node-RED and Node.js version.
+type RuntimeKey = (String, Option<String>);
+
+#[derive(Debug, Clone, PartialEq)]
+enum Runtime {
+    None,
+    Preparing {
+        key: RuntimeKey,
+        since: Instant,
+    },
+    Ready(RuntimeKey),
+    Failed {
+        key: RuntimeKey,
+        reason: String,
+        retry: u64,
+    },
+}
+
+/// Why a replica is being drained, stopped or fenced on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    /// Its slot is no longer wanted.
+    Remove,
+    /// It is replaced by a replica of the current spec.
+    Replace,
+}
+
+#[derive(Debug)]
+struct Slot {
+    phase: ReplicaPhase,
+    since: i64,
+    /// The current run (see [`crate::driver::Event::run`]).
+    run: u64,
+    /// The spec it was started with.
+    spec: Option<ProcessSpec>,
+    /// The restart counter it was started under.
+    generation: u64,
+    running: Option<Running>,
+    /// It may run its flows: from the moment they are asked to start until they are known
+    /// stopped or its process is gone.
+    flows_on: bool,
+    flows_rev: Option<String>,
+    /// A driver call on this slot is in flight.
+    busy: bool,
+    leaving: Option<Leaving>,
+    /// Replaced and not yet ready: the rollout waits for it.
+    replacing: bool,
+    /// Time without an answer, once hung.
+    silent_ms: u64,
+    restart: RestartState,
+    restarts: u64,
+    last_exit: Option<String>,
+    /// When a `Restarting` replica is started again.
+    restart_at: Option<Instant>,
+    /// The retry counter when it was held as crashed.
+    retry_seen: u64,
+    /// No fence, deploy or flow call before this (the last one failed).
+    hold_until: Option<Instant>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            phase: ReplicaPhase::Starting,
+            since: now_ms(),
+            run: 0,
+            spec: None,
+            generation: 0,
+            running: None,
+            flows_on: false,
+            flows_rev: None,
+            busy: false,
+            leaving: None,
+            replacing: false,
+            silent_ms: 0,
+            restart: RestartState::default(),
+            restarts: 0,
+            last_exit: None,
+            restart_at: None,
+            retry_seen: 0,
+            hold_until: None,
+        }
+    }
+
+    fn set_phase(&mut self, phase: ReplicaPhase) {
+        if self.phase != phase {
+            self.phase = phase;
+            self.since = now_ms();
+        }
+    }
+
+    /// Its process is gone: nothing of it serves or runs.
+    fn gone(&mut self) {
+        self.running = None;
+        self.flows_on = false;
+    }
+
+    fn held(&self, now: Instant) -> bool {
+        self.hold_until.is_some_and(|t| now < t)
+    }
+}
+
+/// A driver call to make.
+enum Op {
+    Prepare(ProcessSpec),
+    Start {
+        slot: u32,
+        run: u64,
+        spec: ProcessSpec,
+        flows: Flows,
+    },
+    Drain(u32),
+    Stop(u32),
+    Fence(u32),
+    SetFlows(u32, FlowState),
+    Deploy(u32, Flows),
+}
+
+/// A driver call that finished.
+enum Done {
+    Prepare(RuntimeKey, Result<(), DriverError>),
+    Start(u32, u64, Result<(), DriverError>),
+    Drain(u32),
+    Stop(u32, Result<(), DriverError>),
+    Fence(u32, u64, Result<(), DriverError>),
+    SetFlows(u32, u64, FlowState, Result<(), DriverError>),
+    Deploy(u32, u64, String, Result<(), DriverError>),
+}
+
+/// The worker of one instance.
+pub(crate) struct Worker<I: InstanceDriver> {
+    id: String,
+    name: String,
+    driver: Arc<I>,
+    log: Arc<InstanceLog>,
+    observed: Arc<Observed>,
+    timings: Timings,
+    want: Want,
+    /// The instance left the desired state (deleted, or Tandem stops everything).
+    gone: bool,
+    slots: BTreeMap<u32, Slot>,
+    /// Standby mode: the replica whose flows run and that takes traffic.
+    active: Option<u32>,
+    runtime: Runtime,
+    next_run: u64,
+    ops: JoinSet<Done>,
+    pending: Vec<Op>,
+}
+
+impl<I: InstanceDriver> Worker<I> {
+    pub(crate) fn new(
+        id: String,
+        driver: Arc<I>,
+        log: Arc<InstanceLog>,
+        observed: Arc<Observed>,
+        timings: Timings,
+        want: Want,
+    ) -> Self {
+        Self {
+            name: want.desired.process.instance.clone(),
+            id,
+            driver,
+            log,
+            observed,
+            timings,
+            want,
+            gone: false,
+            slots: BTreeMap::new(),
+            active: None,
+            runtime: Runtime::None,
+            next_run: 1,
+            ops: JoinSet::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Converges until the desired state's sender is gone and every replica is stopped.
+    pub(crate) async fn run(
+        mut self,
+        mut want: watch::Receiver<Want>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
+        loop {
+            self.step();
+            if self.gone && self.slots.is_empty() {
+                // Only a stack install can still be in flight; nobody waits for it.
+                self.ops.abort_all();
+                return;
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                Some(event) = events.recv() => self.on_event(event),
+                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
+                    Ok(done) => self.on_done(done),
+                    Err(e) => tracing::error!(instance = %self.name, error = %e, "a driver call failed to finish"),
+                },
+                changed = want.changed(), if !self.gone => match changed {
+                    Ok(()) => self.want = want.borrow_and_update().clone(),
+                    Err(_) => self.gone = true,
+                },
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {}
+            }
+        }
+    }
+
+    fn id_of(&self, slot: u32) -> ReplicaId {
+        ReplicaId::new(&self.name, slot)
+    }
+
+    /// The earliest timer: a restart due, a held call, the `installing` threshold.
+    fn next_wake(&self) -> Option<Instant> {
+        let slots = self
+            .slots
+            .values()
+            .flat_map(|s| [s.restart_at, s.hold_until])
+            .flatten();
+        let installing = match &self.runtime {
+            Runtime::Preparing { since, .. } => Some(*since + INSTALLING_AFTER),
+            _ => None,
+        };
+        slots
+            .chain(installing)
+            .filter(|t| *t > Instant::now())
+            .min()
+    }
+
+    /// Compares what is wanted with what is seen, publishes the view, starts the calls.
+    fn step(&mut self) {
+        let now = Instant::now();
+        let d = self.want.desired.clone();
+        let target: BTreeSet<u32> = if self.gone {
+            BTreeSet::new()
+        } else {
+            d.slots()
+        };
+
+        self.leave_unwanted(&target, now);
+        let prepared = !target.is_empty() && self.prepare(&d, now);
+        if prepared {
+            self.start_missing(&d, &target, now);
+            self.roll_out(&d, &target);
+            self.deploy_flows(&d, now);
+        }
+        if d.standby && !self.gone && d.state == DesiredState::Running {
+            self.keep_one_active(&d, now);
+        }
+        self.publish(&d, now);
+        for op in std::mem::take(&mut self.pending) {
+            self.spawn(op);
+        }
+    }
+
+    /// Slots above the wanted count, or of an instance that should not run: drained and stopped
+    /// (a hung one fenced), all at once.
+    fn leave_unwanted(&mut self, target: &BTreeSet<u32>, now: Instant) {
+        let mut noted = false;
+        let mut drop_slots = Vec::new();
+        for (slot, s) in &mut self.slots {
+            if target.contains(slot) || s.busy {
+                continue;
+            }
+            if !noted && matches!(s.phase, ReplicaPhase::Running | ReplicaPhase::Starting) {
+                let what = if target.is_empty() {
+                    "stopping every replica".to_owned()
+                } else {
+                    format!("scaling down to {} replicas", target.len())
+                };
+                self.log.note("info", what);
+                noted = true;
+            }
+            s.leaving = Some(Leaving::Remove);
+            match s.phase {
+                ReplicaPhase::Running => {
+                    s.set_phase(ReplicaPhase::Draining);
+                    s.busy = true;
+                    self.pending.push(Op::Drain(*slot));
+                }
+                ReplicaPhase::Starting | ReplicaPhase::Draining | ReplicaPhase::Stopping => {
+                    s.set_phase(ReplicaPhase::Stopping);
+                    s.busy = true;
+                    self.pending.push(Op::Stop(*slot));
+                }
+                ReplicaPhase::Hung if !s.held(now) => {
+                    s.busy = true;
+                    self.pending.push(Op::Fence(*slot));
+                }
+                ReplicaPhase::Hung => {}
+                ReplicaPhase::Restarting | ReplicaPhase::Crashed => drop_slots.push(*slot),
+            }
+        }
+        for slot in drop_slots {
+            self.slots.remove(&slot);
+        }
+    }
+
+    /// Whether the runtime the spec needs is ready; starts preparing it when it is not.
+    fn prepare(&mut self, d: &InstanceDesired, now: Instant) -> bool {
+        let key: RuntimeKey = (
+            d.process.nodered_version.clone(),
+            d.process.node_version.clone(),
+        );
+        match &self.runtime {
+            Runtime::Ready(k) if *k == key => return true,
+            Runtime::Preparing { .. } => return false,
+            Runtime::Failed { key: k, retry, .. } if *k == key && *retry == self.want.retry => {
+                return false
+            }
+            _ => {}
+        }
+        self.runtime = Runtime::Preparing { key, since: now };
+        self.pending.push(Op::Prepare(d.process.clone()));
+        false
+    }
+
+    /// Starts wanted slots that have no replica, restarts ended ones whose backoff is over,
+    /// tries crashed ones again when asked (or when their spec changed), fences hung ones.
+    fn start_missing(&mut self, d: &InstanceDesired, target: &BTreeSet<u32>, now: Instant) {
+        for slot in target {
+            let spec = d.process_for(*slot);
+            let s = self.slots.entry(*slot).or_insert_with(|| {
+                let mut s = Slot::new();
+                s.restart_at = Some(now);
+                s.set_phase(ReplicaPhase::Restarting);
+                s
+            });
+            if s.busy {
+                continue;
+            }
+            if s.phase == ReplicaPhase::Hung {
+                // Out of rotation already; it may still run flows until the fence holds.
+                if !s.held(now) {
+                    s.busy = true;
+                    self.pending.push(Op::Fence(*slot));
+                }
+                continue;
+            }
+            if s.leaving.is_some() {
+                continue;
+            }
+            let start = match s.phase {
+                ReplicaPhase::Restarting => s.restart_at.is_none_or(|t| t <= now),
+                ReplicaPhase::Crashed => {
+                    let again = s.retry_seen != self.want.retry || s.spec.as_ref() != Some(&spec);
+                    if again {
+                        s.restart = RestartState::default();
+                    }
+                    again
+                }
+                // A replica still starting with a spec that changed since: it serves nothing
+                // yet, so it is replaced without waiting for it.
+                ReplicaPhase::Starting if s.spec.as_ref() != Some(&spec) && s.run != 0 => {
+                    s.leaving = Some(Leaving::Replace);
+                    s.set_phase(ReplicaPhase::Stopping);
+                    s.busy = true;
+                    self.pending.push(Op::Stop(*slot));
+                    false
+                }
+                _ => false,
+            };
+            if start {
+                let run = self.next_run;
+                self.next_run += 1;
+                begin_start(s, run, spec.clone(), self.want.restart, now);
+                self.pending.push(Op::Start {
+                    slot: *slot,
+                    run,
+                    spec,
+                    flows: d.flows.clone(),
+                });
+            }
+        }
+    }
+
+    /// Replaces one outdated ready replica at a time: its spec changed, a restart was asked
+    /// for, or it was adopted with another spec.
+    fn roll_out(&mut self, d: &InstanceDesired, target: &BTreeSet<u32>) {
+        if self.slots.values().any(|s| s.replacing) {
+            return;
+        }
+        let outdated = |slot: u32, s: &Slot| {
+            s.phase == ReplicaPhase::Running
+                && !s.busy
+                && s.leaving.is_none()
+                && (s.spec.as_ref() != Some(&d.process_for(slot))
+                    || s.generation != self.want.restart
+                    || s.running.as_ref().is_some_and(|r| r.stale))
+        };
+        // Standbys first, the active last: its flows move once.
+        let mut candidates: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|(slot, s)| target.contains(slot) && outdated(**slot, s))
+            .map(|(slot, _)| *slot)
+            .collect();
+        candidates.sort_by_key(|slot| (Some(*slot) == self.active, *slot));
+        let Some(slot) = candidates.first().copied() else {
+            return;
+        };
+        // With several replicas, one goes down only while another serves (or while none can).
+        let others: Vec<&Slot> = target
+            .iter()
+            .filter(|s| **s != slot)
+            .filter_map(|s| self.slots.get(s))
+            .collect();
+        let serving = others.iter().any(|s| s.phase == ReplicaPhase::Running);
+        let coming = others
+            .iter()
+            .any(|s| matches!(s.phase, ReplicaPhase::Starting | ReplicaPhase::Restarting));
+        if !others.is_empty() && !serving && coming {
+            return;
+        }
+        let id = self.id_of(slot);
+        let Some(s) = self.slots.get_mut(&slot) else {
+            return;
+        };
+        self.log
+            .note("info", format!("replacing replica {id} (new spec)"));
+        s.leaving = Some(Leaving::Replace);
+        s.replacing = true;
+        s.set_phase(ReplicaPhase::Draining);
+        s.busy = true;
+        self.pending.push(Op::Drain(slot));
+    }
+
+    /// Deploys the wanted flows to one ready replica that runs others.
+    fn deploy_flows(&mut self, d: &InstanceDesired, now: Instant) {
+        if self.pending.iter().any(|op| matches!(op, Op::Deploy(..)))
+            || self
+                .slots
+                .values()
+                .any(|s| s.busy && s.phase == ReplicaPhase::Running)
+        {
+            return;
+        }
+        let slot = self.slots.iter().find(|(slot, s)| {
+            s.phase == ReplicaPhase::Running
+                && !s.busy
+                && !s.held(now)
+                && s.leaving.is_none()
+                && s.spec.as_ref() == Some(&d.process_for(**slot))
+                && s.flows_rev.as_deref() != Some(d.flows.rev.as_str())
+        });
+        if let Some((slot, _)) = slot {
+            let slot = *slot;
+            if let Some(s) = self.slots.get_mut(&slot) {
+                s.busy = true;
+            }
+            self.pending.push(Op::Deploy(slot, d.flows.clone()));
+        }
+    }
+
+    /// Standby mode: stops the flows of any ready replica that runs them besides the active;
+    /// with no active, starts the flows of the lowest ready replica, once none other may run
+    /// them.
+    fn keep_one_active(&mut self, d: &InstanceDesired, now: Instant) {
+        if let Some(a) = self.active {
+            if !self.slots.get(&a).is_some_and(|s| s.flows_on) {
+                self.active = None;
+            }
+        }
+        let active = self.active;
+        for (slot, s) in &mut self.slots {
+            if s.flows_on
+                && Some(*slot) != active
+                && s.phase == ReplicaPhase::Running
+                && !s.busy
+                && !s.held(now)
+            {
+                s.busy = true;
+                self.pending.push(Op::SetFlows(*slot, FlowState::Stopped));
+            }
+        }
+        if self.active.is_some() || self.slots.values().any(|s| s.flows_on) {
+            return;
+        }
+        let candidate = self
+            .slots
+            .iter()
+            .filter(|(_, s)| {
+                s.phase == ReplicaPhase::Running && !s.busy && !s.held(now) && s.leaving.is_none()
+            })
+            .min_by_key(|(slot, s)| (s.spec.as_ref() != Some(&d.process_for(**slot)), **slot))
+            .map(|(slot, _)| *slot);
+        if let Some(slot) = candidate {
+            if let Some(s) = self.slots.get_mut(&slot) {
+                // From now on it may run flows: no other replica is promoted meanwhile.
+                s.flows_on = true;
+                s.busy = true;
+            }
+            self.pending.push(Op::SetFlows(slot, FlowState::Started));
+        }
+    }
+
+    fn publish(&self, d: &InstanceDesired, now: Instant) {
+        let phase = match &self.runtime {
+            Runtime::Failed { reason, .. } if d.state == DesiredState::Running => {
+                Phase::Failed(reason.clone())
+            }
+            Runtime::Preparing { since, .. } if now >= *since + INSTALLING_AFTER => {
+                Phase::Installing
+            }
+            _ => Phase::Ready,
+        };
+        let view = InstanceView {
+            name: self.name.clone(),
+            secret: d.process.admin_secret.clone(),
+            hosts: if self.gone {
+                Vec::new()
+            } else {
+                d.hosts.clone()
+            },
+            ha: d.process.ha,
+            standby: d.standby,
+            desired: d.state,
+            want: if d.state == DesiredState::Running && !self.gone {
+                d.replicas
+            } else {
+                0
+            },
+            phase,
+            replicas: self
+                .slots
+                .iter()
+                .map(|(slot, s)| {
+                    (
+                        *slot,
+                        ReplicaView {
+                            phase: s.phase,
+                            addr: s.running.as_ref().map(|r| r.addr),
+                            pid: s.running.as_ref().and_then(|r| r.pid),
+                            restarts: s.restarts,
+                            last_exit: s.last_exit.clone(),
+                            since: s.since,
+                            isolation: s.running.as_ref().map(|r| r.isolation),
+                        },
+                    )
+                })
+                .collect(),
+            active: self.active,
+        };
+        self.observed.set(&self.id, view);
+    }
+
+    fn spawn(&mut self, op: Op) {
+        let driver = self.driver.clone();
+        match op {
+            Op::Prepare(spec) => {
+                let key = (spec.nodered_version.clone(), spec.node_version.clone());
+                self.ops
+                    .spawn(async move { Done::Prepare(key, driver.prepare(&spec).await) });
+            }
+            Op::Start {
+                slot,
+                run,
+                spec,
+                flows,
+            } => {
+                self.ops.spawn(async move {
+                    Done::Start(slot, run, driver.start(slot, run, &spec, &flows).await)
+                });
+            }
+            Op::Drain(slot) => {
+                let drained = self.observed.plane().drained(&self.id_of(slot));
+                let timeout = self.timings.drain_timeout;
+                self.ops.spawn(async move {
+                    let _ = tokio::time::timeout(timeout, drained).await;
+                    Done::Drain(slot)
+                });
+            }
+            Op::Stop(slot) => {
+                self.ops
+                    .spawn(async move { Done::Stop(slot, driver.stop(slot).await) });
+            }
+            Op::Fence(slot) => {
+                let run = self.slots.get(&slot).map_or(0, |s| s.run);
+                self.ops
+                    .spawn(async move { Done::Fence(slot, run, driver.fence(slot).await) });
+            }
+            Op::SetFlows(slot, state) => {
+                let run = self.slots.get(&slot).map_or(0, |s| s.run);
+                self.ops.spawn(async move {
+                    Done::SetFlows(slot, run, state, driver.set_flows(slot, state).await)
+                });
+            }
+            Op::Deploy(slot, flows) => {
+                let run = self.slots.get(&slot).map_or(0, |s| s.run);
+                self.ops.spawn(async move {
+                    let result = driver.deploy(slot, &flows).await;
+                    Done::Deploy(slot, run, flows.rev.clone(), result)
+                });
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let id = self.id_of(event.slot);
+        let standby = self.want.desired.standby;
+        let Some(s) = self.slots.get_mut(&event.slot) else {
+            return;
+        };
+        if s.run != event.run {
+            // A late event of a process that is gone.
+            return;
+        }
+        match event.kind {
+            EventKind::Ready(running) => {
+                if s.phase != ReplicaPhase::Starting {
+                    // A hung replica that answers again is fenced all the same; a draining one
+                    // stops.
+                    return;
+                }
+                s.flows_on = running.flows == FlowState::Started;
+                s.flows_rev = running.flows_rev.clone();
+                if running.adopted {
+                    // Its spec is the current one unless the driver says it is stale.
+                    if !running.stale {
+                        s.spec = Some(self.want.desired.process_for(event.slot));
+                    }
+                    s.generation = self.want.restart;
+                }
+                s.running = Some(running);
+                s.replacing = false;
+                s.set_phase(ReplicaPhase::Running);
+                if standby && s.flows_on && self.active.is_none() {
+                    // Adopted with its flows running: it stays the active.
+                    self.active = Some(event.slot);
+                }
+            }
+            EventKind::Hung { silent_ms } => {
+                if matches!(s.phase, ReplicaPhase::Running | ReplicaPhase::Draining) {
+                    tracing::warn!(replica = %id, silent_ms, "replica hung; fencing it");
+                    self.log.note(
+                        "warn",
+                        format!("replica {id} stopped answering for {silent_ms} ms; out of rotation, fencing it"),
+                    );
+                    s.silent_ms = silent_ms;
+                    s.set_phase(ReplicaPhase::Hung);
+                }
+            }
+            EventKind::Exited { reason, restarting } => match s.phase {
+                ReplicaPhase::Draining | ReplicaPhase::Stopping => s.gone(),
+                _ if restarting => {
+                    // The platform starts it again itself.
+                    s.gone();
+                    s.restarts += 1;
+                    s.last_exit = Some(reason.to_string());
+                    s.set_phase(ReplicaPhase::Starting);
+                    self.log.note(
+                        "warn",
+                        format!("replica {id} ended ({reason}); its platform restarts it"),
+                    );
+                }
+                ReplicaPhase::Starting | ReplicaPhase::Running | ReplicaPhase::Hung => {
+                    self.ended(event.slot, reason);
+                }
+                ReplicaPhase::Restarting | ReplicaPhase::Crashed => {}
+            },
+            EventKind::Fenced => {
+                if s.phase == ReplicaPhase::Hung && s.leaving.is_none() {
+                    let silent_ms = s.silent_ms;
+                    self.ended(event.slot, ExitReason::Hung { silent_ms });
+                }
+            }
+        }
+        if self
+            .active
+            .is_some_and(|a| !self.slots.get(&a).is_some_and(|s| s.flows_on))
+        {
+            self.active = None;
+        }
+    }
+
+    /// The replica in `slot` ended on its own (or was fenced): restart it after the backoff, or
+    /// hold it as crashed.
+    fn ended(&mut self, slot: u32, reason: ExitReason) {
+        let id = self.id_of(slot);
+        let policy = self.timings.policy;
+        let retry = self.want.retry;
+        let Some(s) = self.slots.get_mut(&slot) else {
+            return;
+        };
+        s.gone();
+        if self.active == Some(slot) {
+            self.active = None;
+        }
+        let now = Instant::now();
+        let text = reason.to_string();
+        s.last_exit = Some(text.clone());
+        match s.restart.exited(now, &text, &policy) {
+            Decision::RestartAfter(delay) => {
+                tracing::warn!(replica = %id, reason = %text, ?delay, "replica ended; restarting");
+                self.log.note(
+                    "warn",
+                    format!("replica {id} ended ({text}); restarting in {delay:?}"),
+                );
+                s.restarts = s.restart.restarts();
+                s.restart_at = Some(now + delay);
+                s.set_phase(ReplicaPhase::Restarting);
+            }
+            Decision::Crashed(why) => {
+                tracing::error!(replica = %id, reason = %why, "replica held as crashed");
+                self.log
+                    .note("error", format!("replica {id} held as crashed: {why}"));
+                s.last_exit = Some(why);
+                s.retry_seen = retry;
+                s.set_phase(ReplicaPhase::Crashed);
+            }
+        }
+    }
+
+    fn on_done(&mut self, done: Done) {
+        let now = Instant::now();
+        let retry_after = self.timings.retry_after;
+        match done {
+            Done::Prepare(key, result) => match result {
+                Ok(()) => self.runtime = Runtime::Ready(key),
+                Err(e) => {
+                    self.log.note("error", e.to_string());
+                    self.runtime = Runtime::Failed {
+                        key,
+                        reason: e.to_string(),
+                        retry: self.want.retry,
+                    };
+                }
+            },
+            Done::Start(slot, run, result) => {
+                let Some(s) = self.slots.get_mut(&slot) else {
+                    return;
+                };
+                s.busy = false;
+                if let Err(e) = result {
+                    if s.run == run && s.phase == ReplicaPhase::Starting {
+                        self.ended(slot, ExitReason::StartFailed(e.to_string()));
+                    }
+                }
+            }
+            Done::Drain(slot) => {
+                let Some(s) = self.slots.get_mut(&slot) else {
+                    return;
+                };
+                if s.phase == ReplicaPhase::Draining {
+                    s.set_phase(ReplicaPhase::Stopping);
+                    self.pending.push(Op::Stop(slot));
+                } else {
+                    // It hung while draining: fenced instead.
+                    s.busy = false;
+                }
+            }
+            Done::Stop(slot, result) => {
+                if let Err(e) = &result {
+                    self.log
+                        .note("warn", format!("stopping {}: {e}", self.id_of(slot)));
+                }
+                self.left(slot, now);
+            }
+            Done::Fence(slot, run, result) => {
+                let id = self.id_of(slot);
+                let Some(s) = self.slots.get_mut(&slot) else {
+                    return;
+                };
+                s.busy = false;
+                match result {
+                    Err(e) => {
+                        // It may still run: nothing is promoted until a fence holds.
+                        self.log
+                            .note("error", format!("cannot fence {id}: {e}; trying again"));
+                        s.hold_until = Some(now + retry_after);
+                    }
+                    Ok(()) if s.run == run => {
+                        s.gone();
+                        match s.leaving {
+                            Some(_) => self.left(slot, now),
+                            None if s.phase == ReplicaPhase::Hung => {
+                                let silent_ms = s.silent_ms;
+                                self.ended(slot, ExitReason::Hung { silent_ms });
+                            }
+                            None => {}
+                        }
+                    }
+                    Ok(()) => {}
+                }
+            }
+            Done::SetFlows(slot, run, state, result) => {
+                let id = self.id_of(slot);
+                let Some(s) = self.slots.get_mut(&slot) else {
+                    return;
+                };
+                s.busy = false;
+                if s.run != run {
+                    return;
+                }
+                match (state, result) {
+                    (FlowState::Started, Ok(())) => {
+                        s.flows_on = true;
+                        if s.phase == ReplicaPhase::Running && self.active.is_none() {
+                            self.active = Some(slot);
+                            self.log.note(
+                                "info",
+                                format!("{id} is now the active replica (flows started)"),
+                            );
+                        }
+                    }
+                    (FlowState::Stopped, Ok(())) => s.flows_on = false,
+                    (_, Err(e)) => {
+                        // Whether its flows run is unknown: it counts as running them until a
+                        // stop succeeds, so no second replica starts its own.
+                        self.log.note(
+                            "warn",
+                            format!(
+                                "cannot {} the flows of {id}: {e}",
+                                match state {
+                                    FlowState::Started => "start",
+                                    FlowState::Stopped => "stop",
+                                }
+                            ),
+                        );
+                        s.hold_until = Some(now + retry_after);
+                    }
+                }
+            }
+            Done::Deploy(slot, run, rev, result) => {
+                let id = self.id_of(slot);
+                let Some(s) = self.slots.get_mut(&slot) else {
+                    return;
+                };
+                s.busy = false;
+                if s.run != run {
+                    return;
+                }
+                match result {
+                    Ok(()) => {
+                        self.log
+                            .note("info", format!("deployed flows {rev} to {id}"));
+                        s.flows_rev = Some(rev);
+                    }
+                    Err(e) => {
+                        self.log
+                            .note("warn", format!("cannot deploy flows to {id}: {e}"));
+                        s.hold_until = Some(now + retry_after);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A replica stopped or fenced on purpose is gone: its slot is removed, or started again
+    /// with the current spec.
+    fn left(&mut self, slot: u32, now: Instant) {
+        let Some(s) = self.slots.get_mut(&slot) else {
+            return;
+        };
+        s.busy = false;
+        s.gone();
+        if self.active == Some(slot) {
+            self.active = None;
+        }
+        match s.leaving.take() {
+            Some(Leaving::Replace) if !self.gone => {
+                // Started by the next step, with the spec wanted then.
+                s.restart = RestartState::default();
+                s.restart_at = Some(now);
+                s.set_phase(ReplicaPhase::Restarting);
+            }
+            _ => {
+                self.slots.remove(&slot);
+            }
+        }
+    }
+}
+
+/// A stack install shows as `installing` only once it has taken this long.
+const INSTALLING_AFTER: Duration = Duration::from_millis(50);
+
+fn begin_start(s: &mut Slot, run: u64, spec: ProcessSpec, generation: u64, now: Instant) {
+    s.run = run;
+    s.spec = Some(spec);
+    s.generation = generation;
+    s.running = None;
+    s.flows_on = false;
+    s.flows_rev = None;
+    s.busy = true;
+    s.restart_at = None;
+    s.restart.started(now);
+    s.set_phase(ReplicaPhase::Starting);
+}
