@@ -124,10 +124,6 @@ impl ReplicaState {
         self.ready.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
     /// Ready, healthy and not ejected at `now`.
     pub fn is_available(&self, now: Instant) -> bool {
         self.is_ready() && self.health.is_healthy(now)
@@ -143,8 +139,21 @@ impl ReplicaState {
         InFlight(self.clone())
     }
 
-    pub(crate) fn set_probe_config(&self, config: Option<HealthConfig>) {
-        self.probe_config.store(config.map(Arc::new));
+    /// Applies what the owner of the routes published for this replica: readiness and the
+    /// instance's probe settings. A replica whose probes were switched off is healthy by
+    /// definition; one whose probes were switched on keeps its last verdict until its first
+    /// probe.
+    pub(crate) fn configure(&self, ready: bool, probes: Option<&HealthConfig>) {
+        self.ready.store(ready, Ordering::Relaxed);
+        if probes.is_none() {
+            self.health.set_probed_healthy(true);
+        }
+        self.probe_config.store(probes.cloned().map(Arc::new));
+    }
+
+    /// The probe settings in force; `None` when probes are off.
+    pub(crate) fn probe_config(&self) -> Option<Arc<HealthConfig>> {
+        self.probe_config.load_full()
     }
 }
 
@@ -308,7 +317,7 @@ async fn probe_loop(
     let mut counter = ProbeCounter::default();
     loop {
         let Some(s) = state.upgrade() else { return };
-        let Some(cfg) = s.probe_config.load_full() else {
+        let Some(cfg) = s.probe_config() else {
             s.probing.store(false, Ordering::Release);
             return;
         };
