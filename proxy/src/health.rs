@@ -443,18 +443,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn probes_take_a_dead_replica_out_and_end_with_it() {
+    async fn probes_take_a_failing_replica_out_and_end_with_it() {
         use crate::routes::{InstanceSpec, ReplicaSpec, Routes};
-        // A port with nothing listening: bind, read the port, drop the listener.
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        // A replica that accepts connections, counts them and closes them unanswered: every
+        // probe is one connection here, and every probe fails.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+            }
+        });
+        let interval = Duration::from_secs(1);
         let routes = Routes::new();
-        let cfg = HealthConfig {
-            interval: Duration::from_secs(1),
-            ..HealthConfig::default()
-        };
         let spec = InstanceSpec {
             editor_secret: None,
             name: "orders".into(),
@@ -463,16 +467,18 @@ mod tests {
             affinity: false,
             replicas: vec![ReplicaSpec {
                 id: "r0".into(),
-                addr: dead,
+                addr,
                 ready: true,
             }],
-            health: Some(cfg),
+            health: Some(HealthConfig {
+                interval,
+                ..HealthConfig::default()
+            }),
         };
         let table = routes.publish(&[spec]).unwrap();
         let state = table.instances()[0].replicas[0].state.clone();
         assert!(state.health.probed_healthy());
-        // Two failed probes, one interval apart. Connect errors on loopback are immediate, so
-        // paused time only has to cover the sleeps.
+        // Two failed probes, one interval apart.
         for _ in 0..50 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             if !state.health.probed_healthy() {
@@ -484,13 +490,23 @@ mod tests {
             "two failed probes mark the replica unhealthy"
         );
         assert!(!state.is_available(Instant::now()));
+        assert!(
+            connections.load(Ordering::Relaxed) >= 2,
+            "each probe opened a connection"
+        );
 
-        // Removing the replica stops its probe loop (it only holds a weak reference).
+        // The replica leaves the routes; the test lets go of it too.
         routes.publish(&[]).unwrap();
-        drop(table);
-        let weak = Arc::downgrade(&state);
-        drop(state);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(weak.upgrade().is_none());
+        drop((table, state));
+        // A probe already under way may still connect; it ends within its timeout.
+        tokio::time::sleep(3 * interval).await;
+        let settled = connections.load(Ordering::Relaxed);
+        tokio::time::sleep(20 * interval).await;
+        assert_eq!(
+            connections.load(Ordering::Relaxed),
+            settled,
+            "no probe connection after the replica left the routes"
+        );
+        server.abort();
     }
 }
