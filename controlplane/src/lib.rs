@@ -16,7 +16,8 @@
 //! - [`editor_gate`]: who may open an instance's editor through the proxy.
 //! - [`roles`]: roles and the permission table.
 //! - [`audit`]: writing audit entries.
-//! - [`store`]: the database (SQLite or PostgreSQL) and its schema.
+//! - [`store`]: the database (SQLite or PostgreSQL) and its schema, migrated at start from
+//!   `controlplane/migrations/`.
 //! - [`error`]: the API's error type and JSON shape.
 //! - [`state`], [`metrics`]: shared state and request metrics.
 //! - [`scratch_pg`]: a throwaway PostgreSQL server for tests and benchmarks.

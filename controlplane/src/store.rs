@@ -1,19 +1,48 @@
 //! The store: one sqlx `AnyPool` over SQLite (embedded default) or PostgreSQL.
 //!
 //! Every query is written once for both: `$n` placeholders in order, TEXT and BIGINT columns,
-//! times in epoch milliseconds, JSON as text. The schema is embedded and applied at start.
-//! Every change an API call makes runs in one transaction together with its audit entry, so a
-//! request commits whole or not at all.
+//! times in epoch milliseconds, JSON as text. Every change an API call makes runs in one
+//! transaction together with its audit entry, so a request commits whole or not at all.
+//!
+//! # Migrations
+//!
+//! The schema is the migrations in `controlplane/migrations/`, embedded with `sqlx::migrate!` and
+//! run by [`Store::open`] before anything else touches the database: each in its own
+//! transaction, recorded in `_sqlx_migrations` with its checksum. On PostgreSQL an advisory lock
+//! lets one control plane migrate while the others starting with it wait.
+//!
+//! A database made before migrations existed (tandem 0.1: its tables made with
+//! `CREATE TABLE IF NOT EXISTS`, `schema_version` holding 1, no `_sqlx_migrations`) already has
+//! the schema of migration 1. It is adopted: migration 1 is recorded as applied, with its
+//! checksum, instead of run, and later migrations run as on any other database.
+//!
+//! To change the schema:
+//! 1. Add `controlplane/migrations/<NNNN>_<what_it_does>.sql`, numbered one past the last (by
+//!    hand, or with sqlx-cli's `sqlx migrate add --sequential <what_it_does>` in `controlplane/`).
+//!    Never edit a migration once released: databases hold its checksum, and the store refuses
+//!    to open one whose migration no longer matches it.
+//! 2. Write it once for both backends, as the queries are. SQLite's `ALTER TABLE` adds, renames
+//!    and drops columns but changes no constraint; a migration that must rebuild a table, or that
+//!    needs different SQL per backend, splits the directory into `migrations/sqlite` and
+//!    `migrations/postgres` (copy the existing files unchanged, so their checksums stay) with a
+//!    migrator per backend.
+//! 3. If tandem 0.1 could not work with the new schema, end the migration with
+//!    `UPDATE schema_version SET version = <NNNN>;`: 0.1 refuses a database above version 1.
+//!    Binaries with migrations refuse on their own a database that ran a migration they lack.
+//! 4. Add an upgrade test to `controlplane/tests/it/migrations.rs`: a database at the previous
+//!    migration with rows in every table, opened by the new store, keeps every row.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use anyhow::Context as _;
+use sqlx::any::AnyPoolOptions;
+use sqlx::migrate::{Migrate, MigrateError, Migrator};
+use sqlx::{AnyConnection, AnyPool, Connection, Row};
 
-/// The schema version this binary writes.
-const SCHEMA_VERSION: i64 = 1;
+/// This binary's migrations, from `controlplane/migrations/`.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
 
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +64,18 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the SQLite file `<data_dir>/tandem.db` in WAL mode, or the
-    /// PostgreSQL database at `url`, and applies the schema.
+    /// PostgreSQL database at `url`, and brings its schema up to date with [`MIGRATOR`].
     pub async fn open(data_dir: &Path, url: Option<&str>) -> anyhow::Result<Self> {
+        Self::open_with_migrations(data_dir, url, &MIGRATOR).await
+    }
+
+    /// [`Store::open`] with `migrator` in place of this binary's migrations: upgrade tests use
+    /// it to run a migration that comes after the last one released.
+    pub async fn open_with_migrations(
+        data_dir: &Path,
+        url: Option<&str>,
+        migrator: &Migrator,
+    ) -> anyhow::Result<Self> {
         sqlx::any::install_default_drivers();
         let (pool, backend) = match url {
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
@@ -88,7 +127,7 @@ impl Store {
             }
         };
         let store = Self { pool, backend };
-        store.migrate().await?;
+        store.migrate(migrator).await?;
         Ok(store)
     }
 
@@ -102,37 +141,115 @@ impl Store {
         }
     }
 
-    async fn migrate(&self) -> anyhow::Result<()> {
-        let mut tx = self.write().await?;
-        for statement in include_str!("store/schema.sql").split(';') {
-            let sql: String = statement
-                .lines()
-                .filter(|l| !l.trim_start().starts_with("--"))
-                .collect::<Vec<_>>()
-                .join("\n");
-            if !sql.trim().is_empty() {
-                sqlx::query(&sql).execute(&mut *tx).await?;
-            }
+    /// Adopts a database from before migrations, then runs every migration it has not recorded.
+    async fn migrate(&self, migrator: &Migrator) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        // PostgreSQL: the migrator's advisory lock, held across adoption too, so control planes
+        // starting together neither both adopt nor both create `_sqlx_migrations`; the migrator
+        // takes it again inside (advisory locks nest). SQLite: sqlx has no lock, and needs none:
+        // one `tandem serve` owns the file, and adoption checks and records under one
+        // `BEGIN IMMEDIATE`.
+        conn.lock()
+            .await
+            .context("cannot take the migration lock")?;
+        let migrated = async {
+            self.adopt_v0_1(&mut conn, migrator).await?;
+            migrator.run(&mut *conn).await.map_err(explain)
         }
-        let version: Option<i64> = sqlx::query("SELECT version FROM schema_version")
-            .fetch_optional(&mut *tx)
+        .await;
+        match migrated {
+            Ok(()) => conn.unlock().await?,
+            // Closing the connection ends its session and with it any advisory lock still held.
+            Err(_) => conn.close_on_drop(),
+        }
+        migrated
+    }
+
+    /// A database made by tandem 0.1 has migration 1's schema, made by the same statements with
+    /// `IF NOT EXISTS`, and `schema_version` holding 1, but no `_sqlx_migrations`: record
+    /// migration 1 as applied, with the checksum the migrator checks, rather than run it (its
+    /// `CREATE TABLE`s would fail on the tables there). Anything else is left to the migrator.
+    async fn adopt_v0_1(
+        &self,
+        conn: &mut AnyConnection,
+        migrator: &Migrator,
+    ) -> anyhow::Result<()> {
+        let mut tx = match self.backend {
+            Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => conn.begin().await?,
+        };
+        tx.ensure_migrations_table().await?;
+        let recorded: i64 = sqlx::query("SELECT COUNT(*) FROM _sqlx_migrations")
+            .fetch_one(&mut *tx)
             .await?
-            .map(|r: AnyRow| r.get(0));
-        match version {
-            None => {
-                sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
-                    .bind(SCHEMA_VERSION)
-                    .execute(&mut *tx)
-                    .await?;
+            .try_get(0)?;
+        let exists_sql = match self.backend {
+            Backend::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = $1"
             }
-            Some(v) if v > SCHEMA_VERSION => {
-                anyhow::bail!("the database has schema version {v}, newer than this tandem ({SCHEMA_VERSION}); upgrade tandem")
+            Backend::Postgres => {
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = current_schema() AND table_name = $1"
             }
-            Some(_) => {}
+        };
+        let v0_1: i64 = sqlx::query(exists_sql)
+            .bind("schema_version")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        if recorded > 0 || v0_1 == 0 {
+            tx.commit().await?;
+            return Ok(());
         }
+        let versions: Vec<i64> = sqlx::query("SELECT version FROM schema_version")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        if versions != [1] {
+            anyhow::bail!(
+                "the database has no migration history and schema_version holds {versions:?}, \
+                 not [1] as tandem 0.1 left it: this tandem does not know how to upgrade it; \
+                 restore a backup made by tandem 0.1"
+            );
+        }
+        let first = migrator
+            .iter()
+            .find(|m| m.version == 1 && !m.migration_type.is_down_migration())
+            .context("migration 1 is missing: tandem 0.1's schema cannot be adopted")?;
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES ($1, $2, TRUE, $3, 0)",
+        )
+        .bind(first.version)
+        .bind(first.description.as_ref())
+        .bind(first.checksum.as_ref())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
+        tracing::info!(
+            migration = first.version,
+            "adopted a database made by tandem 0.1: migration 1 recorded as applied"
+        );
         Ok(())
     }
+}
+
+/// A migration error, with what to do about it.
+fn explain(e: MigrateError) -> anyhow::Error {
+    let hint = match &e {
+        MigrateError::VersionMissing(v) => format!(
+            "the database ran migration {v}, which this tandem does not have: a newer tandem \
+             upgraded it, so run that version or a later one"
+        ),
+        MigrateError::VersionMismatch(v) => format!(
+            "migration {v} of this tandem differs from the one the database ran: the migration \
+             file was edited after it was released; build from the released file"
+        ),
+        _ => "cannot bring the database schema up to date".to_string(),
+    };
+    anyhow::Error::new(e).context(hint)
 }
 
 /// How many rows of `table` have `column = value`, inside a transaction (for "still in use"

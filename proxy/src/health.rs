@@ -124,10 +124,6 @@ impl ReplicaState {
         self.ready.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
     /// Ready, healthy and not ejected at `now`.
     pub fn is_available(&self, now: Instant) -> bool {
         self.is_ready() && self.health.is_healthy(now)
@@ -143,8 +139,21 @@ impl ReplicaState {
         InFlight(self.clone())
     }
 
-    pub(crate) fn set_probe_config(&self, config: Option<HealthConfig>) {
-        self.probe_config.store(config.map(Arc::new));
+    /// Applies what the owner of the routes published for this replica: readiness and the
+    /// instance's probe settings. A replica whose probes were switched off is healthy by
+    /// definition; one whose probes were switched on keeps its last verdict until its first
+    /// probe.
+    pub(crate) fn configure(&self, ready: bool, probes: Option<&HealthConfig>) {
+        self.ready.store(ready, Ordering::Relaxed);
+        if probes.is_none() {
+            self.health.set_probed_healthy(true);
+        }
+        self.probe_config.store(probes.cloned().map(Arc::new));
+    }
+
+    /// The probe settings in force; `None` when probes are off.
+    pub(crate) fn probe_config(&self) -> Option<Arc<HealthConfig>> {
+        self.probe_config.load_full()
     }
 }
 
@@ -308,7 +317,7 @@ async fn probe_loop(
     let mut counter = ProbeCounter::default();
     loop {
         let Some(s) = state.upgrade() else { return };
-        let Some(cfg) = s.probe_config.load_full() else {
+        let Some(cfg) = s.probe_config() else {
             s.probing.store(false, Ordering::Release);
             return;
         };
@@ -434,18 +443,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn probes_take_a_dead_replica_out_and_end_with_it() {
+    async fn probes_take_a_failing_replica_out_and_end_with_it() {
         use crate::routes::{InstanceSpec, ReplicaSpec, Routes};
-        // A port with nothing listening: bind, read the port, drop the listener.
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        // A replica that accepts connections, counts them and closes them unanswered: every
+        // probe is one connection here, and every probe fails.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+            }
+        });
+        let interval = Duration::from_secs(1);
         let routes = Routes::new();
-        let cfg = HealthConfig {
-            interval: Duration::from_secs(1),
-            ..HealthConfig::default()
-        };
         let spec = InstanceSpec {
             editor_secret: None,
             name: "orders".into(),
@@ -454,16 +467,18 @@ mod tests {
             affinity: false,
             replicas: vec![ReplicaSpec {
                 id: "r0".into(),
-                addr: dead,
+                addr,
                 ready: true,
             }],
-            health: Some(cfg),
+            health: Some(HealthConfig {
+                interval,
+                ..HealthConfig::default()
+            }),
         };
         let table = routes.publish(&[spec]).unwrap();
         let state = table.instances()[0].replicas[0].state.clone();
         assert!(state.health.probed_healthy());
-        // Two failed probes, one interval apart. Connect errors on loopback are immediate, so
-        // paused time only has to cover the sleeps.
+        // Two failed probes, one interval apart.
         for _ in 0..50 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             if !state.health.probed_healthy() {
@@ -475,13 +490,23 @@ mod tests {
             "two failed probes mark the replica unhealthy"
         );
         assert!(!state.is_available(Instant::now()));
+        assert!(
+            connections.load(Ordering::Relaxed) >= 2,
+            "each probe opened a connection"
+        );
 
-        // Removing the replica stops its probe loop (it only holds a weak reference).
+        // The replica leaves the routes; the test lets go of it too.
         routes.publish(&[]).unwrap();
-        drop(table);
-        let weak = Arc::downgrade(&state);
-        drop(state);
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(weak.upgrade().is_none());
+        drop((table, state));
+        // A probe already under way may still connect; it ends within its timeout.
+        tokio::time::sleep(3 * interval).await;
+        let settled = connections.load(Ordering::Relaxed);
+        tokio::time::sleep(20 * interval).await;
+        assert_eq!(
+            connections.load(Ordering::Relaxed),
+            settled,
+            "no probe connection after the replica left the routes"
+        );
+        server.abort();
     }
 }

@@ -202,12 +202,14 @@ impl Routes {
 
     /// Validates `specs`, builds a new table that carries over the state of replicas that kept
     /// their id and address, and swaps it in. Starts active health probes for new replicas when
-    /// called inside a tokio runtime. On error the current table stays.
+    /// called inside a tokio runtime. On error the current table stays, and so do the readiness
+    /// and probe settings of its replicas.
     pub fn publish(&self, specs: &[InstanceSpec]) -> Result<Arc<RouteTable>, RouteError> {
         let previous = self.current.load_full();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let table = Arc::new(RouteTable::build(specs, &previous, generation)?);
         self.current.store(table.clone());
+        table.configure_replicas(specs);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             for (i, instance) in table.instances.iter().enumerate() {
                 for r in 0..instance.replicas.len() {
@@ -242,7 +244,20 @@ impl RouteTable {
         self.generation
     }
 
-    /// Builds a table, carrying over the state of replicas that `previous` already had.
+    /// Applies each replica's readiness and its instance's probe settings from `specs`, the
+    /// list this table was built from (same order, instance by instance and replica by replica).
+    /// Called only once the table is live: a replica's state is shared with the table before,
+    /// and changing it earlier would let a table that is then refused change live routing.
+    fn configure_replicas(&self, specs: &[InstanceSpec]) {
+        for (instance, spec) in self.instances.iter().zip(specs) {
+            for (replica, r) in instance.replicas.iter().zip(&spec.replicas) {
+                replica.state.configure(r.ready, spec.health.as_ref());
+            }
+        }
+    }
+
+    /// Builds a table, carrying over the state of replicas that `previous` already had. Leaves
+    /// the state it carries over untouched (see [`RouteTable::configure_replicas`]).
     fn build(
         specs: &[InstanceSpec],
         previous: &RouteTable,
@@ -296,11 +311,17 @@ impl RouteTable {
                         .find(|x| *x.id == *r.id && x.addr == r.addr)
                 });
                 let state = match kept {
+                    // Shared with the live table: configured by `publish` once this table has
+                    // been validated and swapped in, so a refused table changes nothing.
                     Some(k) => k.state.clone(),
-                    None => Arc::new(ReplicaState::new()),
+                    // Seen by nobody until the swap: configured now, so a new replica is
+                    // ready the moment its table goes live.
+                    None => {
+                        let state = Arc::new(ReplicaState::new());
+                        state.configure(r.ready, spec.health.as_ref());
+                        state
+                    }
                 };
-                state.set_ready(r.ready);
-                state.set_probe_config(spec.health.clone());
                 replicas.push(Replica {
                     id: r.id.as_str().into(),
                     addr: r.addr,
@@ -308,14 +329,6 @@ impl RouteTable {
                     state,
                 });
             }
-            // A replica whose probes were switched off is healthy by definition; one whose probes
-            // were switched on keeps its last verdict until its first probe.
-            if spec.health.is_none() {
-                for r in &replicas {
-                    r.state.health.set_probed_healthy(true);
-                }
-            }
-
             let (ring, ring_index) = if spec.affinity {
                 let buckets: Vec<Bucket> =
                     replicas.iter().map(|r| Bucket::new(r.addr, 1)).collect();

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod api;
+mod migrations;
 mod mqtt_wiring;
 mod proxy_cmd;
 mod sandbox;

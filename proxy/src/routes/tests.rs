@@ -178,6 +178,97 @@ fn readiness_follows_the_spec() {
 }
 
 #[test]
+fn a_refused_publish_leaves_live_replicas_alone() {
+    let routes = Routes::new();
+    let probes = HealthConfig {
+        path: "/healthz".into(),
+        ..HealthConfig::default()
+    };
+    let mut live = spec("orders", &["orders.localhost"], &[("r0", 1)]);
+    live.health = Some(probes.clone());
+    let t = routes.publish(&[live.clone()]).unwrap();
+    let state = t.instances()[0].replicas[0].state.clone();
+    // The probes have found the replica unhealthy.
+    state.health.set_probed_healthy(false);
+
+    // The same replica, not ready and with probes off, in a table refused for a duplicate host.
+    let mut changed = live.clone();
+    changed.replicas[0].ready = false;
+    changed.health = None;
+    let err = routes
+        .publish(&[
+            changed,
+            spec("billing", &["orders.localhost"], &[("r0", 2)]),
+        ])
+        .unwrap_err();
+    assert!(matches!(err, RouteError::DuplicateHost { .. }), "{err}");
+
+    assert!(state.is_ready(), "readiness unchanged");
+    assert_eq!(state.probe_config().as_deref(), Some(&probes));
+    assert!(!state.health.probed_healthy(), "probe verdict unchanged");
+}
+
+#[test]
+fn a_refused_routes_file_leaves_live_probe_settings_alone() {
+    let path = std::env::temp_dir().join(format!(
+        "tandem-refused-routes-{}-{:x}.toml",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    let instance = |name: &str, extra: &str| {
+        format!(
+            "[[instance]]\nname = \"{name}\"\nhosts = [\"orders.localhost\"]\n\
+             replicas = [\"127.0.0.1:1\"]\n{extra}\n"
+        )
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "[health]\ninterval_ms = 500\n{}",
+            instance("orders", "health_path = \"/healthz\"")
+        ),
+    )
+    .unwrap();
+    let routes = Routes::new();
+    file::load(&path, &routes).unwrap();
+    let state = routes.load().instances()[0].replicas[0].state.clone();
+    let before = state.probe_config();
+    assert_eq!(before.as_ref().map(|c| c.path.as_str()), Some("/healthz"));
+    state.health.set_probed_healthy(false);
+
+    // New probe settings for the live replica, in a file refused for a duplicate host.
+    std::fs::write(
+        &path,
+        format!(
+            "[health]\ninterval_ms = 9000\n{}{}",
+            instance("orders", "health_path = \"/other\""),
+            instance("billing", "")
+        ),
+    )
+    .unwrap();
+    let err = file::load(&path, &routes).unwrap_err().to_string();
+    assert!(err.contains("claimed by both"), "{err}");
+    assert_eq!(state.probe_config(), before, "probe settings unchanged");
+    assert!(!state.health.probed_healthy(), "probe verdict unchanged");
+
+    // With probes switched off by a refused file, the verdict stays too.
+    std::fs::write(
+        &path,
+        format!(
+            "{}{}",
+            instance("orders", "health_check = false"),
+            instance("billing", "")
+        ),
+    )
+    .unwrap();
+    assert!(file::load(&path, &routes).is_err());
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(state.probe_config(), before);
+    assert!(!state.health.probed_healthy());
+    assert!(state.is_ready());
+}
+
+#[test]
 fn routes_file_parses_and_explains_errors() {
     let text = r#"
         [health]

@@ -28,12 +28,23 @@ fn full(b: impl Into<Bytes>) -> Body {
 }
 
 /// A real HTTP/1.1 server standing in for a Node-RED replica. It answers with its name and
-/// has a few endpoints to make it slow, stream, echo or show the headers it got.
+/// has a few endpoints to make it slow, stream, echo, count a body or show the headers it got.
 pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
-    pub hits: Arc<AtomicUsize>,
+    counts: Arc<Counts>,
     task: Option<JoinHandle<()>>,
+}
+
+/// What an upstream has seen, kept across restarts.
+#[derive(Default)]
+struct Counts {
+    /// Requests.
+    hits: AtomicUsize,
+    /// Body bytes received by `/sink`, counted frame by frame as they arrive.
+    body_bytes: AtomicUsize,
+    /// `/sink` bodies read to their end or to an error.
+    bodies_ended: AtomicUsize,
 }
 
 impl Upstream {
@@ -42,10 +53,10 @@ impl Upstream {
         Self::serve(name, listener, Arc::default())
     }
 
-    fn serve(name: &str, listener: TcpListener, hits: Arc<AtomicUsize>) -> Self {
+    fn serve(name: &str, listener: TcpListener, counts: Arc<Counts>) -> Self {
         let addr = listener.local_addr().unwrap();
         let n = name.to_string();
-        let h = hits.clone();
+        let c = counts.clone();
         let task = tokio::spawn(async move {
             // Dropping the JoinSet (when this task is aborted) aborts every connection.
             let mut conns = tokio::task::JoinSet::new();
@@ -54,11 +65,11 @@ impl Upstream {
                     continue;
                 };
                 let name = n.clone();
-                let hits = h.clone();
+                let counts = c.clone();
                 conns.spawn(async move {
                     let svc = service_fn(move |req| {
-                        hits.fetch_add(1, Ordering::Relaxed);
-                        answer(name.clone(), req)
+                        counts.hits.fetch_add(1, Ordering::Relaxed);
+                        answer(name.clone(), counts.clone(), req)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -71,7 +82,7 @@ impl Upstream {
         Self {
             name: name.to_string(),
             addr,
-            hits,
+            counts,
             task: Some(task),
         }
     }
@@ -97,11 +108,21 @@ impl Upstream {
                 Err(e) => panic!("cannot rebind {}: {e}", self.addr),
             }
         };
-        *self = Self::serve(&self.name, listener, self.hits.clone());
+        *self = Self::serve(&self.name, listener, self.counts.clone());
     }
 
     pub fn hits(&self) -> usize {
-        self.hits.load(Ordering::Relaxed)
+        self.counts.hits.load(Ordering::Relaxed)
+    }
+
+    /// Body bytes `/sink` has received so far.
+    pub fn body_bytes(&self) -> usize {
+        self.counts.body_bytes.load(Ordering::Relaxed)
+    }
+
+    /// `/sink` bodies read to their end or cut off.
+    pub fn bodies_ended(&self) -> usize {
+        self.counts.bodies_ended.load(Ordering::Relaxed)
     }
 }
 
@@ -111,7 +132,11 @@ impl Drop for Upstream {
     }
 }
 
-async fn answer(name: String, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn answer(
+    name: String,
+    counts: Arc<Counts>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let resp = match path.as_str() {
@@ -121,6 +146,19 @@ async fn answer(name: String, req: Request<Incoming>) -> Result<Response<Body>, 
             Response::new(full(name.clone()))
         }
         "/echo" => Response::new(req.into_body().map_err(Error::from).boxed()),
+        "/sink" => {
+            // Counts the body as it arrives (not once it is complete), then answers with the total.
+            let mut body = req.into_body();
+            let mut total = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    counts.body_bytes.fetch_add(data.len(), Ordering::Relaxed);
+                    total += data.len();
+                }
+            }
+            counts.bodies_ended.fetch_add(1, Ordering::Relaxed);
+            Response::new(full(total.to_string()))
+        }
         "/chunks" => {
             // Three chunks, 300 ms apart: a buffering proxy would deliver them all at once.
             let s = futures_util::stream::iter(0..3).then(|i| async move {

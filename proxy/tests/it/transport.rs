@@ -1,7 +1,10 @@
+use std::convert::Infallible;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -60,6 +63,89 @@ async fn idle_websocket_tunnels_are_closed() {
         ),
         "the idle tunnel is closed: {ended:?}"
     );
+}
+
+#[tokio::test]
+async fn busy_websockets_outlive_the_idle_timeout() {
+    let ws = WsEcho::start().await;
+    let idle = Duration::from_millis(400);
+    let mut config = test_config();
+    config.idle_timeout = idle;
+    let proxy = TestProxy::start(&[instance("orders", &[ws.addr])], config).await;
+    let mut request = format!("ws://{}/comms", proxy.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("host", "orders.localhost".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    // A message each way every 50 ms, for four idle timeouts.
+    let start = tokio::time::Instant::now();
+    let mut i = 0;
+    while start.elapsed() < idle * 4 {
+        let msg = Message::text(format!("m{i}"));
+        socket.send(msg.clone()).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(5), socket.next()).await;
+        assert!(
+            matches!(&echo, Ok(Some(Ok(m))) if *m == msg),
+            "message {i}, after {:?}: {echo:?}",
+            start.elapsed()
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = proxy.metrics().await;
+    assert!(m.contains("tandem_proxy_websocket_tunnels 1"), "{m}");
+    // The same tunnel, once quiet, is closed: the idle timeout was in force all along.
+    let ended = tokio::time::timeout(idle * 10, socket.next()).await;
+    assert!(
+        matches!(
+            ended,
+            Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_))))
+        ),
+        "the tunnel is closed once idle: {ended:?}"
+    );
+}
+
+#[tokio::test]
+async fn request_bodies_stream_to_the_replica() {
+    let u = Upstream::start("u0").await;
+    let proxy = TestProxy::start(&[instance("orders", &[u.addr])], test_config()).await;
+    // A body of unknown length (chunked), sent chunk by chunk as the test decides.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    }));
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::post("/sink")
+        .header("host", "orders.localhost")
+        .body(body)
+        .unwrap();
+    let response = tokio::spawn(async move { sender.send_request(request).await });
+
+    tx.send(Bytes::from_static(b"first;")).await.unwrap();
+    // The rest waits until the replica has the first chunk: through a proxy that buffered the
+    // body, the first chunk would never arrive alone.
+    let first = eventually(Duration::from_secs(5), || async { u.body_bytes() == 6 }).await;
+    assert!(
+        first,
+        "the replica got {} bytes before the rest was sent",
+        u.body_bytes()
+    );
+    assert_eq!(u.bodies_ended(), 0, "the body is still open");
+    tx.send(Bytes::from_static(b"second;")).await.unwrap();
+    drop(tx);
+
+    let resp = response.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let total = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&total[..], b"13");
 }
 
 #[tokio::test]

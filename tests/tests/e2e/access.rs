@@ -88,7 +88,7 @@ async fn roles_hold_on_actions_and_the_editor_is_for_members_only() {
     assert!(r.body.contains("Sign in"), "{}", r.body);
     let r = t.get("gated", "/admin/flows").await.unwrap();
     assert_eq!(r.status, 401);
-    // A wrong token or an ended session: 401 too.
+    // A wrong token: 401 too.
     let r = t
         .request(
             "gated",
@@ -99,6 +99,32 @@ async fn roles_hold_on_actions_and_the_editor_is_for_members_only() {
         .await
         .unwrap();
     assert_eq!(r.status, 401);
+    // An ended session: the cookie that opened the editor gets 401 once its user signs out.
+    let leaving = user(&t, &team, "lou", Some("member")).await;
+    let editor = |cookie: String| {
+        let t = &t;
+        async move {
+            t.request("gated", "GET", "/admin/flows", &[("Cookie", &cookie)])
+                .await
+                .unwrap()
+        }
+    };
+    let r = editor(leaving.clone()).await;
+    assert_eq!(r.status, 200, "before signing out: {r:?}");
+    let r = http(
+        t.api,
+        "POST",
+        "api",
+        "/api/v1/auth/logout",
+        &[("Cookie", &leaving)],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = editor(leaving).await;
+    assert_eq!(r.status, 401, "after signing out: {r:?}");
+    assert!(r.body.contains("the session has ended"), "{}", r.body);
     // A non-member and a viewer: 403.
     for who in [&outsider, &viewer] {
         let r = t

@@ -2,13 +2,13 @@
 //! steady stream of requests, and the editor blocked.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{hello_flows, kill9, Tandem};
+use crate::harness::{alive, hello_flows, kill9, Tandem};
 
 /// What a request loop saw.
 #[derive(Debug, Default)]
@@ -18,46 +18,102 @@ struct Seen {
     by_replica: BTreeMap<String, u64>,
 }
 
-/// Sends `GET /hello` to `instance` from 2 workers, one request at a time each, until `stop`
-/// is set (or 60 s or 20,000 requests pass).
-fn request_loop(
-    t: &Tandem,
-    instance: &str,
+/// `GET /hello` sent to an instance from 2 workers, one request at a time each, until
+/// [`Load::finish`]. Each worker counts its answers as they come, so that a test can check that
+/// the load runs at a given moment ([`Load::still_running`]): a "no failed request" means
+/// something only while requests are sent. The loops end by themselves after 10 minutes or
+/// 50,000 requests each, which `finish` reports as a failure.
+struct Load {
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Seen> {
-    let http = t.http;
-    let host = format!("{instance}.localhost");
-    tokio::spawn(async move {
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                let stop = stop.clone();
-                let host = host.clone();
+    /// Answers (successes and failures) per worker, so far.
+    answered: Vec<Arc<AtomicU64>>,
+    workers: Vec<tokio::task::JoinHandle<(Seen, Option<String>)>>,
+}
+
+impl Load {
+    const WORKERS: usize = 2;
+
+    fn start(t: &Tandem, instance: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered: Vec<_> = (0..Self::WORKERS)
+            .map(|_| Arc::new(AtomicU64::new(0)))
+            .collect();
+        let workers = answered
+            .iter()
+            .map(|answered| {
+                let (stop, answered) = (stop.clone(), answered.clone());
+                let (http, host) = (t.http, format!("{instance}.localhost"));
                 tokio::spawn(async move {
                     let mut seen = Seen::default();
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    for _ in 0..10_000 {
-                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                            break;
+                    let deadline = Instant::now() + Duration::from_secs(600);
+                    for _ in 0..50_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            return (seen, None);
                         }
-                        match crate::harness::http(http, "GET", &host, "/hello", &[], "").await {
-                            Ok(r) if r.status == 200 => {
+                        if Instant::now() > deadline {
+                            return (seen, Some("ran for 10 minutes".to_string()));
+                        }
+                        let get = crate::harness::http(http, "GET", &host, "/hello", &[], "");
+                        match tokio::time::timeout(Duration::from_secs(10), get).await {
+                            Ok(Ok(r)) if r.status == 200 => {
                                 seen.ok += 1;
                                 let replica =
                                     r.header("x-tandem-replica").unwrap_or("?").to_string();
                                 *seen.by_replica.entry(replica).or_default() += 1;
                             }
-                            Ok(r) => seen.failed.push(format!("{} {}", r.status, r.body.trim())),
-                            Err(e) => seen.failed.push(e.to_string()),
+                            Ok(Ok(r)) => {
+                                seen.failed.push(format!("{} {}", r.status, r.body.trim()))
+                            }
+                            Ok(Err(e)) => seen.failed.push(e.to_string()),
+                            Err(_) => seen.failed.push("no answer in 10 s".to_string()),
                         }
+                        answered.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    seen
+                    (seen, Some("sent 50,000 requests".to_string()))
                 })
             })
             .collect();
+        Self {
+            stop,
+            answered,
+            workers,
+        }
+    }
+
+    /// Waits until every worker has had 10 more answers than now; panics after 30 s. Called
+    /// once a change is complete, it shows that the load ran through the change.
+    async fn still_running(&self, after: &str) {
+        let now: Vec<u64> = self
+            .answered
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let counts: Vec<u64> = self
+                .answered
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .collect();
+            if counts.iter().zip(&now).all(|(c, n)| *c >= n + 10) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the load stopped: after {after}, answers per worker went from {now:?} to {counts:?} in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the workers; what they saw. Panics if one had ended by itself.
+    async fn finish(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
         let mut all = Seen::default();
-        for w in workers {
-            let s = w.await.unwrap();
+        for (i, w) in self.workers.into_iter().enumerate() {
+            let (s, ended) = w.await.unwrap();
+            assert_eq!(ended, None, "load worker {i} ended before it was stopped");
             all.ok += s.ok;
             all.failed.extend(s.failed);
             for (k, v) in s.by_replica {
@@ -65,7 +121,7 @@ fn request_loop(
             }
         }
         all
-    })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,9 +143,8 @@ async fn a_killed_replica_costs_no_request_and_comes_back() {
         assert_eq!(t.get("ha", path).await.unwrap().status, 403, "{path}");
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = request_loop(&t, "ha", stop.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let load = Load::start(&t, "ha");
+    load.still_running("the start").await;
     let victim = s["replicas"][1]["pid"].as_u64().unwrap();
     kill9(victim);
     // It is restarted and back in rotation.
@@ -112,8 +167,8 @@ async fn a_killed_replica_costs_no_request_and_comes_back() {
         }
     }
     assert!(reached, "ha-r1 did not come back into rotation");
-    stop.store(true, Ordering::Relaxed);
-    let seen = load.await.unwrap();
+    load.still_running("ha-r1 came back").await;
+    let seen = load.finish().await;
     println!("kill under load: {seen:?}");
     assert!(seen.failed.is_empty(), "failed requests: {:?}", seen.failed);
     assert!(seen.ok > 50, "{seen:?}");
@@ -127,11 +182,9 @@ async fn a_killed_replica_costs_no_request_and_comes_back() {
     for src in ["ha-r0", "ha-r1"] {
         assert!(logs.iter().any(|e| e["src"] == src), "no line from {src}");
     }
-    assert!(t
-        .logs(&id, "replica=1&limit=1000")
-        .await
-        .iter()
-        .all(|e| e["src"] == "ha-r1"));
+    let r1 = t.logs(&id, "replica=1&limit=1000").await;
+    assert!(!r1.is_empty(), "no log line for replica=1");
+    assert!(r1.iter().all(|e| e["src"] == "ha-r1"), "{r1:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,9 +195,8 @@ async fn scaling_starts_and_stops_only_the_difference_without_a_failed_request()
     let s = t.wait_running(&id, 2).await;
     let pids: Vec<Value> = (0..2).map(|i| s["replicas"][i]["pid"].clone()).collect();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = request_loop(&t, "scale", stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let load = Load::start(&t, "scale");
+    load.still_running("the start").await;
 
     let r = t
         .api(
@@ -174,6 +226,9 @@ async fn scaling_starts_and_stops_only_the_difference_without_a_failed_request()
     {
         assert!(Instant::now() < deadline, "scale-r2 never served");
     }
+    load.still_running("scaling to 3").await;
+    let r2 = s["replicas"][2]["pid"].as_u64().unwrap();
+    assert!(alive(r2), "scale-r2 (pid {r2}) is not running: {s}");
 
     let r = t
         .api(
@@ -195,6 +250,16 @@ async fn scaling_starts_and_stops_only_the_difference_without_a_failed_request()
         ),
         (pids[0].clone(), pids[1].clone())
     );
+    // ... and the third is gone: its process ended, not only its place in the status.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(r2) {
+        assert!(
+            Instant::now() < deadline,
+            "scale-r2 (pid {r2}) still runs 30 s after scaling to 2: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    load.still_running("scaling to 2").await;
     // A changed environment replaces the replicas one at a time, still without a failed request.
     let r = t
         .api(
@@ -210,9 +275,8 @@ async fn scaling_starts_and_stops_only_the_difference_without_a_failed_request()
             && s["replicas"][1]["pid"] != pids[1]
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let seen = load.await.unwrap();
+    load.still_running("the rolling replacement").await;
+    let seen = load.finish().await;
     println!("scale 2 -> 3 -> 2 and a rolling replacement under load: {seen:?}");
     assert!(seen.failed.is_empty(), "failed requests: {:?}", seen.failed);
 
@@ -225,8 +289,26 @@ async fn scaling_starts_and_stops_only_the_difference_without_a_failed_request()
         s["state"] == "running" && s["replicas"].as_array().map(Vec::len) == Some(1)
     })
     .await;
+    // Behind the editor's sign-in like any instance: Node-RED's editor with the platform
+    // admin's token, 401 without credentials.
+    let auth = format!("Bearer {}", t.token);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = t
+            .request("scale", "GET", "/admin/", &[("Authorization", &auth)])
+            .await
+            .unwrap();
+        if r.status == 200 && r.body.contains("Node-RED") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no editor 30 s after HA was turned off: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let r = t.get("scale", "/admin/").await.unwrap();
-    assert_ne!(r.status, 403, "{r:?}");
+    assert_eq!(r.status, 401, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

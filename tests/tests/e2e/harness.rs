@@ -121,6 +121,8 @@ pub struct Tandem {
     pub token: String,
     child: Option<Child>,
     stop_replicas: bool,
+    /// The data directory when the harness made it: removed on drop, after the stop.
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl Tandem {
@@ -131,13 +133,16 @@ impl Tandem {
 
     /// Starts `tandem serve` in a new data directory with more flags.
     pub async fn start_with(name: &str, args: &[&str]) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tandem-e2e-{name}-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        Self::launch(&dir, true, args).await
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("tandem-e2e-{name}-"))
+            .tempdir()
+            .unwrap();
+        // The data directory is made inside, as `mkdir` would make it (0755 under the usual
+        // umask, where the temporary directory is 0700): that `tandem serve` makes it private
+        // itself is checked by the isolation test.
+        let mut t = Self::launch(&temp.path().join("data"), true, args).await;
+        t._temp = Some(temp);
+        t
     }
 
     /// Starts `tandem serve` on `dir`, as it is.
@@ -200,6 +205,7 @@ impl Tandem {
             token,
             child: Some(child),
             stop_replicas,
+            _temp: None,
         }
     }
 

@@ -95,7 +95,7 @@ static PG: tokio::sync::OnceCell<Result<ScratchPostgres, String>> =
     tokio::sync::OnceCell::const_new();
 
 /// A new empty database on this binary's PostgreSQL server; its URL.
-async fn pg_database() -> String {
+pub async fn pg_database() -> String {
     let pg = match PG.get_or_init(tandem_controlplane::scratch_pg::start).await {
         Ok(pg) => pg,
         Err(e) => panic!("cannot start PostgreSQL for the tests: {e}"),

@@ -1,0 +1,415 @@
+//! Upgrades of the store, each on a SQLite file and on PostgreSQL: a database made by tandem 0.1,
+//! before migrations, keeps every row when the store opens it and records migration 1 as
+//! applied; a later migration then runs on it; a fresh database runs every migration and ends
+//! with the same schema; opening again changes nothing.
+//!
+//! A schema change adds its migration and an upgrade test here: a database at the previous
+//! migration, with rows in every table, opened by the new store, keeps every row.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha384};
+use sqlx::any::AnyRow;
+use sqlx::migrate::Migrator;
+use sqlx::{AnyConnection, Connection, Row};
+use tandem_controlplane::store::{Store, MIGRATOR};
+
+use crate::api::support::{both_backends, pg_database, Backend, TempDir};
+
+/// Tandem 0.1's schema: its `controlplane/src/store/schema.sql`, byte for byte. The code no
+/// longer has it; this is what databases in the field were made with.
+const V0_1_SCHEMA: &str = include_str!("migrations/v0.1-schema.sql");
+
+/// A row or more in every table of that schema.
+const V0_1_ROWS: &str = include_str!("migrations/v0.1-rows.sql");
+
+/// Migration 1, whose checksum an adopted database must hold.
+const MIGRATION_1: &str = include_str!("../../migrations/0001_initial_schema.sql");
+
+/// Every table of 0.1, with the rows it holds once [`V0_1_ROWS`] is in (`schema_version`: the
+/// one 0.1 wrote).
+const V0_1_TABLES: [(&str, usize); 11] = [
+    ("applications", 1),
+    ("audit", 2),
+    ("instances", 2),
+    ("members", 2),
+    ("schema_version", 1),
+    ("sessions", 1),
+    ("stacks", 2),
+    ("teams", 1),
+    ("templates", 1),
+    ("tokens", 2),
+    ("users", 2),
+];
+
+both_backends!(
+    v0_1_database_keeps_every_row,
+    later_migration_runs_after_adoption,
+    fresh_database_runs_every_migration,
+);
+
+/// Made by 0.1 with rows everywhere, then opened by this store, twice: every row is still there,
+/// migration 1 is recorded (not run: its `CREATE TABLE`s would fail on the tables there), and
+/// the store writes.
+async fn v0_1_database_keeps_every_row(backend: Backend) {
+    let db = Db::new(backend).await;
+    make_v0_1(&db).await;
+    let before = {
+        let mut c = db.connect().await;
+        let before = dump(&mut c, &[]).await;
+        c.close().await.unwrap();
+        before
+    };
+    let counts: Vec<(&str, usize)> = before.iter().map(|(t, rows)| (*t, rows.len())).collect();
+    assert_eq!(counts, V0_1_TABLES, "the fixture fills every table");
+
+    let store = db.open().await;
+    let mut c = store.pool.acquire().await.unwrap();
+    assert_eq!(dump(&mut c, &[]).await, before, "rows after the upgrade");
+    let recorded = recorded(&mut c).await;
+    assert_eq!(
+        recorded,
+        vec![migration_1()],
+        "migration 1 recorded as applied"
+    );
+    assert_eq!(tables(&mut c, backend).await, all_tables());
+    drop(c);
+    drop(store);
+
+    // Again: adopted once, checked against its checksum from now on.
+    let store = db.open().await;
+    let mut c = store.pool.acquire().await.unwrap();
+    assert_eq!(dump(&mut c, &[]).await, before, "rows after a second open");
+    assert_eq!(self::recorded(&mut c).await, recorded);
+    drop(c);
+
+    let mut tx = store.write().await.unwrap();
+    sqlx::query("INSERT INTO teams (id, name, slug, created_at) VALUES ($1, $2, $3, $4)")
+        .bind("0193a1b2c3d4ffff00000000")
+        .bind("After")
+        .bind("after")
+        .bind(1_733_000_000_000_i64)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let teams: i64 = sqlx::query("SELECT COUNT(*) FROM teams")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(teams, 2);
+}
+
+/// After adoption, a migration past the last one runs (and is recorded), and a binary without
+/// it refuses the database with a message that says why.
+async fn later_migration_runs_after_adoption(backend: Backend) {
+    let db = Db::new(backend).await;
+    make_v0_1(&db).await;
+    let before = {
+        let mut c = db.connect().await;
+        let before = dump(&mut c, &["teams"]).await;
+        c.close().await.unwrap();
+        before
+    };
+
+    let dir = TempDir::new("tandem-migrations");
+    std::fs::write(dir.path().join("0001_initial_schema.sql"), MIGRATION_1).unwrap();
+    let second = "ALTER TABLE teams ADD COLUMN note TEXT NOT NULL DEFAULT '';\n";
+    std::fs::write(dir.path().join("0002_team_note.sql"), second).unwrap();
+    let migrator = Migrator::new(dir.path().to_path_buf()).await.unwrap();
+
+    let store = Store::open_with_migrations(db.dir.path(), db.url.as_deref(), &migrator)
+        .await
+        .unwrap();
+    let mut c = store.pool.acquire().await.unwrap();
+    assert_eq!(dump(&mut c, &["teams"]).await, before);
+    let teams: Vec<(String, String)> = sqlx::query("SELECT slug, note FROM teams")
+        .fetch_all(&mut *c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(teams, [("units".to_string(), String::new())]);
+    let versions: Vec<i64> = recorded(&mut c).await.iter().map(|m| m.0).collect();
+    assert_eq!(versions, [1, 2]);
+    assert_eq!(recorded(&mut c).await[0], migration_1());
+    drop(c);
+    drop(store);
+
+    let err = Store::open(db.dir.path(), db.url.as_deref())
+        .await
+        .expect_err("a binary without migration 2 must refuse the database");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("migration 2") && err.contains("newer tandem"),
+        "{err}"
+    );
+}
+
+/// A fresh database runs every migration of this binary, and its schema is the one an adopted
+/// 0.1 database has: adoption is only sound if the two are the same.
+async fn fresh_database_runs_every_migration(backend: Backend) {
+    let fresh = Db::new(backend).await;
+    let store = fresh.open().await;
+    let mut c = store.pool.acquire().await.unwrap();
+    let recorded = recorded(&mut c).await;
+    let versions: Vec<i64> = recorded.iter().map(|m| m.0).collect();
+    let expected: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    assert_eq!(versions, expected);
+    assert_eq!(recorded[0], migration_1());
+    assert_eq!(tables(&mut c, backend).await, all_tables());
+    let rows = dump(&mut c, &[]).await;
+    for (table, rows) in &rows {
+        let want = usize::from(*table == "schema_version");
+        assert_eq!(rows.len(), want, "{table}");
+    }
+    let version = rows.iter().find(|(t, _)| *t == "schema_version").unwrap();
+    assert_eq!(version.1, [vec![Val::Int(1)]], "schema_version");
+    let fresh_schema = schema(&mut c, backend).await;
+    drop(c);
+    drop(store);
+
+    // Opening again runs nothing and changes nothing.
+    let store = fresh.open().await;
+    let mut c = store.pool.acquire().await.unwrap();
+    assert_eq!(self::recorded(&mut c).await, recorded);
+    assert_eq!(dump(&mut c, &[]).await, rows);
+    drop(c);
+
+    let old = Db::new(backend).await;
+    make_v0_1(&old).await;
+    let store = old.open().await;
+    let mut c = store.pool.acquire().await.unwrap();
+    assert_eq!(schema(&mut c, backend).await, fresh_schema);
+}
+
+/// Control planes of a cluster start together on one PostgreSQL database: on a fresh one and on
+/// one made by 0.1, each migrates or adopts once, and every one of them starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_control_planes_start_together() {
+    let fresh = Db::new(Backend::Postgres).await;
+    let old = Db::new(Backend::Postgres).await;
+    make_v0_1(&old).await;
+    for db in [&fresh, &old] {
+        let opens = (0..4).map(|_| db.open());
+        let stores = futures_util::future::join_all(opens).await;
+        let mut c = stores[0].pool.acquire().await.unwrap();
+        assert_eq!(recorded(&mut c).await, [migration_1()]);
+        let version: Vec<Vec<Val>> = sqlx::query("SELECT version FROM schema_version")
+            .fetch_all(&mut *c)
+            .await
+            .unwrap()
+            .iter()
+            .map(vals)
+            .collect();
+        assert_eq!(version, [vec![Val::Int(1)]]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Support.
+
+/// Where a test's database lives: a SQLite file in `dir`, or the PostgreSQL database at `url`.
+struct Db {
+    dir: TempDir,
+    url: Option<String>,
+}
+
+impl Db {
+    async fn new(backend: Backend) -> Self {
+        let dir = TempDir::new("tandem-migrate");
+        let url = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(pg_database().await),
+        };
+        Self { dir, url }
+    }
+
+    /// The store, opened as `tandem serve` opens it.
+    async fn open(&self) -> Store {
+        Store::open(self.dir.path(), self.url.as_deref())
+            .await
+            .unwrap()
+    }
+
+    /// A connection of its own, past the store and its migrations.
+    async fn connect(&self) -> AnyConnection {
+        sqlx::any::install_default_drivers();
+        let url = match &self.url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                sqlite_file(self.dir.path()).display()
+            ),
+        };
+        AnyConnection::connect(&url).await.unwrap()
+    }
+}
+
+fn sqlite_file(dir: &Path) -> std::path::PathBuf {
+    dir.join("tandem.db")
+}
+
+/// The database tandem 0.1's `Store::open` made, made as it made it: WAL on SQLite, then in one
+/// transaction its schema, split on `;` with `--` lines dropped, and version 1. Then the rows.
+async fn make_v0_1(db: &Db) {
+    let mut c = db.connect().await;
+    if db.url.is_none() {
+        sqlx::query("PRAGMA journal_mode = WAL")
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    let mut tx = c.begin().await.unwrap();
+    for statement in V0_1_SCHEMA.split(';') {
+        let sql: String = statement
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if !sql.trim().is_empty() {
+            sqlx::query(&sql).execute(&mut *tx).await.unwrap();
+        }
+    }
+    sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+        .bind(1_i64)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::raw_sql(V0_1_ROWS).execute(&mut c).await.unwrap();
+    c.close().await.unwrap();
+}
+
+/// One value of a row: every column of the schema is TEXT or BIGINT.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Val {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+fn val(row: &AnyRow, i: usize) -> Val {
+    if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+        return v.map_or(Val::Null, Val::Int);
+    }
+    row.try_get::<Option<String>, _>(i)
+        .unwrap()
+        .map_or(Val::Null, Val::Text)
+}
+
+fn vals(row: &AnyRow) -> Vec<Val> {
+    (0..row.len()).map(|i| val(row, i)).collect()
+}
+
+/// Every row of every 0.1 table but those in `skip`, sorted, by table.
+async fn dump(c: &mut AnyConnection, skip: &[&str]) -> Vec<(&'static str, Vec<Vec<Val>>)> {
+    let mut out = Vec::new();
+    for (table, _) in V0_1_TABLES {
+        if skip.contains(&table) {
+            continue;
+        }
+        let mut rows: Vec<Vec<Val>> = sqlx::query(&format!("SELECT * FROM {table}"))
+            .fetch_all(&mut *c)
+            .await
+            .unwrap()
+            .iter()
+            .map(vals)
+            .collect();
+        rows.sort();
+        out.push((table, rows));
+    }
+    out
+}
+
+/// What `_sqlx_migrations` holds: version, description, success, checksum.
+type Recorded = (i64, String, bool, Vec<u8>);
+
+/// Migration 1 as it must be recorded: the checksum is SHA-384 of the file, as sqlx checks it.
+fn migration_1() -> Recorded {
+    let checksum = Sha384::digest(MIGRATION_1.as_bytes()).to_vec();
+    (1, "initial schema".to_string(), true, checksum)
+}
+
+async fn recorded(c: &mut AnyConnection) -> Vec<Recorded> {
+    // The Any driver reads no SQLite BOOLEAN: `success` comes as a number.
+    sqlx::query(
+        "SELECT version, description, CAST(CASE WHEN success THEN 1 ELSE 0 END AS BIGINT), \
+                checksum \
+         FROM _sqlx_migrations ORDER BY version",
+    )
+    .fetch_all(&mut *c)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get::<i64, _>(2) == 1, r.get(3)))
+    .collect()
+}
+
+/// The tables an up-to-date database has: 0.1's and the migrations' record.
+fn all_tables() -> Vec<String> {
+    let mut all: Vec<String> = V0_1_TABLES.iter().map(|(t, _)| t.to_string()).collect();
+    all.push("_sqlx_migrations".to_string());
+    all.sort();
+    all
+}
+
+async fn tables(c: &mut AnyConnection, backend: Backend) -> Vec<String> {
+    let sql = match backend {
+        Backend::Sqlite => "SELECT name FROM sqlite_master WHERE type = 'table'",
+        Backend::Postgres => {
+            "SELECT table_name::text FROM information_schema.tables \
+             WHERE table_schema = current_schema()"
+        }
+    };
+    let mut names: Vec<String> = sqlx::query(sql)
+        .fetch_all(&mut *c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The schema but `_sqlx_migrations`: tables, columns, indexes and constraints, as the database
+/// describes them.
+async fn schema(c: &mut AnyConnection, backend: Backend) -> Vec<Vec<Val>> {
+    let sql = match backend {
+        // SQLite keeps each object's `CREATE` statement, with `IF NOT EXISTS` taken out.
+        Backend::Sqlite => {
+            "SELECT type, name, tbl_name, sql FROM sqlite_master \
+             WHERE tbl_name <> '_sqlx_migrations'"
+        }
+        Backend::Postgres => {
+            "SELECT 'column', table_name::text, column_name::text, \
+                    data_type::text || ' ' || is_nullable::text || ' ' \
+                    || COALESCE(column_default::text, '') \
+             FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name <> '_sqlx_migrations' \
+             UNION ALL \
+             SELECT 'index', tablename::text, indexname::text, indexdef \
+             FROM pg_indexes \
+             WHERE schemaname = current_schema() AND tablename <> '_sqlx_migrations' \
+             UNION ALL \
+             SELECT 'constraint', conrelid::regclass::text, conname::text, \
+                    pg_get_constraintdef(oid) \
+             FROM pg_constraint \
+             WHERE connamespace = current_schema()::regnamespace \
+               AND conrelid::regclass::text <> '_sqlx_migrations'"
+        }
+    };
+    let mut rows: Vec<Vec<Val>> = sqlx::query(sql)
+        .fetch_all(&mut *c)
+        .await
+        .unwrap()
+        .iter()
+        .map(vals)
+        .collect();
+    rows.sort();
+    assert!(rows.len() > 20, "the schema is described: {rows:?}");
+    rows
+}
