@@ -12,10 +12,10 @@ use crate::harness::{alive, hello_flows, kill9, Tandem};
 
 /// What a request loop saw.
 #[derive(Debug, Default)]
-struct Seen {
-    ok: u64,
-    failed: Vec<String>,
-    by_replica: BTreeMap<String, u64>,
+pub(crate) struct Seen {
+    pub ok: u64,
+    pub failed: Vec<String>,
+    pub by_replica: BTreeMap<String, u64>,
 }
 
 /// `GET /hello` sent to an instance from 2 workers, one request at a time each, until
@@ -23,7 +23,7 @@ struct Seen {
 /// the load runs at a given moment ([`Load::still_running`]): a "no failed request" means
 /// something only while requests are sent. The loops end by themselves after 10 minutes or
 /// 50,000 requests each, which `finish` reports as a failure.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     /// Answers (successes and failures) per worker, so far.
     answered: Vec<Arc<AtomicU64>>,
@@ -31,9 +31,9 @@ struct Load {
 }
 
 impl Load {
-    const WORKERS: usize = 2;
+    pub(crate) const WORKERS: usize = 2;
 
-    fn start(t: &Tandem, instance: &str) -> Self {
+    pub(crate) fn start(t: &Tandem, instance: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let answered: Vec<_> = (0..Self::WORKERS)
             .map(|_| Arc::new(AtomicU64::new(0)))
@@ -83,7 +83,7 @@ impl Load {
 
     /// Waits until every worker has had 10 more answers than now; panics after 30 s. Called
     /// once a change is complete, it shows that the load ran through the change.
-    async fn still_running(&self, after: &str) {
+    pub(crate) async fn still_running(&self, after: &str) {
         let now: Vec<u64> = self
             .answered
             .iter()
@@ -108,7 +108,7 @@ impl Load {
     }
 
     /// Stops the workers; what they saw. Panics if one had ended by itself.
-    async fn finish(self) -> Seen {
+    pub(crate) async fn finish(self) -> Seen {
         self.stop.store(true, Ordering::Relaxed);
         let mut all = Seen::default();
         for (i, w) in self.workers.into_iter().enumerate() {
@@ -402,7 +402,7 @@ async fn standby_mode_has_one_active_replica_and_fails_over() {
 }
 
 /// `hello_flows` plus an inject node that logs `tick` every 200 ms while the flows run.
-fn ticking_flows() -> Value {
+pub(crate) fn ticking_flows() -> Value {
     let mut flows = hello_flows();
     for node in [
         json!({ "id": "tick", "type": "inject", "z": "t1", "once": true, "onceDelay": 0.1, "repeat": "0.2", "wires": [["say"]] }),
@@ -414,7 +414,7 @@ fn ticking_flows() -> Value {
 }
 
 /// The `tick` lines per replica logged during `wait`, from now on.
-async fn ticks_after(t: &Tandem, id: &str, wait: Duration) -> BTreeMap<String, u64> {
+pub(crate) async fn ticks_after(t: &Tandem, id: &str, wait: Duration) -> BTreeMap<String, u64> {
     let r = t
         .api(
             "GET",

@@ -6,6 +6,7 @@
 
 mod access;
 mod ha;
+mod hang;
 mod harness;
 mod lifecycle;
 mod mqtt;
