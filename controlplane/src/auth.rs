@@ -30,11 +30,10 @@ use crate::store::{hex, now_ms};
 
 pub mod throttle;
 
-/// Prefix of personal access tokens, so they are easy to spot in logs and secret scanners.
-pub const TOKEN_PREFIX: &str = "tdm_";
-
-/// Name of the session cookie.
-pub const SESSION_COOKIE: &str = "tandem_session";
+/// The token prefix (`tdm_`, easy to spot in logs and secret scanners) and the session
+/// cookie's name have one owner, the proxy's credential parser, which strips what the API
+/// accepts.
+pub use tandem_proxy::credentials::{SESSION_COOKIE, TOKEN_PREFIX};
 
 /// The authenticated user of a request.
 #[derive(Debug, Clone)]

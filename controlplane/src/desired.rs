@@ -59,7 +59,8 @@ pub async fn desired_instances(
         let Some((flows, version, node_version, memory_mb)) = extra.get(&i.id) else {
             continue;
         };
-        let flows = Flows::new(serde_json::from_str(flows).unwrap_or_else(|_| serde_json::json!([])));
+        let flows =
+            Flows::new(serde_json::from_str(flows).unwrap_or_else(|_| serde_json::json!([])));
         if !i.not_applied.is_empty() {
             not_applied.push(NotApplied {
                 instance_id: i.id.clone(),

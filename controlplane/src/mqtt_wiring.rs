@@ -110,4 +110,3 @@ impl MqttWiring {
         self.proxy.shutdown().await;
     }
 }
-

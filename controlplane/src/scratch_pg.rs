@@ -69,10 +69,7 @@ fn is_root() -> bool {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    tandem_proxy::net::free_port().unwrap_or(0)
 }
 
 /// Single-quotes `s` for `sh`.

@@ -11,9 +11,9 @@ use anyhow::Context;
 use sqlx::Row;
 use tandem_coordinator::local::{LocalDriver, SandboxLauncher};
 use tandem_coordinator::logs::LogBook;
-use tandem_coordinator::{Coordinator, CoordinatorConfig};
 use tandem_coordinator::restart::RestartPolicy;
 use tandem_coordinator::status::NotObserved;
+use tandem_coordinator::{Coordinator, CoordinatorConfig};
 use tandem_proxy::{Proxy, ProxyConfig, ProxyStats, Routes};
 
 use crate::api::stacks::{self, StackBody};

@@ -27,6 +27,7 @@ mod install;
 mod process;
 mod settings;
 mod tail;
+mod watcher;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +53,7 @@ use crate::logs::InstanceLog;
 use crate::replica::{ExitReason, FlowState, ReplicaId};
 use crate::spec::{Flows, ProcessSpec};
 use process::Record;
+use watcher::{watch_replica, Boot, Watcher};
 
 /// How the local driver sandboxes replicas: the `tandem` binary re-executed as
 /// `tandem sandbox-exec`, which restricts itself with Landlock and then runs Node.js.
@@ -654,132 +656,6 @@ impl LocalInstance {
         }
         let _ = tokio::fs::remove_file(self.driver.user_dir(&id).join("replica.json")).await;
         Ok(())
-    }
-}
-
-/// What a started replica's watcher waits for before it is ready.
-struct Boot {
-    start_stopped: bool,
-    seen: Arc<tail::Seen>,
-    deadline: Instant,
-    /// Written once it is ready: only a ready replica is adopted.
-    record_at: PathBuf,
-    record: Record,
-}
-
-/// Follows one run of a replica and reports it.
-struct Watcher {
-    id: ReplicaId,
-    slot: u32,
-    run: u64,
-    replica: Replica,
-    liveness: Liveness,
-    events: mpsc::UnboundedSender<Event>,
-}
-
-impl Watcher {
-    fn send(&self, kind: EventKind) {
-        if !self.replica.ending.load(Ordering::Relaxed) {
-            let _ = self.events.send(Event {
-                slot: self.slot,
-                run: self.run,
-                kind,
-            });
-        }
-    }
-}
-
-/// A replica's watcher: readiness (when `boot`), then liveness checks until it ends.
-async fn watch_replica(w: Watcher, boot: Option<Boot>, running: Running) {
-    let mut exit = w.replica.exit.clone();
-    if let Some(boot) = boot {
-        match ready(&w, &boot, &mut exit).await {
-            Ok(()) => {
-                let text = serde_json::to_string(&boot.record).unwrap_or_default();
-                if let Err(e) = tokio::fs::write(&boot.record_at, text).await {
-                    tracing::warn!(replica = %w.id, error = %e, "cannot record the replica for adoption");
-                }
-                tracing::info!(replica = %w.id, addr = %w.replica.addr, pid = w.replica.pid, "replica ready");
-                w.send(EventKind::Ready(running));
-            }
-            Err(reason) => {
-                w.send(EventKind::Exited {
-                    reason,
-                    restarting: false,
-                });
-                return;
-            }
-        }
-    }
-    let mut last_answer = Instant::now();
-    let mut hung = false;
-    loop {
-        tokio::select! {
-            reason = process::exited(&mut exit) => {
-                w.send(EventKind::Exited { reason, restarting: false });
-                return;
-            }
-            _ = tokio::time::sleep(w.liveness.interval) => {}
-        }
-        let answered = tokio::select! {
-            reason = process::exited(&mut exit) => {
-                w.send(EventKind::Exited { reason, restarting: false });
-                return;
-            }
-            r = admin::flow_state(w.replica.addr, &w.replica.secret, w.liveness.hang_after) => r.is_ok(),
-        };
-        if answered {
-            last_answer = Instant::now();
-            hung = false;
-        } else if !hung && last_answer.elapsed() >= w.liveness.hang_after {
-            hung = true;
-            let silent_ms = last_answer.elapsed().as_millis() as u64;
-            w.send(EventKind::Hung { silent_ms });
-        }
-    }
-}
-
-/// Waits until a starting replica answers with its flows in the state asked for; kills it when
-/// the deadline passes.
-async fn ready(
-    w: &Watcher,
-    boot: &Boot,
-    exit: &mut watch::Receiver<Option<ExitReason>>,
-) -> Result<(), ExitReason> {
-    loop {
-        let ended = exit.borrow().clone();
-        if let Some(reason) = ended {
-            // Let the tailer read the last lines before quoting them.
-            tokio::time::sleep(Duration::from_millis(150)).await;
-            return Err(ExitReason::StartFailed(format!(
-                "{reason}: {}",
-                boot.seen.tail()
-            )));
-        }
-        // Ready means the flows are in the state asked for: right after the port opens,
-        // Node-RED can still report the state it had before it applied the stored one.
-        let why = match admin::flow_state(w.replica.addr, &w.replica.secret, Duration::from_secs(5))
-            .await
-        {
-            Ok(state)
-                if admin::state_matches(&state, boot.start_stopped)
-                    && (boot.start_stopped || boot.seen.flows_started.load(Ordering::Relaxed)) =>
-            {
-                return Ok(())
-            }
-            Ok(state) => format!("flows are in state {state:?}"),
-            Err(e) => e,
-        };
-        if Instant::now() >= boot.deadline {
-            process::signal_group(w.replica.pid, Signal::KILL);
-            return Err(ExitReason::StartFailed(format!(
-                "not ready in time ({why}); killed"
-            )));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = exit.changed() => {}
-        }
     }
 }
 

@@ -49,6 +49,8 @@ pub(crate) struct ReplicaView {
     pub last_exit: Option<String>,
     pub since: i64,
     pub isolation: Option<Isolation>,
+    /// Its flows run (or may: asked to start and not known stopped).
+    pub flows: bool,
 }
 
 /// Every instance's view, and where routes go.
@@ -242,7 +244,9 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
         .iter()
         .filter_map(|(slot, r)| {
             let serving = match r.phase {
-                ReplicaPhase::Running if !o.standby || o.active == Some(*slot) => Serving::Ready,
+                // A replica whose flows are stopped answers 404 on its flows' routes.
+                ReplicaPhase::Running if o.standby && o.active == Some(*slot) => Serving::Ready,
+                ReplicaPhase::Running if !o.standby && r.flows => Serving::Ready,
                 ReplicaPhase::Draining => Serving::Draining,
                 _ if o.standby => return None,
                 _ => Serving::Unready,

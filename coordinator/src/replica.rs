@@ -115,8 +115,18 @@ impl fmt::Display for ExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Code(code) => write!(f, "exit status: {code}"),
-            Self::Signal(9) => f.write_str("killed (signal 9)"),
-            Self::Signal(s) => write!(f, "ended by signal {s}"),
+            Self::Signal(s) => {
+                let name = match s {
+                    1 => " (SIGHUP)",
+                    2 => " (SIGINT)",
+                    6 => " (SIGABRT)",
+                    9 => " (SIGKILL)",
+                    11 => " (SIGSEGV)",
+                    15 => " (SIGTERM)",
+                    _ => "",
+                };
+                write!(f, "signal: {s}{name}")
+            }
             Self::Hung { silent_ms } => write!(
                 f,
                 "hung: its admin API did not answer for {silent_ms} ms; fenced"

@@ -589,6 +589,7 @@ impl<I: InstanceDriver> Worker<I> {
                             last_exit: s.last_exit.clone(),
                             since: s.since,
                             isolation: s.running.as_ref().map(|r| r.isolation),
+                            flows: s.flows_on,
                         },
                     )
                 })

@@ -50,11 +50,7 @@ struct Broker {
 
 impl Broker {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = tandem_proxy::net::free_port().unwrap();
         let dir = std::env::temp_dir().join(format!("tandem-mqtt-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(

@@ -285,12 +285,11 @@ pub(crate) async fn view(
                 HaMode::Balanced
             },
         }),
-        desired_state: r
-            .get::<String, _>(10)
-            .parse()
-            .map_err(|e: tandem_coordinator::spec::UnknownState| {
+        desired_state: r.get::<String, _>(10).parse().map_err(
+            |e: tandem_coordinator::spec::UnknownState| {
                 ApiError::Internal(anyhow::anyhow!("instance {}: {e}", r.get::<String, _>(0)))
-            })?,
+            },
+        )?,
         created_at: r.get(11),
         updated_at: r.get(12),
     })

@@ -60,7 +60,11 @@ async fn a_bad_exclusion_of_one_instance_leaves_every_other_listener_working() {
             .unwrap();
     for d in &list {
         let name = &d.process.instance;
-        assert_eq!(d.mqtt_urls.keys().copied().collect::<Vec<_>>(), [0, 1], "{name}");
+        assert_eq!(
+            d.mqtt_urls.keys().copied().collect::<Vec<_>>(),
+            [0, 1],
+            "{name}"
+        );
         for (slot, url) in &d.mqtt_urls {
             assert_eq!(
                 *url,

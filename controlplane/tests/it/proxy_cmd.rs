@@ -314,13 +314,7 @@ async fn the_earlier_admin_listen_names_still_place_the_metrics_listener() {
     let a = upstream("a").await;
     let (_dir, path) = temp_routes();
     std::fs::write(&path, routes(&[("orders", a)])).unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string()
-    };
+    let free = || format!("127.0.0.1:{}", tandem_proxy::net::free_port().unwrap());
     let (flag, env, both, loser) = (free(), free(), free(), free());
     for (args, envs, want) in [
         (vec!["--admin-listen", flag.as_str()], vec![], &flag),

@@ -165,7 +165,9 @@ async fn scaling_touches_only_the_difference() {
     d.replicas = 5;
     w.coordinator.apply(vec![d.clone()]);
     w.fake
-        .until("five starts", |c| count(c, |c| matches!(c, Call::Start(..))) == 5)
+        .until("five starts", |c| {
+            count(c, |c| matches!(c, Call::Start(..))) == 5
+        })
         .await;
     w.status_is("id-scale", InstanceState::Running).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -346,8 +348,14 @@ async fn adopted_replicas_keep_one_active_and_stale_ones_are_replaced() {
     let calls = w.fake.calls();
     // The first found running its flows stayed active until it was replaced; the other one
     // was told to stop its flows, and took over only once r0 was gone.
-    assert!(calls.contains(&Call::SetFlows(r("ad", 1), FlowState::Stopped)), "{calls:#?}");
-    assert!(calls.contains(&Call::SetFlows(r("ad", 1), FlowState::Started)), "{calls:#?}");
+    assert!(
+        calls.contains(&Call::SetFlows(r("ad", 1), FlowState::Stopped)),
+        "{calls:#?}"
+    );
+    assert!(
+        calls.contains(&Call::SetFlows(r("ad", 1), FlowState::Started)),
+        "{calls:#?}"
+    );
     assert_eq!(w.fake.running_flows("ad"), [1]);
     assert_eq!(w.plane.ready("ad"), [1]);
     assert_eq!(starts(&calls, &r("ad", 1)), 1, "the current one is kept");

@@ -44,10 +44,7 @@ fn mosquitto_bin() -> &'static str {
 
 impl Broker {
     pub async fn start() -> Self {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = tandem_proxy::net::free_port().unwrap();
         let dir = std::env::temp_dir().join(format!(
             "tandem-mqtt-{}-{}",
             std::process::id(),
@@ -899,12 +896,8 @@ async fn mqtt_listeners_follow_the_routes_file() {
     let dir = std::env::temp_dir().join(format!("tandem-mqtt-routes-{}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("routes.toml");
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
+    let free =
+        || std::net::SocketAddr::from(([127, 0, 0, 1], tandem_proxy::net::free_port().unwrap()));
     let (l0, l1) = (free(), free());
     let file = |listeners: &str| {
         format!(
@@ -1033,11 +1026,7 @@ async fn mqtt_tls_to_the_broker_checks_its_certificate() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     certificates(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = tandem_proxy::net::free_port().unwrap();
     std::fs::write(
         dir.join("mosquitto.conf"),
         format!(

@@ -359,8 +359,7 @@ pub fn instance(name: &str, replicas: &[SocketAddr]) -> InstanceSpec {
 
 /// A port on which nothing listens.
 pub fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], tandem_proxy::net::free_port().unwrap()))
 }
 
 /// A response read to its end.

@@ -19,11 +19,7 @@ pub fn stacks_dir() -> PathBuf {
 
 /// A port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    tandem_proxy::net::free_port().unwrap()
 }
 
 /// A response.

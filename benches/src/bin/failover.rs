@@ -1,0 +1,430 @@
+//! Failover benchmark (`failover` binary): how long an HA instance of `tandem serve` serves
+//! errors when a replica hangs (SIGSTOP) or dies (SIGKILL) under a steady stream of requests.
+//!
+//! Usage: `cargo run --release -p tandem-benches --bin failover -- <tandem binary> [rounds]`
+//! (`benches/failover.sh` builds tandem and runs it). Stacks are shared with the tests
+//! (`TANDEM_TEST_STACKS`, default `<tmp>/tandem-test-stacks`).
+//!
+//! Scenarios, each `rounds` times (default 3), medians printed with every round's numbers:
+//! - standby, SIGSTOP of the active: time from the stop to the first 200 from the new active,
+//!   and the requests that failed meanwhile;
+//! - standby, SIGKILL of the active: the same;
+//! - balanced (2 replicas), SIGSTOP of one: time until it is out of rotation (its status leaves
+//!   `running`, published to the proxy at the same moment), and the requests that failed.
+//!
+//! The load is 4 workers, each sending `GET /hello` one at a time through Tandem's proxy, with a
+//! 5 s deadline per request.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Answer {
+    status: u16,
+    replica: Option<String>,
+    body: Bytes,
+}
+
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Result<Answer, Error> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(b.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let res = sender.send_request(req.body(Full::new(body))?).await?;
+    let status = res.status().as_u16();
+    let replica = res
+        .headers()
+        .get("x-tandem-replica")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = res.into_body().collect().await?.to_bytes();
+    Ok(Answer {
+        status,
+        replica,
+        body,
+    })
+}
+
+fn free_port() -> Result<SocketAddr, Error> {
+    Ok(SocketAddr::from((
+        [127, 0, 0, 1],
+        tandem_proxy::net::free_port()?,
+    )))
+}
+
+struct Tandem {
+    api: SocketAddr,
+    http: SocketAddr,
+    token: String,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Tandem {
+    async fn start(bin: &str) -> Result<Self, Error> {
+        let dir = std::env::temp_dir().join(format!("tandem-failover-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let stacks = std::env::var_os("TANDEM_TEST_STACKS")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("tandem-test-stacks"));
+        let (api, http, metrics) = (free_port()?, free_port()?, free_port()?);
+        let log = std::fs::File::create(dir.join("tandem.log"))?;
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--stacks-dir")
+            .arg(&stacks)
+            .args(["--api-listen", &api.to_string()])
+            .args(["--http-listen", &http.to_string()])
+            .args(["--metrics-listen", &metrics.to_string()])
+            .args(["--stop-replicas-on-exit", "true"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(call(api, "GET", "api", "/healthz", None, None).await, Ok(a) if a.status == 200)
+        {
+            if Instant::now() > deadline {
+                return Err("tandem serve did not start".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let token = std::fs::read_to_string(dir.join("admin-token"))?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            api,
+            http,
+            token,
+            child,
+            dir,
+        })
+    }
+
+    async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Error> {
+        let a = call(
+            self.api,
+            method,
+            "api",
+            path,
+            Some(&self.token),
+            body.as_ref(),
+        )
+        .await?;
+        if a.status >= 300 {
+            return Err(format!(
+                "{method} {path}: {} {}",
+                a.status,
+                String::from_utf8_lossy(&a.body)
+            )
+            .into());
+        }
+        Ok(serde_json::from_slice(&a.body).unwrap_or(Value::Null))
+    }
+
+    async fn status(&self, id: &str) -> Result<Value, Error> {
+        self.api("GET", &format!("/api/v1/instances/{id}/status"), None)
+            .await
+    }
+
+    async fn wait(
+        &self,
+        id: &str,
+        what: &str,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Result<Value, Error> {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let s = self.status(id).await?;
+            if ok(&s) {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{id} never {what}: {s}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Tandem {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Requests that failed, and which replica answered last, from 4 workers.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failed: Arc<AtomicU64>,
+    ok: Arc<AtomicU64>,
+    last: Arc<Mutex<Option<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(http: SocketAddr, host: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicU64::new(0));
+        let ok = Arc::new(AtomicU64::new(0));
+        let last = Arc::new(Mutex::new(None));
+        let tasks = (0..4)
+            .map(|_| {
+                let (stop, failed, ok, last, host) = (
+                    stop.clone(),
+                    failed.clone(),
+                    ok.clone(),
+                    last.clone(),
+                    host.clone(),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let get = call(http, "GET", &host, "/hello", None, None);
+                        match tokio::time::timeout(Duration::from_secs(5), get).await {
+                            Ok(Ok(a)) if a.status == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                if let Ok(mut l) = last.lock() {
+                                    *l = a.replica;
+                                }
+                            }
+                            _ => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            failed,
+            ok,
+            last,
+            tasks,
+        }
+    }
+
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn signal(pid: u64, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn flows() -> Value {
+    json!([
+        { "id": "t1", "type": "tab", "label": "Hello" },
+        { "id": "in", "type": "http in", "z": "t1", "url": "/hello", "method": "get", "wires": [["out"]] },
+        { "id": "out", "type": "http response", "z": "t1", "statusCode": "", "headers": {}, "wires": [] }
+    ])
+}
+
+fn actives(s: &Value) -> Vec<u64> {
+    s["replicas"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter(|r| r["active"] == true)
+                .filter_map(|r| r["slot"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One standby takeover: `sig` to the active; time to the first 200 from another replica, and
+/// the requests that failed until the instance is whole again.
+async fn standby_round(
+    t: &Tandem,
+    id: &str,
+    name: &str,
+    sig: &str,
+) -> Result<(Duration, u64), Error> {
+    let s = t
+        .wait(id, "had one active of 2", |s| {
+            s["summary"] == "running 2/2" && actives(s).len() == 1
+        })
+        .await?;
+    let active = actives(&s)[0];
+    let pid = s["replicas"][active as usize]["pid"].as_u64().unwrap_or(0);
+    let old = format!("{name}-r{active}");
+    let load = Load::start(t.http, format!("{name}.localhost"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = load.failed.load(Ordering::Relaxed);
+    signal(pid, sig);
+    let start = Instant::now();
+    let took = loop {
+        let last = load.last.lock().ok().and_then(|l| l.clone());
+        if last.is_some_and(|r| r != old) {
+            break start.elapsed();
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err(format!("no takeover: {}", t.status(id).await?).into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    t.wait(id, "whole again", |s| {
+        s["summary"] == "running 2/2" && actives(s).len() == 1
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let failed = load.failed.load(Ordering::Relaxed) - before;
+    load.finish().await;
+    signal(pid, "-CONT");
+    Ok((took, failed))
+}
+
+/// One balanced hang: SIGSTOP of r1; time until it leaves the rotation, and the requests that
+/// failed until it is back.
+async fn balanced_round(t: &Tandem, id: &str, name: &str) -> Result<(Duration, u64), Error> {
+    let s = t
+        .wait(id, "ran 2/2", |s| s["summary"] == "running 2/2")
+        .await?;
+    let pid = s["replicas"][1]["pid"].as_u64().unwrap_or(0);
+    let restarts = s["replicas"][1]["restarts"].as_u64().unwrap_or(0);
+    let load = Load::start(t.http, format!("{name}.localhost"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = load.failed.load(Ordering::Relaxed);
+    signal(pid, "-STOP");
+    let start = Instant::now();
+    t.wait(id, "took r1 out", |s| {
+        s["replicas"][1]["state"] != "running"
+    })
+    .await?;
+    let took = start.elapsed();
+    t.wait(id, "brought r1 back", |s| {
+        s["summary"] == "running 2/2" && s["replicas"][1]["restarts"].as_u64() > Some(restarts)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let failed = load.failed.load(Ordering::Relaxed) - before;
+    let ok = load.ok.load(Ordering::Relaxed);
+    load.finish().await;
+    signal(pid, "-CONT");
+    println!("  balanced round: {ok} answered");
+    Ok((took, failed))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let mut args = std::env::args().skip(1);
+    let bin = args
+        .next()
+        .ok_or("usage: failover <tandem binary> [rounds]")?;
+    let rounds: usize = args.next().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let t = Tandem::start(&bin).await?;
+    let team = t
+        .api("POST", "/api/v1/teams", Some(json!({"name": "Bench"})))
+        .await?;
+    let app = t
+        .api(
+            "POST",
+            "/api/v1/applications",
+            Some(json!({"name": "app", "team_id": team["id"]})),
+        )
+        .await?;
+    let stacks = t.api("GET", "/api/v1/stacks", None).await?;
+    let stack = stacks["items"][0]["id"].clone();
+    let mut ids = Vec::new();
+    for (name, mode) in [("standby", "standby"), ("balanced", "balanced")] {
+        let i = t
+            .api(
+                "POST",
+                "/api/v1/instances",
+                Some(json!({
+                    "name": name, "application_id": app["id"], "stack_id": stack,
+                    "flows": flows(), "ha": {"replicas": 2, "mode": mode},
+                })),
+            )
+            .await?;
+        ids.push(i["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let mut table = Vec::new();
+    for (label, sig) in [
+        ("standby, SIGSTOP of the active", "-STOP"),
+        ("standby, SIGKILL of the active", "-KILL"),
+    ] {
+        let mut times = Vec::new();
+        let mut fails = Vec::new();
+        for _ in 0..rounds {
+            let (took, failed) = standby_round(&t, &ids[0], "standby", sig).await?;
+            println!("  {label}: first 200 from the new active after {took:?}, {failed} failed");
+            times.push(took);
+            fails.push(failed);
+        }
+        table.push((label, median(times), fails));
+    }
+    let mut times = Vec::new();
+    let mut fails = Vec::new();
+    for _ in 0..rounds {
+        let (took, failed) = balanced_round(&t, &ids[1], "balanced").await?;
+        println!("  balanced, SIGSTOP of r1: out of rotation after {took:?}, {failed} failed");
+        times.push(took);
+        fails.push(failed);
+    }
+    table.push((
+        "balanced, SIGSTOP of one replica (out of rotation)",
+        median(times),
+        fails,
+    ));
+    println!();
+    println!("| scenario | median time | failed requests per round | target |");
+    println!("|---|---|---|---|");
+    let targets = [
+        "< 2 s",
+        "< 200 ms",
+        "< 2 s, 0 failed beyond those in flight",
+    ];
+    for ((label, took, fails), target) in table.iter().zip(targets) {
+        println!("| {label} | {took:?} | {fails:?} | {target} |");
+    }
+    Ok(())
+}
