@@ -202,7 +202,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let coordinator = Coordinator::new(
         Arc::new(driver),
-        Arc::new(routes.clone()),
+        Arc::new(tandem_coordinator::dataplane::InProcess(routes.clone())),
         Arc::new(LogBook::default()),
         CoordinatorConfig {
             policy: RestartPolicy {

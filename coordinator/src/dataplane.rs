@@ -1,10 +1,11 @@
 //! The seam between the coordinator and the proxies that carry instances' traffic: the
 //! coordinator publishes routes and replica states, and asks when a replica it takes out of
 //! rotation has no request in flight. It never reads a proxy's tables or counters itself, so a
-//! proxy can run in this process ([`tandem_proxy::Routes`]) or, later, in another one.
+//! proxy can run in this process ([`InProcess`]) or, later, in another one.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_proxy::routes::{InstanceSpec, ReplicaSpec};
@@ -61,8 +62,11 @@ pub trait DataPlane: Send + Sync + 'static {
     fn drained(&self, replica: &ReplicaId) -> Pending;
 }
 
-/// The proxy of this process.
-impl DataPlane for std::sync::Arc<Routes> {
+/// The proxy of this process (`tandem serve`): its route table.
+#[derive(Debug, Clone)]
+pub struct InProcess(pub Arc<Routes>);
+
+impl DataPlane for InProcess {
     fn publish(&self, instances: &[InstanceRoutes]) {
         let specs: Vec<InstanceSpec> = instances
             .iter()
@@ -84,13 +88,13 @@ impl DataPlane for std::sync::Arc<Routes> {
                 health: Some(HealthConfig::default()),
             })
             .collect();
-        if let Err(e) = Routes::publish(self, &specs) {
+        if let Err(e) = self.0.publish(&specs) {
             tracing::error!(error = %e, "cannot publish the route table");
         }
     }
 
     fn drained(&self, replica: &ReplicaId) -> Pending {
-        let routes = self.clone();
+        let routes = self.0.clone();
         let (name, id) = (replica.instance.clone(), replica.to_string());
         Box::pin(async move {
             loop {

@@ -145,19 +145,20 @@ impl LocalDriver {
         Ok(dir.join("node_modules/node/bin/node"))
     }
 
+    /// Everything the driver keeps of an instance: its replicas' userDirs and logs.
+    pub fn instance_dir(&self, instance: &str) -> PathBuf {
+        self.data_dir.join("instances").join(instance)
+    }
+
     /// The userDir of a replica.
     pub fn user_dir(&self, id: &ReplicaId) -> PathBuf {
-        self.data_dir
-            .join("instances")
-            .join(&id.instance)
+        self.instance_dir(&id.instance)
             .join(format!("r{}", id.slot))
     }
 
     /// The output file of a replica.
     pub fn log_file(&self, id: &ReplicaId) -> PathBuf {
-        self.data_dir
-            .join("instances")
-            .join(&id.instance)
+        self.instance_dir(&id.instance)
             .join("logs")
             .join(format!("r{}.log", id.slot))
     }
@@ -210,6 +211,8 @@ pub struct LocalInstance {
 /// A replica process this driver started or adopted.
 #[derive(Debug, Clone)]
 struct Replica {
+    /// The run it was started or adopted for.
+    run: u64,
     pid: u32,
     addr: SocketAddr,
     secret: String,
@@ -240,6 +243,7 @@ impl LocalInstance {
     async fn adopt(
         &self,
         id: &ReplicaId,
+        run: u64,
         spec: &ProcessSpec,
         flows: &Flows,
         dir: &Path,
@@ -266,6 +270,7 @@ impl LocalInstance {
         let stale = record.spec != spec_hash(spec, id.slot, sandboxed)
             && record.spec != legacy_spec_hash(spec, id.slot, &flows.value, sandboxed);
         let replica = Replica {
+            run,
             pid: record.pid,
             addr,
             secret: spec.admin_secret.clone(),
@@ -449,7 +454,7 @@ impl InstanceDriver for LocalInstance {
                 .await
                 .map_err(DriverError::io(format!("cannot create {}", d.display())))?;
         }
-        if let Some((replica, running)) = self.adopt(&id, spec, flows, &dir).await {
+        if let Some((replica, running)) = self.adopt(&id, run, spec, flows, &dir).await {
             // Replay the end of the file (its last 64 KiB, from a line start) so the log is not
             // empty after Tandem's restart.
             let from = tail::replay_start(&log_path, 64 << 10).await;
@@ -504,6 +509,7 @@ impl InstanceDriver for LocalInstance {
             .note("info", format!("starting replica {id} (pid {pid})"));
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let replica = Replica {
+            run,
             pid,
             addr,
             secret: spec.admin_secret.clone(),
@@ -569,7 +575,10 @@ impl InstanceDriver for LocalInstance {
         r.ending.store(true, Ordering::Relaxed);
         // SIGKILL ends a process even while it is stopped (SIGSTOP) or blocked.
         process::signal_group(r.pid, Signal::KILL);
-        self.gone(slot, r).await
+        let run = r.run;
+        self.gone(slot, r).await?;
+        self.send(slot, run, EventKind::Fenced);
+        Ok(())
     }
 
     async fn deploy(&self, slot: u32, flows: &Flows) -> Result<(), DriverError> {
@@ -615,7 +624,7 @@ impl InstanceDriver for LocalInstance {
     }
 
     async fn remove(&self) -> Result<(), DriverError> {
-        let dir = self.driver.data_dir.join("instances").join(&self.name);
+        let dir = self.driver.instance_dir(&self.name);
         match tokio::fs::remove_dir_all(&dir).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DriverError::Io {
                 context: format!("cannot remove {}", dir.display()),

@@ -111,7 +111,7 @@ impl ObservedStatus {
     }
 }
 
-/// The control plane's handle on the coordinator. [`crate::reconcile::Coordinator`] implements
+/// The control plane's handle on the coordinator. [`crate::Coordinator`] implements
 /// it; a control plane without one uses [`NotObserved`].
 pub trait Coordination: Send + Sync + 'static {
     /// The observed state of `instance_id`.

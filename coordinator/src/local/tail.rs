@@ -26,6 +26,7 @@ pub(crate) async fn tail(
 ) {
     let mut t = Tail {
         offset,
+        start: offset,
         partial: Vec::new(),
         src,
         log,
@@ -47,17 +48,8 @@ pub(crate) async fn tail(
                 .await
             {
                 t.read(&mut f).await;
-                if t.offset > max_bytes {
-                    // Keep one old file. The writer appends (O_APPEND), so after the truncation
-                    // it goes on at the new end. Lines written between the last read and the
-                    // truncation are read first; the window left is the copy itself.
-                    let old = path.with_extension("log.1");
-                    if tokio::fs::copy(&path, &old).await.is_ok() {
-                        t.read(&mut f).await;
-                        if f.set_len(0).await.is_ok() {
-                            t.offset = 0;
-                        }
-                    }
+                if t.offset - t.start > max_bytes {
+                    rotate(&path, &mut f, &mut t).await;
                 }
             }
             if done {
@@ -73,6 +65,41 @@ pub(crate) async fn tail(
             }
         }
     });
+}
+
+/// Rotates a replica's output file once the tailer has read past the limit: what was read
+/// since the last rotation is copied to `<file>.1` (one old file kept), then freed in place by
+/// punching a hole over it. The writer appends (O_APPEND) and nothing is truncated, so no line
+/// written meanwhile is lost; the file's apparent size keeps growing, its disk use does not.
+/// Where holes are not supported, the file is copied and truncated instead, which can lose the
+/// lines written between the last read and the truncation.
+async fn rotate(path: &Path, f: &mut tokio::fs::File, t: &mut Tail) {
+    use std::os::fd::AsFd;
+    let old = path.with_extension("log.1");
+    let copied = async {
+        let mut src = tokio::fs::File::open(path).await?;
+        src.seek(std::io::SeekFrom::Start(t.start)).await?;
+        let mut dst = tokio::fs::File::create(&old).await?;
+        tokio::io::copy(&mut (&mut src).take(t.offset - t.start), &mut dst).await
+    };
+    if copied.await.is_err() {
+        return;
+    }
+    let punched = rustix::fs::fallocate(
+        f.as_fd(),
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        0,
+        t.offset,
+    );
+    if punched.is_ok() {
+        t.start = t.offset;
+        return;
+    }
+    t.read(f).await;
+    if f.set_len(0).await.is_ok() {
+        t.offset = 0;
+        t.start = 0;
+    }
 }
 
 /// The offset of the first line that starts in the last `window` bytes of `path`.
@@ -104,6 +131,8 @@ pub(crate) async fn replay_start(path: &Path, window: u64) -> u64 {
 /// Where a tailer is in a replica's output file.
 struct Tail {
     offset: u64,
+    /// Where the bytes not yet rotated out begin (what is before is a hole, or gone).
+    start: u64,
     partial: Vec<u8>,
     src: String,
     log: Arc<InstanceLog>,
@@ -117,6 +146,7 @@ impl Tail {
         if len < self.offset {
             // Truncated under us: start over.
             self.offset = 0;
+            self.start = 0;
             self.partial.clear();
         }
         if len <= self.offset || f.seek(std::io::SeekFrom::Start(self.offset)).await.is_err() {
