@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::dataplane::DataPlane;
+use crate::dataplane::{DataPlane, Verdict};
 use crate::driver::{Driver, InstanceDriver};
 use crate::logs::LogBook;
 use crate::observed::Observed;
@@ -63,6 +63,8 @@ struct WorkerHandle {
     /// The instance's name: its replica ids and directories.
     name: String,
     want: watch::Sender<Want>,
+    /// The data plane's verdicts on the instance's replicas.
+    verdicts: mpsc::UnboundedSender<Verdict>,
     task: JoinHandle<()>,
 }
 
@@ -74,7 +76,9 @@ impl<D: Driver> Coordinator<D> {
         logs: Arc<LogBook>,
         config: CoordinatorConfig,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let (verdicts, mut from_plane) = mpsc::unbounded_channel();
+        plane.verdicts(verdicts);
+        let this = Arc::new(Self {
             driver,
             logs,
             config,
@@ -83,7 +87,26 @@ impl<D: Driver> Coordinator<D> {
             ending: Arc::default(),
             changed: Arc::new(Notify::new()),
             shutting_down: AtomicBool::new(false),
-        })
+        });
+        // Each verdict goes to the worker of its instance.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&this);
+            rt.spawn(async move {
+                while let Some(v) = from_plane.recv().await {
+                    let Some(this) = weak.upgrade() else { return };
+                    let to = this.workers.lock().ok().and_then(|workers| {
+                        workers
+                            .values()
+                            .find(|w| w.name == v.replica.instance)
+                            .map(|w| w.verdicts.clone())
+                    });
+                    if let Some(to) = to {
+                        let _ = to.send(v);
+                    }
+                }
+            });
+        }
+        this
     }
 
     /// Makes `desired` the whole desired state: instances not in it are stopped and their data
@@ -144,12 +167,14 @@ impl<D: Driver> Coordinator<D> {
                         restart: 0,
                         retry: 0,
                     });
-                    let task = tokio::spawn(self.clone().run_instance(id.clone(), rx));
+                    let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
+                    let task = tokio::spawn(self.clone().run_instance(id.clone(), rx, verdicts_rx));
                     workers.insert(
                         id,
                         WorkerHandle {
                             name,
                             want: tx,
+                            verdicts,
                             task,
                         },
                     );
@@ -192,7 +217,12 @@ impl<D: Driver> Coordinator<D> {
         }
     }
 
-    async fn run_instance(self: Arc<Self>, id: String, want: watch::Receiver<Want>) {
+    async fn run_instance(
+        self: Arc<Self>,
+        id: String,
+        want: watch::Receiver<Want>,
+        verdicts: mpsc::UnboundedReceiver<Verdict>,
+    ) {
         let log = self.logs.instance(&id);
         let first = want.borrow().clone();
         let name = first.desired.process.instance.clone();
@@ -211,7 +241,7 @@ impl<D: Driver> Coordinator<D> {
             timings,
             first,
         )
-        .run(want, events)
+        .run(want, events, verdicts)
         .await;
         // The instance is gone from the desired state (deleted), or Tandem stops everything.
         let deleted = !self.shutting_down.load(Ordering::Relaxed)

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tandem_proxy::routes::{InstanceSpec, ReplicaSpec};
 use tandem_proxy::{HealthConfig, Routes};
+use tokio::sync::{broadcast, mpsc};
 
 use crate::replica::ReplicaId;
 
@@ -53,6 +54,19 @@ pub struct InstanceRoutes {
 /// A future the data plane resolves.
 pub type Pending = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// A proxy took a replica out of rotation (its probes failed, or a connect to it failed), or put
+/// it back. The coordinator checks a replica the proxy gives up on at once, rather than at its
+/// next liveness check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The replica.
+    pub replica: ReplicaId,
+    /// Back in rotation (true) or out (false).
+    pub healthy: bool,
+    /// What failed.
+    pub reason: String,
+}
+
 /// Where the coordinator publishes routes.
 pub trait DataPlane: Send + Sync + 'static {
     /// Replaces the whole table. An instance with no replica stays, so its host answers 503
@@ -60,6 +74,8 @@ pub trait DataPlane: Send + Sync + 'static {
     fn publish(&self, instances: &[InstanceRoutes]);
     /// Resolves once no request is in flight to `replica` (published as draining or removed).
     fn drained(&self, replica: &ReplicaId) -> Pending;
+    /// Sends the proxies' verdicts on replicas to `to` from now on.
+    fn verdicts(&self, to: mpsc::UnboundedSender<Verdict>);
 }
 
 /// The proxy of this process (`tandem serve`): its route table.
@@ -91,6 +107,37 @@ impl DataPlane for InProcess {
         if let Err(e) = self.0.publish(&specs) {
             tracing::error!(error = %e, "cannot publish the route table");
         }
+    }
+
+    fn verdicts(&self, to: mpsc::UnboundedSender<Verdict>) {
+        let mut from = self.0.verdicts();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            loop {
+                let v = match from.recv().await {
+                    Ok(v) => v,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                // Replicas of routes this coordinator did not publish have other ids.
+                let Some(replica) = ReplicaId::parse(&v.replica) else {
+                    continue;
+                };
+                if replica.instance != *v.instance {
+                    continue;
+                }
+                let verdict = Verdict {
+                    replica,
+                    healthy: v.healthy,
+                    reason: v.reason,
+                };
+                if to.send(verdict).is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     fn drained(&self, replica: &ReplicaId) -> Pending {

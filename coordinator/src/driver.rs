@@ -197,6 +197,10 @@ pub trait InstanceDriver: Send + Sync + 'static {
     /// resolves once it serves and runs nothing any more; [`EventKind::Fenced`] follows.
     fn fence(&self, slot: u32) -> impl Future<Output = Result<(), DriverError>> + Send;
 
+    /// Checks once, now, that the replica in `slot` answers (the check the driver otherwise
+    /// makes every [`Liveness::interval`]): for a replica a proxy has given up on.
+    fn check(&self, slot: u32) -> impl Future<Output = Result<(), DriverError>> + Send;
+
     /// Deploys `flows` to the running replica in `slot` (a full deploy; a replica whose flows are
     /// stopped keeps them stopped).
     fn deploy(

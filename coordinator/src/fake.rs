@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::dataplane::{DataPlane, InstanceRoutes, Pending, Serving};
+use crate::dataplane::{DataPlane, InstanceRoutes, Pending, Serving, Verdict};
 use crate::driver::{Driver, DriverError, Event, EventKind, InstanceDriver, Isolation, Running};
 use crate::logs::InstanceLog;
 use crate::replica::{ExitReason, FlowState, ReplicaId};
@@ -27,6 +27,8 @@ pub enum Call {
     Stop(ReplicaId),
     /// `fence`.
     Fence(ReplicaId),
+    /// `check`.
+    Check(ReplicaId),
     /// `deploy`, with the flows' revision.
     Deploy(ReplicaId, String),
     /// `set_flows`.
@@ -57,6 +59,8 @@ struct State {
     adoptable: HashMap<ReplicaId, (FlowState, bool)>,
     /// Broken invariants, described.
     violations: Vec<String>,
+    /// Replicas whose `check` fails.
+    unanswering: std::collections::HashSet<ReplicaId>,
 }
 
 /// A driver that runs nothing. See the module docs.
@@ -88,6 +92,17 @@ impl FakeDriver {
     /// started for another spec when `stale`.
     pub fn adoptable(&self, id: ReplicaId, flows: FlowState, stale: bool) {
         self.with(|s| s.adoptable.insert(id, (flows, stale)));
+    }
+
+    /// `check` of `id` fails from now on (or answers again, when `answers`).
+    pub fn answers(&self, id: ReplicaId, answers: bool) {
+        self.with(|s| {
+            if answers {
+                s.unanswering.remove(&id);
+            } else {
+                s.unanswering.insert(id);
+            }
+        });
     }
 
     /// Every call so far.
@@ -302,6 +317,20 @@ impl InstanceDriver for FakeInstance {
         Ok(())
     }
 
+    async fn check(&self, slot: u32) -> Result<(), DriverError> {
+        let id = self.id(slot);
+        self.fake.with(|s| {
+            s.calls.push(Call::Check(id.clone()));
+            if s.unanswering.contains(&id) {
+                return Err(DriverError::Admin {
+                    id,
+                    reason: "no answer".into(),
+                });
+            }
+            Ok(())
+        })
+    }
+
     async fn deploy(&self, slot: u32, flows: &Flows) -> Result<(), DriverError> {
         let id = self.id(slot);
         self.fake
@@ -356,6 +385,7 @@ impl InstanceDriver for FakeInstance {
 pub struct FakePlane {
     tables: Arc<Mutex<Vec<Vec<InstanceRoutes>>>>,
     busy: Arc<Mutex<HashMap<ReplicaId, Arc<Notify>>>>,
+    verdicts: Arc<Mutex<Vec<mpsc::UnboundedSender<Verdict>>>>,
 }
 
 impl FakePlane {
@@ -384,6 +414,19 @@ impl FakePlane {
             .unwrap_or_default()
     }
 
+    /// A proxy's verdict on `id`, sent to the coordinator.
+    pub fn verdict(&self, id: ReplicaId, healthy: bool, reason: &str) {
+        if let Ok(to) = self.verdicts.lock() {
+            for tx in to.iter() {
+                let _ = tx.send(Verdict {
+                    replica: id.clone(),
+                    healthy,
+                    reason: reason.into(),
+                });
+            }
+        }
+    }
+
     /// `id` has a request in flight until the returned notify is notified.
     pub fn hold(&self, id: ReplicaId) -> Arc<Notify> {
         let n = Arc::new(Notify::new());
@@ -398,6 +441,12 @@ impl DataPlane for FakePlane {
     fn publish(&self, instances: &[InstanceRoutes]) {
         if let Ok(mut t) = self.tables.lock() {
             t.push(instances.to_vec());
+        }
+    }
+
+    fn verdicts(&self, to: mpsc::UnboundedSender<Verdict>) {
+        if let Ok(mut v) = self.verdicts.lock() {
+            v.push(to);
         }
     }
 

@@ -581,6 +581,17 @@ impl InstanceDriver for LocalInstance {
         Ok(())
     }
 
+    async fn check(&self, slot: u32) -> Result<(), DriverError> {
+        let r = self.replica(slot)?;
+        admin::flow_state(r.addr, &r.secret, self.driver.liveness.hang_after)
+            .await
+            .map(drop)
+            .map_err(|reason| DriverError::Admin {
+                id: self.id(slot),
+                reason,
+            })
+    }
+
     async fn deploy(&self, slot: u32, flows: &Flows) -> Result<(), DriverError> {
         let r = self.replica(slot)?;
         admin::expect(

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::dataplane::Verdict;
 use crate::driver::{DriverError, Event, EventKind, InstanceDriver, Running};
 use crate::logs::{now_ms, InstanceLog};
 use crate::observed::{InstanceView, Observed, Phase, ReplicaView};
@@ -170,6 +171,8 @@ enum Op {
     Fence(u32),
     SetFlows(u32, FlowState),
     Deploy(u32, Flows),
+    /// A proxy gave up on the replica, for this reason.
+    Check(u32, String),
 }
 
 /// A driver call that finished.
@@ -181,6 +184,7 @@ enum Done {
     Fence(u32, u64, Result<(), DriverError>),
     SetFlows(u32, u64, FlowState, Result<(), DriverError>),
     Deploy(u32, u64, String, Result<(), DriverError>),
+    Check(u32, u64, String, Result<(), DriverError>),
 }
 
 /// The worker of one instance.
@@ -235,6 +239,7 @@ impl<I: InstanceDriver> Worker<I> {
         mut self,
         mut want: watch::Receiver<Want>,
         mut events: mpsc::UnboundedReceiver<Event>,
+        mut verdicts: mpsc::UnboundedReceiver<Verdict>,
     ) {
         loop {
             self.step();
@@ -247,6 +252,7 @@ impl<I: InstanceDriver> Worker<I> {
             tokio::select! {
                 biased;
                 Some(event) = events.recv() => self.on_event(event),
+                Some(verdict) = verdicts.recv() => self.on_verdict(verdict),
                 Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
                     Ok(done) => self.on_done(done),
                     Err(e) => tracing::error!(instance = %self.name, error = %e, "a driver call failed to finish"),
@@ -640,6 +646,11 @@ impl<I: InstanceDriver> Worker<I> {
                     Done::SetFlows(slot, run, state, driver.set_flows(slot, state).await)
                 });
             }
+            Op::Check(slot, reason) => {
+                let run = self.slots.get(&slot).map_or(0, |s| s.run);
+                self.ops
+                    .spawn(async move { Done::Check(slot, run, reason, driver.check(slot).await) });
+            }
             Op::Deploy(slot, flows) => {
                 let run = self.slots.get(&slot).map_or(0, |s| s.run);
                 self.ops.spawn(async move {
@@ -725,6 +736,23 @@ impl<I: InstanceDriver> Worker<I> {
             .is_some_and(|a| !self.slots.get(&a).is_some_and(|s| s.flows_on))
         {
             self.active = None;
+        }
+    }
+
+    /// A proxy took a replica out of its rotation: check it at once rather than at the driver's
+    /// next liveness check. The proxy's own probe of a flow's route can fail while the replica
+    /// is fine (a flow answering 500), so the verdict alone fences nothing.
+    fn on_verdict(&mut self, verdict: Verdict) {
+        if verdict.healthy || verdict.replica.instance != self.name {
+            return;
+        }
+        let slot = verdict.replica.slot;
+        let Some(s) = self.slots.get_mut(&slot) else {
+            return;
+        };
+        if s.phase == ReplicaPhase::Running && !s.busy {
+            s.busy = true;
+            self.pending.push(Op::Check(slot, verdict.reason));
         }
     }
 
@@ -873,6 +901,30 @@ impl<I: InstanceDriver> Worker<I> {
                             ),
                         );
                         s.hold_until = Some(now + retry_after);
+                    }
+                }
+            }
+            Done::Check(slot, run, reason, result) => {
+                let id = self.id_of(slot);
+                let Some(s) = self.slots.get_mut(&slot) else {
+                    return;
+                };
+                s.busy = false;
+                if s.run != run || s.phase != ReplicaPhase::Running {
+                    return;
+                }
+                match result {
+                    Ok(()) => self.log.note(
+                        "info",
+                        format!("the proxy took {id} out of rotation ({reason}); its admin API answers, so it is kept"),
+                    ),
+                    Err(e) => {
+                        tracing::warn!(replica = %id, %reason, error = %e, "replica hung by the proxy's verdict and a check; fencing it");
+                        self.log.note(
+                            "warn",
+                            format!("the proxy took {id} out of rotation ({reason}) and its admin API does not answer ({e}); fencing it"),
+                        );
+                        s.set_phase(ReplicaPhase::Hung);
                     }
                 }
             }

@@ -93,6 +93,38 @@ impl EjectionPolicy {
     }
 }
 
+/// A change in a replica's health as the proxy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The instance's name.
+    pub instance: Arc<str>,
+    /// The replica's id.
+    pub replica: Arc<str>,
+    /// Passed its probes again (true), or failed them or a connect (false).
+    pub healthy: bool,
+    /// What failed, for logs.
+    pub reason: String,
+}
+
+/// Where verdicts go: one channel per [`crate::Routes`], shared by its replicas.
+#[derive(Debug, Clone)]
+pub(crate) struct VerdictFeed(tokio::sync::broadcast::Sender<Verdict>);
+
+impl VerdictFeed {
+    pub(crate) fn new() -> Self {
+        Self(tokio::sync::broadcast::channel(256).0)
+    }
+
+    pub(crate) fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Verdict> {
+        self.0.subscribe()
+    }
+
+    /// Sends a verdict; nobody listening is fine.
+    pub(crate) fn send(&self, verdict: Verdict) {
+        let _ = self.0.send(verdict);
+    }
+}
+
 /// Everything the proxy knows about one replica, shared across route tables.
 #[derive(Debug)]
 pub struct ReplicaState {
@@ -104,11 +136,13 @@ pub struct ReplicaState {
     pub(crate) stats: ReplicaStats,
     probe_config: ArcSwapOption<HealthConfig>,
     probing: AtomicBool,
+    pub(crate) verdicts: VerdictFeed,
 }
 
 impl ReplicaState {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(verdicts: VerdictFeed) -> Self {
         Self {
+            verdicts,
             ready: AtomicBool::new(false),
             health: Health::new(),
             in_flight: AtomicUsize::new(0),
@@ -328,16 +362,24 @@ async fn probe_loop(
         let current = s.health.probed_healthy();
         if let Some(verdict) = counter.record(ok, current, &cfg) {
             s.health.set_probed_healthy(verdict);
-            if verdict {
+            let reason = if verdict {
                 tracing::info!(%instance, %replica, %addr, "replica passed its health probes and is back in rotation");
+                String::new()
             } else {
                 let reason = match &result {
-                    Err(_) => format!("no answer within {:?}", cfg.timeout),
+                    Err(_) => format!("no answer to its health probe within {:?}", cfg.timeout),
                     Ok(Err(e)) => e.to_string(),
-                    Ok(Ok(status)) => format!("status {status}"),
+                    Ok(Ok(status)) => format!("health probe answered {status}"),
                 };
                 tracing::warn!(%instance, %replica, %addr, %reason, "replica failed its health probes and is out of rotation");
-            }
+                reason
+            };
+            s.verdicts.send(Verdict {
+                instance: instance.clone(),
+                replica: replica.clone(),
+                healthy: verdict,
+                reason,
+            });
         }
         if ok {
             s.health.record_success();

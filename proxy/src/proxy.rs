@@ -407,10 +407,17 @@ impl Proxy {
                     attempts += 1;
                     tried |= 1 << idx;
                     replica.state.stats.connect_error();
-                    let period = replica
-                        .state
-                        .health
-                        .eject(Instant::now(), &self.config.ejection);
+                    let now = Instant::now();
+                    let fresh = !replica.state.health.is_ejected(now);
+                    let period = replica.state.health.eject(now, &self.config.ejection);
+                    if fresh {
+                        replica.state.verdicts.send(crate::health::Verdict {
+                            instance: instance.name.clone(),
+                            replica: replica.id.clone(),
+                            healthy: false,
+                            reason: format!("connect failed: {e}"),
+                        });
+                    }
                     tracing::warn!(instance = %instance.name, replica = %replica.id, addr = %replica.addr, error = %e, ejected_for = ?period, "could not connect to replica");
                     last = Failure::Connect(replica.id.clone(), e);
                     continue;

@@ -176,10 +176,22 @@ impl std::fmt::Debug for Ring {
 }
 
 /// The live route table: one `ArcSwap` that readers load and writers replace whole.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Routes {
     current: ArcSwap<RouteTable>,
     generation: AtomicU64,
+    /// Where replicas' health verdicts go ([`Routes::verdicts`]).
+    verdicts: health::VerdictFeed,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self {
+            current: ArcSwap::default(),
+            generation: AtomicU64::new(0),
+            verdicts: health::VerdictFeed::new(),
+        }
+    }
 }
 
 // === impl Routes ===
@@ -207,7 +219,12 @@ impl Routes {
     pub fn publish(&self, specs: &[InstanceSpec]) -> Result<Arc<RouteTable>, RouteError> {
         let previous = self.current.load_full();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let table = Arc::new(RouteTable::build(specs, &previous, generation)?);
+        let table = Arc::new(RouteTable::build(
+            specs,
+            &previous,
+            generation,
+            &self.verdicts,
+        )?);
         self.current.store(table.clone());
         table.configure_replicas(specs);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -218,6 +235,14 @@ impl Routes {
             }
         }
         Ok(table)
+    }
+
+    /// The health verdicts of every replica from now on: a replica that fails its active probes
+    /// or gets ejected after a failed connect, and one that passes its probes again. For the
+    /// owner of the routes (the coordinator), which may act on them; a receiver that falls
+    /// behind loses the oldest.
+    pub fn verdicts(&self) -> tokio::sync::broadcast::Receiver<health::Verdict> {
+        self.verdicts.subscribe()
     }
 }
 
@@ -262,6 +287,7 @@ impl RouteTable {
         specs: &[InstanceSpec],
         previous: &RouteTable,
         generation: u64,
+        verdicts: &health::VerdictFeed,
     ) -> Result<RouteTable, RouteError> {
         let old: HashMap<&str, &Arc<Instance>> =
             previous.instances.iter().map(|i| (&*i.name, i)).collect();
@@ -317,7 +343,7 @@ impl RouteTable {
                     // Seen by nobody until the swap: configured now, so a new replica is
                     // ready the moment its table goes live.
                     None => {
-                        let state = Arc::new(ReplicaState::new());
+                        let state = Arc::new(ReplicaState::new(verdicts.clone()));
                         state.configure(r.ready, spec.health.as_ref());
                         state
                     }

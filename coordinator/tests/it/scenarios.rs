@@ -469,3 +469,38 @@ async fn a_stopped_instance_drains_before_it_stops() {
         .await;
     w.status_is("id-drain", InstanceState::Stopped).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_the_proxy_gives_up_on_is_checked_at_once_and_fenced_only_when_it_is_silent() {
+    let w = world();
+    w.coordinator.apply(vec![desired("hint", 2, false)]);
+    w.status_is("id-hint", InstanceState::Running).await;
+    let id = r("hint", 1);
+
+    // The proxy's probe of a flow's route fails, but the replica answers: kept.
+    w.plane.verdict(id.clone(), false, "health probe answered 500");
+    w.fake
+        .until("a check", |c| c.contains(&Call::Check(id.clone())))
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!w.fake.calls().contains(&Call::Fence(id.clone())));
+    assert_eq!(w.coordinator.status("id-hint").replicas[1].restarts, 0);
+
+    // It stops answering; the proxy notices before the driver's next liveness check does.
+    w.fake.answers(id.clone(), false);
+    w.plane.verdict(id.clone(), false, "connect failed: timed out");
+    w.fake
+        .until("fenced", |c| c.contains(&Call::Fence(id.clone())))
+        .await;
+    let calls = w.fake.calls();
+    assert_eq!(count(&calls, |c| *c == Call::Check(id.clone())), 2, "{calls:#?}");
+    w.fake.answers(id.clone(), true);
+    w.fake.until("restarted", |c| starts(c, &id) == 2).await;
+    w.status_is("id-hint", InstanceState::Running).await;
+    let status = w.coordinator.status("id-hint");
+    assert_eq!(status.replicas[1].restarts, 1);
+    // Verdicts for replicas of other instances reach nobody here.
+    w.plane.verdict(r("other", 0), false, "x");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.coordinator.status("id-hint").replicas[1].restarts, 1);
+}

@@ -172,3 +172,63 @@ async fn connect_errors(proxy: &TestProxy) -> u64 {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()
 }
+
+/// The owner of the routes hears of every replica the proxy takes out: an ejection after a
+/// failed connect (once per ejection, however many requests failed), a failed probe, and a
+/// probe that passes again.
+#[tokio::test]
+async fn the_owner_of_the_routes_hears_the_proxys_verdicts() {
+    let up = Upstream::start("u0").await;
+    let mut probed = Upstream::start("p1").await;
+    // No probes: a dead replica is found by the requests that fail to connect to it.
+    let ejected = instance("ejected", &[up.addr, dead_addr()]);
+    let mut with_probes = instance("probed", &[up.addr, probed.addr]);
+    with_probes.health = Some(HealthConfig {
+        interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(200),
+        healthy_threshold: 1,
+        unhealthy_threshold: 1,
+        ..HealthConfig::default()
+    });
+    let routes = Arc::new(tandem_proxy::Routes::new());
+    let mut verdicts = routes.verdicts();
+    routes.publish(&[ejected, with_probes]).unwrap();
+    let proxy = TestProxy::start_with(routes.clone(), test_config()).await;
+    for _ in 0..10 {
+        let r = get(proxy.addr, "ejected.localhost", "/").await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let v = next_verdict(&mut verdicts).await;
+    assert_eq!(
+        (&*v.instance, &*v.replica, v.healthy),
+        ("ejected", "r1", false),
+        "{v:?}"
+    );
+    assert!(v.reason.starts_with("connect failed"), "{v:?}");
+
+    probed.kill();
+    let v = next_verdict(&mut verdicts).await;
+    assert_eq!(
+        (&*v.instance, &*v.replica, v.healthy),
+        ("probed", "r1", false),
+        "{v:?}"
+    );
+    probed.restart().await;
+    let v = next_verdict(&mut verdicts).await;
+    assert_eq!(
+        (&*v.instance, &*v.replica, v.healthy),
+        ("probed", "r1", true),
+        "{v:?}"
+    );
+    // The failed requests of one ejection made one verdict, not one each.
+    assert!(verdicts.try_recv().is_err());
+}
+
+async fn next_verdict(
+    verdicts: &mut tokio::sync::broadcast::Receiver<tandem_proxy::health::Verdict>,
+) -> tandem_proxy::health::Verdict {
+    tokio::time::timeout(Duration::from_secs(10), verdicts.recv())
+        .await
+        .expect("a verdict within 10 s")
+        .expect("the feed")
+}

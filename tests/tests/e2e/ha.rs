@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{alive, hello_flows, kill9, Tandem};
+use crate::harness::{actives, alive, hello_flows, kill9, Tandem};
 
 /// What a request loop saw.
 #[derive(Debug, Default)]
@@ -315,32 +315,7 @@ async fn scaling_starts_and_stops_only_the_difference_without_a_failed_request()
 async fn standby_mode_has_one_active_replica_and_fails_over() {
     let t = Tandem::start("ha-standby").await;
     let (app, _) = t.team_and_app("Standby").await;
-    let r = t
-        .api(
-            "POST",
-            "/api/v1/instances",
-            json!({
-                "name": "standby",
-                "application_id": app,
-                "stack_id": t.stack().await,
-                "flows": ticking_flows(),
-                "ha": { "replicas": 2, "mode": "standby" },
-            }),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let actives = |s: &Value| -> Vec<u64> {
-        s["replicas"]
-            .as_array()
-            .map(|rs| {
-                rs.iter()
-                    .filter(|r| r["active"] == true)
-                    .filter_map(|r| r["slot"].as_u64())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let id = t.standby_instance(&app, "standby", ticking_flows()).await;
     let s = t
         .wait_status(&id, 120, |s| {
             s["summary"] == "running 2/2" && actives(s).len() == 1

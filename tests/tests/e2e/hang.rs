@@ -6,10 +6,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
 use crate::ha::{ticking_flows, ticks_after, Load};
-use crate::harness::{alive, hello_flows, Tandem};
+use crate::harness::{actives, alive, hello_flows, Tandem};
 
 fn signal(pid: u64, signal: &str) {
     // The process may be gone already (fenced): SIGCONT then has nothing to reach.
@@ -19,37 +17,11 @@ fn signal(pid: u64, signal: &str) {
         .status();
 }
 
-fn actives(s: &Value) -> Vec<u64> {
-    s["replicas"]
-        .as_array()
-        .map(|rs| {
-            rs.iter()
-                .filter(|r| r["active"] == true)
-                .filter_map(|r| r["slot"].as_u64())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_active_is_fenced_a_standby_takes_over_and_the_old_one_never_serves_again() {
     let t = Tandem::start("hang-standby").await;
     let (app, _) = t.team_and_app("Hang").await;
-    let r = t
-        .api(
-            "POST",
-            "/api/v1/instances",
-            json!({
-                "name": "frozen",
-                "application_id": app,
-                "stack_id": t.stack().await,
-                "flows": ticking_flows(),
-                "ha": { "replicas": 2, "mode": "standby" },
-            }),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.json()["id"].as_str().unwrap().to_string();
+    let id = t.standby_instance(&app, "frozen", ticking_flows()).await;
     let s = t
         .wait_status(&id, 120, |s| {
             s["summary"] == "running 2/2" && actives(s).len() == 1

@@ -314,6 +314,20 @@ impl Tandem {
         r.json()["id"].as_str().unwrap().to_string()
     }
 
+    /// Creates an HA instance of 2 replicas in standby mode with `flows`; returns its id.
+    pub async fn standby_instance(&self, app: &str, name: &str, flows: Value) -> String {
+        let body = json!({
+            "name": name,
+            "application_id": app,
+            "stack_id": self.stack().await,
+            "flows": flows,
+            "ha": { "replicas": 2, "mode": "standby" },
+        });
+        let r = self.api("POST", "/api/v1/instances", body).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
     /// The observed status of an instance.
     pub async fn status(&self, id: &str) -> Value {
         self.api(
@@ -420,4 +434,17 @@ pub fn alive(pid: u64) -> bool {
                 .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st != "Z"))
         })
         .unwrap_or(false)
+}
+
+/// The slots an observed status shows active (taking traffic).
+pub fn actives(status: &Value) -> Vec<u64> {
+    status["replicas"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter(|r| r["active"] == true)
+                .filter_map(|r| r["slot"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default()
 }
