@@ -195,6 +195,17 @@ pub struct ServeArgs {
     /// longer makes its replica count as hung: raise this for such flows.
     #[arg(long, env = "TANDEM_HANG_AFTER_MS", default_value_t = 1_000)]
     pub hang_after_ms: u64,
+    /// Time a new replica gets to be ready (its flows started) before it is killed and counts
+    /// as a failed start, in milliseconds.
+    #[arg(long, env = "TANDEM_READY_TIMEOUT_MS", default_value_t = 60_000)]
+    pub ready_timeout_ms: u64,
+    /// Longest wait, in milliseconds, for the requests in flight to a replica taken out of
+    /// rotation (scale down, replacement, stop) to finish before it is stopped.
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
+    /// Time between SIGTERM and SIGKILL when a replica is stopped, in milliseconds.
+    #[arg(long, env = "TANDEM_STOP_GRACE_MS", default_value_t = 10_000)]
+    pub stop_grace_ms: u64,
     /// MQTT broker (`host:port`) for the instances' flows. When set, every replica
     /// gets its own listener of Tandem's MQTT proxy in front of it, as `TANDEM_MQTT_URL` in its
     /// environment; on HA instances the proxy makes client ids unique per replica and shares

@@ -196,6 +196,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .context("cannot find the tandem binary to sandbox replicas with")?,
         required: args.require_isolation,
     });
+    driver.ready_timeout = std::time::Duration::from_millis(args.ready_timeout_ms.max(1));
+    driver.stop_grace = std::time::Duration::from_millis(args.stop_grace_ms);
     driver.liveness = tandem_coordinator::driver::Liveness {
         interval: std::time::Duration::from_millis(args.liveness_check_ms.max(10)),
         hang_after: std::time::Duration::from_millis(args.hang_after_ms.max(50)),
@@ -210,6 +212,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 max_quick_crashes: args.crash_loop_restarts.max(1),
                 ..RestartPolicy::default()
             },
+            drain_timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
             ..CoordinatorConfig::default()
         },
     );

@@ -22,6 +22,7 @@ use futures_util::stream::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tandem_coordinator::logs::{Cursor, InstanceLog, LogEntry};
+use tandem_coordinator::replica::ReplicaId;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::{Instant, MissedTickBehavior};
 use utoipa_axum::router::OpenApiRouter;
@@ -109,12 +110,13 @@ fn replica_src(instance: &str, replica: Option<&str>) -> ApiResult<Option<String
     let Some(r) = replica.filter(|r| !r.is_empty()) else {
         return Ok(None);
     };
-    if r == "tandem" || r == "npm" || r.starts_with(&format!("{instance}-r")) {
+    if r == "tandem" || r == "npm" || ReplicaId::parse(r).is_some_and(|id| id.instance == instance)
+    {
         return Ok(Some(r.to_owned()));
     }
     let slot = r.strip_prefix('r').unwrap_or(r);
     match slot.parse::<u32>() {
-        Ok(n) => Ok(Some(format!("{instance}-r{n}"))),
+        Ok(n) => Ok(Some(ReplicaId::new(instance, n).to_string())),
         Err(_) => Err(ApiError::invalid(
             "replica",
             format!("{r:?} names no replica; use {instance}-r<slot>, r<slot> or <slot>"),

@@ -478,7 +478,8 @@ async fn a_replica_the_proxy_gives_up_on_is_checked_at_once_and_fenced_only_when
     let id = r("hint", 1);
 
     // The proxy's probe of a flow's route fails, but the replica answers: kept.
-    w.plane.verdict(id.clone(), false, "health probe answered 500");
+    w.plane
+        .verdict(id.clone(), false, "health probe answered 500");
     w.fake
         .until("a check", |c| c.contains(&Call::Check(id.clone())))
         .await;
@@ -488,12 +489,17 @@ async fn a_replica_the_proxy_gives_up_on_is_checked_at_once_and_fenced_only_when
 
     // It stops answering; the proxy notices before the driver's next liveness check does.
     w.fake.answers(id.clone(), false);
-    w.plane.verdict(id.clone(), false, "connect failed: timed out");
+    w.plane
+        .verdict(id.clone(), false, "connect failed: timed out");
     w.fake
         .until("fenced", |c| c.contains(&Call::Fence(id.clone())))
         .await;
     let calls = w.fake.calls();
-    assert_eq!(count(&calls, |c| *c == Call::Check(id.clone())), 2, "{calls:#?}");
+    assert_eq!(
+        count(&calls, |c| *c == Call::Check(id.clone())),
+        2,
+        "{calls:#?}"
+    );
     w.fake.answers(id.clone(), true);
     w.fake.until("restarted", |c| starts(c, &id) == 2).await;
     w.status_is("id-hint", InstanceState::Running).await;
