@@ -45,6 +45,10 @@ struct Replica {
     alive: bool,
     flows: FlowState,
     spec: ProcessSpec,
+    /// Found running from before (stale when `Some(true)`).
+    adopted: Option<bool>,
+    /// The revision of the flows it was started with or last given.
+    flows_rev: String,
 }
 
 #[derive(Default)]
@@ -61,6 +65,8 @@ struct State {
     violations: Vec<String>,
     /// Replicas whose `check` fails.
     unanswering: std::collections::HashSet<ReplicaId>,
+    /// How long a deploy, a flow start or stop and a check take.
+    slow: Duration,
 }
 
 /// A driver that runs nothing. See the module docs.
@@ -103,6 +109,11 @@ impl FakeDriver {
                 s.unanswering.insert(id);
             }
         });
+    }
+
+    /// Deploys, flow starts and stops, and checks take `by` from now on.
+    pub fn slow_calls(&self, by: Duration) {
+        self.with(|s| s.slow = by);
     }
 
     /// Every call so far.
@@ -177,9 +188,13 @@ impl FakeDriver {
         });
     }
 
-    /// `id` is ready (for [`FakeDriver::manual_ready`]).
+    /// `id` is ready (for [`FakeDriver::manual_ready`]), adopted when it was made adoptable.
     pub fn ready(&self, id: &ReplicaId) {
-        let running = self.with(|s| s.replicas.get(id).map(|r| running(id, r, false, false)));
+        let running = self.with(|s| {
+            s.replicas
+                .get(id)
+                .map(|r| running(id, r, r.adopted.is_some(), r.adopted == Some(true)))
+        });
         if let Some(running) = running {
             self.send(id, EventKind::Ready(running));
         }
@@ -202,13 +217,23 @@ impl FakeDriver {
     }
 }
 
+impl FakeDriver {
+    /// Waits as long as [`FakeDriver::slow_calls`] says.
+    async fn pause(&self) {
+        let slow = self.with(|s| s.slow);
+        if !slow.is_zero() {
+            tokio::time::sleep(slow).await;
+        }
+    }
+}
+
 fn running(id: &ReplicaId, r: &Replica, adopted: bool, stale: bool) -> Running {
     Running {
         addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + id.slot as u16)),
         pid: Some(100 + id.slot),
         adopted,
         flows: r.flows,
-        flows_rev: None,
+        flows_rev: Some(r.flows_rev.clone()),
         stale,
         isolation: Isolation::None,
     }
@@ -255,7 +280,7 @@ impl InstanceDriver for FakeInstance {
         slot: u32,
         run: u64,
         spec: &ProcessSpec,
-        _flows: &Flows,
+        flows: &Flows,
     ) -> Result<(), DriverError> {
         let id = self.id(slot);
         self.fake.with(|s| {
@@ -270,11 +295,13 @@ impl InstanceDriver for FakeInstance {
                     None => FlowState::Started,
                 },
                 spec: spec.clone(),
+                adopted: adopt.map(|(_, stale)| stale),
+                flows_rev: flows.rev.clone(),
             };
             let ready = match adopt {
+                _ if s.manual_ready => None,
                 Some((_, stale)) => Some(running(&id, &r, true, stale)),
-                None if !s.manual_ready => Some(running(&id, &r, false, false)),
-                None => None,
+                None => Some(running(&id, &r, false, false)),
             };
             s.replicas.insert(id.clone(), r);
             if let (Some(running), Some(tx)) = (ready, s.events.get(&self.name)) {
@@ -319,6 +346,7 @@ impl InstanceDriver for FakeInstance {
 
     async fn check(&self, slot: u32) -> Result<(), DriverError> {
         let id = self.id(slot);
+        self.fake.pause().await;
         self.fake.with(|s| {
             s.calls.push(Call::Check(id.clone()));
             if s.unanswering.contains(&id) {
@@ -333,13 +361,19 @@ impl InstanceDriver for FakeInstance {
 
     async fn deploy(&self, slot: u32, flows: &Flows) -> Result<(), DriverError> {
         let id = self.id(slot);
-        self.fake
-            .with(|s| s.calls.push(Call::Deploy(id, flows.rev.clone())));
+        self.fake.pause().await;
+        self.fake.with(|s| {
+            s.calls.push(Call::Deploy(id.clone(), flows.rev.clone()));
+            if let Some(r) = s.replicas.get_mut(&id) {
+                r.flows_rev = flows.rev.clone();
+            }
+        });
         Ok(())
     }
 
     async fn set_flows(&self, slot: u32, state: FlowState) -> Result<(), DriverError> {
         let id = self.id(slot);
+        self.fake.pause().await;
         self.fake.with(|s| {
             s.calls.push(Call::SetFlows(id.clone(), state));
             let alive = s.replicas.get(&id).is_some_and(|r| r.alive);

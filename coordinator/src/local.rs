@@ -219,6 +219,9 @@ struct Replica {
     exit: watch::Receiver<Option<ExitReason>>,
     /// Stopped or fenced on purpose: its watcher reports no exit.
     ending: Arc<AtomicBool>,
+    /// It ended and its whole process group is gone: its pid may belong to another process
+    /// now, so nothing signals it any more.
+    reaped: Arc<AtomicBool>,
 }
 
 impl LocalInstance {
@@ -232,10 +235,6 @@ impl LocalInstance {
             .ok()
             .and_then(|m| m.get(&slot).cloned())
             .ok_or_else(|| DriverError::NotRunning(self.id(slot)))
-    }
-
-    fn take(&self, slot: u32) -> Option<Replica> {
-        self.replicas.lock().ok()?.remove(&slot)
     }
 
     /// Takes over the replica recorded in `dir` if it still runs and answers with the secret;
@@ -276,6 +275,7 @@ impl LocalInstance {
             secret: spec.admin_secret.clone(),
             exit: process::watch_pid(record.pid),
             ending: Arc::default(),
+            reaped: Arc::default(),
         };
         let running = Running {
             addr,
@@ -515,6 +515,7 @@ impl InstanceDriver for LocalInstance {
             secret: spec.admin_secret.clone(),
             exit,
             ending: Arc::default(),
+            reaped: Arc::default(),
         };
         if let Ok(mut m) = self.replicas.lock() {
             m.insert(slot, replica.clone());
@@ -553,9 +554,12 @@ impl InstanceDriver for LocalInstance {
     }
 
     async fn stop(&self, slot: u32) -> Result<(), DriverError> {
-        let Some(mut r) = self.take(slot) else {
+        let Ok(mut r) = self.replica(slot) else {
             return Ok(());
         };
+        if r.reaped.load(Ordering::Relaxed) {
+            return self.gone(slot, r).await;
+        }
         r.ending.store(true, Ordering::Relaxed);
         process::signal_group(r.pid, Signal::TERM);
         if tokio::time::timeout(self.driver.stop_grace, process::exited(&mut r.exit))
@@ -569,12 +573,14 @@ impl InstanceDriver for LocalInstance {
     }
 
     async fn fence(&self, slot: u32) -> Result<(), DriverError> {
-        let Some(r) = self.take(slot) else {
+        let Ok(r) = self.replica(slot) else {
             return Ok(());
         };
         r.ending.store(true, Ordering::Relaxed);
         // SIGKILL ends a process even while it is stopped (SIGSTOP) or blocked.
-        process::signal_group(r.pid, Signal::KILL);
+        if !r.reaped.load(Ordering::Relaxed) {
+            process::signal_group(r.pid, Signal::KILL);
+        }
         let run = r.run;
         self.gone(slot, r).await?;
         self.send(slot, run, EventKind::Fenced);
@@ -659,20 +665,18 @@ impl LocalInstance {
     }
 
     /// Waits until the replica's process, and every process of its group, has ended; then it
-    /// holds that it serves and runs nothing. Its record goes: nothing adopts it.
-    async fn gone(&self, slot: u32, mut r: Replica) -> Result<(), DriverError> {
+    /// holds that it serves and runs nothing, and it is forgotten (its record goes too: nothing
+    /// adopts it). Until then it stays known, so a stop or fence tried again signals it again.
+    async fn gone(&self, slot: u32, r: Replica) -> Result<(), DriverError> {
         let id = self.id(slot);
-        process::exited(&mut r.exit).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while process::group_alive(r.pid) {
-            if Instant::now() >= deadline {
-                return Err(DriverError::Io {
-                    context: format!("the processes of {id} (group {}) did not end", r.pid),
-                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
-                });
+        if !r.reaped.load(Ordering::Relaxed) {
+            process::reap_group(&id, r.pid, r.exit.clone()).await?;
+            r.reaped.store(true, Ordering::Relaxed);
+        }
+        if let Ok(mut m) = self.replicas.lock() {
+            if m.get(&slot).is_some_and(|x| x.pid == r.pid) {
+                m.remove(&slot);
             }
-            process::signal_group(r.pid, Signal::KILL);
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = tokio::fs::remove_file(self.driver.user_dir(&id).join("replica.json")).await;
         Ok(())

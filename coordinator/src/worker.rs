@@ -99,6 +99,12 @@ struct Slot {
     flows_rev: Option<String>,
     /// A driver call on this slot is in flight.
     busy: bool,
+    /// That call, when it may be abandoned for a fence (a flow start or stop, a deploy, a
+    /// check, a drain): a hung replica is fenced at once, not after the call's timeout.
+    abortable: Option<tokio::task::AbortHandle>,
+    /// Its first start in this worker has not reported yet: adopted from before, it may be
+    /// running its flows, so no standby is promoted meanwhile.
+    unknown: bool,
     leaving: Option<Leaving>,
     /// Replaced and not yet ready: the rollout waits for it.
     replacing: bool,
@@ -127,6 +133,8 @@ impl Slot {
             flows_on: false,
             flows_rev: None,
             busy: false,
+            abortable: None,
+            unknown: true,
             leaving: None,
             replacing: false,
             silent_ms: 0,
@@ -255,6 +263,8 @@ impl<I: InstanceDriver> Worker<I> {
                 Some(verdict) = verdicts.recv() => self.on_verdict(verdict),
                 Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
                     Ok(done) => self.on_done(done),
+                    // Abandoned for a fence.
+                    Err(e) if e.is_cancelled() => {}
                     Err(e) => tracing::error!(instance = %self.name, error = %e, "a driver call failed to finish"),
                 },
                 changed = want.changed(), if !self.gone => match changed {
@@ -297,15 +307,19 @@ impl<I: InstanceDriver> Worker<I> {
             d.slots()
         };
 
-        self.leave_unwanted(&target, now);
+        self.fence_hung(now);
+        self.leave_unwanted(&target);
         let prepared = !target.is_empty() && self.prepare(&d, now);
         if prepared {
             self.start_missing(&d, &target, now);
             self.roll_out(&d, &target);
-            self.deploy_flows(&d, now);
         }
+        // Before deploys: a standby taking over must not wait behind a deploy to it.
         if d.standby && !self.gone && d.state == DesiredState::Running {
             self.keep_one_active(&d, now);
+        }
+        if prepared {
+            self.deploy_flows(&d, now);
         }
         self.publish(&d, now);
         for op in std::mem::take(&mut self.pending) {
@@ -313,9 +327,36 @@ impl<I: InstanceDriver> Worker<I> {
         }
     }
 
+    /// Fences every hung replica, whatever else waits (a stack install, a call on it that
+    /// will only time out), and stops again any whose stop failed.
+    fn fence_hung(&mut self, now: Instant) {
+        for (slot, s) in &mut self.slots {
+            if s.phase == ReplicaPhase::Hung {
+                if let Some(call) = s.abortable.take() {
+                    call.abort();
+                    s.busy = false;
+                }
+            }
+            if s.busy || s.held(now) {
+                continue;
+            }
+            match s.phase {
+                ReplicaPhase::Hung => {
+                    s.busy = true;
+                    self.pending.push(Op::Fence(*slot));
+                }
+                ReplicaPhase::Stopping => {
+                    s.busy = true;
+                    self.pending.push(Op::Stop(*slot));
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Slots above the wanted count, or of an instance that should not run: drained and stopped
     /// (a hung one fenced), all at once.
-    fn leave_unwanted(&mut self, target: &BTreeSet<u32>, now: Instant) {
+    fn leave_unwanted(&mut self, target: &BTreeSet<u32>) {
         let mut noted = false;
         let mut drop_slots = Vec::new();
         for (slot, s) in &mut self.slots {
@@ -343,10 +384,7 @@ impl<I: InstanceDriver> Worker<I> {
                     s.busy = true;
                     self.pending.push(Op::Stop(*slot));
                 }
-                ReplicaPhase::Hung if !s.held(now) => {
-                    s.busy = true;
-                    self.pending.push(Op::Fence(*slot));
-                }
+                // Fenced by `fence_hung`, then removed.
                 ReplicaPhase::Hung => {}
                 ReplicaPhase::Restarting | ReplicaPhase::Crashed => drop_slots.push(*slot),
             }
@@ -389,21 +427,17 @@ impl<I: InstanceDriver> Worker<I> {
             if s.busy {
                 continue;
             }
-            if s.phase == ReplicaPhase::Hung {
-                // Out of rotation already; it may still run flows until the fence holds.
-                if !s.held(now) {
-                    s.busy = true;
-                    self.pending.push(Op::Fence(*slot));
-                }
-                continue;
-            }
-            if s.leaving.is_some() {
+            // A hung one is fenced by `fence_hung`.
+            if s.leaving.is_some() || s.phase == ReplicaPhase::Hung {
                 continue;
             }
             let start = match s.phase {
                 ReplicaPhase::Restarting => s.restart_at.is_none_or(|t| t <= now),
                 ReplicaPhase::Crashed => {
-                    let again = s.retry_seen != self.want.retry || s.spec.as_ref() != Some(&spec);
+                    // Tried again on `start` (retry), `restart`, or a new spec.
+                    let again = s.retry_seen != self.want.retry
+                        || s.generation != self.want.restart
+                        || s.spec.as_ref() != Some(&spec);
                     if again {
                         s.restart = RestartState::default();
                     }
@@ -487,7 +521,13 @@ impl<I: InstanceDriver> Worker<I> {
 
     /// Deploys the wanted flows to one ready replica that runs others.
     fn deploy_flows(&mut self, d: &InstanceDesired, now: Instant) {
-        if self.pending.iter().any(|op| matches!(op, Op::Deploy(..)))
+        // In standby mode, a takeover comes first: no deploy may hold up the standby about to
+        // become active.
+        let takeover = d.standby
+            && (self.active.is_none()
+                || self.slots.values().any(|s| s.phase == ReplicaPhase::Hung));
+        if takeover
+            || self.pending.iter().any(|op| matches!(op, Op::Deploy(..)))
             || self
                 .slots
                 .values()
@@ -533,7 +573,9 @@ impl<I: InstanceDriver> Worker<I> {
                 self.pending.push(Op::SetFlows(*slot, FlowState::Stopped));
             }
         }
-        if self.active.is_some() || self.slots.values().any(|s| s.flows_on) {
+        // Never promote while another replica may run its flows: one whose flows were asked to
+        // start, one hung until its fence holds, one adopted from before that has not reported.
+        if self.active.is_some() || self.slots.values().any(|s| s.flows_on || s.unknown) {
             return;
         }
         let candidate = self
@@ -567,11 +609,8 @@ impl<I: InstanceDriver> Worker<I> {
         let view = InstanceView {
             name: self.name.clone(),
             secret: d.process.admin_secret.clone(),
-            hosts: if self.gone {
-                Vec::new()
-            } else {
-                d.hosts.clone()
-            },
+            // Kept while a deleted instance's replicas drain: its host must still reach them.
+            hosts: d.hosts.clone(),
             ha: d.process.ha,
             standby: d.standby,
             desired: d.state,
@@ -626,10 +665,11 @@ impl<I: InstanceDriver> Worker<I> {
             Op::Drain(slot) => {
                 let drained = self.observed.plane().drained(&self.id_of(slot));
                 let timeout = self.timings.drain_timeout;
-                self.ops.spawn(async move {
+                let call = self.ops.spawn(async move {
                     let _ = tokio::time::timeout(timeout, drained).await;
                     Done::Drain(slot)
                 });
+                self.abortable(slot, call);
             }
             Op::Stop(slot) => {
                 self.ops
@@ -642,22 +682,32 @@ impl<I: InstanceDriver> Worker<I> {
             }
             Op::SetFlows(slot, state) => {
                 let run = self.slots.get(&slot).map_or(0, |s| s.run);
-                self.ops.spawn(async move {
+                let call = self.ops.spawn(async move {
                     Done::SetFlows(slot, run, state, driver.set_flows(slot, state).await)
                 });
+                self.abortable(slot, call);
             }
             Op::Check(slot, reason) => {
                 let run = self.slots.get(&slot).map_or(0, |s| s.run);
-                self.ops
+                let call = self
+                    .ops
                     .spawn(async move { Done::Check(slot, run, reason, driver.check(slot).await) });
+                self.abortable(slot, call);
             }
             Op::Deploy(slot, flows) => {
                 let run = self.slots.get(&slot).map_or(0, |s| s.run);
-                self.ops.spawn(async move {
+                let call = self.ops.spawn(async move {
                     let result = driver.deploy(slot, &flows).await;
                     Done::Deploy(slot, run, flows.rev.clone(), result)
                 });
+                self.abortable(slot, call);
             }
+        }
+    }
+
+    fn abortable(&mut self, slot: u32, call: tokio::task::AbortHandle) {
+        if let Some(s) = self.slots.get_mut(&slot) {
+            s.abortable = Some(call);
         }
     }
 
@@ -670,6 +720,9 @@ impl<I: InstanceDriver> Worker<I> {
         if s.run != event.run {
             // A late event of a process that is gone.
             return;
+        }
+        if matches!(event.kind, EventKind::Ready(_) | EventKind::Exited { .. }) {
+            s.unknown = false;
         }
         match event.kind {
             EventKind::Ready(running) => {
@@ -766,6 +819,7 @@ impl<I: InstanceDriver> Worker<I> {
             return;
         };
         s.gone();
+        s.unknown = false;
         if self.active == Some(slot) {
             self.active = None;
         }
@@ -796,6 +850,19 @@ impl<I: InstanceDriver> Worker<I> {
 
     fn on_done(&mut self, done: Done) {
         let now = Instant::now();
+        let slot = match &done {
+            Done::Prepare(..) => None,
+            Done::Start(slot, ..)
+            | Done::Drain(slot)
+            | Done::Stop(slot, _)
+            | Done::Fence(slot, ..)
+            | Done::SetFlows(slot, ..)
+            | Done::Deploy(slot, ..)
+            | Done::Check(slot, ..) => Some(*slot),
+        };
+        if let Some(s) = slot.and_then(|slot| self.slots.get_mut(&slot)) {
+            s.abortable = None;
+        }
         let retry_after = self.timings.retry_after;
         match done {
             Done::Prepare(key, result) => match result {
@@ -832,13 +899,21 @@ impl<I: InstanceDriver> Worker<I> {
                     s.busy = false;
                 }
             }
-            Done::Stop(slot, result) => {
-                if let Err(e) = &result {
-                    self.log
-                        .note("warn", format!("stopping {}: {e}", self.id_of(slot)));
+            Done::Stop(slot, result) => match result {
+                Ok(()) => self.left(slot, now),
+                Err(e) => {
+                    // It may still run: the slot stays (and so do its flows, as far as the
+                    // standby rule is concerned) until a stop succeeds.
+                    self.log.note(
+                        "error",
+                        format!("cannot stop {}: {e}; trying again", self.id_of(slot)),
+                    );
+                    if let Some(s) = self.slots.get_mut(&slot) {
+                        s.busy = false;
+                        s.hold_until = Some(now + retry_after);
+                    }
                 }
-                self.left(slot, now);
-            }
+            },
             Done::Fence(slot, run, result) => {
                 let id = self.id_of(slot);
                 let Some(s) = self.slots.get_mut(&slot) else {
@@ -872,7 +947,8 @@ impl<I: InstanceDriver> Worker<I> {
                     return;
                 };
                 s.busy = false;
-                if s.run != run {
+                // A late answer from a process that has ended since changes nothing.
+                if s.run != run || s.running.is_none() {
                     return;
                 }
                 match (state, result) {
@@ -934,7 +1010,7 @@ impl<I: InstanceDriver> Worker<I> {
                     return;
                 };
                 s.busy = false;
-                if s.run != run {
+                if s.run != run || s.running.is_none() {
                     return;
                 }
                 match result {
@@ -961,6 +1037,7 @@ impl<I: InstanceDriver> Worker<I> {
         };
         s.busy = false;
         s.gone();
+        s.unknown = false;
         if self.active == Some(slot) {
             self.active = None;
         }

@@ -28,12 +28,41 @@ pub(crate) fn signal_group(pid: u32, signal: Signal) {
     let _ = rustix::process::kill_process_group(pid, signal);
 }
 
-/// Whether any process of the group `pid` leads is left (zombies included).
-pub(crate) fn group_alive(pid: u32) -> bool {
-    i32::try_from(pid)
-        .ok()
-        .and_then(Pid::from_raw)
-        .is_some_and(|pid| rustix::process::test_kill_process_group(pid).is_ok())
+/// Whether any process of the group `pid` leads still runs. Zombies do not count: they serve
+/// and run nothing, and one whose parent is gone may never be reaped (Tandem as a container's
+/// PID 1 does not reap orphans).
+pub(crate) async fn group_running(pgid: u32) -> bool {
+    let Ok(mut dir) = tokio::fs::read_dir("/proc").await else {
+        // No /proc to look in: ask the kernel, zombies included.
+        return i32::try_from(pgid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .is_some_and(|pid| rustix::process::test_kill_process_group(pid).is_ok());
+    };
+    while let Ok(Some(entry)) = dir.next_entry().await {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await else {
+            continue;
+        };
+        // After the parenthesised command name: state, ppid, pgrp.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace())
+            .into_iter()
+            .flatten();
+        let state = fields.next();
+        let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+        if group == Some(pgid) && !matches!(state, Some("Z" | "X")) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Owns the child until it exits and says how it ended.
@@ -95,6 +124,35 @@ pub(crate) async fn is_replica_process(pid: u32, user_dir: &Path) -> bool {
         Err(_) => false,
     };
     same && process_alive(pid).await
+}
+
+/// Waits until the process `pid` has exited (`exit`) and no process of its group runs, killing
+/// what is left of the group (SIGKILL) until then; gives up after 10 s.
+pub(crate) async fn reap_group(
+    id: &crate::replica::ReplicaId,
+    pid: u32,
+    mut exit: watch::Receiver<Option<ExitReason>>,
+) -> Result<(), crate::driver::DriverError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    if tokio::time::timeout_at(deadline, exited(&mut exit))
+        .await
+        .is_ok()
+    {
+        while group_running(pid).await {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            signal_group(pid, Signal::KILL);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !group_running(pid).await {
+            return Ok(());
+        }
+    }
+    Err(crate::driver::DriverError::Io {
+        context: format!("the processes of {id} (group {pid}) did not end"),
+        source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+    })
 }
 
 /// A free port on 127.0.0.1 (bound and released; Node-RED fails clearly if it is taken since).

@@ -38,6 +38,25 @@ pub(crate) struct Watcher {
 }
 
 impl Watcher {
+    /// The replica ended on its own (or never became ready): whatever its flows started in its
+    /// process group is ended too before the exit is reported, so nothing of it runs when a
+    /// standby takes over.
+    async fn ended(&self, reason: ExitReason) {
+        if !self.replica.ending.load(Ordering::Relaxed) {
+            process::signal_group(self.replica.pid, Signal::KILL);
+            match process::reap_group(&self.id, self.replica.pid, self.replica.exit.clone()).await {
+                Ok(()) => self.replica.reaped.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::error!(replica = %self.id, error = %e, "what the replica started is still running")
+                }
+            }
+        }
+        self.send(EventKind::Exited {
+            reason,
+            restarting: false,
+        });
+    }
+
     fn send(&self, kind: EventKind) {
         if !self.replica.ending.load(Ordering::Relaxed) {
             let _ = self.events.send(Event {
@@ -63,10 +82,7 @@ pub(crate) async fn watch_replica(w: Watcher, boot: Option<Boot>, running: Runni
                 w.send(EventKind::Ready(running));
             }
             Err(reason) => {
-                w.send(EventKind::Exited {
-                    reason,
-                    restarting: false,
-                });
+                w.ended(reason).await;
                 return;
             }
         }
@@ -76,14 +92,14 @@ pub(crate) async fn watch_replica(w: Watcher, boot: Option<Boot>, running: Runni
     loop {
         tokio::select! {
             reason = process::exited(&mut exit) => {
-                w.send(EventKind::Exited { reason, restarting: false });
+                w.ended(reason).await;
                 return;
             }
             _ = tokio::time::sleep(w.liveness.interval) => {}
         }
         let answered = tokio::select! {
             reason = process::exited(&mut exit) => {
-                w.send(EventKind::Exited { reason, restarting: false });
+                w.ended(reason).await;
                 return;
             }
             r = admin::flow_state(w.replica.addr, &w.replica.secret, w.liveness.hang_after) => r.is_ok(),

@@ -510,3 +510,70 @@ async fn a_replica_the_proxy_gives_up_on_is_checked_at_once_and_fenced_only_when
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(w.coordinator.status("id-hint").replicas[1].restarts, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_of_tandem_no_standby_is_promoted_before_every_replica_has_reported() {
+    let w = world();
+    w.fake.manual_ready();
+    // From before: r1 is the active (its flows run), r0 a standby. r0 answers first.
+    w.fake.adoptable(r("slow", 0), FlowState::Stopped, false);
+    w.fake.adoptable(r("slow", 1), FlowState::Started, false);
+    w.coordinator.apply(vec![desired("slow", 2, true)]);
+    w.fake
+        .until("both adopted", |c| {
+            count(c, |c| matches!(c, Call::Start(..))) == 2
+        })
+        .await;
+    w.fake.ready(&r("slow", 0));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // r1 has not reported: it may be running its flows, so r0's are not started.
+    assert!(
+        !w.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::SetFlows(_, FlowState::Started))),
+        "{:#?}",
+        w.fake.calls()
+    );
+    w.fake.ready(&r("slow", 1));
+    w.status_is("id-slow", InstanceState::Running).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(w.fake.running_flows("slow"), [1]);
+    assert_eq!(w.plane.ready("slow"), [1]);
+    assert_eq!(w.fake.violations(), Vec::<String>::new());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_replica_is_fenced_at_once_even_with_a_call_to_it_in_flight() {
+    let w = world();
+    let mut d = desired("busy", 2, true);
+    w.coordinator.apply(vec![d.clone()]);
+    w.fake
+        .until("an active", |c| {
+            c.contains(&Call::SetFlows(r("busy", 0), FlowState::Started))
+        })
+        .await;
+    w.status_is("id-busy", InstanceState::Running).await;
+    // Calls now take 30 s (a replica that will never answer them): a deploy starts on r0.
+    w.fake.slow_calls(Duration::from_secs(30));
+    d.flows = Flows::new(serde_json::json!([{"id": "n2", "type": "tab"}]));
+    w.coordinator.apply(vec![d]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let hung_at = tokio::time::Instant::now();
+    w.fake.hang(&r("busy", 0));
+    w.fake
+        .until("r0 fenced", |c| c.contains(&Call::Fence(r("busy", 0))))
+        .await;
+    assert!(
+        hung_at.elapsed() < Duration::from_secs(1),
+        "the fence waited {:?} for the deploy",
+        hung_at.elapsed()
+    );
+    w.fake.slow_calls(Duration::ZERO);
+    w.fake
+        .until("r1 active", |c| {
+            c.contains(&Call::SetFlows(r("busy", 1), FlowState::Started))
+        })
+        .await;
+    assert_eq!(w.fake.violations(), Vec::<String>::new());
+}
