@@ -18,9 +18,11 @@
 //! `/admin`, and accepts admin calls only with its secret in `x-tandem-token` ([`admin`]). It
 //! runs in its own process group, so a stop or a fence reaches everything it started.
 //!
-//! Each started replica has a watcher task: it waits for readiness, then checks the admin API
-//! every [`Liveness::interval`] and reports [`EventKind::Hung`] once nothing has answered for
-//! [`Liveness::hang_after`], and reports how the process ended.
+//! Each started replica has a watcher task ([`watcher`]): it waits for readiness, then checks the
+//! admin API every [`Liveness::interval`] and reports [`EventKind::Hung`] once nothing has
+//! answered for [`Liveness::hang_after`], and reports how the process ended. Signals go to the
+//! replica's process group through rustix; a stop or fence holds once no process of the group
+//! runs.
 
 mod admin;
 mod install;
