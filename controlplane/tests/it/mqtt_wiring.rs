@@ -37,10 +37,12 @@ fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
 
 #[tokio::test]
 async fn a_bad_exclusion_of_one_instance_leaves_every_other_listener_working() {
-    let dir = std::env::temp_dir().join(format!("tandem-it-mqtt-wiring-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-it-mqtt-wiring-")
+        .tempdir()
+        .unwrap();
     let mut wiring = MqttWiring::new(
-        &dir,
+        dir.path(),
         tandem_proxy::MqttConfig::new("127.0.0.1:1"),
         Arc::new(tandem_proxy::ProxyStats::default()),
     )
@@ -56,7 +58,7 @@ async fn a_bad_exclusion_of_one_instance_leaves_every_other_listener_working() {
     // Each replica's URL is the listener kept for its own slot (`<name>/<slot>` in the ports
     // file), whatever other slots got.
     let ports: BTreeMap<String, u16> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("mqtt-ports.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("mqtt-ports.json")).unwrap())
             .unwrap();
     for d in &list {
         let name = &d.process.instance;
@@ -82,5 +84,4 @@ async fn a_bad_exclusion_of_one_instance_leaves_every_other_listener_working() {
         }
     }
     wiring.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -210,11 +210,12 @@ fn a_refused_publish_leaves_live_replicas_alone() {
 
 #[test]
 fn a_refused_routes_file_leaves_live_probe_settings_alone() {
-    let path = std::env::temp_dir().join(format!(
-        "tandem-refused-routes-{}-{:x}.toml",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
+    let routes_file = tempfile::Builder::new()
+        .prefix("tandem-refused-routes-")
+        .suffix(".toml")
+        .tempfile()
+        .unwrap();
+    let path = routes_file.path();
     let instance = |name: &str, extra: &str| {
         format!(
             "[[instance]]\nname = \"{name}\"\nhosts = [\"orders.localhost\"]\n\
@@ -222,7 +223,7 @@ fn a_refused_routes_file_leaves_live_probe_settings_alone() {
         )
     };
     std::fs::write(
-        &path,
+        path,
         format!(
             "[health]\ninterval_ms = 500\n{}",
             instance("orders", "health_path = \"/healthz\"")
@@ -230,7 +231,7 @@ fn a_refused_routes_file_leaves_live_probe_settings_alone() {
     )
     .unwrap();
     let routes = Routes::new();
-    file::load(&path, &routes).unwrap();
+    file::load(path, &routes).unwrap();
     let state = routes.load().instances()[0].replicas[0].state.clone();
     let before = state.probe_config();
     assert_eq!(before.as_ref().map(|c| c.path.as_str()), Some("/healthz"));
@@ -238,7 +239,7 @@ fn a_refused_routes_file_leaves_live_probe_settings_alone() {
 
     // New probe settings for the live replica, in a file refused for a duplicate host.
     std::fs::write(
-        &path,
+        path,
         format!(
             "[health]\ninterval_ms = 9000\n{}{}",
             instance("orders", "health_path = \"/other\""),
@@ -246,14 +247,14 @@ fn a_refused_routes_file_leaves_live_probe_settings_alone() {
         ),
     )
     .unwrap();
-    let err = file::load(&path, &routes).unwrap_err().to_string();
+    let err = file::load(path, &routes).unwrap_err().to_string();
     assert!(err.contains("claimed by both"), "{err}");
     assert_eq!(state.probe_config(), before, "probe settings unchanged");
     assert!(!state.health.probed_healthy(), "probe verdict unchanged");
 
     // With probes switched off by a refused file, the verdict stays too.
     std::fs::write(
-        &path,
+        path,
         format!(
             "{}{}",
             instance("orders", "health_check = false"),
@@ -261,8 +262,7 @@ fn a_refused_routes_file_leaves_live_probe_settings_alone() {
         ),
     )
     .unwrap();
-    assert!(file::load(&path, &routes).is_err());
-    let _ = std::fs::remove_file(&path);
+    assert!(file::load(path, &routes).is_err());
     assert_eq!(state.probe_config(), before);
     assert!(!state.health.probed_healthy());
     assert!(state.is_ready());

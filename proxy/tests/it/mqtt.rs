@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +30,8 @@ const WAIT: Duration = Duration::from_secs(20);
 /// A Mosquitto process with its own config and log, killed on drop.
 pub struct Broker {
     pub addr: SocketAddr,
-    dir: PathBuf,
+    /// The config and the log; removed on drop, after the kill.
+    dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
@@ -45,16 +45,14 @@ fn mosquitto_bin() -> &'static str {
 impl Broker {
     pub async fn start() -> Self {
         let port = tandem_proxy::net::free_port().unwrap();
-        let dir = std::env::temp_dir().join(format!(
-            "tandem-mqtt-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-mqtt-")
+            .tempdir()
+            .unwrap();
         // max_queued_messages: the default 1000 drops messages of a surviving group member
         // during failover (see shared/notes/mqtt-shared-subscriptions.md).
         std::fs::write(
-            dir.join("mosquitto.conf"),
+            dir.path().join("mosquitto.conf"),
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                  log_dest stderr\nlog_type all\nmax_queued_messages 100000\nsys_interval 1\n"
@@ -74,11 +72,11 @@ impl Broker {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("mosquitto.log"))
+            .open(self.dir.path().join("mosquitto.log"))
             .unwrap();
         let child = Command::new(mosquitto_bin())
             .arg("-c")
-            .arg(self.dir.join("mosquitto.conf"))
+            .arg(self.dir.path().join("mosquitto.conf"))
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -110,7 +108,7 @@ impl Broker {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 }
 
@@ -119,7 +117,6 @@ impl Drop for Broker {
         if let Some(c) = self.child.as_mut() {
             let _ = c.start_kill();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -893,9 +890,11 @@ async fn mqtt_ha_instance_rewrites_connect_and_subscribe_only() {
 #[tokio::test]
 async fn mqtt_listeners_follow_the_routes_file() {
     let broker = Broker::start().await;
-    let dir = std::env::temp_dir().join(format!("tandem-mqtt-routes-{}", fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("routes.toml");
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-mqtt-routes-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("routes.toml");
     let free =
         || std::net::SocketAddr::from(([127, 0, 0, 1], tandem_proxy::net::free_port().unwrap()));
     let (l0, l1) = (free(), free());
@@ -943,7 +942,6 @@ async fn mqtt_listeners_follow_the_routes_file() {
     c.until("the connection closed", |s| !s.errors.is_empty())
         .await;
     assert!(TcpStream::connect(l0).await.is_err());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // === TLS to the broker ===
@@ -1021,11 +1019,15 @@ fn certificates(dir: &std::path::Path) {
 #[tokio::test]
 async fn mqtt_tls_to_the_broker_checks_its_certificate() {
     use tandem_proxy::mqtt::tls::UpstreamTls;
-    let dir = std::env::temp_dir().join(format!("tandem-mqtt-tls-{}", fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
+    let temp = tempfile::Builder::new()
+        .prefix("tandem-mqtt-tls-")
+        .tempdir()
+        .unwrap();
+    let dir = temp.path();
+    // Mosquitto may read the certificates as its own user: open the directory (0700 as made).
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    certificates(&dir);
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    certificates(dir);
     let port = tandem_proxy::net::free_port().unwrap();
     std::fs::write(
         dir.join("mosquitto.conf"),
@@ -1112,5 +1114,4 @@ async fn mqtt_tls_to_the_broker_checks_its_certificate() {
     std::fs::write(dir.join("bad.pem"), "not a certificate").unwrap();
     let err = UpstreamTls::new(Some(dir.join("bad.pem"))).unwrap_err();
     assert!(err.contains("bad.pem"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -35,8 +35,8 @@ async fn the_routes_file_changes_under_load_with_no_failed_request() {
         Upstream::start("u1").await,
         Upstream::start("u2").await,
     ];
-    let dir = TempDir::new("reload");
-    let path = dir.0.join("routes.toml");
+    let dir = temp_dir("reload");
+    let path = dir.path().join("routes.toml");
     write(&path, &routes_text(&[ups[0].addr, ups[1].addr], 0));
     let routes = Arc::new(Routes::new());
     file::load(&path, &routes).unwrap();
@@ -98,8 +98,8 @@ async fn the_routes_file_changes_under_load_with_no_failed_request() {
 #[tokio::test]
 async fn a_broken_routes_file_keeps_the_current_routes_and_is_reported() {
     let u = Upstream::start("u0").await;
-    let dir = TempDir::new("broken");
-    let path = dir.0.join("routes.toml");
+    let dir = temp_dir("broken");
+    let path = dir.path().join("routes.toml");
     write(&path, &routes_text(&[u.addr], 0));
     let routes = Arc::new(Routes::new());
     file::load(&path, &routes).unwrap();

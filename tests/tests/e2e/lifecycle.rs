@@ -174,8 +174,12 @@ async fn a_killed_replica_is_restarted_and_a_crash_loop_is_held() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_tandem_adopts_running_replicas() {
-    let dir = std::env::temp_dir().join(format!("tandem-e2e-adopt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let temp = tempfile::Builder::new()
+        .prefix("tandem-e2e-adopt-")
+        .tempdir()
+        .unwrap();
+    // The data directory is made inside by the harness, as `Tandem::start` does.
+    let dir = temp.path().join("data");
     let mut t = Tandem::start_in(&dir, false).await;
     let (app, _) = t.team_and_app("Adopt").await;
     let id = t.instance(&app, "steady", hello_flows(), 1).await;
@@ -198,5 +202,4 @@ async fn a_restarted_tandem_adopts_running_replicas() {
         .any(|e| e["msg"].as_str().unwrap_or("").contains("adopted")));
     drop(t2);
     assert!(!alive(pid));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,16 +15,19 @@ use crate::harness::{free_port, Tandem};
 struct Mosquitto {
     addr: SocketAddr,
     child: Child,
-    dir: std::path::PathBuf,
+    /// Its config; removed on drop, after the kill.
+    _dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
     fn start() -> Self {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("tandem-e2e-mosquitto-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-e2e-mosquitto-")
+            .tempdir()
+            .unwrap();
         std::fs::write(
-            dir.join("mosquitto.conf"),
+            dir.path().join("mosquitto.conf"),
             format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
         )
         .unwrap();
@@ -34,7 +37,7 @@ impl Mosquitto {
             .unwrap_or("mosquitto");
         let child = Command::new(bin)
             .arg("-c")
-            .arg(dir.join("mosquitto.conf"))
+            .arg(dir.path().join("mosquitto.conf"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -45,7 +48,11 @@ impl Mosquitto {
             assert!(Instant::now() < deadline, "mosquitto did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { addr, child, dir }
+        Self {
+            addr,
+            child,
+            _dir: dir,
+        }
     }
 }
 
@@ -53,7 +60,6 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -173,8 +179,11 @@ async fn ha_replicas_share_mqtt_messages_through_tandem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tandem_proxy_serves_the_mqtt_listeners_of_its_routes_file() {
     let broker = Mosquitto::start();
-    let dir = std::env::temp_dir().join(format!("tandem-e2e-mqtt-proxy-{}", free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let temp = tempfile::Builder::new()
+        .prefix("tandem-e2e-mqtt-proxy-")
+        .tempdir()
+        .unwrap();
+    let dir = temp.path();
     let (l0, l1) = (free_port(), free_port());
     let metrics = free_port();
     std::fs::write(
@@ -279,5 +288,4 @@ async fn tandem_proxy_serves_the_mqtt_listeners_of_its_routes_file() {
     }
     let _ = proxy.kill();
     let _ = proxy.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }

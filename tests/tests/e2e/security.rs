@@ -182,12 +182,12 @@ async fn flows_cannot_read_secrets_or_anything_outside_their_user_dir() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_started_the_old_way_are_replaced_one_at_a_time_without_a_failed_request() {
-    let dir = std::env::temp_dir().join(format!(
-        "tandem-e2e-upgrade-{}-{}",
-        std::process::id(),
-        crate::harness::free_port()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
+    let temp = tempfile::Builder::new()
+        .prefix("tandem-e2e-upgrade-")
+        .tempdir()
+        .unwrap();
+    // The data directory is made inside by the harness, as `Tandem::start` does.
+    let dir = temp.path().join("data");
     let mut t = Tandem::start_in(&dir, false).await;
     let (app, _) = t.team_and_app("Upgrade").await;
     let id = t.instance(&app, "upgraded", hello_flows(), 2).await;

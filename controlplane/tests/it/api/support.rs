@@ -2,7 +2,7 @@
 //! PostgreSQL server they start once per test binary, an HTTP client, and fixtures.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -65,26 +65,21 @@ pub fn now_ms() -> i64 {
     tandem_controlplane::store::now_ms()
 }
 
-/// A directory removed on drop.
+/// A directory removed on drop (`tempfile`'s), named `<prefix>-<random>`.
 #[derive(Debug)]
-pub struct TempDir(PathBuf);
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(prefix: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), random_hex(6)));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()
+            .unwrap();
+        Self(dir)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
