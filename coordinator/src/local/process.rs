@@ -32,12 +32,17 @@ pub(crate) fn signal_group(pid: u32, signal: Signal) {
 /// and run nothing, and one whose parent is gone may never be reaped (Tandem as a container's
 /// PID 1 does not reap orphans).
 pub(crate) async fn group_running(pgid: u32) -> bool {
+    // The kernel says at once when nothing of the group is left, zombies included: the usual
+    // case, a replica alone in its group and reaped.
+    let any = i32::try_from(pgid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .is_some_and(|pid| rustix::process::test_kill_process_group(pid).is_ok());
+    if !any {
+        return false;
+    }
     let Ok(mut dir) = tokio::fs::read_dir("/proc").await else {
-        // No /proc to look in: ask the kernel, zombies included.
-        return i32::try_from(pgid)
-            .ok()
-            .and_then(Pid::from_raw)
-            .is_some_and(|pid| rustix::process::test_kill_process_group(pid).is_ok());
+        return true;
     };
     while let Ok(Some(entry)) = dir.next_entry().await {
         let name = entry.file_name();
