@@ -14,7 +14,6 @@ use tandem_coordinator::Coordinator;
 use crate::api::instances::{self, HaMode, TemplateCache};
 use crate::mqtt_wiring::MqttWiring;
 use crate::node_settings::Refused;
-use crate::secrets::PlatformKey;
 use crate::state::AppState;
 
 /// Stored settings or variables of one instance that its replicas do not get.
@@ -32,7 +31,6 @@ pub struct NotApplied {
 /// stored configuration the rules refuse and leave out.
 pub async fn desired_instances(
     state: &AppState,
-    key: &PlatformKey,
 ) -> anyhow::Result<(Vec<InstanceDesired>, Vec<NotApplied>)> {
     type Stack = (String, String, Option<String>, i64);
     let extra: HashMap<String, Stack> = sqlx::query(
@@ -79,10 +77,10 @@ pub async fn desired_instances(
                 node_version: node_version.clone(),
                 memory_mb: (*memory_mb).clamp(64, 1 << 20) as u32,
                 ha: i.ha.is_some(),
-                admin_secret: key.derive("admin", &i.id),
-                credential_secret: key.derive("credentials", &i.id),
+                admin_secret: state.key.derive("admin", &i.id),
+                credential_secret: state.key.derive("credentials", &i.id),
                 settings: i.effective_settings,
-                env: i.effective_env,
+                env: i.env_revealed,
                 start_stopped: false,
             },
             flows,
@@ -171,7 +169,6 @@ async fn audit_once(
 /// now, after each change the API reports, and every 30 seconds, until `stop` resolves.
 pub async fn run<D: Driver>(
     state: AppState,
-    key: PlatformKey,
     coordinator: Arc<Coordinator<D>>,
     mut mqtt: Option<MqttWiring>,
     stop: impl std::future::Future<Output = ()>,
@@ -179,7 +176,7 @@ pub async fn run<D: Driver>(
     tokio::pin!(stop);
     let mut reporter = NotAppliedReporter::default();
     loop {
-        match desired_instances(&state, &key).await {
+        match desired_instances(&state).await {
             Ok((mut desired, not_applied)) => {
                 reporter.report(&state, not_applied).await;
                 if let Some(m) = &mut mqtt {

@@ -12,6 +12,7 @@
 //! - [`desired`]: every instance's desired state, projected from the store for the
 //!   coordinator, and the report of stored configuration the rules leave out.
 //! - [`secrets`]: instance secrets, derived from the platform key.
+//! - [`env_secrets`]: secret environment variables, sealed in the store and never shown.
 //! - [`mqtt_wiring`]: the MQTT proxy's per-replica listeners in `tandem serve`.
 //! - [`editor_gate`]: who may open an instance's editor through the proxy.
 //! - [`roles`]: roles and the permission table.
@@ -36,6 +37,7 @@ pub mod auth;
 pub mod cli;
 pub mod desired;
 pub mod editor_gate;
+pub mod env_secrets;
 pub mod error;
 pub mod metrics;
 pub mod mqtt_wiring;

@@ -75,7 +75,10 @@ const PREFIXES: &[&str] = &[
 ];
 
 /// `TANDEM_*` names an instance may set.
-pub const TANDEM_ALLOWED: &[&str] = &["TANDEM_MQTT_EXCLUDE"];
+pub const TANDEM_ALLOWED: &[&str] = &[MQTT_EXCLUDE];
+
+/// The variable that lists an instance's unshared MQTT subscriptions.
+pub const MQTT_EXCLUDE: &str = "TANDEM_MQTT_EXCLUDE";
 
 /// Longest value of a variable, in bytes.
 const MAX_VALUE: usize = 32 * 1024;

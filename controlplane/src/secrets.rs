@@ -45,16 +45,21 @@ impl PlatformKey {
 
     /// The secret for `purpose` of instance `id`: SHA-256 over key, purpose and id, in hex.
     pub fn derive(&self, purpose: &str, id: &str) -> String {
+        crate::store::hex(&self.derive_bytes(purpose, id))
+    }
+
+    /// [`PlatformKey::derive`] as bytes: a 256-bit key for `purpose` of instance `id`.
+    pub fn derive_bytes(&self, purpose: &str, id: &str) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.0);
         h.update(purpose.as_bytes());
         h.update([0]);
         h.update(id.as_bytes());
-        crate::store::hex(&h.finalize())
+        h.finalize().into()
     }
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
         return None;
     }

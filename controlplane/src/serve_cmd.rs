@@ -41,7 +41,9 @@ pub async fn state(
             Some(_) => "cannot open the PostgreSQL database".to_string(),
             None => format!("cannot open the store in {}", data_dir.display()),
         })?;
+    let key = PlatformKey::load_or_create(data_dir)?;
     Ok(AppState {
+        key,
         store,
         coordinator: Arc::new(NotObserved),
         metrics: Arc::default(),
@@ -184,7 +186,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(api = %api.local_addr()?, http = %http.local_addr()?, metrics = %metrics.local_addr()?, data_dir = %args.data_dir.display(), base_domain = %args.base_domain, "tandem serving");
 
     // The coordinator runs the instances' replicas and publishes them into the proxy's routes.
-    let key = PlatformKey::load_or_create(&args.data_dir)?;
     let routes = Arc::new(Routes::new());
     let mut driver = LocalDriver::new(&args.data_dir);
     if let Some(dir) = &args.stacks_dir {
@@ -250,7 +251,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let reconcile_task = tokio::spawn(crate::desired::run(
         state.clone(),
-        key,
         coordinator.clone(),
         mqtt,
         stopped(),

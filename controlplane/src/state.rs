@@ -51,4 +51,6 @@ pub struct AppState {
     pub more_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
     /// Failed sign-ins by user and address, limited by `config.login_limits`.
     pub login_throttle: Arc<LoginThrottle>,
+    /// The platform key: instance secrets derive from it, secret variables are sealed with it.
+    pub key: crate::secrets::PlatformKey,
 }

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
 use tandem_coordinator::spec::DesiredState;
+
+use crate::env_secrets::{self, EnvInput, EnvShown, EnvStored};
 use tandem_coordinator::status::ObservedStatus;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -105,13 +107,14 @@ pub struct Instance {
     /// The instance's own settings (overrides).
     #[schema(value_type = Object)]
     pub settings: Value,
-    /// The instance's own environment variables.
-    pub env: BTreeMap<String, String>,
+    /// The instance's own environment variables; a secret one shows as `{"secret": true}`,
+    /// never with its value.
+    pub env: BTreeMap<String, EnvShown>,
     /// Template and overrides merged: what the replicas get.
     #[schema(value_type = Object)]
     pub effective_settings: Value,
-    /// Environment merged with the template's.
-    pub effective_env: BTreeMap<String, String>,
+    /// Environment merged with the template's, secrets shown as `{"secret": true}`.
+    pub effective_env: BTreeMap<String, EnvShown>,
     /// Stored settings and variables (of the instance or its template) that Tandem's rules
     /// refuse: written before the rules existed, they are left out of what the replicas get.
     pub not_applied: Vec<Refused>,
@@ -124,6 +127,12 @@ pub struct Instance {
     pub created_at: i64,
     /// Last change, epoch ms.
     pub updated_at: i64,
+    /// The variables as stored (secrets sealed): what an update keeps. Never serialized.
+    #[serde(skip)]
+    pub(crate) env_stored: BTreeMap<String, EnvStored>,
+    /// The effective environment with secrets opened: what the replicas get. Never serialized.
+    #[serde(skip)]
+    pub(crate) env_revealed: BTreeMap<String, String>,
 }
 
 /// A new instance.
@@ -141,9 +150,10 @@ pub struct NewInstance {
     /// Node-RED settings overrides: only the settings Tandem allows, each with its type.
     #[schema(value_type = Option<crate::node_settings::NodeSettings>)]
     pub settings: Option<Value>,
-    /// Environment variables.
+    /// Environment variables: a string, or `{"value": "...", "secret": true}` for a secret
+    /// (sealed in the store, never shown again).
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvInput>,
     /// Initial flows: a Node-RED flows array.
     #[schema(value_type = Option<Vec<Object>>)]
     pub flows: Option<Value>,
@@ -161,8 +171,9 @@ pub struct InstanceUpdate {
     /// New settings overrides (replace the old ones): only the settings Tandem allows.
     #[schema(value_type = Option<crate::node_settings::NodeSettings>)]
     pub settings: Option<Value>,
-    /// New environment (replaces the old one).
-    pub env: Option<BTreeMap<String, String>>,
+    /// New environment (replaces the old one); `{"secret": true}` without a value keeps a
+    /// stored secret.
+    pub env: Option<BTreeMap<String, EnvInput>>,
     /// Move to another stack.
     pub stack_id: Option<String>,
 }
@@ -248,8 +259,9 @@ pub(crate) async fn view(
     let name: String = r.get(1);
     let template_id: Option<String> = r.get(5);
     let settings = json_text(&r.get::<String, _>(6));
-    let env: BTreeMap<String, String> =
-        serde_json::from_str(&r.get::<String, _>(7)).unwrap_or_default();
+    let id: String = r.get(0);
+    let env_stored = env_secrets::parse_stored(&r.get::<String, _>(7));
+    let env = env_secrets::reveal(&state.key, &id, &env_stored);
     let template = match &template_id {
         Some(t) => {
             if !cache.contains_key(t) {
@@ -260,12 +272,12 @@ pub(crate) async fn view(
         None => None,
     };
     // Stored values were valid when written, but may be refused by rules that came later.
-    let (effective_settings, effective_env, not_applied) =
+    let (effective_settings, env_revealed, not_applied) =
         templates::effective_stored(template.as_ref(), &settings, &env);
     let replicas: Option<i64> = r.get(8);
     let mode: Option<String> = r.get(9);
     Ok(Instance {
-        id: r.get(0),
+        id,
         url: format!("http://{name}.{}", state.config.base_domain),
         name,
         team_id: r.get(2),
@@ -273,9 +285,9 @@ pub(crate) async fn view(
         stack_id: r.get(4),
         template_id,
         settings,
-        env,
+        env: env_secrets::shown_stored(&env_stored),
         effective_settings,
-        effective_env,
+        effective_env: env_secrets::shown(&env_revealed, &env_stored),
         not_applied,
         ha: replicas.map(|replicas| Ha {
             replicas,
@@ -292,6 +304,8 @@ pub(crate) async fn view(
         )?,
         created_at: r.get(11),
         updated_at: r.get(12),
+        env_stored,
+        env_revealed,
     })
 }
 
@@ -347,13 +361,18 @@ async fn create_instance(
         None => None,
     };
     let settings = body.settings.clone().unwrap_or_else(|| json!({}));
-    templates::effective(template.as_ref(), &settings, &body.env)?;
+    let id = new_id();
+    let env = env_secrets::resolve(&state.key, &id, &body.env, &BTreeMap::new())?;
+    templates::effective(
+        template.as_ref(),
+        &settings,
+        &env_secrets::reveal(&state.key, &id, &env),
+    )?;
     let flows = body.flows.clone().unwrap_or_else(|| json!([]));
     check_flows(&flows)?;
     if let Some(ha) = &body.ha {
         check_ha(&state, ha, "ha.replicas")?;
     }
-    let id = new_id();
     let now = now_ms();
     let mut tx = state.store.write().await?;
     sqlx::query(
@@ -367,7 +386,7 @@ async fn create_instance(
     .bind(&body.stack_id)
     .bind(body.template_id.clone())
     .bind(settings.to_string())
-    .bind(json!(body.env).to_string())
+    .bind(json!(env).to_string())
     .bind(flows.to_string())
     .bind(body.ha.map(|h| h.replicas))
     .bind(body.ha.map(|h| h.mode.as_str()))
@@ -418,10 +437,19 @@ async fn update_instance(
         .settings
         .clone()
         .unwrap_or_else(|| crate::node_settings::sanitize("settings", &before.settings).0);
-    let env = body
-        .env
-        .clone()
-        .unwrap_or_else(|| crate::node_env::sanitize("env", &before.env).0);
+    let env = match &body.env {
+        Some(input) => env_secrets::resolve(&state.key, &id, input, &before.env_stored)?,
+        None => {
+            let revealed = env_secrets::reveal(&state.key, &id, &before.env_stored);
+            let kept = crate::node_env::sanitize("env", &revealed).0;
+            before
+                .env_stored
+                .iter()
+                .filter(|(name, _)| kept.contains_key(*name))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }
+    };
     let stack_id = body
         .stack_id
         .clone()
@@ -435,7 +463,11 @@ async fn update_instance(
         Some(t) => Some(templates::load(&state, t).await?),
         None => None,
     };
-    templates::effective(template.as_ref(), &settings, &env)?;
+    templates::effective(
+        template.as_ref(),
+        &settings,
+        &env_secrets::reveal(&state.key, &id, &env),
+    )?;
     let mut tx = state.store.write().await?;
     sqlx::query("UPDATE instances SET settings = $1, env = $2, stack_id = $3, updated_at = $4 WHERE id = $5")
         .bind(settings.to_string())
@@ -448,7 +480,7 @@ async fn update_instance(
     let subject = Subject::instance(&before.team_id, &id);
     audit::record(&mut tx, Some(&caller), "instance.updated", subject, json!({
         "before": { "settings": before.settings, "env": before.env, "stack_id": before.stack_id },
-        "after": { "settings": settings, "env": env, "stack_id": stack_id },
+        "after": { "settings": settings, "env": env_secrets::shown_stored(&env), "stack_id": stack_id },
     })).await?;
     tx.commit().await?;
     state.coordinator.changed();

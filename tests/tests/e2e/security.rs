@@ -257,3 +257,54 @@ async fn replicas_started_the_old_way_are_replaced_one_at_a_time_without_a_faile
         "{logs:?}"
     );
 }
+
+/// Issue 11's secret variables: a real replica's flow reads the value; no API shows it, and the
+/// data directory does not hold it in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_variable_reaches_the_flows_and_nothing_else() {
+    let t = Tandem::start("secret-env").await;
+    let (app, _) = t.team_and_app("Secrets").await;
+    let flows = json!([
+        { "id": "t", "type": "tab", "label": "Secret" },
+        { "id": "in", "type": "http in", "z": "t", "url": "/token", "method": "get", "wires": [["fn"]] },
+        { "id": "fn", "type": "function", "z": "t", "wires": [["out"]],
+          "func": "msg.payload = env.get('API_TOKEN') || 'none'; return msg;" },
+        { "id": "out", "type": "http response", "z": "t", "statusCode": "", "headers": {}, "wires": [] }
+    ]);
+    let r = t
+        .api(
+            "POST",
+            "/api/v1/instances",
+            json!({
+                "name": "vault",
+                "application_id": app,
+                "stack_id": t.stack().await,
+                "flows": flows,
+                "env": { "API_TOKEN": { "value": "tok-8c1f-secret", "secret": true } },
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(r.json()["env"], json!({ "API_TOKEN": { "secret": true } }));
+    t.wait_running(&id, 1).await;
+    let r = t.get("vault", "/token").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "tok-8c1f-secret"));
+    let r = t
+        .api("GET", &format!("/api/v1/instances/{id}"), Value::Null)
+        .await;
+    assert!(!r.body.contains("tok-8c1f"), "{}", r.body);
+    // Tandem's own files hold it sealed only (the database, its journal).
+    for entry in std::fs::read_dir(&t.dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(
+                !text.contains("tok-8c1f"),
+                "{} holds the secret",
+                path.display()
+            );
+        }
+    }
+}

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tandem_controlplane::desired::{desired_instances, NotAppliedReporter};
-use tandem_controlplane::secrets::PlatformKey;
 use tandem_controlplane::state::ApiConfig;
 use tandem_coordinator::logs::{Cursor, LogBook};
 
@@ -204,8 +203,7 @@ async fn stored_values_the_rules_refuse_are_left_out_named_logged_and_audited_on
     );
 
     // The replicas get the allowed part only.
-    let key = PlatformKey::from_bytes([7; 32]);
-    let (desired, not_applied) = desired_instances(&s.state, &key).await.unwrap();
+    let (desired, not_applied) = desired_instances(&s.state).await.unwrap();
     let d = desired.iter().find(|d| d.id == id).unwrap();
     assert_eq!(d.process.settings, json!({ "functionTimeout": 5 }));
     assert!(!d.process.env.contains_key("NODE_OPTIONS"));
@@ -216,7 +214,7 @@ async fn stored_values_the_rules_refuse_are_left_out_named_logged_and_audited_on
     for _ in 0..2 {
         let mut reporter = NotAppliedReporter::default();
         for _ in 0..2 {
-            let (_, not_applied) = desired_instances(&s.state, &key).await.unwrap();
+            let (_, not_applied) = desired_instances(&s.state).await.unwrap();
             reporter.report(&s.state, not_applied).await;
         }
     }

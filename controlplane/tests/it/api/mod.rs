@@ -14,5 +14,6 @@ mod matrix;
 mod metrics_labels;
 mod ops;
 mod races;
+mod secret_env;
 pub(crate) mod support;
 mod validation;
