@@ -1,7 +1,8 @@
 //! Who may open a non-HA instance's editor through the proxy: members and owners of its team
 //! (and platform admins), signed in with a session cookie or a `tdm_` bearer token. Viewers and
 //! other users get 403; requests without valid credentials get 401 with where to sign in. The
-//! proxy then adds the instance's admin secret; users never see it.
+//! proxy then adds the instance's admin secret; users never see it. A protected instance's
+//! editor is read-only for members: only owners send it anything but reads.
 //!
 //! The session cookie reaches every instance host under the base domain, including other teams'
 //! instances, whose flows can serve pages. So a request authenticated by the cookie alone that
@@ -48,20 +49,37 @@ impl EditorGate for TeamEditorGate {
                 }
                 Err(e) => return EditorDecision::Deny(format!("{e}\n")),
             };
-            let team: Option<String> =
-                match sqlx::query("SELECT team_id FROM instances WHERE name = $1")
+            let found: Option<(String, i64)> =
+                match sqlx::query("SELECT team_id, protected FROM instances WHERE name = $1")
                     .bind(instance)
                     .fetch_optional(&state.store.pool)
                     .await
                 {
-                    Ok(row) => row.map(|r| r.get(0)),
+                    Ok(row) => row.map(|r| (r.get(0), r.get(1))),
                     Err(e) => return EditorDecision::Deny(format!("cannot check access: {e}\n")),
                 };
-            let Some(team) = team else {
+            let Some((team, protected)) = found else {
                 return EditorDecision::Deny(format!("no instance {instance}\n"));
             };
-            match authorize(state, &caller, &team, Action::OpenEditor).await {
+            // A protected instance's editor is read-only but for owners: anything that is
+            // not a read (a deploy, a flow state change, a context write) needs the owner role.
+            let reads = matches!(
+                *method,
+                http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+            );
+            let action = if protected != 0 && !reads {
+                Action::DeployProtected
+            } else {
+                Action::OpenEditor
+            };
+            match authorize(state, &caller, &team, action).await {
                 Ok(()) => EditorDecision::Allow,
+                Err(ApiError::Forbidden(_)) if action == Action::DeployProtected => {
+                    EditorDecision::Deny(format!(
+                        "{instance} is protected: only its team's owners deploy to it; its editor is read-only for {}\n",
+                        caller.username
+                    ))
+                }
                 Err(ApiError::NotFound(_)) => EditorDecision::Deny(format!(
                     "{} is not a member of the team that owns {instance}\n",
                     caller.username

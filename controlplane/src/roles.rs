@@ -66,6 +66,11 @@ pub enum Action {
     ReadInstanceAudit,
     /// Open a non-HA instance's editor through the proxy.
     OpenEditor,
+    /// Protect an instance, or lift its protection.
+    ProtectInstance,
+    /// Change what a protected instance runs (deploy from its editor, and later through
+    /// snapshots and pipelines).
+    DeployProtected,
 }
 
 /// The permission table: the lowest role allowed to do `action`. Platform admins may do all.
@@ -75,6 +80,8 @@ pub fn required(action: Action) -> Role {
         Read => Role::Viewer,
         ReadInstanceAudit | EditInstance | ControlInstance | OpenEditor => Role::Member,
         EditTeam | DeleteTeam | ManageMembers | ReadTeamAudit | ManageApplications
-        | CreateInstance | DeleteInstance | ManageHa => Role::Owner,
+        | CreateInstance | DeleteInstance | ManageHa | ProtectInstance | DeployProtected => {
+            Role::Owner
+        }
     }
 }

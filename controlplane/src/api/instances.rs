@@ -32,6 +32,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(instance_action))
         .routes(routes!(instance_status))
         .routes(routes!(get_ha, put_ha, delete_ha))
+        .routes(routes!(get_protection, put_protection))
 }
 
 /// Names that cannot be instance names: they are, or may become, Tandem's own hosts.
@@ -123,6 +124,8 @@ pub struct Instance {
     /// `running`, `stopped` or `suspended`.
     #[schema(value_type = String)]
     pub desired_state: DesiredState,
+    /// Only the team's owners change what it runs (its editor is read-only for members).
+    pub protected: bool,
     /// Creation time, epoch ms.
     pub created_at: i64,
     /// Last change, epoch ms.
@@ -246,7 +249,7 @@ fn check_flows(flows: &Value) -> ApiResult<()> {
     Ok(())
 }
 
-pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at";
+pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected";
 
 /// Templates already loaded while building a list of instances.
 pub(crate) type TemplateCache = std::collections::HashMap<String, Option<templates::Template>>;
@@ -304,6 +307,7 @@ pub(crate) async fn view(
         )?,
         created_at: r.get(11),
         updated_at: r.get(12),
+        protected: r.get::<i64, _>(13) != 0,
         env_stored,
         env_revealed,
     })
@@ -637,6 +641,65 @@ async fn instance_status(
         observed,
         not_applied: i.not_applied,
     }))
+}
+
+/// Whether an instance is protected.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Protection {
+    /// Only the team's owners change what it runs: members get its editor read-only.
+    pub protected: bool,
+}
+
+/// Whether the instance is protected (viewers).
+#[utoipa::path(get, path = "/api/v1/instances/{id}/protection", tag = "instances", params(("id" = String, Path, description = "Instance id")),
+    responses((status = 200, body = Protection), (status = 404, body = crate::error::ErrorBody)))]
+async fn get_protection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Protection>> {
+    let i = load_for(&state, &caller, &id, Action::Read).await?;
+    Ok(Json(Protection {
+        protected: i.protected,
+    }))
+}
+
+/// Protects the instance, or lifts its protection (owners). While protected, only owners
+/// change what it runs.
+#[utoipa::path(put, path = "/api/v1/instances/{id}/protection", tag = "instances", params(("id" = String, Path, description = "Instance id")), request_body = Protection,
+    responses((status = 200, body = Protection), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn put_protection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<Protection>,
+) -> ApiResult<Json<Protection>> {
+    let before = load_for(&state, &caller, &id, Action::ProtectInstance).await?;
+    if before.protected != body.protected {
+        let mut tx = state.store.write().await?;
+        sqlx::query("UPDATE instances SET protected = $1, updated_at = $2 WHERE id = $3")
+            .bind(i64::from(body.protected))
+            .bind(now_ms())
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        let event = if body.protected {
+            "instance.protected"
+        } else {
+            "instance.unprotected"
+        };
+        audit::record(
+            &mut tx,
+            Some(&caller),
+            event,
+            Subject::instance(&before.team_id, &id),
+            json!({ "before": before.protected, "after": body.protected }),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    Ok(Json(body))
 }
 
 /// HA settings (viewers); 404 when HA is off.

@@ -65,12 +65,27 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
 
     let store = db.open().await;
     let mut c = store.pool.acquire().await.unwrap();
-    assert_eq!(dump(&mut c, &[]).await, before, "rows after the upgrade");
+    let after = dump(&mut c, &[]).await;
+    assert_eq!(v0_1_part(&after, &before), before, "rows after the upgrade");
+    // Migration 2 added `instances.protected`, false for every instance there.
+    let protected: Vec<i64> = sqlx::query("SELECT protected FROM instances")
+        .fetch_all(&mut *c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(protected, [0, 0]);
     let recorded = recorded(&mut c).await;
     assert_eq!(
-        recorded,
-        vec![migration_1()],
+        recorded[0],
+        migration_1(),
         "migration 1 recorded as applied"
+    );
+    assert_eq!(
+        recorded.iter().map(|m| m.0).collect::<Vec<_>>(),
+        MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>(),
+        "the later migrations ran"
     );
     assert_eq!(tables(&mut c, backend).await, all_tables());
     drop(c);
@@ -79,7 +94,7 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
     // Again: adopted once, checked against its checksum from now on.
     let store = db.open().await;
     let mut c = store.pool.acquire().await.unwrap();
-    assert_eq!(dump(&mut c, &[]).await, before, "rows after a second open");
+    assert_eq!(dump(&mut c, &[]).await, after, "rows after a second open");
     assert_eq!(self::recorded(&mut c).await, recorded);
     drop(c);
 
@@ -113,17 +128,24 @@ async fn later_migration_runs_after_adoption(backend: Backend) {
         before
     };
 
+    // This binary's migrations, and one past the last.
     let dir = TempDir::new("tandem-migrations");
-    std::fs::write(dir.path().join("0001_initial_schema.sql"), MIGRATION_1).unwrap();
-    let second = "ALTER TABLE teams ADD COLUMN note TEXT NOT NULL DEFAULT '';\n";
-    std::fs::write(dir.path().join("0002_team_note.sql"), second).unwrap();
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for entry in std::fs::read_dir(&ours).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let next = MIGRATOR.iter().map(|m| m.version).max().unwrap() + 1;
+    let extra = "ALTER TABLE teams ADD COLUMN note TEXT NOT NULL DEFAULT '';\n";
+    std::fs::write(dir.path().join(format!("{next:04}_team_note.sql")), extra).unwrap();
     let migrator = Migrator::new(dir.path().to_path_buf()).await.unwrap();
 
     let store = Store::open_with_migrations(db.dir.path(), db.url.as_deref(), &migrator)
         .await
         .unwrap();
     let mut c = store.pool.acquire().await.unwrap();
-    assert_eq!(dump(&mut c, &["teams"]).await, before);
+    let after = dump(&mut c, &["teams"]).await;
+    assert_eq!(v0_1_part(&after, &before), before);
     let teams: Vec<(String, String)> = sqlx::query("SELECT slug, note FROM teams")
         .fetch_all(&mut *c)
         .await
@@ -133,17 +155,19 @@ async fn later_migration_runs_after_adoption(backend: Backend) {
         .collect();
     assert_eq!(teams, [("units".to_string(), String::new())]);
     let versions: Vec<i64> = recorded(&mut c).await.iter().map(|m| m.0).collect();
-    assert_eq!(versions, [1, 2]);
+    let mut expected: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    expected.push(next);
+    assert_eq!(versions, expected);
     assert_eq!(recorded(&mut c).await[0], migration_1());
     drop(c);
     drop(store);
 
     let err = Store::open(db.dir.path(), db.url.as_deref())
         .await
-        .expect_err("a binary without migration 2 must refuse the database");
+        .expect_err("a binary without the last migration must refuse the database");
     let err = format!("{err:#}");
     assert!(
-        err.contains("migration 2") && err.contains("newer tandem"),
+        err.contains(&format!("migration {next}")) && err.contains("newer tandem"),
         "{err}"
     );
 }
@@ -196,7 +220,12 @@ async fn postgres_control_planes_start_together() {
         let opens = (0..4).map(|_| db.open());
         let stores = futures_util::future::join_all(opens).await;
         let mut c = stores[0].pool.acquire().await.unwrap();
-        assert_eq!(recorded(&mut c).await, [migration_1()]);
+        let recorded = recorded(&mut c).await;
+        assert_eq!(recorded[0], migration_1());
+        assert_eq!(
+            recorded.iter().map(|m| m.0).collect::<Vec<_>>(),
+            MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>()
+        );
         let version: Vec<Vec<Val>> = sqlx::query("SELECT version FROM schema_version")
             .fetch_all(&mut *c)
             .await
@@ -322,6 +351,27 @@ async fn dump(c: &mut AnyConnection, skip: &[&str]) -> Vec<(&'static str, Vec<Ve
         out.push((table, rows));
     }
     out
+}
+
+/// `after` cut to the columns of `before`'s rows: later migrations add columns at the end of
+/// a table, so what 0.1 wrote is each row's beginning.
+fn v0_1_part(
+    after: &[(&'static str, Vec<Vec<Val>>)],
+    before: &[(&'static str, Vec<Vec<Val>>)],
+) -> Vec<(&'static str, Vec<Vec<Val>>)> {
+    after
+        .iter()
+        .zip(before)
+        .map(|((table, rows), (_, old))| {
+            let width = old.first().map_or(0, Vec::len);
+            let mut rows: Vec<Vec<Val>> = rows
+                .iter()
+                .map(|r| r[..width.min(r.len())].to_vec())
+                .collect();
+            rows.sort();
+            (*table, rows)
+        })
+        .collect()
 }
 
 /// What `_sqlx_migrations` holds: version, description, success, checksum.

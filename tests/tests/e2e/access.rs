@@ -200,3 +200,70 @@ async fn roles_hold_on_actions_and_the_editor_is_for_members_only() {
     assert!(seen.get("authorization").is_none(), "{seen}");
     assert!(seen.get("x-tandem-token").is_none(), "{seen}");
 }
+
+/// Issue 11's protected instances: its editor stays readable to members, but only owners deploy
+/// to it; lifting the protection gives members their deploys back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protected_instance_takes_deploys_from_owners_only() {
+    let t = Tandem::start("protected").await;
+    let (app, team) = t.team_and_app("Protected").await;
+    let id = t.instance(&app, "guarded", hello_flows(), 1).await;
+    t.wait_running(&id, 1).await;
+    let member = user(&t, &team, "max", Some("member")).await;
+    let owner = user(&t, &team, "olga", Some("owner")).await;
+    let deploy = |who: String| {
+        let (http_addr, flows) = (t.http, hello_flows().to_string());
+        async move {
+            http(
+                http_addr,
+                "POST",
+                "guarded.localhost",
+                "/admin/flows",
+                &[
+                    ("Cookie", &who),
+                    ("Content-Type", "application/json"),
+                    ("Node-RED-Deployment-Type", "full"),
+                    ("Origin", "http://guarded.localhost"),
+                ],
+                &flows,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // Unprotected: a member deploys.
+    assert_eq!(deploy(member.clone()).await.status, 204);
+
+    let path = format!("/api/v1/instances/{id}/protection");
+    let r = t.api("PUT", &path, json!({ "protected": true })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        t.api("GET", &path, Value::Null).await.json()["protected"],
+        true
+    );
+
+    // The member still reads the editor, but cannot deploy; the owner can.
+    let r = t
+        .request("guarded", "GET", "/admin/flows", &[("Cookie", &member)])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = deploy(member.clone()).await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(r.body.contains("protected"), "{}", r.body);
+    assert_eq!(deploy(owner.clone()).await.status, 204);
+    // The owner's deploy went through: the flows restart and serve again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while t.get("guarded", "/hello").await.unwrap().status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flows after the owner's deploy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Lifted: the member deploys again.
+    let r = t.api("PUT", &path, json!({ "protected": false })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(deploy(member).await.status, 204);
+}

@@ -121,6 +121,8 @@ const MATRIX: &[Row] = &[
         "/api/v1/instances/{id}/ha",
         with_ok(TEAM_OWNER, 204),
     ),
+    row("GET", "/api/v1/instances/{id}/protection", TEAM_READ),
+    row("PUT", "/api/v1/instances/{id}/protection", TEAM_OWNER),
     // Stacks and templates: everyone signed in reads, admins write.
     row("GET", "/api/v1/stacks", SIGNED_IN),
     row("POST", "/api/v1/stacks", with_ok(ADMIN_ONLY, 201)),
@@ -298,6 +300,10 @@ impl World {
             ("PUT", "/api/v1/instances/{id}/ha") => (
                 format!("/api/v1/instances/{inst}/ha"),
                 Some(json!({ "replicas": 3, "mode": "standby" })),
+            ),
+            ("PUT", "/api/v1/instances/{id}/protection") => (
+                format!("/api/v1/instances/{inst}/protection"),
+                Some(json!({ "protected": true })),
             ),
             ("DELETE", "/api/v1/instances/{id}/ha") => {
                 let doomed = s
