@@ -693,7 +693,16 @@ async fn a_replica_log_file_is_rotated_and_every_line_still_reaches_the_log() {
     assert_eq!(seen, 200, "every line reached the log");
     let file = d.log_file(&id);
     let old = file.with_extension("log.1");
-    assert!(old.exists(), "rotated into {}", old.display());
+    // The tailer pushes what it read, then rotates: the old file follows the lines shortly.
+    let deadline = Instant::now() + DEADLINE;
+    while !old.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "never rotated into {}",
+            old.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The tailer frees what it has read past the limit (a hole punched over it, or a
     // truncation where holes are not supported), so the file's disk use is back near the limit
     // once the tailer has caught up.
