@@ -68,8 +68,8 @@ pub enum Action {
     OpenEditor,
     /// Protect an instance, or lift its protection.
     ProtectInstance,
-    /// Change what a protected instance runs (deploy from its editor, and later through
-    /// snapshots and pipelines).
+    /// Deploy flows to a protected instance (from its editor, and later through snapshots and
+    /// pipelines).
     DeployProtected,
 }
 

@@ -22,7 +22,7 @@ use crate::observed::Observed;
 use crate::restart::RestartPolicy;
 use crate::spec::InstanceDesired;
 use crate::status::{Coordination, ObservedStatus};
-use crate::worker::{Timings, Want, Worker};
+use crate::worker::{Want, Worker};
 
 /// The coordinator's settings.
 #[derive(Debug, Clone, Copy)]
@@ -228,17 +228,12 @@ impl<D: Driver> Coordinator<D> {
         let name = first.desired.process.instance.clone();
         let (events_tx, events) = mpsc::unbounded_channel();
         let instance = Arc::new(self.driver.open(&name, log.clone(), events_tx));
-        let timings = Timings {
-            policy: self.config.policy,
-            drain_timeout: self.config.drain_timeout,
-            retry_after: self.config.retry_after,
-        };
         Worker::new(
             id.clone(),
             instance.clone(),
             log,
             self.observed.clone(),
-            timings,
+            self.config,
             first,
         )
         .run(want, events, verdicts)

@@ -317,7 +317,9 @@ impl LocalInstance {
             Some(v) => self.driver.install_runtime(v, &self.log).await?,
             None => PathBuf::from("node"),
         };
-        let port = process::free_port().map_err(DriverError::io("cannot find a free port"))?;
+        // Bound and released: Node-RED fails clearly if it is taken since.
+        let port =
+            tandem_proxy::net::free_port().map_err(DriverError::io("cannot find a free port"))?;
         let write = |name: &str, text: String| {
             let path = dir.join(name);
             async move {

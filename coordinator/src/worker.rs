@@ -27,12 +27,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::coordinator::CoordinatorConfig;
 use crate::dataplane::Verdict;
 use crate::driver::{DriverError, Event, EventKind, InstanceDriver, Running};
 use crate::logs::{now_ms, InstanceLog};
 use crate::observed::{InstanceView, Observed, Phase, ReplicaView};
 use crate::replica::{ExitReason, FlowState, ReplicaId, ReplicaPhase};
-use crate::restart::{Decision, RestartPolicy, RestartState};
+use crate::restart::{Decision, RestartState};
 use crate::spec::{DesiredState, Flows, InstanceDesired, ProcessSpec};
 
 /// What the control plane wants of the instance, with the counters its actions bump.
@@ -43,16 +44,6 @@ pub(crate) struct Want {
     pub restart: u64,
     /// Bumped by a start: replicas held as crashed are tried again.
     pub retry: u64,
-}
-
-/// Timings of a worker.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Timings {
-    pub policy: RestartPolicy,
-    /// Longest wait for a draining replica's requests to finish.
-    pub drain_timeout: Duration,
-    /// Wait before a failed fence, deploy or flow start/stop is tried again.
-    pub retry_after: Duration,
 }
 
 /// The runtime (stack) the replicas need: prepared once per Node-RED and Node.js version.
@@ -202,7 +193,7 @@ pub(crate) struct Worker<I: InstanceDriver> {
     driver: Arc<I>,
     log: Arc<InstanceLog>,
     observed: Arc<Observed>,
-    timings: Timings,
+    config: CoordinatorConfig,
     want: Want,
     /// The instance left the desired state (deleted, or Tandem stops everything).
     gone: bool,
@@ -221,7 +212,7 @@ impl<I: InstanceDriver> Worker<I> {
         driver: Arc<I>,
         log: Arc<InstanceLog>,
         observed: Arc<Observed>,
-        timings: Timings,
+        config: CoordinatorConfig,
         want: Want,
     ) -> Self {
         Self {
@@ -230,7 +221,7 @@ impl<I: InstanceDriver> Worker<I> {
             driver,
             log,
             observed,
-            timings,
+            config,
             want,
             gone: false,
             slots: BTreeMap::new(),
@@ -664,7 +655,7 @@ impl<I: InstanceDriver> Worker<I> {
             }
             Op::Drain(slot) => {
                 let drained = self.observed.plane().drained(&self.id_of(slot));
-                let timeout = self.timings.drain_timeout;
+                let timeout = self.config.drain_timeout;
                 let call = self.ops.spawn(async move {
                     let _ = tokio::time::timeout(timeout, drained).await;
                     Done::Drain(slot)
@@ -813,7 +804,7 @@ impl<I: InstanceDriver> Worker<I> {
     /// hold it as crashed.
     fn ended(&mut self, slot: u32, reason: ExitReason) {
         let id = self.id_of(slot);
-        let policy = self.timings.policy;
+        let policy = self.config.policy;
         let retry = self.want.retry;
         let Some(s) = self.slots.get_mut(&slot) else {
             return;
@@ -863,7 +854,7 @@ impl<I: InstanceDriver> Worker<I> {
         if let Some(s) = slot.and_then(|slot| self.slots.get_mut(&slot)) {
             s.abortable = None;
         }
-        let retry_after = self.timings.retry_after;
+        let retry_after = self.config.retry_after;
         match done {
             Done::Prepare(key, result) => match result {
                 Ok(()) => self.runtime = Runtime::Ready(key),

@@ -124,7 +124,7 @@ pub struct Instance {
     /// `running`, `stopped` or `suspended`.
     #[schema(value_type = String)]
     pub desired_state: DesiredState,
-    /// Only the team's owners change what it runs (its editor is read-only for members).
+    /// Only the team's owners deploy flows to it (its editor is read-only for members).
     pub protected: bool,
     /// Creation time, epoch ms.
     pub created_at: i64,
@@ -647,7 +647,7 @@ async fn instance_status(
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Protection {
-    /// Only the team's owners change what it runs: members get its editor read-only.
+    /// Only the team's owners deploy flows to it: members get its editor read-only.
     pub protected: bool,
 }
 
@@ -666,7 +666,7 @@ async fn get_protection(
 }
 
 /// Protects the instance, or lifts its protection (owners). While protected, only owners
-/// change what it runs.
+/// deploy flows to it.
 #[utoipa::path(put, path = "/api/v1/instances/{id}/protection", tag = "instances", params(("id" = String, Path, description = "Instance id")), request_body = Protection,
     responses((status = 200, body = Protection), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
 async fn put_protection(

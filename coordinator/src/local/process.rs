@@ -159,8 +159,3 @@ pub(crate) async fn reap_group(
         source: std::io::Error::from(std::io::ErrorKind::TimedOut),
     })
 }
-
-/// A free port on 127.0.0.1 (bound and released; Node-RED fails clearly if it is taken since).
-pub(crate) fn free_port() -> std::io::Result<u16> {
-    tandem_proxy::net::free_port()
-}
