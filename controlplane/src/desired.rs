@@ -82,9 +82,11 @@ pub async fn desired_instances(
                 settings: i.effective_settings,
                 env: i.env_revealed,
                 start_stopped: false,
+                storage: None,
             },
             flows,
             mqtt_urls: BTreeMap::new(),
+            probe: None,
             id: i.id,
         });
     }

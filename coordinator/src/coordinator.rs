@@ -15,14 +15,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::dataplane::{DataPlane, Verdict};
+use crate::dataplane::DataPlane;
 use crate::driver::{Driver, InstanceDriver};
 use crate::logs::LogBook;
 use crate::observed::Observed;
 use crate::restart::RestartPolicy;
 use crate::spec::InstanceDesired;
 use crate::status::{Coordination, ObservedStatus};
-use crate::worker::{Want, Worker};
+use crate::worker::{Input, Want, Worker};
 
 /// The coordinator's settings.
 #[derive(Debug, Clone, Copy)]
@@ -63,8 +63,8 @@ struct WorkerHandle {
     /// The instance's name: its replica ids and directories.
     name: String,
     want: watch::Sender<Want>,
-    /// The data plane's verdicts on the instance's replicas.
-    verdicts: mpsc::UnboundedSender<Verdict>,
+    /// The data plane's verdicts on the instance's replicas, and the replicas' saves.
+    inputs: mpsc::UnboundedSender<Input>,
     task: JoinHandle<()>,
 }
 
@@ -98,10 +98,10 @@ impl<D: Driver> Coordinator<D> {
                         workers
                             .values()
                             .find(|w| w.name == v.replica.instance)
-                            .map(|w| w.verdicts.clone())
+                            .map(|w| w.inputs.clone())
                     });
                     if let Some(to) = to {
-                        let _ = to.send(v);
+                        let _ = to.send(Input::Verdict(v));
                     }
                 }
             });
@@ -167,14 +167,14 @@ impl<D: Driver> Coordinator<D> {
                         restart: 0,
                         retry: 0,
                     });
-                    let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
-                    let task = tokio::spawn(self.clone().run_instance(id.clone(), rx, verdicts_rx));
+                    let (inputs, inputs_rx) = mpsc::unbounded_channel();
+                    let task = tokio::spawn(self.clone().run_instance(id.clone(), rx, inputs_rx));
                     workers.insert(
                         id,
                         WorkerHandle {
                             name,
                             want: tx,
-                            verdicts,
+                            inputs,
                             task,
                         },
                     );
@@ -221,7 +221,7 @@ impl<D: Driver> Coordinator<D> {
         self: Arc<Self>,
         id: String,
         want: watch::Receiver<Want>,
-        verdicts: mpsc::UnboundedReceiver<Verdict>,
+        inputs: mpsc::UnboundedReceiver<Input>,
     ) {
         let log = self.logs.instance(&id);
         let first = want.borrow().clone();
@@ -236,7 +236,7 @@ impl<D: Driver> Coordinator<D> {
             self.config,
             first,
         )
-        .run(want, events, verdicts)
+        .run(want, events, inputs)
         .await;
         // The instance is gone from the desired state (deleted), or Tandem stops everything.
         let deleted = !self.shutting_down.load(Ordering::Relaxed)
@@ -274,6 +274,17 @@ impl<D: Driver> Coordination for Coordinator<D> {
 
     fn logs(&self) -> Option<Arc<LogBook>> {
         Some(self.logs.clone())
+    }
+
+    fn flows_saved(&self, instance_id: &str, slot: u32, rev: &str) {
+        if let Ok(workers) = self.workers.lock() {
+            if let Some(w) = workers.get(instance_id) {
+                let _ = w.inputs.send(Input::FlowsSaved {
+                    slot,
+                    rev: rev.to_owned(),
+                });
+            }
+        }
     }
 
     fn metrics(&self) -> String {

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::logs::InstanceLog;
 use crate::replica::{ExitReason, FlowState, ReplicaId};
-use crate::spec::{Flows, ProcessSpec};
+use crate::spec::{Flows, Probe, ProcessSpec};
 
 /// What happened to one replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +108,17 @@ impl Default for Liveness {
     }
 }
 
+/// What a deploy checks on a replica before it counts as done: every node type of the flows is
+/// known (Node-RED accepts flows with unknown types, and then runs none of them); when its flows
+/// run, they started with no node in error; and the probe, when there is one, answers as asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gate {
+    /// The replica's flows run (false for a standby): wait for them to start, and check them.
+    pub flows_on: bool,
+    /// An HTTP check of the replica's own flows.
+    pub probe: Option<Probe>,
+}
+
 /// Why a driver call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -138,6 +149,14 @@ pub enum DriverError {
     Unconfined {
         /// The replica.
         id: ReplicaId,
+    },
+    /// New flows were deployed and failed the health gate.
+    #[error("{reason}")]
+    Refused {
+        /// The replica.
+        id: ReplicaId,
+        /// What failed, e.g. `unknown node type: foo-bar`.
+        reason: String,
     },
     /// An operating-system error.
     #[error("{context}: {source}")]
@@ -202,11 +221,13 @@ pub trait InstanceDriver: Send + Sync + 'static {
     fn check(&self, slot: u32) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Deploys `flows` to the running replica in `slot` (a full deploy; a replica whose flows are
-    /// stopped keeps them stopped).
+    /// stopped keeps them stopped), then runs the health `gate` on it. A gate that fails is
+    /// [`DriverError::Refused`]: the replica runs the flows, and they are bad.
     fn deploy(
         &self,
         slot: u32,
         flows: &Flows,
+        gate: &Gate,
     ) -> impl Future<Output = Result<(), DriverError>> + Send;
 
     /// Starts or stops the flows of the running replica in `slot` without restarting it.

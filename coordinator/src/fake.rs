@@ -11,7 +11,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use crate::dataplane::{DataPlane, InstanceRoutes, Pending, Serving, Verdict};
-use crate::driver::{Driver, DriverError, Event, EventKind, InstanceDriver, Isolation, Running};
+use crate::driver::{
+    Driver, DriverError, Event, EventKind, Gate, InstanceDriver, Isolation, Running,
+};
 use crate::logs::InstanceLog;
 use crate::replica::{ExitReason, FlowState, ReplicaId};
 use crate::spec::{Flows, ProcessSpec};
@@ -67,6 +69,8 @@ struct State {
     unanswering: std::collections::HashSet<ReplicaId>,
     /// How long a deploy, a flow start or stop and a check take.
     slow: Duration,
+    /// Flows revisions whose deploy fails the health gate, with the reason.
+    refused: HashMap<String, String>,
 }
 
 /// A driver that runs nothing. See the module docs.
@@ -109,6 +113,16 @@ impl FakeDriver {
                 s.unanswering.insert(id);
             }
         });
+    }
+
+    /// A deploy of flows revision `rev` fails its health gate from now on, for `reason`.
+    pub fn refuse(&self, rev: &str, reason: &str) {
+        self.with(|s| s.refused.insert(rev.to_owned(), reason.to_owned()));
+    }
+
+    /// The revision of the flows `id` runs.
+    pub fn flows_rev(&self, id: &ReplicaId) -> Option<String> {
+        self.with(|s| s.replicas.get(id).map(|r| r.flows_rev.clone()))
     }
 
     /// Deploys, flow starts and stops, and checks take `by` from now on.
@@ -359,16 +373,23 @@ impl InstanceDriver for FakeInstance {
         })
     }
 
-    async fn deploy(&self, slot: u32, flows: &Flows) -> Result<(), DriverError> {
+    async fn deploy(&self, slot: u32, flows: &Flows, _gate: &Gate) -> Result<(), DriverError> {
         let id = self.id(slot);
         self.fake.pause().await;
         self.fake.with(|s| {
             s.calls.push(Call::Deploy(id.clone(), flows.rev.clone()));
-            if let Some(r) = s.replicas.get_mut(&id) {
-                r.flows_rev = flows.rev.clone();
+            match s.replicas.get_mut(&id) {
+                Some(r) if r.alive => r.flows_rev = flows.rev.clone(),
+                _ => return Err(DriverError::NotRunning(id.clone())),
             }
-        });
-        Ok(())
+            match s.refused.get(&flows.rev) {
+                Some(reason) => Err(DriverError::Refused {
+                    id,
+                    reason: reason.clone(),
+                }),
+                None => Ok(()),
+            }
+        })
     }
 
     async fn set_flows(&self, slot: u32, state: FlowState) -> Result<(), DriverError> {

@@ -49,7 +49,7 @@ use tokio::time::Instant;
 pub use settings::{legacy_spec_hash, settings_js, spec_hash, SECRETS_ON_STDIN};
 
 use crate::driver::{
-    Driver, DriverError, Event, EventKind, InstanceDriver, Isolation, Liveness, Running,
+    Driver, DriverError, Event, EventKind, Gate, InstanceDriver, Isolation, Liveness, Running,
 };
 use crate::logs::InstanceLog;
 use crate::replica::{ExitReason, FlowState, ReplicaId};
@@ -329,15 +329,21 @@ impl LocalInstance {
             }
         };
         write("settings.js", settings_js(spec, id, port, dir)).await?;
-        // The flows are written when they differ from the ones last written, so flows deployed
-        // from the editor survive restarts until the instance's flows are changed through Tandem.
+        // With Tandem's store, the replica reads its flows from there. Otherwise the flows are
+        // written when they differ from the ones last written, so flows deployed from the
+        // editor survive restarts until the instance's flows are changed through Tandem.
         let written = tokio::fs::read_to_string(dir.join(".tandem-flows"))
             .await
             .unwrap_or_default();
-        if written.trim() != flows.rev || !dir.join("flows.json").exists() {
+        if spec.storage.is_none()
+            && (written.trim() != flows.rev || !dir.join("flows.json").exists())
+        {
             write("flows.json", flows.value.to_string()).await?;
-            write(".tandem-flows", flows.rev.clone()).await?;
+            if flows.credentials.as_object().is_some_and(|c| !c.is_empty()) {
+                write("flows_cred.json", flows.credentials.to_string()).await?;
+            }
         }
+        write(".tandem-flows", flows.rev.clone()).await?;
         let state = if spec.start_stopped { "stop" } else { "start" };
         write(
             ".config.runtime.json",
@@ -417,6 +423,7 @@ impl LocalInstance {
             let secrets = serde_json::json!({
                 "admin": spec.admin_secret,
                 "credentials": spec.credential_secret,
+                "storage": spec.storage.as_ref().map(|s| &s.token),
             });
             // A process that died at once shows in its exit, with its output.
             let _ = stdin.write_all(format!("{secrets}\n").as_bytes()).await;
@@ -602,23 +609,62 @@ impl InstanceDriver for LocalInstance {
             })
     }
 
-    async fn deploy(&self, slot: u32, flows: &Flows) -> Result<(), DriverError> {
+    async fn deploy(&self, slot: u32, flows: &Flows, gate: &Gate) -> Result<(), DriverError> {
         let r = self.replica(slot)?;
-        admin::expect(
-            r.addr,
-            &r.secret,
-            Method::POST,
-            "/flows",
-            flows.value.to_string(),
-            &[200, 204],
-        )
-        .await
-        .map_err(|reason| DriverError::Admin {
-            id: self.id(slot),
+        let id = self.id(slot);
+        let admin_error = |reason: String| DriverError::Admin {
+            id: id.clone(),
             reason,
-        })?;
-        let dir = self.driver.user_dir(&self.id(slot));
+        };
+        // From here on, an error line of one of the flows' nodes fails the gate.
+        let mut lines = self.log.subscribe();
+        // API v2 takes the credentials as stored (`{"$": ...}`): the replica decrypts them with
+        // the instance's credential secret. A replica whose flows are stopped keeps them so.
+        // Flows that carry their credentials inline (as given at creation) go without.
+        let mut body = serde_json::json!({ "flows": &*flows.value });
+        if flows.credentials.as_object().is_none_or(|c| !c.is_empty()) {
+            body["credentials"] = (*flows.credentials).clone();
+        }
+        admin::deploy(r.addr, &r.secret, body.to_string())
+            .await
+            .map_err(admin_error)?;
+        let dir = self.driver.user_dir(&id);
         let _ = tokio::fs::write(dir.join(".tandem-flows"), &flows.rev).await;
+        let refused = |reason: String| DriverError::Refused {
+            id: id.clone(),
+            reason,
+        };
+        let missing = admin::missing_types(r.addr, &r.secret, &flows.value)
+            .await
+            .map_err(admin_error)?;
+        if !missing.is_empty() {
+            return Err(refused(format!(
+                "unknown node type: {}",
+                missing.join(", ")
+            )));
+        }
+        if gate.flows_on {
+            admin::wait_started(r.addr, &r.secret, GATE_TIMEOUT)
+                .await
+                .map_err(refused)?;
+            // Nodes that fail as they start log an error within moments.
+            tokio::time::sleep(GATE_SETTLE).await;
+            let src = id.to_string();
+            while let Ok(line) = lines.try_recv() {
+                // Node-RED tags a node's own lines with its type and id.
+                if line.src == src && line.level == "error" && line.fields.contains_key("type") {
+                    return Err(refused(format!(
+                        "a node failed as the flows started: {}",
+                        line.msg
+                    )));
+                }
+            }
+        }
+        if let Some(probe) = &gate.probe {
+            admin::probe(r.addr, probe, PROBE_TIMEOUT)
+                .await
+                .map_err(refused)?;
+        }
         Ok(())
     }
 
@@ -655,6 +701,15 @@ impl InstanceDriver for LocalInstance {
         }
     }
 }
+
+/// How long a deploy's health gate waits for the flows to start and a probe to answer.
+const GATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a deploy's probe is tried until it answers as asked.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long after the flows started a deploy's gate looks for nodes logging errors.
+const GATE_SETTLE: Duration = Duration::from_millis(300);
 
 impl LocalInstance {
     fn watcher(&self, slot: u32, run: u64, replica: Replica) -> Watcher {

@@ -10,7 +10,7 @@ use crate::dataplane::{DataPlane, InstanceRoutes, RouteReplica, Serving};
 use crate::driver::Isolation;
 use crate::replica::{ReplicaId, ReplicaPhase};
 use crate::spec::DesiredState;
-use crate::status::{InstanceState, ObservedStatus, ReplicaStatus};
+use crate::status::{DeployRefusal, InstanceState, ObservedStatus, ReplicaStatus};
 
 /// One instance, as its worker last saw it.
 #[derive(Debug, Clone)]
@@ -28,6 +28,8 @@ pub(crate) struct InstanceView {
     pub replicas: BTreeMap<u32, ReplicaView>,
     /// Standby mode: the replica whose flows run.
     pub active: Option<u32>,
+    /// The flows revision whose deploy failed its health gate, and why: deployed nowhere more.
+    pub refused: Option<(String, String)>,
 }
 
 /// Where an instance's runtime is.
@@ -51,6 +53,19 @@ pub(crate) struct ReplicaView {
     pub isolation: Option<Isolation>,
     /// Its flows run (or may: asked to start and not known stopped).
     pub flows: bool,
+    /// The revision of the flows it runs, when known.
+    pub flows_rev: Option<String>,
+    /// Deploying, taken out of rotation (another replica serves meanwhile).
+    pub out: bool,
+    /// Why the last deploy to it failed.
+    pub deploy_error: Option<String>,
+}
+
+impl ReplicaView {
+    /// It serves: running, or getting new flows in place.
+    fn serves(&self) -> bool {
+        self.phase == ReplicaPhase::Running || (self.phase == ReplicaPhase::Deploying && !self.out)
+    }
 }
 
 /// Every instance's view, and where routes go.
@@ -105,11 +120,7 @@ impl Observed {
         let Some(o) = self.instances.lock().ok().and_then(|m| m.get(id).cloned()) else {
             return ObservedStatus::unknown();
         };
-        let ready = o
-            .replicas
-            .values()
-            .filter(|r| r.phase == ReplicaPhase::Running)
-            .count() as u32;
+        let ready = o.replicas.values().filter(|r| r.serves()).count() as u32;
         let crashed = o
             .replicas
             .values()
@@ -162,11 +173,13 @@ impl Observed {
                     restarts: r.restarts,
                     last_exit: r.last_exit.clone(),
                     since: r.since,
-                    active: r.phase == ReplicaPhase::Running
-                        && (!o.standby || o.active == Some(*slot)),
+                    active: r.serves() && (!o.standby || o.active == Some(*slot)),
                     isolation: r.isolation,
+                    flows_rev: r.flows_rev.clone(),
+                    deploy_error: r.deploy_error.clone(),
                 })
                 .collect(),
+            deploy_refused: o.refused.map(|(rev, reason)| DeployRefusal { rev, reason }),
             isolation: o
                 .replicas
                 .values()
@@ -193,11 +206,7 @@ impl Observed {
         }
         out.push_str("# HELP tandem_instance_ready_replicas Replicas of an instance ready to serve.\n# TYPE tandem_instance_ready_replicas gauge\n");
         for o in &list {
-            let ready = o
-                .replicas
-                .values()
-                .filter(|r| r.phase == ReplicaPhase::Running)
-                .count();
+            let ready = o.replicas.values().filter(|r| r.serves()).count();
             let _ = writeln!(
                 out,
                 "tandem_instance_ready_replicas{{instance=\"{}\"}} {ready}",
@@ -245,8 +254,9 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
         .filter_map(|(slot, r)| {
             let serving = match r.phase {
                 // A replica whose flows are stopped answers 404 on its flows' routes.
-                ReplicaPhase::Running if o.standby && o.active == Some(*slot) => Serving::Ready,
-                ReplicaPhase::Running if !o.standby && r.flows => Serving::Ready,
+                ReplicaPhase::Deploying if r.out => Serving::Draining,
+                _ if r.serves() && o.standby && o.active == Some(*slot) => Serving::Ready,
+                _ if r.serves() && !o.standby && r.flows => Serving::Ready,
                 ReplicaPhase::Draining => Serving::Draining,
                 _ if o.standby => return None,
                 _ => Serving::Unready,

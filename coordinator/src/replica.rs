@@ -50,6 +50,9 @@ pub enum ReplicaPhase {
     Running,
     /// Out of rotation, waiting for its requests in flight to finish before it stops.
     Draining,
+    /// Getting new flows: out of rotation while another replica serves, until its flows pass
+    /// the deploy's health gate (or, failed, until the deploy is rolled back).
+    Deploying,
     /// Being stopped on purpose (scale down, replacement, instance stopped).
     Stopping,
     /// Stopped answering within the detection time; being fenced.
@@ -67,6 +70,7 @@ impl ReplicaPhase {
             Self::Starting => "starting",
             Self::Running => "running",
             Self::Draining => "draining",
+            Self::Deploying => "deploying",
             Self::Stopping => "stopping",
             Self::Hung => "hung",
             Self::Restarting => "restarting",

@@ -74,28 +74,74 @@ pub struct ProcessSpec {
     pub settings: serde_json::Value,
     /// Effective environment, already checked; per replica, `TANDEM_MQTT_URL` is added.
     pub env: BTreeMap<String, String>,
+    /// Where the replica keeps its flows and credentials: Tandem's store, through its storage
+    /// API. Without it, in the replica's userDir (`flows.json`), written by the driver. Left
+    /// out of the spec's JSON when absent, so the hash of such a spec is the one it always had.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Storage>,
+}
+
+/// The instance-scoped storage API a replica reads and saves its flows through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Storage {
+    /// The API's base, e.g. `http://127.0.0.1:3000/api/v1/storage/<instance id>`.
+    pub url: String,
+    /// The instance's storage token, a secret like the admin secret: handed to the replica on
+    /// standard input, never in its environment or a file.
+    pub token: String,
 }
 
 /// What can be deployed to a running replica without a new process: the flows (a Node-RED flows
-/// array, whose nodes carry their credentials), and their revision.
+/// array) and their credentials, and a revision of both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flows {
     /// The flows array.
     pub value: Arc<serde_json::Value>,
-    /// A hash of the flows: what a replica was started with or last given.
+    /// The credentials as Node-RED stores them: `{"$": "<iv><ciphertext>"}`, encrypted with the
+    /// instance's credential secret, or `{}` when there are none (or when the flows carry their
+    /// credentials inline, as flows given at creation may).
+    pub credentials: Arc<serde_json::Value>,
+    /// A hash of the flows and credentials: what a replica was started with or last given.
     pub rev: String,
 }
 
 impl Flows {
-    /// Flows and their revision.
+    /// Flows without stored credentials, and their revision.
     pub fn new(value: serde_json::Value) -> Self {
-        // Unpadded hex, as the local driver has always recorded it in `.tandem-flows`.
-        let rev = format!("{:x}", fnv(value.to_string().as_bytes()));
+        Self::with_credentials(value, serde_json::json!({}))
+    }
+
+    /// Flows with their encrypted credentials, and the revision of both.
+    pub fn with_credentials(value: serde_json::Value, credentials: serde_json::Value) -> Self {
+        let rev = Self::rev_of(&value, &credentials);
         Self {
             value: Arc::new(value),
+            credentials: Arc::new(credentials),
             rev,
         }
     }
+
+    /// The revision of flows and credentials: unpadded hex, as the local driver has always
+    /// recorded it in `.tandem-flows` (flows without credentials keep the revision Tandem 0.1
+    /// gave them).
+    pub fn rev_of(value: &serde_json::Value, credentials: &serde_json::Value) -> String {
+        let mut text = value.to_string();
+        if credentials.as_object().is_none_or(|c| !c.is_empty()) {
+            text.push('\n');
+            text.push_str(&credentials.to_string());
+        }
+        format!("{:x}", fnv(text.as_bytes()))
+    }
+}
+
+/// An HTTP check a deploy sends to each replica it changed, after the flows started: the
+/// replica must answer `path` with `expect_status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Probe {
+    /// Path (and query) on the replica's flows, e.g. `/health`.
+    pub path: String,
+    /// The status it must answer.
+    pub expect_status: u16,
 }
 
 /// One instance as it should be.
@@ -116,6 +162,9 @@ pub struct InstanceDesired {
     pub process: ProcessSpec,
     /// The flows every replica should run.
     pub flows: Flows,
+    /// The health gate of the deploy under way, beyond the default one (flows started, no node
+    /// in error, no missing node type).
+    pub probe: Option<Probe>,
     /// By slot, the MQTT proxy listener that replica's flows use as their broker, given to it as
     /// `TANDEM_MQTT_URL`; empty when Tandem has no MQTT broker configured.
     pub mqtt_urls: BTreeMap<u32, String>,

@@ -68,6 +68,18 @@ pub struct ObservedStatus {
     /// What confines the running replicas: `landlock`, or `none` when any runs without a
     /// sandbox (a kernel without Landlock); absent while none runs.
     pub isolation: Option<Isolation>,
+    /// The flows revision a deploy tried and its health gate refused: it goes to no further
+    /// replica until the flows change (the control plane rolls the deploy back).
+    pub deploy_refused: Option<DeployRefusal>,
+}
+
+/// A flows revision refused by a deploy's health gate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeployRefusal {
+    /// The revision.
+    pub rev: String,
+    /// Why, e.g. `unknown node type: foo-bar`.
+    pub reason: String,
 }
 
 /// What the coordinator sees of one replica.
@@ -94,6 +106,10 @@ pub struct ReplicaStatus {
     pub active: bool,
     /// What confines it while it runs.
     pub isolation: Option<Isolation>,
+    /// The revision of the flows it runs, when known.
+    pub flows_rev: Option<String>,
+    /// Why the last deploy to it failed, until the next succeeds.
+    pub deploy_error: Option<String>,
 }
 
 impl ObservedStatus {
@@ -107,6 +123,7 @@ impl ObservedStatus {
             reason: None,
             replicas: Vec::new(),
             isolation: None,
+            deploy_refused: None,
         }
     }
 }
@@ -122,6 +139,9 @@ pub trait Coordination: Send + Sync + 'static {
     fn restart(&self, _instance_id: &str) {}
     /// Try replicas held as crashed again.
     fn retry(&self, _instance_id: &str) {}
+    /// A replica saved flows of revision `rev` through the storage API (a deploy from its
+    /// editor): it runs them, and needs no deploy of them.
+    fn flows_saved(&self, _instance_id: &str, _slot: u32, _rev: &str) {}
     /// Metrics of the running instances, in the Prometheus text format.
     fn metrics(&self) -> String {
         String::new()

@@ -11,7 +11,12 @@
 //! - a replica whose process spec is outdated is replaced (drained, stopped, started), one at a
 //!   time: the next goes only once its predecessor's successor is ready, and, with several
 //!   replicas, only while another one serves;
-//! - a ready replica whose flows are outdated gets them deployed, one replica at a time;
+//! - a ready replica whose flows are outdated gets them deployed, one replica at a time: out of
+//!   rotation while another replica serves (its requests in flight finish first), then the
+//!   deploy and its health gate, then back in rotation. Standbys come first; then the active is
+//!   switched to a standby that runs the new flows. A revision that fails the gate goes to no
+//!   further replica, and the replica that failed stays out of rotation, until the flows
+//!   change: the control plane rolls the deploy back;
 //! - in standby mode, exactly one replica runs its flows (the active). Flows are started on a
 //!   ready standby only once no other replica may still run them: a hung active is fenced first.
 //!   Never two actives.
@@ -29,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::coordinator::CoordinatorConfig;
 use crate::dataplane::Verdict;
-use crate::driver::{DriverError, Event, EventKind, InstanceDriver, Running};
+use crate::driver::{DriverError, Event, EventKind, Gate, InstanceDriver, Running};
 use crate::logs::{now_ms, InstanceLog};
 use crate::observed::{InstanceView, Observed, Phase, ReplicaView};
 use crate::replica::{ExitReason, FlowState, ReplicaId, ReplicaPhase};
@@ -44,6 +49,15 @@ pub(crate) struct Want {
     pub restart: u64,
     /// Bumped by a start: replicas held as crashed are tried again.
     pub retry: u64,
+}
+
+/// What reaches a worker besides its desired state and its driver's events.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// The data plane's verdict on one of its replicas.
+    Verdict(Verdict),
+    /// A replica saved flows of this revision through the storage API: it runs them.
+    FlowsSaved { slot: u32, rev: String },
 }
 
 /// The runtime (stack) the replicas need: prepared once per Node-RED and Node.js version.
@@ -88,6 +102,10 @@ struct Slot {
     /// stopped or its process is gone.
     flows_on: bool,
     flows_rev: Option<String>,
+    /// Deploying out of rotation: it stays out until a deploy to it passes its gate.
+    out: bool,
+    /// Why the last deploy to it failed, until one succeeds.
+    deploy_error: Option<String>,
     /// A driver call on this slot is in flight.
     busy: bool,
     /// That call, when it may be abandoned for a fence (a flow start or stop, a deploy, a
@@ -123,6 +141,8 @@ impl Slot {
             running: None,
             flows_on: false,
             flows_rev: None,
+            out: false,
+            deploy_error: None,
             busy: false,
             abortable: None,
             unknown: true,
@@ -169,7 +189,13 @@ enum Op {
     Stop(u32),
     Fence(u32),
     SetFlows(u32, FlowState),
-    Deploy(u32, Flows),
+    Deploy {
+        slot: u32,
+        flows: Flows,
+        /// Wait for its requests in flight first: it was taken out of rotation.
+        drain: bool,
+        gate: Gate,
+    },
     /// A proxy gave up on the replica, for this reason.
     Check(u32, String),
 }
@@ -200,6 +226,8 @@ pub(crate) struct Worker<I: InstanceDriver> {
     slots: BTreeMap<u32, Slot>,
     /// Standby mode: the replica whose flows run and that takes traffic.
     active: Option<u32>,
+    /// The flows revision a deploy's health gate refused, and why.
+    refused: Option<(String, String)>,
     runtime: Runtime,
     next_run: u64,
     ops: JoinSet<Done>,
@@ -226,6 +254,7 @@ impl<I: InstanceDriver> Worker<I> {
             gone: false,
             slots: BTreeMap::new(),
             active: None,
+            refused: None,
             runtime: Runtime::None,
             next_run: 1,
             ops: JoinSet::new(),
@@ -238,7 +267,7 @@ impl<I: InstanceDriver> Worker<I> {
         mut self,
         mut want: watch::Receiver<Want>,
         mut events: mpsc::UnboundedReceiver<Event>,
-        mut verdicts: mpsc::UnboundedReceiver<Verdict>,
+        mut inputs: mpsc::UnboundedReceiver<Input>,
     ) {
         loop {
             self.step();
@@ -251,7 +280,10 @@ impl<I: InstanceDriver> Worker<I> {
             tokio::select! {
                 biased;
                 Some(event) = events.recv() => self.on_event(event),
-                Some(verdict) = verdicts.recv() => self.on_verdict(verdict),
+                Some(input) = inputs.recv() => match input {
+                    Input::Verdict(verdict) => self.on_verdict(verdict),
+                    Input::FlowsSaved { slot, rev } => self.on_flows_saved(slot, rev),
+                },
                 Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
                     Ok(done) => self.on_done(done),
                     // Abandoned for a fence.
@@ -354,7 +386,12 @@ impl<I: InstanceDriver> Worker<I> {
             if target.contains(slot) || s.busy {
                 continue;
             }
-            if !noted && matches!(s.phase, ReplicaPhase::Running | ReplicaPhase::Starting) {
+            if !noted
+                && matches!(
+                    s.phase,
+                    ReplicaPhase::Running | ReplicaPhase::Deploying | ReplicaPhase::Starting
+                )
+            {
                 let what = if target.is_empty() {
                     "stopping every replica".to_owned()
                 } else {
@@ -365,7 +402,7 @@ impl<I: InstanceDriver> Worker<I> {
             }
             s.leaving = Some(Leaving::Remove);
             match s.phase {
-                ReplicaPhase::Running => {
+                ReplicaPhase::Running | ReplicaPhase::Deploying => {
                     s.set_phase(ReplicaPhase::Draining);
                     s.busy = true;
                     self.pending.push(Op::Drain(*slot));
@@ -510,37 +547,106 @@ impl<I: InstanceDriver> Worker<I> {
         self.pending.push(Op::Drain(slot));
     }
 
-    /// Deploys the wanted flows to one ready replica that runs others.
+    /// Deploys the wanted flows to one ready replica that runs others: standbys first; in
+    /// standby mode the active last, by switching to a standby that has them.
     fn deploy_flows(&mut self, d: &InstanceDesired, now: Instant) {
         // In standby mode, a takeover comes first: no deploy may hold up the standby about to
         // become active.
         let takeover = d.standby
             && (self.active.is_none()
                 || self.slots.values().any(|s| s.phase == ReplicaPhase::Hung));
+        let rev = d.flows.rev.as_str();
         if takeover
-            || self.pending.iter().any(|op| matches!(op, Op::Deploy(..)))
+            || self.refused.as_ref().is_some_and(|(r, _)| r == rev)
             || self
-                .slots
-                .values()
-                .any(|s| s.busy && s.phase == ReplicaPhase::Running)
+                .pending
+                .iter()
+                .any(|op| matches!(op, Op::Deploy { .. }))
+            || self.slots.values().any(|s| {
+                s.busy && matches!(s.phase, ReplicaPhase::Running | ReplicaPhase::Deploying)
+            })
         {
             return;
         }
-        let slot = self.slots.iter().find(|(slot, s)| {
-            s.phase == ReplicaPhase::Running
-                && !s.busy
-                && !s.held(now)
-                && s.leaving.is_none()
-                && s.spec.as_ref() == Some(&d.process_for(**slot))
-                && s.flows_rev.as_deref() != Some(d.flows.rev.as_str())
-        });
-        if let Some((slot, _)) = slot {
-            let slot = *slot;
-            if let Some(s) = self.slots.get_mut(&slot) {
-                s.busy = true;
+        let current = |slot: u32, s: &Slot| s.spec.as_ref() == Some(&d.process_for(slot));
+        let outdated: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|(slot, s)| {
+                matches!(s.phase, ReplicaPhase::Running | ReplicaPhase::Deploying)
+                    && !s.busy
+                    && !s.held(now)
+                    && s.leaving.is_none()
+                    && current(**slot, s)
+                    && (s.flows_rev.as_deref() != Some(rev) || s.phase == ReplicaPhase::Deploying)
+            })
+            .map(|(slot, _)| *slot)
+            .collect();
+        // Standbys (and the replica a failed deploy left out of rotation) first, the active last.
+        let Some(slot) = outdated
+            .iter()
+            .copied()
+            .min_by_key(|slot| (Some(*slot) == self.active, *slot))
+        else {
+            return;
+        };
+        if d.standby && Some(slot) == self.active {
+            // Switch: stop the active's flows, and `keep_one_active` promotes a standby that
+            // runs the new ones; the old active then gets them as a standby. With no such
+            // standby (one replica), the active gets them in place.
+            let ready = self.slots.iter().any(|(o, s)| {
+                *o != slot
+                    && s.phase == ReplicaPhase::Running
+                    && !s.busy
+                    && s.flows_rev.as_deref() == Some(rev)
+            });
+            if ready {
+                if let Some(s) = self.slots.get_mut(&slot) {
+                    self.log.note(
+                        "info",
+                        format!(
+                            "switching the active replica from {} to a standby with flows {rev}",
+                            ReplicaId::new(&self.name, slot)
+                        ),
+                    );
+                    s.busy = true;
+                    self.pending.push(Op::SetFlows(slot, FlowState::Stopped));
+                }
+                return;
             }
-            self.pending.push(Op::Deploy(slot, d.flows.clone()));
         }
+        // Out of rotation while another replica serves; in place when it is the only one.
+        let others_serve = self.slots.iter().any(|(o, s)| {
+            *o != slot
+                && s.phase == ReplicaPhase::Running
+                && (if d.standby {
+                    self.active == Some(*o)
+                } else {
+                    s.flows_on
+                })
+        });
+        let serving = if d.standby {
+            self.active == Some(slot)
+        } else {
+            self.slots.get(&slot).is_some_and(|s| s.flows_on)
+        };
+        let Some(s) = self.slots.get_mut(&slot) else {
+            return;
+        };
+        let drain = serving && others_serve && !s.out;
+        s.out = s.out || (serving && others_serve);
+        s.busy = true;
+        s.set_phase(ReplicaPhase::Deploying);
+        let gate = Gate {
+            flows_on: s.flows_on,
+            probe: d.probe.clone(),
+        };
+        self.pending.push(Op::Deploy {
+            slot,
+            flows: d.flows.clone(),
+            drain,
+            gate,
+        });
     }
 
     /// Standby mode: stops the flows of any ready replica that runs them besides the active;
@@ -575,7 +681,13 @@ impl<I: InstanceDriver> Worker<I> {
             .filter(|(_, s)| {
                 s.phase == ReplicaPhase::Running && !s.busy && !s.held(now) && s.leaving.is_none()
             })
-            .min_by_key(|(slot, s)| (s.spec.as_ref() != Some(&d.process_for(**slot)), **slot))
+            .min_by_key(|(slot, s)| {
+                (
+                    s.spec.as_ref() != Some(&d.process_for(**slot)),
+                    s.flows_rev.as_deref() != Some(d.flows.rev.as_str()),
+                    **slot,
+                )
+            })
             .map(|(slot, _)| *slot);
         if let Some(slot) = candidate {
             if let Some(s) = self.slots.get_mut(&slot) {
@@ -626,11 +738,15 @@ impl<I: InstanceDriver> Worker<I> {
                             since: s.since,
                             isolation: s.running.as_ref().map(|r| r.isolation),
                             flows: s.flows_on,
+                            flows_rev: s.flows_rev.clone(),
+                            out: s.out,
+                            deploy_error: s.deploy_error.clone(),
                         },
                     )
                 })
                 .collect(),
             active: self.active,
+            refused: self.refused.clone(),
         };
         self.observed.set(&self.id, view);
     }
@@ -685,10 +801,20 @@ impl<I: InstanceDriver> Worker<I> {
                     .spawn(async move { Done::Check(slot, run, reason, driver.check(slot).await) });
                 self.abortable(slot, call);
             }
-            Op::Deploy(slot, flows) => {
+            Op::Deploy {
+                slot,
+                flows,
+                drain,
+                gate,
+            } => {
                 let run = self.slots.get(&slot).map_or(0, |s| s.run);
+                let drained = drain.then(|| self.observed.plane().drained(&self.id_of(slot)));
+                let timeout = self.config.drain_timeout;
                 let call = self.ops.spawn(async move {
-                    let result = driver.deploy(slot, &flows).await;
+                    if let Some(drained) = drained {
+                        let _ = tokio::time::timeout(timeout, drained).await;
+                    }
+                    let result = driver.deploy(slot, &flows, &gate).await;
                     Done::Deploy(slot, run, flows.rev.clone(), result)
                 });
                 self.abortable(slot, call);
@@ -740,7 +866,10 @@ impl<I: InstanceDriver> Worker<I> {
                 }
             }
             EventKind::Hung { silent_ms } => {
-                if matches!(s.phase, ReplicaPhase::Running | ReplicaPhase::Draining) {
+                if matches!(
+                    s.phase,
+                    ReplicaPhase::Running | ReplicaPhase::Draining | ReplicaPhase::Deploying
+                ) {
                     tracing::warn!(replica = %id, silent_ms, "replica hung; fencing it");
                     self.log.note(
                         "warn",
@@ -763,7 +892,10 @@ impl<I: InstanceDriver> Worker<I> {
                         format!("replica {id} ended ({reason}); its platform restarts it"),
                     );
                 }
-                ReplicaPhase::Starting | ReplicaPhase::Running | ReplicaPhase::Hung => {
+                ReplicaPhase::Starting
+                | ReplicaPhase::Running
+                | ReplicaPhase::Deploying
+                | ReplicaPhase::Hung => {
                     self.ended(event.slot, reason);
                 }
                 ReplicaPhase::Restarting | ReplicaPhase::Crashed => {}
@@ -797,6 +929,16 @@ impl<I: InstanceDriver> Worker<I> {
         if s.phase == ReplicaPhase::Running && !s.busy {
             s.busy = true;
             self.pending.push(Op::Check(slot, verdict.reason));
+        }
+    }
+
+    /// A replica's editor deployed flows, and they are in the store: it runs them, so the
+    /// coordinator does not deploy them to it again.
+    fn on_flows_saved(&mut self, slot: u32, rev: String) {
+        if let Some(s) = self.slots.get_mut(&slot) {
+            if s.running.is_some() && !s.busy {
+                s.flows_rev = Some(rev);
+            }
         }
     }
 
@@ -1009,11 +1151,36 @@ impl<I: InstanceDriver> Worker<I> {
                         self.log
                             .note("info", format!("deployed flows {rev} to {id}"));
                         s.flows_rev = Some(rev);
+                        s.out = false;
+                        s.deploy_error = None;
+                        if s.phase == ReplicaPhase::Deploying {
+                            s.set_phase(ReplicaPhase::Running);
+                        }
+                    }
+                    Err(DriverError::Refused { reason, .. }) => {
+                        // It runs the bad flows: it stays out of rotation (when others serve)
+                        // until it gets others, and no other replica gets these.
+                        self.log.note(
+                            "error",
+                            format!("flows {rev} failed their health gate on {id}: {reason}; deploying them nowhere else"),
+                        );
+                        s.flows_rev = Some(rev.clone());
+                        s.deploy_error = Some(reason.clone());
+                        if !s.out && s.phase == ReplicaPhase::Deploying {
+                            s.set_phase(ReplicaPhase::Running);
+                        }
+                        self.refused = Some((rev, reason));
                     }
                     Err(e) => {
                         self.log
                             .note("warn", format!("cannot deploy flows to {id}: {e}"));
+                        s.deploy_error = Some(e.to_string());
                         s.hold_until = Some(now + retry_after);
+                        // What it runs is unknown until a deploy succeeds.
+                        s.flows_rev = None;
+                        if !s.out && s.phase == ReplicaPhase::Deploying {
+                            s.set_phase(ReplicaPhase::Running);
+                        }
                     }
                 }
             }
@@ -1056,6 +1223,8 @@ fn begin_start(s: &mut Slot, run: u64, spec: ProcessSpec, generation: u64, now: 
     s.running = None;
     s.flows_on = false;
     s.flows_rev = None;
+    s.out = false;
+    s.deploy_error = None;
     s.busy = true;
     s.restart_at = None;
     s.restart.started(now);

@@ -29,9 +29,11 @@ fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
             start_stopped: false,
+            storage: None,
         },
         flows: Flows::new(json!([])),
         mqtt_urls: BTreeMap::new(),
+        probe: None,
     }
 }
 

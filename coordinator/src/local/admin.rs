@@ -37,7 +37,11 @@ pub(crate) async fn call(
             .header(header::HOST, addr.to_string())
             .header(ADMIN_TOKEN, secret)
             .header(header::CONTENT_TYPE, "application/json")
+            // `GET /nodes` answers HTML without it.
+            .header(header::ACCEPT, "application/json")
             .header("node-red-deployment-type", "full")
+            // Flows as `{rev, flows}`, with credentials as stored (`{"$": ...}`).
+            .header("node-red-api-version", "v2")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
         let response = sender
@@ -109,4 +113,128 @@ pub(crate) fn state_matches(state: &str, start_stopped: bool) -> bool {
     } else {
         state == "start"
     }
+}
+
+/// `POST /admin/flows`: a full deploy of `body` (`{flows, credentials}`).
+pub(crate) async fn deploy(addr: SocketAddr, secret: &str, body: String) -> Result<(), String> {
+    expect(addr, secret, Method::POST, "/flows", body, &[200, 204]).await
+}
+
+/// Node types `flows` uses that no node set of the replica provides: Node-RED accepts such
+/// flows, and then runs none of them ("Waiting for missing types").
+pub(crate) async fn missing_types(
+    addr: SocketAddr,
+    secret: &str,
+    flows: &serde_json::Value,
+) -> Result<Vec<String>, String> {
+    let (status, body) = call(
+        addr,
+        secret,
+        Method::GET,
+        "/nodes",
+        String::new(),
+        Duration::from_secs(30),
+    )
+    .await?;
+    if status != 200 {
+        return Err(format!("GET /admin/nodes answered {status}"));
+    }
+    let sets: Vec<serde_json::Value> = serde_json::from_slice(&body)
+        .map_err(|e| format!("GET /admin/nodes answered no node list: {e}"))?;
+    let known: std::collections::HashSet<&str> = sets
+        .iter()
+        .filter(|set| set.get("enabled").and_then(|e| e.as_bool()) != Some(false))
+        .filter_map(|set| set.get("types").and_then(|t| t.as_array()))
+        .flatten()
+        .filter_map(|t| t.as_str())
+        .collect();
+    let mut missing: Vec<String> = flows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|node| node.get("type").and_then(|t| t.as_str()))
+        .filter(|t| !STRUCTURAL.contains(t) && !t.starts_with("subflow:") && !known.contains(t))
+        .map(str::to_owned)
+        .collect();
+    missing.sort();
+    missing.dedup();
+    Ok(missing)
+}
+
+/// Entries of a flows array that are not nodes of a node set: tabs, subflow definitions,
+/// groups and junctions (subflow instances are `subflow:<id>`).
+const STRUCTURAL: [&str; 4] = ["tab", "subflow", "group", "junction"];
+
+/// Waits until the replica says its flows run.
+pub(crate) async fn wait_started(
+    addr: SocketAddr,
+    secret: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let state = flow_state(addr, secret, timeout).await?;
+        if state == "start" {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the flows did not start within {timeout:?} (state {state})"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends the deploy's probe to the replica's own flows, until it answers as expected or
+/// `timeout` has passed.
+pub(crate) async fn probe(
+    addr: SocketAddr,
+    probe: &crate::spec::Probe,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let got = plain_get(addr, &probe.path).await;
+        match &got {
+            Ok(status) if *status == probe.expect_status => return Ok(()),
+            _ if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(status) => {
+                return Err(format!(
+                    "probe GET {} answered {status}, not {}",
+                    probe.path, probe.expect_status
+                ))
+            }
+            Err(e) => return Err(format!("probe GET {}: {e}", probe.path)),
+        }
+    }
+}
+
+/// A GET of a flow's route, without the admin secret: its status.
+async fn plain_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let call = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header(header::HOST, addr.to_string())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response.status().as_u16())
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .map_err(|_| "no answer within 5 s".to_owned())?
 }

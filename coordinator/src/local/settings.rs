@@ -49,7 +49,7 @@ pub fn settings_js(spec: &ProcessSpec, id: &ReplicaId, port: u16, user_dir: &Pat
 // them): never in the environment, where flows could read them.
 const secrets = JSON.parse(require("fs").readFileSync(0, "utf8"));
 const user = {user};
-module.exports = Object.assign({{}}, user, {{
+{storage_module}module.exports = Object.assign({{}}, user, {{
     uiHost: "127.0.0.1",
     uiPort: {port},
     userDir: {user_dir},
@@ -58,6 +58,7 @@ module.exports = Object.assign({{}}, user, {{
     httpNodeRoot: "/",
     disableEditor: {ha},
     credentialSecret: secrets.credentials,
+    storageModule: {storage_setting},
     adminAuth: {{
         tokenHeader: "{header}",
         tokens: function (token) {{
@@ -101,13 +102,88 @@ function levelName(l) {{
 "#,
         ha = spec.ha,
         header = ADMIN_TOKEN.as_str(),
+        storage_module = if spec.storage.is_some() {
+            STORAGE_MODULE
+        } else {
+            ""
+        },
+        storage_setting = match &spec.storage {
+            Some(s) => format!(
+                "tandemStorage({}, secrets.storage, {})",
+                serde_json::Value::String(s.url.clone()),
+                serde_json::Value::String(id.to_string())
+            ),
+            None => "undefined".into(),
+        },
         level = console_str("level", "info"),
         metrics = console_bool("metrics"),
         audit = console_bool("audit"),
     )
 }
 
-/// How a replica gets its secrets: one JSON line on standard input, `{"admin", "credentials"}`.
+/// The storage module of a replica whose flows live in Tandem's store (Node-RED's
+/// `storageModule`): flows and credentials are read and saved through the instance's storage
+/// API with the storage token; settings, sessions and the library stay in the replica's userDir
+/// (Node-RED's own `localfilesystem`). Flows of an instance made before Tandem kept them in its
+/// store are in the replica's `flows.json` and `flows_cred.json`: the first replica to read them
+/// hands them to the store, once (`POST /flows/import`), and every replica then reads the store.
+/// The token lives in this closure only: not in `settings`, which flows can read parts of.
+const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica) {
+    const http = require(base.startsWith("https:") ? "https" : "http");
+    const local = require.main.require("@node-red/runtime/lib/storage/localfilesystem");
+    let credentials = null;
+    function call(method, path, body) {
+        return new Promise(function (resolve, reject) {
+            const data = body === undefined ? null : Buffer.from(JSON.stringify(body));
+            const headers = { authorization: "Bearer " + token, "x-tandem-replica": replica };
+            if (data) { headers["content-type"] = "application/json"; headers["content-length"] = data.length; }
+            const req = http.request(base + path, { method: method, headers: headers }, function (res) {
+                const chunks = [];
+                res.on("data", function (c) { chunks.push(c); });
+                res.on("end", function () {
+                    const text = Buffer.concat(chunks).toString("utf8");
+                    if (res.statusCode < 200 || res.statusCode > 299) {
+                        return reject(new Error("Tandem's storage API answered " + res.statusCode + " to " + method + " " + path + ": " + text));
+                    }
+                    try { resolve(text ? JSON.parse(text) : null); } catch (e) { reject(e); }
+                });
+            });
+            req.on("error", reject);
+            req.setTimeout(30000, function () { req.destroy(new Error("Tandem's storage API did not answer " + method + " " + path + " within 30 s")); });
+            if (data) { req.write(data); }
+            req.end();
+        });
+    }
+    async function load() {
+        let doc = await call("GET", "/flows");
+        if (!doc.in_store) {
+            const flows = await local.getFlows();
+            const creds = await local.getCredentials();
+            doc = await call("POST", "/flows/import", { flows: flows, credentials: creds });
+        }
+        return doc;
+    }
+    return {
+        init: function (settings, runtime) { return local.init(settings, runtime); },
+        getFlows: async function () { const doc = await load(); credentials = doc.credentials; return doc.flows; },
+        getCredentials: async function () {
+            if (credentials === null) { credentials = (await load()).credentials; }
+            const c = credentials; credentials = null; return c || {};
+        },
+        saveFlows: function (flows) { return call("PUT", "/flows", flows); },
+        saveCredentials: function (creds) { return call("PUT", "/credentials", creds); },
+        getSettings: function () { return local.getSettings(); },
+        saveSettings: function (s) { return local.saveSettings(s); },
+        getSessions: function () { return local.getSessions(); },
+        saveSessions: function (s) { return local.saveSessions(s); },
+        getLibraryEntry: function (type, path) { return local.getLibraryEntry(type, path); },
+        saveLibraryEntry: function (type, path, meta, body) { return local.saveLibraryEntry(type, path, meta, body); },
+    };
+}
+"#;
+
+/// How a replica gets its secrets: one JSON line on standard input, `{"admin", "credentials"}`,
+/// and `"storage"` when its flows live in Tandem's store.
 /// Part of the spec hash, so replicas started the older way (secrets in the environment) are
 /// replaced, one at a time, after an upgrade.
 pub const SECRETS_ON_STDIN: &str = "secrets-on-stdin";
@@ -192,6 +268,7 @@ mod tests {
             credential_secret: "c".into(),
             settings: serde_json::json!({"b": 1, "a": {"z": [1, "x"]}}),
             env: BTreeMap::from([("TANDEM_MQTT_URL".into(), "mqtt://127.0.0.1:1".into())]),
+            storage: None,
         };
         let flows = serde_json::json!([{"id": "n1", "type": "inject"}]);
         let old = ReplicaSpec01 {

@@ -17,13 +17,13 @@ use rustix::process::{Pid, Signal};
 use serde_json::json;
 use tandem_coordinator::dataplane::InProcess;
 use tandem_coordinator::driver::{
-    Driver, DriverError, Event, EventKind, InstanceDriver, Liveness, Running,
+    Driver, DriverError, Event, EventKind, Gate, InstanceDriver, Liveness, Running,
 };
 use tandem_coordinator::local::{legacy_spec_hash, LocalDriver, LocalInstance};
 use tandem_coordinator::logs::{Cursor, InstanceLog, LogBook};
 use tandem_coordinator::proxy::credentials::ADMIN_TOKEN;
 use tandem_coordinator::replica::{ExitReason, FlowState, ReplicaId, ReplicaPhase};
-use tandem_coordinator::spec::{DesiredState, Flows, InstanceDesired, ProcessSpec};
+use tandem_coordinator::spec::{DesiredState, Flows, InstanceDesired, Probe, ProcessSpec};
 use tandem_coordinator::status::Coordination;
 use tandem_coordinator::{Coordinator, CoordinatorConfig};
 use tokio::sync::mpsc;
@@ -128,6 +128,7 @@ fn spec(instance: &str, slot: u32, ha: bool, start_stopped: bool) -> ProcessSpec
         credential_secret: secret("credentials"),
         settings: json!({ "httpNodeCors": { "origin": "*" }, "uiPort": 1 }),
         env: BTreeMap::from([("REPLICA".to_string(), format!("r{slot}"))]),
+        storage: None,
     }
 }
 
@@ -481,6 +482,7 @@ async fn a_killed_replica_is_restarted_and_serves_again() {
         process: spec(name, 0, false, false),
         flows: Flows::new(hello_flows()),
         mqtt_urls: BTreeMap::new(),
+        probe: None,
     }]);
     // The replica of slot 0 once it runs with a pid other than `not`: (pid, address).
     let running = |not: Option<u32>| {
@@ -743,7 +745,10 @@ async fn flows_can_be_deployed_and_stopped_without_a_restart() {
         { "id": "fn", "type": "function", "z": "t1", "func": "msg.payload = 'deployed'; return msg;", "wires": [["out"]] },
         { "id": "out", "type": "http response", "z": "t1", "statusCode": "", "headers": {}, "wires": [] }
     ]));
-    i.instance.deploy(0, &flows).await.unwrap();
+    i.instance
+        .deploy(0, &flows, &Gate::default())
+        .await
+        .unwrap();
     let deadline = Instant::now() + DEADLINE;
     while http(r.addr, "GET", "/hello", &[], "").await.1 != "deployed" {
         assert!(Instant::now() < deadline, "the deploy did not take");
@@ -765,7 +770,11 @@ async fn flows_can_be_deployed_and_stopped_without_a_restart() {
     // Bad flows are refused with Node-RED's reason, and slots that do not run are an error.
     match i
         .instance
-        .deploy(0, &Flows::new(json!({ "not": "an array" })))
+        .deploy(
+            0,
+            &Flows::new(json!({ "not": "an array" })),
+            &Gate::default(),
+        )
         .await
     {
         Err(DriverError::Admin { id, reason }) => {
@@ -775,7 +784,7 @@ async fn flows_can_be_deployed_and_stopped_without_a_restart() {
         other => panic!("expected an admin error, got {other:?}"),
     }
     assert!(matches!(
-        i.instance.deploy(5, &flows).await,
+        i.instance.deploy(5, &flows, &Gate::default()).await,
         Err(DriverError::NotRunning(id)) if id == ReplicaId::new(name, 5)
     ));
     assert!(matches!(
@@ -805,7 +814,10 @@ async fn secrets_never_reach_the_disk_the_environment_or_the_command_line() {
         "credentials": { "user": "someone", "password": password },
         "wires": [[]]
     }));
-    i.instance.deploy(0, &Flows::new(flows)).await.unwrap();
+    i.instance
+        .deploy(0, &Flows::new(flows), &Gate::default())
+        .await
+        .unwrap();
     let cred = d.user_dir(&ReplicaId::new(name, 0)).join("flows_cred.json");
     let deadline = Instant::now() + DEADLINE;
     while !cred.exists() {
@@ -886,10 +898,91 @@ async fn a_hung_replica_is_reported_and_fenced() {
     let _ = signal(pid, Signal::CONT);
     assert!(!listening(r.addr).await, "nothing answers on its port");
     assert!(matches!(
-        i.instance.deploy(0, &Flows::new(hello_flows())).await,
+        i.instance
+            .deploy(0, &Flows::new(hello_flows()), &Gate::default())
+            .await,
         Err(DriverError::NotRunning(_))
     ));
     // Of that run, nothing more than that the fence holds.
     i.close(|e| e.kind == EventKind::Fenced && (e.slot, e.run) == (0, 1))
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_gate_refuses_unknown_node_types_nodes_in_error_and_a_failed_probe() {
+    let data = DataDir::new();
+    let d = driver(&data);
+    let name = "gate";
+    let s = spec(name, 0, false, false);
+    let mut i = open(&d, name);
+    let r = i.start(0, 1, &s, &Flows::new(hello_flows())).await;
+    let gate = Gate {
+        flows_on: true,
+        probe: Some(Probe {
+            path: "/hello".into(),
+            expect_status: 200,
+        }),
+    };
+    // Good flows pass, probe and all.
+    i.instance
+        .deploy(0, &Flows::new(hello_flows()), &gate)
+        .await
+        .unwrap();
+
+    // A type nothing provides: Node-RED takes the flows (and runs none of them); the gate
+    // does not.
+    let mut unknown = hello_flows();
+    unknown
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "id": "x", "type": "foo-bar", "z": "t1", "wires": [] }));
+    match i.instance.deploy(0, &Flows::new(unknown), &gate).await {
+        Err(DriverError::Refused { reason, .. }) => {
+            assert_eq!(reason, "unknown node type: foo-bar")
+        }
+        other => panic!("expected the gate to refuse, got {other:?}"),
+    }
+    assert_eq!(http(r.addr, "GET", "/hello", &[], "").await.0, 404);
+
+    // A node that fails as it starts (an `http in` node on a route no HTTP server serves is
+    // fine; a `tcp in` server on a port taken is not).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut failing = hello_flows();
+    failing.as_array_mut().unwrap().push(json!({
+        "id": "tcp", "type": "tcp in", "z": "t1", "server": "server", "host": "",
+        "port": port.to_string(), "datamode": "stream", "datatype": "buffer",
+        "newline": "", "topic": "", "base64": false, "wires": [[]]
+    }));
+    match i.instance.deploy(0, &Flows::new(failing), &gate).await {
+        Err(DriverError::Refused { reason, .. }) => {
+            assert!(
+                reason.starts_with("a node failed as the flows started"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected the gate to refuse, got {other:?}"),
+    }
+
+    // A probe answered otherwise.
+    let wrong = Gate {
+        flows_on: true,
+        probe: Some(Probe {
+            path: "/nowhere".into(),
+            expect_status: 200,
+        }),
+    };
+    match i
+        .instance
+        .deploy(0, &Flows::new(hello_flows()), &wrong)
+        .await
+    {
+        Err(DriverError::Refused { reason, .. }) => {
+            assert_eq!(reason, "probe GET /nowhere answered 404, not 200")
+        }
+        other => panic!("expected the probe to fail, got {other:?}"),
+    }
+    drop(taken);
+    i.instance.stop(0).await.unwrap();
+    i.close(|_| false).await;
 }

@@ -32,9 +32,11 @@ fn desired(name: &str, replicas: u32, standby: bool) -> InstanceDesired {
             credential_secret: "creds".into(),
             settings: serde_json::json!({}),
             env: BTreeMap::new(),
+            storage: None,
         },
         flows: Flows::new(serde_json::json!([])),
         mqtt_urls: BTreeMap::new(),
+        probe: None,
     }
 }
 
@@ -554,7 +556,8 @@ async fn a_hung_replica_is_fenced_at_once_even_with_a_call_to_it_in_flight() {
         })
         .await;
     w.status_is("id-busy", InstanceState::Running).await;
-    // Calls now take 30 s (a replica that will never answer them): a deploy starts on r0.
+    // Calls now take 30 s (a replica that will never answer them): a deploy starts on the
+    // standby r1, then on r0 once it is switched.
     w.fake.slow_calls(Duration::from_secs(30));
     d.flows = Flows::new(serde_json::json!([{"id": "n2", "type": "tab"}]));
     w.coordinator.apply(vec![d]);
@@ -570,10 +573,180 @@ async fn a_hung_replica_is_fenced_at_once_even_with_a_call_to_it_in_flight() {
         hung_at.elapsed()
     );
     w.fake.slow_calls(Duration::ZERO);
+    // A replica takes over: r0 restarted, or r1 once its deploy is done, whichever is ready
+    // first; never both.
+    let fenced = w.fake.calls().len();
     w.fake
-        .until("r1 active", |c| {
-            c.contains(&Call::SetFlows(r("busy", 1), FlowState::Started))
+        .until("a new active", |c| {
+            c[fenced..]
+                .iter()
+                .any(|c| matches!(c, Call::SetFlows(_, FlowState::Started)))
         })
         .await;
     assert_eq!(w.fake.violations(), Vec::<String>::new());
+}
+
+/// The tables published so far, each as the slots of `instance` in rotation.
+fn rotations(plane: &FakePlane, instance: &str) -> Vec<Vec<u32>> {
+    plane
+        .tables()
+        .iter()
+        .filter_map(|t| t.iter().find(|i| i.name == instance))
+        .map(|i| {
+            i.replicas
+                .iter()
+                .filter(|r| r.serving == tandem_coordinator::dataplane::Serving::Ready)
+                .map(|r| r.id.slot)
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deploy_takes_one_replica_out_of_rotation_at_a_time_after_its_requests_finish() {
+    let w = world();
+    let mut d = desired("roll3", 3, false);
+    w.coordinator.apply(vec![d.clone()]);
+    w.status_is("id-roll3", InstanceState::Running).await;
+    let before = w.plane.tables().len();
+    // A request in flight on r0.
+    let held = w.plane.hold(r("roll3", 0));
+    d.flows = Flows::new(serde_json::json!([{"id": "n1", "type": "tab"}]));
+    let rev = d.flows.rev.clone();
+    w.coordinator.apply(vec![d]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.plane.ready("roll3"), [1, 2]);
+    assert_eq!(
+        w.coordinator.status("id-roll3").replicas[0].state,
+        ReplicaPhase::Deploying
+    );
+    let deploys = |c: &[Call]| count(c, |c| matches!(c, Call::Deploy(_, v) if *v == rev));
+    assert_eq!(
+        deploys(&w.fake.calls()),
+        0,
+        "not before its request finished"
+    );
+    held.notify_one();
+    w.fake.until("three deploys", |c| deploys(c) == 3).await;
+    w.status_is("id-roll3", InstanceState::Running).await;
+    settle().await;
+    // Never fewer than two in rotation, and all three back at the end, on the new flows.
+    let seen = rotations(&w.plane, "roll3");
+    assert!(seen[before..].iter().all(|t| t.len() >= 2), "{seen:?}");
+    assert_eq!(w.plane.ready("roll3"), [0, 1, 2]);
+    let status = w.coordinator.status("id-roll3");
+    assert!(status
+        .replicas
+        .iter()
+        .all(|r| r.flows_rev.as_deref() == Some(rev.as_str())));
+    assert_eq!(count(&w.fake.calls(), |c| matches!(c, Call::Stop(_))), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn flows_refused_by_the_gate_reach_no_other_replica_and_the_old_ones_come_back() {
+    let w = world();
+    let mut d = desired("gate", 3, false);
+    let old = d.flows.clone();
+    w.coordinator.apply(vec![d.clone()]);
+    w.status_is("id-gate", InstanceState::Running).await;
+    d.flows = Flows::new(serde_json::json!([{"id": "n1", "type": "foo-bar"}]));
+    let bad = d.flows.rev.clone();
+    w.fake.refuse(&bad, "unknown node type: foo-bar");
+    w.coordinator.apply(vec![d.clone()]);
+    w.fake
+        .until("a deploy of the bad flows", |c| {
+            c.iter()
+                .any(|c| matches!(c, Call::Deploy(_, v) if *v == bad))
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let calls = w.fake.calls();
+    assert_eq!(
+        count(&calls, |c| matches!(c, Call::Deploy(_, v) if *v == bad)),
+        1
+    );
+    let status = w.coordinator.status("id-gate");
+    let refused = status.deploy_refused.clone().expect("refused");
+    assert_eq!(refused.rev, bad);
+    assert_eq!(refused.reason, "unknown node type: foo-bar");
+    let failed: Vec<_> = status
+        .replicas
+        .iter()
+        .filter(|r| r.deploy_error.is_some())
+        .collect();
+    assert_eq!(failed.len(), 1);
+    let slot = failed[0].slot;
+    // It runs the bad flows, so it serves nothing until it has others.
+    assert_eq!(failed[0].state, ReplicaPhase::Deploying);
+    assert!(!w.plane.ready("gate").contains(&slot));
+    assert_eq!(w.plane.ready("gate").len(), 2);
+
+    // The control plane rolls back: the old flows again.
+    d.flows = old.clone();
+    w.coordinator.apply(vec![d]);
+    w.fake
+        .until("the old flows back on the changed replica", |c| {
+            c.iter()
+                .any(|c| matches!(c, Call::Deploy(i, v) if *v == old.rev && i.slot == slot))
+        })
+        .await;
+    w.status_is("id-gate", InstanceState::Running).await;
+    settle().await;
+    assert_eq!(w.plane.ready("gate"), [0, 1, 2]);
+    let calls = w.fake.calls();
+    assert_eq!(
+        count(&calls, |c| matches!(c, Call::Deploy(..))),
+        2,
+        "{calls:#?}"
+    );
+    for slot in 0..3 {
+        assert_eq!(w.fake.flows_rev(&r("gate", slot)), Some(old.rev.clone()));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_standby_mode_standbys_get_new_flows_first_then_the_active_is_switched() {
+    let w = world();
+    let mut d = desired("sw", 3, true);
+    w.coordinator.apply(vec![d.clone()]);
+    w.status_is("id-sw", InstanceState::Running).await;
+    w.fake
+        .until("an active", |c| {
+            c.iter()
+                .any(|c| matches!(c, Call::SetFlows(_, FlowState::Started)))
+        })
+        .await;
+    settle().await;
+    let active = w.fake.running_flows("sw");
+    assert_eq!(active.len(), 1);
+    let active = active[0];
+    d.flows = Flows::new(serde_json::json!([{"id": "n1", "type": "tab"}]));
+    let rev = d.flows.rev.clone();
+    w.coordinator.apply(vec![d]);
+    w.fake
+        .until("every replica on the new flows", |c| {
+            count(c, |c| matches!(c, Call::Deploy(_, v) if *v == rev)) == 3
+        })
+        .await;
+    settle().await;
+    let calls = w.fake.calls();
+    let deploy_at = |slot: u32| {
+        calls
+            .iter()
+            .position(|c| matches!(c, Call::Deploy(i, v) if *v == rev && i.slot == slot))
+            .unwrap()
+    };
+    let stopped_at = calls
+        .iter()
+        .position(|c| *c == Call::SetFlows(r("sw", active), FlowState::Stopped))
+        .expect("the old active's flows stopped");
+    for slot in (0..3).filter(|s| *s != active) {
+        assert!(deploy_at(slot) < stopped_at, "standbys first: {calls:#?}");
+    }
+    assert!(stopped_at < deploy_at(active), "{calls:#?}");
+    // A standby with the new flows took over; never two actives.
+    let now = w.fake.running_flows("sw");
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], active);
+    assert!(w.fake.violations().is_empty(), "{:?}", w.fake.violations());
 }
