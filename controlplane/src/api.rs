@@ -18,7 +18,10 @@ pub mod applications;
 pub mod audit_log;
 pub mod instances;
 pub mod logs;
+pub mod pipelines;
+pub mod snapshots;
 pub mod stacks;
+pub mod storage;
 pub mod teams;
 pub mod templates;
 pub mod users;
@@ -67,6 +70,9 @@ pub fn router(state: AppState) -> Router {
         .merge(stacks::router())
         .merge(templates::router())
         .merge(audit_log::router())
+        .merge(snapshots::router(state.config.max_document_bytes))
+        .merge(pipelines::router())
+        .merge(storage::router(state.config.max_document_bytes))
         .split_for_parts();
     let doc = std::sync::Arc::new(doc);
     api.route(

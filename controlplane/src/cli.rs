@@ -178,6 +178,11 @@ pub struct ServeArgs {
     /// Largest HA replica count.
     #[arg(long, env = "TANDEM_MAX_HA_REPLICAS", default_value_t = 8)]
     pub max_ha_replicas: u32,
+    /// Largest body, in MiB, of the routes that take whole documents: `PUT
+    /// /instances/{id}/flows`, snapshot imports and the replicas' storage API. Real flows carry
+    /// images and many tabs; every other route takes 1 MiB.
+    #[arg(long, env = "TANDEM_MAX_DOCUMENT_MIB", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_document_mib: u32,
     /// Delay before restarting a replica that ended, in milliseconds; doubles with each crash
     /// in a row, up to 60 s.
     #[arg(long, env = "TANDEM_RESTART_BACKOFF_MS", default_value_t = 1_000)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sqlx::Row;
 use tandem_coordinator::driver::Driver;
-use tandem_coordinator::spec::{Flows, InstanceDesired, ProcessSpec};
+use tandem_coordinator::spec::{Flows, InstanceDesired, ProcessSpec, Storage};
 use tandem_coordinator::Coordinator;
 
 use crate::api::instances::{self, HaMode, TemplateCache};
@@ -32,15 +32,19 @@ pub struct NotApplied {
 pub async fn desired_instances(
     state: &AppState,
 ) -> anyhow::Result<(Vec<InstanceDesired>, Vec<NotApplied>)> {
-    type Stack = (String, String, Option<String>, i64);
+    type Stack = (Flows, String, Option<String>, i64);
     let extra: HashMap<String, Stack> = sqlx::query(
-        "SELECT i.id, i.flows, s.nodered_version, s.node_version, s.memory_mb FROM instances i JOIN stacks s ON s.id = i.stack_id",
+        "SELECT i.id, i.flows, i.credentials, s.nodered_version, s.node_version, s.memory_mb FROM instances i JOIN stacks s ON s.id = i.stack_id",
     )
     .fetch_all(&state.store.pool)
     .await?
     .iter()
-    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4))))
+    .map(|r| {
+        let flows = crate::snapshots::flows_of(&r.get::<String, _>(1), &r.get::<String, _>(2));
+        (r.get(0), (flows, r.get(3), r.get(4), r.get(5)))
+    })
     .collect();
+    let probes = crate::deployments::running_probes(state).await?;
     let rows = sqlx::query(&format!(
         "SELECT {} FROM instances ORDER BY id",
         instances::COLUMNS
@@ -57,8 +61,7 @@ pub async fn desired_instances(
         let Some((flows, version, node_version, memory_mb)) = extra.get(&i.id) else {
             continue;
         };
-        let flows =
-            Flows::new(serde_json::from_str(flows).unwrap_or_else(|_| serde_json::json!([])));
+        let flows = flows.clone();
         if !i.not_applied.is_empty() {
             not_applied.push(NotApplied {
                 instance_id: i.id.clone(),
@@ -82,11 +85,14 @@ pub async fn desired_instances(
                 settings: i.effective_settings,
                 env: i.env_revealed,
                 start_stopped: false,
-                storage: None,
+                storage: state.config.storage_base.as_ref().map(|base| Storage {
+                    url: format!("{base}/api/v1/storage/{}", i.id),
+                    token: state.key.derive("storage", &i.id),
+                }),
             },
             flows,
             mqtt_urls: BTreeMap::new(),
-            probe: None,
+            probe: probes.get(&i.id).cloned(),
             id: i.id,
         });
     }

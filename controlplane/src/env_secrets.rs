@@ -58,8 +58,8 @@ pub enum EnvStored {
     },
 }
 
-/// A variable as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+/// A variable as the API shows it (and an exported snapshot holds it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum EnvShown {
     /// A plain value.

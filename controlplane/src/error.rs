@@ -177,35 +177,63 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Self(v)),
-            Err(rejection) => Err(match rejection {
-                JsonRejection::JsonDataError(e) => {
-                    // serde_path_to_error says "path.to.field: what is wrong".
-                    let msg = std::error::Error::source(&e)
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| e.body_text());
-                    data_error(&msg)
-                }
-                JsonRejection::JsonSyntaxError(e) => ApiError::BadRequest(format!(
-                    "the body is not valid JSON: {}",
-                    std::error::Error::source(&e)
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| e.body_text())
-                )),
-                JsonRejection::MissingJsonContentType(_) => ApiError::BadRequest(
-                    "send the body as JSON with Content-Type: application/json".into(),
-                ),
-                JsonRejection::BytesRejection(e) => {
-                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                        ApiError::TooLarge(crate::api::MAX_BODY_BYTES)
-                    } else {
-                        ApiError::BadRequest(format!("cannot read the body: {}", e.body_text()))
-                    }
-                }
-                other => ApiError::BadRequest(other.body_text()),
-            }),
+        axum::Json::<T>::from_request(req, state)
+            .await
+            .map(|axum::Json(v)| Self(v))
+            .map_err(|r| json_rejection(r, crate::api::MAX_BODY_BYTES))
+    }
+}
+
+/// A JSON body of a route that takes whole documents (flows, snapshots): like [`Json`], with
+/// the platform's document limit (`tandem serve --max-document-mib`, default 16 MiB) rather
+/// than 1 MiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Document<T>(pub T);
+
+impl<T> FromRequest<crate::state::AppState> for Document<T>
+where
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(
+        req: Request,
+        state: &crate::state::AppState,
+    ) -> Result<Self, Self::Rejection> {
+        axum::Json::<T>::from_request(req, state)
+            .await
+            .map(|axum::Json(v)| Self(v))
+            .map_err(|r| json_rejection(r, state.config.max_document_bytes))
+    }
+}
+
+/// The API's error for a body axum could not take as JSON; `limit` is the route's body limit.
+fn json_rejection(rejection: JsonRejection, limit: usize) -> ApiError {
+    match rejection {
+        JsonRejection::JsonDataError(e) => {
+            // serde_path_to_error says "path.to.field: what is wrong".
+            let msg = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.body_text());
+            data_error(&msg)
         }
+        JsonRejection::JsonSyntaxError(e) => ApiError::BadRequest(format!(
+            "the body is not valid JSON: {}",
+            std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.body_text())
+        )),
+        JsonRejection::MissingJsonContentType(_) => {
+            ApiError::BadRequest("send the body as JSON with Content-Type: application/json".into())
+        }
+        JsonRejection::BytesRejection(e) => {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge(limit)
+            } else {
+                ApiError::BadRequest(format!("cannot read the body: {}", e.body_text()))
+            }
+        }
+        other => ApiError::BadRequest(other.body_text()),
     }
 }
 

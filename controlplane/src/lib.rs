@@ -11,6 +11,11 @@
 //!   variables refused).
 //! - [`desired`]: every instance's desired state, projected from the store for the
 //!   coordinator, and the report of stored configuration the rules leave out.
+//! - [`snapshots`]: snapshots of instances, the store's flows, export and import.
+//! - [`deployments`]: deploys of snapshots, watched replica by replica, rolled back when the
+//!   health gate refuses them.
+//! - [`node_credentials`]: Node-RED's credential encryption, to move credentials between
+//!   secrets.
 //! - [`secrets`]: instance secrets, derived from the platform key.
 //! - [`env_secrets`]: secret environment variables, sealed in the store and never shown.
 //! - [`mqtt_wiring`]: the MQTT proxy's per-replica listeners in `tandem serve`.
@@ -35,12 +40,14 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod cli;
+pub mod deployments;
 pub mod desired;
 pub mod editor_gate;
 pub mod env_secrets;
 pub mod error;
 pub mod metrics;
 pub mod mqtt_wiring;
+pub mod node_credentials;
 pub mod node_env;
 pub mod node_settings;
 pub mod proxy_cmd;
@@ -48,6 +55,7 @@ pub mod roles;
 pub mod scratch_pg;
 pub mod secrets;
 pub mod serve_cmd;
+pub mod snapshots;
 pub mod state;
 pub mod store;
 

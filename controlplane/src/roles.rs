@@ -68,9 +68,21 @@ pub enum Action {
     OpenEditor,
     /// Protect an instance, or lift its protection.
     ProtectInstance,
-    /// Deploy flows to a protected instance (from its editor, and later through snapshots and
-    /// pipelines).
+    /// Deploy flows to a protected instance, by any route (its editor, `PUT .../flows`, a
+    /// rollback, a pipeline).
     DeployProtected,
+    /// Read an instance's flows and snapshots' contents; export snapshots.
+    ReadFlows,
+    /// Take and import snapshots.
+    TakeSnapshot,
+    /// Deploy flows: `PUT .../flows`, a rollback.
+    Deploy,
+    /// Delete snapshots.
+    DeleteSnapshot,
+    /// Create, change and delete pipelines and their stages.
+    ManagePipelines,
+    /// Deploy a pipeline's stage to the next.
+    RunPipeline,
 }
 
 /// The permission table: the lowest role allowed to do `action`. Platform admins may do all.
@@ -78,10 +90,10 @@ pub fn required(action: Action) -> Role {
     use Action::*;
     match action {
         Read => Role::Viewer,
-        ReadInstanceAudit | EditInstance | ControlInstance | OpenEditor => Role::Member,
+        ReadInstanceAudit | EditInstance | ControlInstance | OpenEditor | ReadFlows
+        | TakeSnapshot | Deploy => Role::Member,
         EditTeam | DeleteTeam | ManageMembers | ReadTeamAudit | ManageApplications
-        | CreateInstance | DeleteInstance | ManageHa | ProtectInstance | DeployProtected => {
-            Role::Owner
-        }
+        | CreateInstance | DeleteInstance | ManageHa | ProtectInstance | DeployProtected
+        | DeleteSnapshot | ManagePipelines | RunPipeline => Role::Owner,
     }
 }

@@ -165,18 +165,33 @@ pub(crate) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 /// Runs `tandem serve` until SIGTERM or Ctrl-C.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = ApiConfig {
-        base_domain: args.base_domain.clone(),
-        max_ha_replicas: args.max_ha_replicas,
-        ..ApiConfig::default()
-    };
-    let state = state(&args.data_dir, args.database_url.as_deref(), config).await?;
-    if let Some(path) = bootstrap(&state, &args.data_dir).await? {
-        tracing::info!(path = %path.display(), "first start: created user admin; its API token is in this file (read it once, keep it safe)");
-    }
     let api = tokio::net::TcpListener::bind(args.api_listen)
         .await
         .with_context(|| format!("cannot listen on {} (API)", args.api_listen))?;
+    // Replicas reach the storage API on the API's own port, over loopback when it listens on
+    // every address.
+    let api_addr = api.local_addr()?;
+    let storage_ip = if api_addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        api_addr.ip()
+    };
+    let config = ApiConfig {
+        base_domain: args.base_domain.clone(),
+        max_ha_replicas: args.max_ha_replicas,
+        max_document_bytes: (args.max_document_mib as usize) << 20,
+        storage_base: Some(format!(
+            "http://{}",
+            std::net::SocketAddr::new(storage_ip, api_addr.port())
+        )),
+        ..ApiConfig::default()
+    };
+    let state = state(&args.data_dir, args.database_url.as_deref(), config).await?;
+    // Deploys under way when Tandem stopped are rolled back before anything runs.
+    crate::deployments::recover(&state).await?;
+    if let Some(path) = bootstrap(&state, &args.data_dir).await? {
+        tracing::info!(path = %path.display(), "first start: created user admin; its API token is in this file (read it once, keep it safe)");
+    }
     let http = tokio::net::TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("cannot listen on {} (instances)", args.http_listen))?;

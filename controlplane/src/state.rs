@@ -22,6 +22,12 @@ pub struct ApiConfig {
     /// How often an open log stream checks that its caller may still read the instance.
     /// Default 5 s.
     pub stream_recheck: Duration,
+    /// Largest body of the routes that take whole documents (flows, snapshot imports, the
+    /// replicas' storage API). Default 16 MiB; other routes take 1 MiB.
+    pub max_document_bytes: usize,
+    /// Where replicas reach the storage API (`http://127.0.0.1:<api port>`); `None` when the API
+    /// does not serve replicas (then they keep their flows in their userDir).
+    pub storage_base: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -32,6 +38,8 @@ impl Default for ApiConfig {
             session_ttl_ms: 7 * 24 * 3600 * 1000,
             login_limits: LoginLimits::default(),
             stream_recheck: Duration::from_secs(5),
+            max_document_bytes: 16 << 20,
+            storage_base: None,
         }
     }
 }

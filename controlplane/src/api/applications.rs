@@ -98,7 +98,7 @@ pub async fn load(state: &AppState, id: &str) -> ApiResult<Application> {
 }
 
 /// Loads an application the caller may act on; an outsider gets 404.
-async fn load_for(
+pub(crate) async fn load_for(
     state: &AppState,
     caller: &Caller,
     id: &str,
@@ -240,6 +240,15 @@ async fn delete_application(
             "the application still has {n} instance(s); delete them first"
         )));
     }
+    // Its pipelines go with it.
+    sqlx::query("DELETE FROM pipeline_stages WHERE pipeline_id IN (SELECT id FROM pipelines WHERE application_id = $1)")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM pipelines WHERE application_id = $1")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM applications WHERE id = $1")
         .bind(&id)
         .execute(&mut *tx)

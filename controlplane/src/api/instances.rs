@@ -232,23 +232,6 @@ fn check_ha(state: &AppState, ha: &Ha, field: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn check_flows(flows: &Value) -> ApiResult<()> {
-    let Some(nodes) = flows.as_array() else {
-        return Err(ApiError::invalid("flows", "must be a Node-RED flows array"));
-    };
-    for (i, n) in nodes.iter().enumerate() {
-        let ok = n.get("id").is_some_and(Value::is_string)
-            && n.get("type").is_some_and(Value::is_string);
-        if !ok {
-            return Err(ApiError::invalid(
-                format!("flows[{i}]"),
-                "every node needs a string id and type",
-            ));
-        }
-    }
-    Ok(())
-}
-
 pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected";
 
 /// Templates already loaded while building a list of instances.
@@ -372,16 +355,24 @@ async fn create_instance(
         &settings,
         &env_secrets::reveal(&state.key, &id, &env),
     )?;
-    let flows = body.flows.clone().unwrap_or_else(|| json!([]));
-    check_flows(&flows)?;
+    let mut flows = body.flows.clone().unwrap_or_else(|| json!([]));
+    super::snapshots::check_flows(&flows, "flows")?;
+    // Credentials given inline are encrypted for the instance; the store never holds them in
+    // clear.
+    let credentials = crate::snapshots::take_inline_credentials(
+        &mut flows,
+        &json!({}),
+        &state.key.derive("credentials", &id),
+    )
+    .map_err(|e| ApiError::invalid("flows", e.to_string()))?;
     if let Some(ha) = &body.ha {
         check_ha(&state, ha, "ha.replicas")?;
     }
     let now = now_ms();
     let mut tx = state.store.write().await?;
     sqlx::query(
-        "INSERT INTO instances (id, name, team_id, application_id, stack_id, template_id, settings, env, flows, ha_replicas, ha_mode, desired_state, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'running', $12, $13)",
+        "INSERT INTO instances (id, name, team_id, application_id, stack_id, template_id, settings, env, flows, credentials, flows_in_store, ha_replicas, ha_mode, desired_state, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12, 'running', $13, $14)",
     )
     .bind(&id)
     .bind(&body.name)
@@ -392,6 +383,7 @@ async fn create_instance(
     .bind(settings.to_string())
     .bind(json!(env).to_string())
     .bind(flows.to_string())
+    .bind(credentials.to_string())
     .bind(body.ha.map(|h| h.replicas))
     .bind(body.ha.map(|h| h.mode.as_str()))
     .bind(now)
@@ -501,6 +493,13 @@ async fn delete_instance(
 ) -> ApiResult<StatusCode> {
     let before = load_for(&state, &caller, &id, Action::DeleteInstance).await?;
     let mut tx = state.store.write().await?;
+    // Its snapshots, deploys and pipeline stages go with it.
+    for table in ["snapshots", "deployments", "pipeline_stages"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE instance_id = $1"))
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query("DELETE FROM instances WHERE id = $1")
         .bind(&id)
         .execute(&mut *tx)

@@ -76,6 +76,17 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(protected, [0, 0]);
+    // Migration 3: no credentials in the store yet, and the flows still in the replicas' own
+    // files, for their first replica of this version to hand over.
+    let flows: Vec<(String, i64)> =
+        sqlx::query("SELECT credentials, flows_in_store FROM instances")
+            .fetch_all(&mut *c)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+    assert_eq!(flows, [("{}".to_string(), 0), ("{}".to_string(), 0)]);
     let recorded = recorded(&mut c).await;
     assert_eq!(
         recorded[0],
@@ -398,9 +409,14 @@ async fn recorded(c: &mut AnyConnection) -> Vec<Recorded> {
     .collect()
 }
 
-/// The tables an up-to-date database has: 0.1's and the migrations' record.
+/// Tables the migrations after 0.1 added.
+const LATER_TABLES: [&str; 4] = ["deployments", "pipeline_stages", "pipelines", "snapshots"];
+
+/// The tables an up-to-date database has: 0.1's, the later migrations' and the migrations'
+/// record.
 fn all_tables() -> Vec<String> {
     let mut all: Vec<String> = V0_1_TABLES.iter().map(|(t, _)| t.to_string()).collect();
+    all.extend(LATER_TABLES.iter().map(|t| t.to_string()));
     all.push("_sqlx_migrations".to_string());
     all.sort();
     all

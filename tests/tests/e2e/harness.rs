@@ -147,10 +147,22 @@ impl Tandem {
     }
 
     async fn launch(dir: &Path, stop_replicas: bool, args: &[&str]) -> Self {
-        let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let http_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // A Tandem started again on a data directory gets the ports it had, as a restarted
+        // service does: its replicas reach the storage API where they were told it is.
         std::fs::create_dir_all(dir).unwrap();
+        let ports_file = dir.join("e2e-ports");
+        let ports: Vec<u16> = match std::fs::read_to_string(&ports_file) {
+            Ok(text) => text.split(' ').filter_map(|p| p.parse().ok()).collect(),
+            Err(_) => {
+                let ports = vec![free_port(), free_port(), free_port()];
+                let text: Vec<String> = ports.iter().map(u16::to_string).collect();
+                std::fs::write(&ports_file, text.join(" ")).unwrap();
+                ports
+            }
+        };
+        let api = SocketAddr::from(([127, 0, 0, 1], ports[0]));
+        let http_addr = SocketAddr::from(([127, 0, 0, 1], ports[1]));
+        let metrics = SocketAddr::from(([127, 0, 0, 1], ports[2]));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -148,8 +148,9 @@ async fn flows_cannot_read_secrets_or_anything_outside_their_user_dir() {
     assert_eq!(status["replicas"][0]["isolation"], "landlock", "{status}");
     let secret_key = data.join("secret-key");
     let db = data.join("tandem.db");
-    let theirs = data.join("instances/neighbour/r0/flows.json");
-    let own = data.join("instances/prober/r0/flows.json");
+    // Flows live in Tandem's store; the userDir keeps the generated settings.
+    let theirs = data.join("instances/neighbour/r0/settings.js");
+    let own = data.join("instances/prober/r0/settings.js");
     assert!(secret_key.exists() && db.exists() && theirs.exists() && own.exists());
     for path in [&secret_key, &db, &theirs, &data.join("admin-token")] {
         let out = exec(&t, &format!("cat '{}'", path.display())).await;

@@ -123,6 +123,67 @@ const MATRIX: &[Row] = &[
     ),
     row("GET", "/api/v1/instances/{id}/protection", TEAM_READ),
     row("PUT", "/api/v1/instances/{id}/protection", TEAM_OWNER),
+    // Snapshots, flows and deploys: viewers read metadata; members take, read flows, export,
+    // import, deploy and roll back; owners delete.
+    row(
+        "POST",
+        "/api/v1/instances/{id}/snapshots",
+        with_ok(TEAM_MEMBER, 201),
+    ),
+    row("GET", "/api/v1/instances/{id}/snapshots", TEAM_READ),
+    row("GET", "/api/v1/snapshots/{id}", TEAM_READ),
+    row("DELETE", "/api/v1/snapshots/{id}", with_ok(TEAM_OWNER, 204)),
+    row("GET", "/api/v1/snapshots/{id}/full", TEAM_MEMBER),
+    row("POST", "/api/v1/snapshots/{id}/export", TEAM_MEMBER),
+    row(
+        "POST",
+        "/api/v1/instances/{id}/snapshots/import",
+        with_ok(TEAM_MEMBER, 201),
+    ),
+    row(
+        "POST",
+        "/api/v1/instances/{id}/actions/rollback",
+        with_ok(TEAM_MEMBER, 202),
+    ),
+    row("GET", "/api/v1/instances/{id}/flows", TEAM_MEMBER),
+    row(
+        "PUT",
+        "/api/v1/instances/{id}/flows",
+        with_ok(TEAM_MEMBER, 202),
+    ),
+    row("GET", "/api/v1/deployments/{id}", TEAM_READ),
+    row("GET", "/api/v1/instances/{id}/deployments", TEAM_READ),
+    // Pipelines: owners edit and run them, members and viewers read them.
+    row("POST", "/api/v1/pipelines", with_ok(TEAM_OWNER, 201)),
+    row("GET", "/api/v1/applications/{id}/pipelines", TEAM_READ),
+    row("GET", "/api/v1/pipelines/{id}", TEAM_READ),
+    row("PUT", "/api/v1/pipelines/{id}", TEAM_OWNER),
+    row("DELETE", "/api/v1/pipelines/{id}", with_ok(TEAM_OWNER, 204)),
+    row(
+        "POST",
+        "/api/v1/pipelines/{id}/stages",
+        with_ok(TEAM_OWNER, 201),
+    ),
+    row(
+        "PUT",
+        "/api/v1/pipelines/{id}/stages/{stage_id}",
+        TEAM_OWNER,
+    ),
+    row(
+        "DELETE",
+        "/api/v1/pipelines/{id}/stages/{stage_id}",
+        with_ok(TEAM_OWNER, 204),
+    ),
+    row(
+        "POST",
+        "/api/v1/pipelines/{id}/stages/{stage_id}/deploy",
+        with_ok(TEAM_OWNER, 202),
+    ),
+    // The replicas' storage API takes the instance's storage token, never a user's.
+    row("GET", "/api/v1/storage/{id}/flows", [401; 6]),
+    row("PUT", "/api/v1/storage/{id}/flows", [401; 6]),
+    row("POST", "/api/v1/storage/{id}/flows/import", [401; 6]),
+    row("PUT", "/api/v1/storage/{id}/credentials", [401; 6]),
     // Stacks and templates: everyone signed in reads, admins write.
     row("GET", "/api/v1/stacks", SIGNED_IN),
     row("POST", "/api/v1/stacks", with_ok(ADMIN_ONLY, 201)),
@@ -153,6 +214,10 @@ struct World {
     instance: String,
     stack: String,
     template: String,
+    snapshot: String,
+    deployment: String,
+    pipeline: String,
+    stage: String,
 }
 
 impl World {
@@ -174,6 +239,40 @@ impl World {
             .to_string();
         let stack = new_stack(&s).await;
         let template = new_template(&s).await;
+        let snapshot = s
+            .post(
+                &format!("/api/v1/instances/{instance}/snapshots"),
+                &owner.auth,
+                json!({ "name": "first" }),
+            )
+            .await
+            .ok(201)["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let deployment = s
+            .put(
+                &format!("/api/v1/instances/{instance}/flows"),
+                &owner.auth,
+                json!([{ "id": "t1", "type": "tab" }]),
+            )
+            .await
+            .ok(202)["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let pipeline = new_pipeline(&s, &owner.auth, &app).await;
+        let stage = s
+            .post(
+                &format!("/api/v1/pipelines/{pipeline}/stages"),
+                &owner.auth,
+                json!({ "name": "dev", "instance_id": instance, "action": "create_snapshot" }),
+            )
+            .await
+            .ok(201)["stages"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
         Self {
             s,
             owner,
@@ -185,7 +284,21 @@ impl World {
             instance,
             stack,
             template,
+            snapshot,
+            deployment,
+            pipeline,
+            stage,
         }
+    }
+
+    /// A fresh instance of the application, its id.
+    async fn fresh_instance(&self) -> String {
+        self.s
+            .instance(&self.owner.auth, &self.app, json!({}))
+            .await["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     fn auth(&self, caller: usize) -> Auth {
@@ -329,6 +442,125 @@ impl World {
             ("DELETE", "/api/v1/templates/{id}") => {
                 (format!("/api/v1/templates/{}", new_template(s).await), None)
             }
+            ("DELETE", "/api/v1/snapshots/{id}") => {
+                let doomed = s
+                    .post(
+                        &format!("/api/v1/instances/{inst}/snapshots"),
+                        &self.owner.auth,
+                        json!({ "name": "doomed" }),
+                    )
+                    .await;
+                let id = doomed.ok(201)["id"].as_str().unwrap().to_string();
+                (format!("/api/v1/snapshots/{id}"), None)
+            }
+            ("POST", "/api/v1/instances/{id}/snapshots") => (
+                format!("/api/v1/instances/{inst}/snapshots"),
+                Some(json!({ "name": unique("snap") })),
+            ),
+            ("POST", "/api/v1/snapshots/{id}/export") => (
+                format!("/api/v1/snapshots/{}/export", self.snapshot),
+                Some(json!({ "credential_secret": "exported" })),
+            ),
+            ("POST", "/api/v1/instances/{id}/snapshots/import") => {
+                let doc = s
+                    .post(
+                        &format!("/api/v1/snapshots/{}/export", self.snapshot),
+                        &self.owner.auth,
+                        json!({ "credential_secret": "exported" }),
+                    )
+                    .await;
+                (
+                    format!("/api/v1/instances/{inst}/snapshots/import"),
+                    Some(json!({ "snapshot": doc.ok(200), "credential_secret": "exported" })),
+                )
+            }
+            // Deploys: one per instance at a time, so each call gets an instance of its own.
+            ("POST", "/api/v1/instances/{id}/actions/rollback") => {
+                let fresh = self.fresh_instance().await;
+                let snap = s
+                    .post(
+                        &format!("/api/v1/instances/{fresh}/snapshots"),
+                        &self.owner.auth,
+                        json!({ "name": "back" }),
+                    )
+                    .await;
+                let id = snap.ok(201)["id"].as_str().unwrap().to_string();
+                (
+                    format!("/api/v1/instances/{fresh}/actions/rollback"),
+                    Some(json!({ "snapshot_id": id })),
+                )
+            }
+            ("PUT", "/api/v1/instances/{id}/flows") => (
+                format!("/api/v1/instances/{}/flows", self.fresh_instance().await),
+                Some(json!([{ "id": "t1", "type": "tab" }])),
+            ),
+            ("POST", "/api/v1/pipelines") => (
+                row.path.into(),
+                Some(json!({ "application_id": app, "name": unique("Pipeline") })),
+            ),
+            ("PUT", "/api/v1/pipelines/{id}") => (
+                format!("/api/v1/pipelines/{}", self.pipeline),
+                Some(json!({ "name": unique("Renamed") })),
+            ),
+            ("DELETE", "/api/v1/pipelines/{id}") => (
+                format!(
+                    "/api/v1/pipelines/{}",
+                    new_pipeline(s, &self.owner.auth, app).await
+                ),
+                None,
+            ),
+            ("POST", "/api/v1/pipelines/{id}/stages") => (
+                format!("/api/v1/pipelines/{}/stages", self.pipeline),
+                Some(
+                    json!({ "name": unique("stage"), "instance_id": self.fresh_instance().await, "action": "prompt" }),
+                ),
+            ),
+            ("PUT", "/api/v1/pipelines/{id}/stages/{stage_id}") => (
+                format!("/api/v1/pipelines/{}/stages/{}", self.pipeline, self.stage),
+                Some(json!({ "name": unique("renamed") })),
+            ),
+            ("DELETE", "/api/v1/pipelines/{id}/stages/{stage_id}") => {
+                let p = s
+                    .post(
+                        &format!("/api/v1/pipelines/{}/stages", self.pipeline),
+                        &self.owner.auth,
+                        json!({ "name": "doomed", "instance_id": self.fresh_instance().await, "action": "prompt" }),
+                    )
+                    .await;
+                let stages = p.ok(201)["stages"].as_array().unwrap().clone();
+                let id = stages.last().unwrap()["id"].as_str().unwrap().to_string();
+                (
+                    format!("/api/v1/pipelines/{}/stages/{id}", self.pipeline),
+                    None,
+                )
+            }
+            ("POST", "/api/v1/pipelines/{id}/stages/{stage_id}/deploy") => {
+                // dev (this world's instance) → a fresh target.
+                let p = new_pipeline(s, &self.owner.auth, app).await;
+                let stage = |instance: String| json!({ "name": "stage", "instance_id": instance, "action": "create_snapshot" });
+                let path = format!("/api/v1/pipelines/{p}/stages");
+                let first = s
+                    .post(&path, &self.owner.auth, stage(self.fresh_instance().await))
+                    .await;
+                let dev = first.ok(201)["stages"][0]["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                s.post(&path, &self.owner.auth, stage(self.fresh_instance().await))
+                    .await
+                    .ok(201);
+                (
+                    format!("/api/v1/pipelines/{p}/stages/{dev}/deploy"),
+                    Some(json!({})),
+                )
+            }
+            ("PUT", "/api/v1/storage/{id}/flows") => {
+                (format!("/api/v1/storage/{inst}/flows"), Some(json!([])))
+            }
+            ("PUT", "/api/v1/storage/{id}/credentials") => (
+                format!("/api/v1/storage/{inst}/credentials"),
+                Some(json!({})),
+            ),
             (method, path) if method == "GET" || method == "POST" => {
                 // Everything else addresses the fixed objects by their placeholders.
                 let p = path
@@ -336,7 +568,14 @@ impl World {
                     .replace("/applications/{id}", &format!("/applications/{app}"))
                     .replace("/instances/{id}", &format!("/instances/{inst}"))
                     .replace("/stacks/{id}", &format!("/stacks/{}", self.stack))
-                    .replace("/templates/{id}", &format!("/templates/{}", self.template));
+                    .replace("/templates/{id}", &format!("/templates/{}", self.template))
+                    .replace("/snapshots/{id}", &format!("/snapshots/{}", self.snapshot))
+                    .replace(
+                        "/deployments/{id}",
+                        &format!("/deployments/{}", self.deployment),
+                    )
+                    .replace("/pipelines/{id}", &format!("/pipelines/{}", self.pipeline))
+                    .replace("/storage/{id}", &format!("/storage/{inst}"));
                 assert!(!p.contains('{'), "no placeholder value for {method} {path}");
                 let body = (method == "POST").then(|| json!({}));
                 (p, body)
@@ -344,6 +583,17 @@ impl World {
             (method, path) => panic!("the matrix has no way to call {method} {path}"),
         }
     }
+}
+
+async fn new_pipeline(s: &Server, owner: &Auth, app: &str) -> String {
+    let r = s
+        .post(
+            "/api/v1/pipelines",
+            owner,
+            json!({ "application_id": app, "name": unique("Pipeline") }),
+        )
+        .await;
+    r.ok(201)["id"].as_str().unwrap().to_string()
 }
 
 fn stack_body() -> Value {
