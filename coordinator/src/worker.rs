@@ -106,6 +106,10 @@ struct Slot {
     out: bool,
     /// Why the last deploy to it failed, until one succeeds.
     deploy_error: Option<String>,
+    /// Flows it saved itself (its editor), and when: until the desired state has them (the
+    /// control plane writes them to the store, then applies), they are not undone by a deploy
+    /// of the older desired flows.
+    saved: Option<(String, Instant)>,
     /// A driver call on this slot is in flight.
     busy: bool,
     /// That call, when it may be abandoned for a fence (a flow start or stop, a deploy, a
@@ -143,6 +147,7 @@ impl Slot {
             flows_rev: None,
             out: false,
             deploy_error: None,
+            saved: None,
             busy: false,
             abortable: None,
             unknown: true,
@@ -308,7 +313,13 @@ impl<I: InstanceDriver> Worker<I> {
         let slots = self
             .slots
             .values()
-            .flat_map(|s| [s.restart_at, s.hold_until])
+            .flat_map(|s| {
+                [
+                    s.restart_at,
+                    s.hold_until,
+                    s.saved.as_ref().map(|(_, at)| *at + SAVED_GRACE),
+                ]
+            })
             .flatten();
         let installing = match &self.runtime {
             Runtime::Preparing { since, .. } => Some(*since + INSTALLING_AFTER),
@@ -340,6 +351,14 @@ impl<I: InstanceDriver> Worker<I> {
         // Before deploys: a standby taking over must not wait behind a deploy to it.
         if d.standby && !self.gone && d.state == DesiredState::Running {
             self.keep_one_active(&d, now);
+        }
+        for s in self.slots.values_mut() {
+            if s.saved
+                .as_ref()
+                .is_some_and(|(r, at)| *r == d.flows.rev || now >= *at + SAVED_GRACE)
+            {
+                s.saved = None;
+            }
         }
         if prepared {
             self.deploy_flows(&d, now);
@@ -569,6 +588,12 @@ impl<I: InstanceDriver> Worker<I> {
             return;
         }
         let current = |slot: u32, s: &Slot| s.spec.as_ref() == Some(&d.process_for(slot));
+        // Flows a replica saved itself wait for the desired state to catch up with them.
+        let saving = |s: &Slot| {
+            s.saved
+                .as_ref()
+                .is_some_and(|(r, at)| s.flows_rev.as_ref() == Some(r) && now < *at + SAVED_GRACE)
+        };
         let outdated: Vec<u32> = self
             .slots
             .iter()
@@ -578,6 +603,7 @@ impl<I: InstanceDriver> Worker<I> {
                     && !s.held(now)
                     && s.leaving.is_none()
                     && current(**slot, s)
+                    && !saving(s)
                     && (s.flows_rev.as_deref() != Some(rev) || s.phase == ReplicaPhase::Deploying)
             })
             .map(|(slot, _)| *slot)
@@ -937,7 +963,8 @@ impl<I: InstanceDriver> Worker<I> {
     fn on_flows_saved(&mut self, slot: u32, rev: String) {
         if let Some(s) = self.slots.get_mut(&slot) {
             if s.running.is_some() && !s.busy {
-                s.flows_rev = Some(rev);
+                s.flows_rev = Some(rev.clone());
+                s.saved = Some((rev, Instant::now()));
             }
         }
     }
@@ -1212,6 +1239,10 @@ impl<I: InstanceDriver> Worker<I> {
         }
     }
 }
+
+/// How long flows a replica saved itself are kept from a deploy of older desired flows: the
+/// control plane stores them and applies within moments; past this, the desired flows win.
+const SAVED_GRACE: Duration = Duration::from_secs(10);
 
 /// A stack install shows as `installing` only once it has taken this long.
 const INSTALLING_AFTER: Duration = Duration::from_millis(50);

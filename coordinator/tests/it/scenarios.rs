@@ -750,3 +750,29 @@ async fn in_standby_mode_standbys_get_new_flows_first_then_the_active_is_switche
     assert_ne!(now[0], active);
     assert!(w.fake.violations().is_empty(), "{:?}", w.fake.violations());
 }
+
+#[tokio::test(start_paused = true)]
+async fn flows_a_replica_saved_itself_are_not_deployed_back_nor_undone() {
+    let w = world();
+    let mut d = desired("ed", 1, false);
+    w.coordinator.apply(vec![d.clone()]);
+    w.status_is("id-ed", InstanceState::Running).await;
+    // The editor deployed new flows: the replica saved them through the storage API, and the
+    // control plane's apply of them comes a moment later.
+    let saved = Flows::new(serde_json::json!([{"id": "e1", "type": "tab"}]));
+    w.coordinator.flows_saved("id-ed", 0, &saved.rev);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        count(&w.fake.calls(), |c| matches!(c, Call::Deploy(..))),
+        0,
+        "the older desired flows undid the editor's deploy"
+    );
+    d.flows = saved.clone();
+    w.coordinator.apply(vec![d.clone()]);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(count(&w.fake.calls(), |c| matches!(c, Call::Deploy(..))), 0);
+    assert_eq!(
+        w.coordinator.status("id-ed").replicas[0].flows_rev,
+        Some(saved.rev)
+    );
+}
