@@ -610,3 +610,87 @@ async fn a_replica_killed_mid_deploy_leaves_every_replica_on_the_same_flows() {
         assert_eq!((r.status, r.body.as_str()), (200, expect), "{s}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_deployed_before_the_store_held_them_move_into_it_on_upgrade() {
+    let temp = tempfile::Builder::new()
+        .prefix("tandem-e2e-upgrade-")
+        .tempdir()
+        .unwrap();
+    let dir = temp.path().join("data");
+    let mut first = Tandem::start_in(&dir, true).await;
+    let (app, _) = first.team_and_app("Upgrade").await;
+    let id = first
+        .instance(&app, "legacy", version_flows("created"), 1)
+        .await;
+    first.wait_running(&id, 1).await;
+    first.stop();
+
+    // What the previous version left: the flows the editor deployed, with a credential, in the
+    // replica's own files, and a store that never had them.
+    let port = echo_auth_server().await;
+    let mut flows = calling_flows(&format!("http://127.0.0.1:{port}/"), None);
+    for node in version_flows("from the editor")
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+    {
+        let mut node = node.clone();
+        node["id"] = json!(format!("v-{}", node["id"].as_str().unwrap()));
+        if let Some(w) = node["wires"][0][0].as_str() {
+            node["wires"] = json!([[format!("v-{w}")]]);
+        }
+        flows.as_array_mut().unwrap().push(node);
+    }
+    let key = tandem_controlplane::secrets::PlatformKey::load_or_create(&dir).unwrap();
+    let plain = json!({ "req": { "user": "ada", "password": "from-the-old-files" } });
+    let creds = tandem_controlplane::node_credentials::encrypt(
+        plain.as_object().unwrap(),
+        &key.derive("credentials", &id),
+    );
+    let user_dir = dir.join("instances/legacy/r0");
+    std::fs::write(user_dir.join("flows.json"), flows.to_string()).unwrap();
+    std::fs::write(user_dir.join("flows_cred.json"), creds.to_string()).unwrap();
+    let store = tandem_controlplane::store::Store::open(&dir, None)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE instances SET flows_in_store = 0")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    drop(store);
+
+    // The upgraded Tandem's replica reads its own files once and hands them to the store.
+    let t = Tandem::start_in(&dir, true).await;
+    t.wait_running(&id, 1).await;
+    answers(&t, "legacy", "from the editor").await;
+    use base64::Engine;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("ada:from-the-old-files")
+    );
+    let r = t.get("legacy", "/call").await.unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, basic.as_str()));
+    let stored = t
+        .api("GET", &format!("/api/v1/instances/{id}/flows"), Value::Null)
+        .await
+        .json();
+    assert!(
+        stored["flows"].to_string().contains("from the editor"),
+        "{stored}"
+    );
+    assert_eq!(stored["has_credentials"], true, "{stored}");
+    // From now on the store is the source: the files may go.
+    std::fs::remove_file(user_dir.join("flows.json")).unwrap();
+    std::fs::remove_file(user_dir.join("flows_cred.json")).unwrap();
+    assert_eq!(t.action(&id, "restart").await.status, 200);
+    let pid = t.status(&id).await["replicas"][0]["pid"].clone();
+    t.wait_status(&id, 60, |s| {
+        s["state"] == "running" && s["replicas"][0]["pid"] != pid
+    })
+    .await;
+    answers(&t, "legacy", "from the editor").await;
+    let r = t.get("legacy", "/call").await.unwrap();
+    assert_eq!(r.body, basic);
+}
