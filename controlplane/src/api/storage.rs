@@ -244,7 +244,9 @@ async fn save(
         .as_ref()
         .map_or(now.credentials.clone(), Value::to_string);
     let rev = snapshots::flows_of(&flows_text, &creds_text).rev;
-    let changed = flows_text != now.flows || creds_text != now.credentials || !now.in_store;
+    // Compared by revision, not text: Node-RED writes the JSON its own way, and the echo of a
+    // deploy Tandem made is the same flows.
+    let changed = rev != snapshots::flows_of(&now.flows, &now.credentials).rev || !now.in_store;
     if changed {
         let mut tx = state.store.write().await?;
         sqlx::query(

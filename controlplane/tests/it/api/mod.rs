@@ -15,5 +15,6 @@ mod metrics_labels;
 mod ops;
 mod races;
 mod secret_env;
+mod snapshots;
 pub(crate) mod support;
 mod validation;
