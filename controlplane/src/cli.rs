@@ -119,6 +119,10 @@ pub struct ProxyArgs {
     /// A WebSocket tunnel with no traffic for this long is closed, in milliseconds.
     #[arg(long, env = "TANDEM_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
     pub idle_timeout_ms: u64,
+    /// Longest wait, in milliseconds, of a request to an instance with `hold = true` that finds
+    /// no healthy replica; then 503.
+    #[arg(long, env = "TANDEM_HOLD_TIMEOUT_MS", default_value_t = 5_000)]
+    pub hold_timeout_ms: u64,
     /// Largest request body, in bytes; larger ones get 413.
     #[arg(long, env = "TANDEM_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub max_body_bytes: u64,
@@ -183,6 +187,11 @@ pub struct ServeArgs {
     /// images and many tabs; every other route takes 1 MiB.
     #[arg(long, env = "TANDEM_MAX_DOCUMENT_MIB", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_document_mib: u32,
+    /// Longest wait, in milliseconds, of a request that finds no replica of its instance ready
+    /// while one is expected (a standby taking over, a deploy switching the active, a start);
+    /// then 503. 0 answers 503 at once.
+    #[arg(long, env = "TANDEM_HOLD_TIMEOUT_MS", default_value_t = 5_000)]
+    pub hold_timeout_ms: u64,
     /// Delay before restarting a replica that ended, in milliseconds; doubles with each crash
     /// in a row, up to 60 s.
     #[arg(long, env = "TANDEM_RESTART_BACKOFF_MS", default_value_t = 1_000)]

@@ -17,6 +17,7 @@ impl ProxyArgs {
             upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),
             header_timeout: Duration::from_millis(self.header_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            hold_timeout: Duration::from_millis(self.hold_timeout_ms),
             max_body_bytes: self.max_body_bytes,
             max_attempts: self.max_attempts.max(1),
             replica_header: self.replica_header,

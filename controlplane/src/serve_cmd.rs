@@ -240,8 +240,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         move || tandem_proxy::metrics::render(&routes.load(), &stats)
     }));
     let proxy = Arc::new(
-        Proxy::new(routes, ProxyConfig::default(), stats.clone())
-            .with_editor_gate(Arc::new(crate::editor_gate::TeamEditorGate(state.clone()))),
+        Proxy::new(
+            routes,
+            ProxyConfig {
+                hold_timeout: std::time::Duration::from_millis(args.hold_timeout_ms),
+                ..ProxyConfig::default()
+            },
+            stats.clone(),
+        )
+        .with_editor_gate(Arc::new(crate::editor_gate::TeamEditorGate(state.clone()))),
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());

@@ -47,6 +47,9 @@ pub struct InstanceRoutes {
     pub ha: bool,
     /// The admin secret, which the proxy adds to editor requests it lets through.
     pub editor_secret: String,
+    /// It should serve, and a replica is expected to be ready whenever none is (a takeover, a
+    /// deploy's switch, a start): the proxy holds requests for a while rather than answer 503.
+    pub hold: bool,
     /// Its replicas that have an address, in slot order.
     pub replicas: Vec<RouteReplica>,
 }
@@ -92,6 +95,7 @@ impl DataPlane for InProcess {
                 ha: i.ha,
                 editor_secret: Some(i.editor_secret.clone()),
                 affinity: false,
+                hold: i.hold,
                 replicas: i
                     .replicas
                     .iter()

@@ -268,11 +268,19 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
             })
         })
         .collect();
+    // Not while nothing is coming: stopped, failed, or every replica held as crashed.
+    let hold = o.desired == DesiredState::Running
+        && o.want > 0
+        && o.phase == Phase::Ready
+        && o.replicas
+            .values()
+            .any(|r| r.phase != ReplicaPhase::Crashed);
     Some(InstanceRoutes {
         name: o.name.clone(),
         hosts: o.hosts.clone(),
         ha: o.ha,
         editor_secret: o.secret.clone(),
+        hold,
         replicas,
     })
 }

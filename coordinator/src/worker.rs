@@ -194,6 +194,9 @@ enum Op {
     Stop(u32),
     Fence(u32),
     SetFlows(u32, FlowState),
+    /// Standby mode: the active leaves the rotation, its requests finish, its flows stop; a
+    /// standby with newer flows takes over.
+    Retire(u32),
     Deploy {
         slot: u32,
         flows: Flows,
@@ -635,8 +638,12 @@ impl<I: InstanceDriver> Worker<I> {
                             ReplicaId::new(&self.name, slot)
                         ),
                     );
+                    // Out of rotation first, and its requests in flight answered: flows that
+                    // stop under a request never answer it.
                     s.busy = true;
-                    self.pending.push(Op::SetFlows(slot, FlowState::Stopped));
+                    s.out = true;
+                    s.set_phase(ReplicaPhase::Deploying);
+                    self.pending.push(Op::Retire(slot));
                 }
                 return;
             }
@@ -812,6 +819,17 @@ impl<I: InstanceDriver> Worker<I> {
                 let run = self.slots.get(&slot).map_or(0, |s| s.run);
                 self.ops
                     .spawn(async move { Done::Fence(slot, run, driver.fence(slot).await) });
+            }
+            Op::Retire(slot) => {
+                let run = self.slots.get(&slot).map_or(0, |s| s.run);
+                let drained = self.observed.plane().drained(&self.id_of(slot));
+                let timeout = self.config.drain_timeout;
+                let call = self.ops.spawn(async move {
+                    let _ = tokio::time::timeout(timeout, drained).await;
+                    let state = FlowState::Stopped;
+                    Done::SetFlows(slot, run, state, driver.set_flows(slot, state).await)
+                });
+                self.abortable(slot, call);
             }
             Op::SetFlows(slot, state) => {
                 let run = self.slots.get(&slot).map_or(0, |s| s.run);
@@ -1110,6 +1128,11 @@ impl<I: InstanceDriver> Worker<I> {
                 // A late answer from a process that has ended since changes nothing.
                 if s.run != run || s.running.is_none() {
                     return;
+                }
+                if state == FlowState::Stopped && s.out && s.phase == ReplicaPhase::Deploying {
+                    // Retired: a standby now, or, its flows not stopped, the active again.
+                    s.out = false;
+                    s.set_phase(ReplicaPhase::Running);
                 }
                 match (state, result) {
                     (FlowState::Started, Ok(())) => {

@@ -79,6 +79,7 @@ mod tests {
             hosts: vec!["orders.localhost".into()],
             ha: true,
             affinity,
+            hold: false,
             replicas: (0..n)
                 .map(|i| ReplicaSpec {
                     id: format!("r{i}"),

@@ -34,6 +34,9 @@ pub struct ProxyConfig {
     pub pool_idle_timeout: Duration,
     /// On shutdown, time given to in-flight requests before connections are closed. Default 10 s.
     pub shutdown_grace: Duration,
+    /// Longest wait of a request for a ready replica of an instance that expects one
+    /// ([`crate::routes::InstanceSpec::hold`]); then 503. Default 5 s.
+    pub hold_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -50,6 +53,7 @@ impl Default for ProxyConfig {
             ejection: EjectionPolicy::default(),
             pool_idle_timeout: Duration::from_secs(4),
             shutdown_grace: Duration::from_secs(10),
+            hold_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -507,6 +507,7 @@ mod tests {
             hosts: vec!["orders.localhost".into()],
             ha: false,
             affinity: false,
+            hold: false,
             replicas: vec![ReplicaSpec {
                 id: "r0".into(),
                 addr,

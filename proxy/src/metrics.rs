@@ -86,6 +86,7 @@ pub struct InstanceStats {
     local: [AtomicU64; 5],
     retries: AtomicU64,
     editor_blocked: AtomicU64,
+    held: AtomicU64,
     latency: Histogram,
 }
 
@@ -100,6 +101,10 @@ impl InstanceStats {
 
     pub(crate) fn editor_blocked(&self) {
         self.editor_blocked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn held(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn observe(&self, d: Duration) {
@@ -410,6 +415,20 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
             "tandem_proxy_editor_blocked_total{{instance=\"{}\"}} {}",
             inst.name,
             load(&inst.stats.editor_blocked)
+        );
+    }
+    header(
+        &mut out,
+        "tandem_proxy_requests_held_total",
+        "counter",
+        "Requests that found no replica ready and waited for one (a takeover, a deploy, a start).",
+    );
+    for inst in table.instances() {
+        let _ = writeln!(
+            out,
+            "tandem_proxy_requests_held_total{{instance=\"{}\"}} {}",
+            inst.name,
+            load(&inst.stats.held)
         );
     }
     header(

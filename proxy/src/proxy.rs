@@ -27,6 +27,10 @@ pub const REPLICA_HEADER: &str = "x-tandem-replica";
 /// without counting as an attempt, this many times at most.
 const STALE_RETRIES: u32 = 4;
 
+/// How often a held request looks for a ready replica: a takeover or a deploy's switch takes
+/// tens of milliseconds.
+const HOLD_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The proxy: routes, settings and counters, shared by every connection.
 #[derive(Debug)]
 pub struct Proxy {
@@ -192,7 +196,10 @@ impl Proxy {
             (None, None)
         };
 
-        // Phase 4: forward.
+        // Phase 4: forward, once a replica is ready.
+        let instance = self
+            .ready_instance(instance, &host, key.as_deref().map(str::as_bytes))
+            .await;
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let method = req.method().clone();
         // Copied only for the access log: the request itself moves upstream.
@@ -477,6 +484,33 @@ impl Proxy {
 
     /// A pooled connection to the replica, or a new one. Upgrades always get a new one, since
     /// the connection becomes the tunnel.
+    /// `instance`, or, when none of its replicas can take the request and it expects one soon
+    /// ([`crate::routes::InstanceSpec::hold`]), the instance as the route table has it once one
+    /// can, or once [`ProxyConfig::hold_timeout`] has passed.
+    async fn ready_instance(
+        &self,
+        mut instance: Arc<Instance>,
+        host: &str,
+        key: Option<&[u8]>,
+    ) -> Arc<Instance> {
+        if !instance.hold || balance::pick(&instance, 0, key, Instant::now()).is_some() {
+            return instance;
+        }
+        instance.stats.held();
+        let deadline = Instant::now() + self.config.hold_timeout;
+        while Instant::now() < deadline {
+            tokio::time::sleep(HOLD_POLL).await;
+            match self.routes.load().lookup(host) {
+                Some(i) => instance = i.clone(),
+                None => break,
+            }
+            if !instance.hold || balance::pick(&instance, 0, key, Instant::now()).is_some() {
+                break;
+            }
+        }
+        instance
+    }
+
     async fn checkout(
         &self,
         addr: SocketAddr,

@@ -44,6 +44,10 @@ pub struct InstanceSpec {
     pub editor_secret: Option<String>,
     /// Pin clients to a replica with a cookie (consistent hashing), for WebSocket and dashboards.
     pub affinity: bool,
+    /// A replica is expected to be ready soon whenever none is (a standby taking over, a deploy
+    /// switching the active, a start): a request that finds none ready waits for one, up to
+    /// [`crate::ProxyConfig::hold_timeout`], rather than getting 503 at once.
+    pub hold: bool,
     /// The replicas, in slot order.
     pub replicas: Vec<ReplicaSpec>,
     /// Active health checking; `None` turns active probes off (passive ejection stays on).
@@ -141,6 +145,8 @@ pub struct Instance {
     pub editor_secret: Option<http::HeaderValue>,
     /// Cookie affinity on.
     pub affinity: bool,
+    /// Requests wait for a ready replica when none is (see [`InstanceSpec::hold`]).
+    pub hold: bool,
     /// Replicas in slot order.
     pub replicas: Vec<Replica>,
     /// Active health check settings, if any.
@@ -392,6 +398,7 @@ impl RouteTable {
                         v
                     }),
                 affinity: spec.affinity,
+                hold: spec.hold,
                 replicas,
                 health: spec.health.clone(),
                 ring,

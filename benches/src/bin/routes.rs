@@ -100,6 +100,7 @@ fn specs(n: usize) -> Vec<InstanceSpec> {
             hosts: vec![format!("inst-{i}.bench.local")],
             ha: false,
             affinity: false,
+            hold: false,
             replicas: vec![ReplicaSpec {
                 id: "r0".into(),
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 10_000 + (i % 50_000) as u16)),

@@ -386,6 +386,7 @@ async fn the_proxy_routes_to_a_real_replica() {
             hosts: vec![format!("{name}.localhost")],
             ha: true,
             affinity: false,
+            hold: false,
             replicas: vec![Route {
                 id: ReplicaId::new(name, 0).to_string(),
                 addr: r.addr,

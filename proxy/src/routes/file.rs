@@ -15,6 +15,7 @@
 //! health_path = "/"         # optional, default "/"
 //! health_check = true       # optional, default true
 //! affinity = false          # optional
+//! hold = false              # optional: with no healthy replica, requests wait up to 5 s for one
 //! mqtt_listeners = ["127.0.0.1:11883", "127.0.0.1:11884"]  # optional, one per replica
 //! mqtt_exclude = ["replies/#"]                             # optional
 //!
@@ -191,6 +192,8 @@ struct RawInstance {
     #[serde(default)]
     affinity: bool,
     #[serde(default)]
+    hold: bool,
+    #[serde(default)]
     mqtt_listeners: Vec<SocketAddr>,
     #[serde(default)]
     mqtt_exclude: Vec<String>,
@@ -274,6 +277,7 @@ pub fn parse_file(text: &str) -> Result<RoutesFile, String> {
             hosts: i.hosts,
             ha: i.ha,
             affinity: i.affinity,
+            hold: i.hold,
         })
         .collect();
     Ok(RoutesFile {

@@ -7,6 +7,7 @@ fn spec(name: &str, hosts: &[&str], replicas: &[(&str, u16)]) -> InstanceSpec {
         hosts: hosts.iter().map(|h| h.to_string()).collect(),
         ha: false,
         affinity: false,
+        hold: false,
         replicas: replicas
             .iter()
             .map(|(id, port)| ReplicaSpec {

@@ -2,7 +2,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_proxy::HealthConfig;
+use tandem_proxy::{HealthConfig, ProxyConfig};
 
 use crate::support::*;
 
@@ -231,4 +231,56 @@ async fn next_verdict(
         .await
         .expect("a verdict within 10 s")
         .expect("the feed")
+}
+
+/// An instance that expects a replica (a standby taking over, a deploy switching the active)
+/// holds requests that find none ready, and sends them on as soon as one is; one that does not
+/// answers 503 at once, and a hold ends in 503 after `hold_timeout`.
+#[tokio::test]
+async fn requests_wait_for_a_replica_an_instance_expects() {
+    let up = Upstream::start("u0").await;
+    let mut waiting = instance("orders", &[up.addr]);
+    waiting.hold = true;
+    waiting.replicas[0].ready = false;
+    let mut plain = instance("plain", &[up.addr]);
+    plain.replicas[0].ready = false;
+    let config = ProxyConfig {
+        hold_timeout: Duration::from_secs(3),
+        ..test_config()
+    };
+    let proxy = TestProxy::start(&[waiting.clone(), plain.clone()], config).await;
+
+    let r = get(proxy.addr, "plain.localhost", "/").await.unwrap();
+    assert_eq!(r.status, 503);
+
+    let held = tokio::spawn(get(proxy.addr, "orders.localhost", "/"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "the request waits for a ready replica");
+    let mut ready = waiting.clone();
+    ready.replicas[0].ready = true;
+    proxy.routes.publish(&[ready, plain]).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(1), held)
+        .await
+        .expect("sent on once a replica is ready")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(up.hits(), 1);
+    assert_eq!(
+        proxy
+            .metric("tandem_proxy_requests_held_total{instance=\"orders\"}")
+            .await,
+        Some(1.0)
+    );
+
+    // Nothing comes: 503 once the hold is over.
+    proxy.routes.publish(&[waiting]).unwrap();
+    let asked = std::time::Instant::now();
+    let r = get(proxy.addr, "orders.localhost", "/").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert!(
+        asked.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
 }

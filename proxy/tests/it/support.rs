@@ -343,6 +343,7 @@ pub fn instance(name: &str, replicas: &[SocketAddr]) -> InstanceSpec {
         hosts: vec![format!("{name}.localhost")],
         ha: false,
         affinity: false,
+        hold: false,
         replicas: replicas
             .iter()
             .enumerate()

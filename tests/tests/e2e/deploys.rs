@@ -694,3 +694,45 @@ async fn flows_deployed_before_the_store_held_them_move_into_it_on_upgrade() {
     let r = t.get("legacy", "/call").await.unwrap();
     assert_eq!(r.body, basic);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_standby_mode_a_deploy_reaches_the_standbys_then_switches_the_active() {
+    let t = Tandem::start("standby-deploy").await;
+    let (app, _) = t.team_and_app("Standby").await;
+    let id = t.standby_instance(&app, "sb", version_flows("v1")).await;
+    t.wait_running(&id, 2).await;
+    answers(&t, "sb", "v1").await;
+    let before = crate::harness::actives(&t.status(&id).await);
+    assert_eq!(before.len(), 1);
+
+    let load = Load::start(&t, "sb");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = t
+        .api(
+            "PUT",
+            &format!("/api/v1/instances/{id}/flows"),
+            version_flows("v2"),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let d = deployment_end(&t, r.json()["id"].as_str().unwrap()).await;
+    let done = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = load.stop().await;
+    assert_eq!(d["status"], "succeeded", "{d}");
+    // The active moved to the standby that got the new flows first; one active throughout.
+    let s = t.status(&id).await;
+    let after = crate::harness::actives(&s);
+    assert_eq!(after.len(), 1, "{s}");
+    assert_ne!(after, before, "the active was switched: {s}");
+    let failed = got.iter().filter(|a| a.status != 200).count();
+    eprintln!(
+        "standby deploy: {} requests, {failed} failed ({:?})",
+        got.len(),
+        got.iter()
+            .filter(|a| a.status != 200)
+            .map(|a| a.status)
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    check_answers(&got, done, "v2");
+}
