@@ -32,13 +32,16 @@ CREATE TABLE snapshots (
 CREATE INDEX snapshots_instance ON snapshots (instance_id, id);
 
 -- A deploy of a snapshot to an instance. `previous_snapshot_id` is what the instance ran before
--- (captured as a snapshot when the deploy began): what a rollback restores. `replicas` is JSON.
+-- (captured as a snapshot when the deploy began): what a rollback restores. `scope` is what it
+-- changes: `flows` (flows and credentials) or `everything` (settings and environment too).
+-- `replicas` is JSON.
 CREATE TABLE deployments (
     id TEXT PRIMARY KEY,
     instance_id TEXT NOT NULL,
     team_id TEXT NOT NULL,
     snapshot_id TEXT NOT NULL,
     previous_snapshot_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
     status TEXT NOT NULL,
     replicas TEXT NOT NULL,
     probe TEXT,
@@ -72,6 +75,18 @@ CREATE TABLE pipeline_stages (
     updated_at BIGINT NOT NULL
 );
 CREATE INDEX pipeline_stages_pipeline ON pipeline_stages (pipeline_id, position);
+
+-- The library of an instance's editor (saved flows, functions, templates): one row per entry,
+-- `meta` a JSON object, `path` relative to its type (`flows`, `functions`...), `/`-separated.
+CREATE TABLE library_entries (
+    instance_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    path TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    body TEXT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (instance_id, type, path)
+);
 
 -- One deploy per instance at a time, whatever the number of control planes.
 CREATE UNIQUE INDEX deployments_one_running ON deployments (instance_id) WHERE status = 'running';

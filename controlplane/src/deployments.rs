@@ -84,8 +84,11 @@ pub enum ReplicaDeployStatus {
 pub struct ReplicaDeploy {
     /// `<instance>-r<slot>`.
     pub id: String,
-    /// Where it is.
+    /// Where it is in the deploy.
     pub status: ReplicaDeployStatus,
+    /// The revision of the flows it runs, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows_rev: Option<String>,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -162,6 +165,46 @@ pub enum Scope {
     /// Flows, credentials, settings overrides and environment: a rollback to a snapshot. New
     /// settings or environment replace the replicas one at a time, as any such change does.
     Everything,
+}
+
+impl Scope {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Flows => "flows",
+            Self::Everything => "everything",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        if s == "flows" {
+            Self::Flows
+        } else {
+            Self::Everything
+        }
+    }
+}
+
+/// 409 when a deploy of `instance` is under way: checked before anything is written for a new
+/// one (its snapshot), as well as by the store when it begins.
+pub async fn ensure_idle(state: &AppState, instance: &Instance) -> ApiResult<()> {
+    let running: Option<String> =
+        sqlx::query("SELECT id FROM deployments WHERE instance_id = $1 AND status = 'running'")
+            .bind(&instance.id)
+            .fetch_optional(&state.store.pool)
+            .await?
+            .map(|r| r.get(0));
+    match running {
+        Some(id) => Err(under_way(instance, Some(&id))),
+        None => Ok(()),
+    }
+}
+
+fn under_way(instance: &Instance, id: Option<&str>) -> ApiError {
+    let which = id.map_or_else(String::new, |id| format!(" ({id})"));
+    ApiError::Conflict(format!(
+        "a deploy of instance {}{which} is under way; wait for it to end",
+        instance.name
+    ))
 }
 
 const COLUMNS: &str = "id, instance_id, snapshot_id, previous_snapshot_id, status, replicas, probe, started_at, finished_at, error";
@@ -247,21 +290,7 @@ pub async fn begin(
     scope: Scope,
     probe: Option<ProbeBody>,
 ) -> ApiResult<Deployment> {
-    let under_way = || {
-        ApiError::Conflict(format!(
-            "a deploy of instance {} is under way; wait for it to end",
-            instance.name
-        ))
-    };
-    let running: Option<String> =
-        sqlx::query("SELECT id FROM deployments WHERE instance_id = $1 AND status = 'running'")
-            .bind(&instance.id)
-            .fetch_optional(&state.store.pool)
-            .await?
-            .map(|r| r.get(0));
-    if running.is_some() {
-        return Err(under_way());
-    }
+    ensure_idle(state, instance).await?;
     let previous = snapshots::current(state, &instance.id).await?;
     let id = new_id();
     let started_at = now_ms();
@@ -277,21 +306,22 @@ pub async fn begin(
     .await?;
     write_content(&mut tx, &instance.id, content, scope).await?;
     sqlx::query(
-        "INSERT INTO deployments (id, instance_id, team_id, snapshot_id, previous_snapshot_id, status, replicas, probe, error, actor_id, started_at, finished_at) \
-         VALUES ($1, $2, $3, $4, $5, 'running', '[]', $6, NULL, $7, $8, NULL)",
+        "INSERT INTO deployments (id, instance_id, team_id, snapshot_id, previous_snapshot_id, scope, status, replicas, probe, error, actor_id, started_at, finished_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'running', '[]', $7, NULL, $8, $9, NULL)",
     )
     .bind(&id)
     .bind(&instance.id)
     .bind(&instance.team_id)
     .bind(snapshot_id)
     .bind(&before.id)
+    .bind(scope.as_str())
     .bind(probe.as_ref().map(|p| json!(p).to_string()))
     .bind(&caller.id)
     .bind(started_at)
     .execute(&mut *tx)
     .await
     .map_err(|e| match ApiError::from(e) {
-        ApiError::Conflict(_) => under_way(),
+        ApiError::Conflict(_) => under_way(instance, None),
         other => other,
     })?;
     crate::audit::record(
@@ -304,12 +334,14 @@ pub async fn begin(
     .await?;
     tx.commit().await?;
     state.coordinator.changed();
+    // The revision as the store has it, which is what the coordinator deploys.
+    let target = snapshots::stored_flows(state, &instance.id).await?.rev;
     let watch = Watch {
         state: state.clone(),
         id: id.clone(),
         instance_id: instance.id.clone(),
         team_id: instance.team_id.clone(),
-        target: content.flows().rev,
+        target,
         previous,
         scope,
     };
@@ -374,6 +406,8 @@ impl Watch {
         // Set once the gate refused the new flows: why, and the deploy now restores the old.
         let mut refused: Option<String> = None;
         let mut shown: Vec<ReplicaDeploy> = Vec::new();
+        // Why each replica that failed the new flows failed, kept once it has the old ones back.
+        let mut failed: std::collections::BTreeMap<String, String> = Default::default();
         loop {
             tokio::time::sleep(WATCH_INTERVAL).await;
             let stored = match snapshots::stored_flows(&self.state, &self.instance_id).await {
@@ -400,7 +434,19 @@ impl Watch {
                     .await;
             }
             let status = self.state.coordinator.status(&self.instance_id);
-            let replicas = replicas(&status, &self.target, refused.is_some());
+            if refused.is_none() {
+                for r in &status.replicas {
+                    if let Some(e) = &r.deploy_error {
+                        failed.insert(r.id.clone(), e.clone());
+                    }
+                }
+            }
+            let mut replicas = replicas(&status, &self.target, refused.is_some());
+            for r in &mut replicas {
+                if r.error.is_none() {
+                    r.error = failed.get(&r.id).cloned();
+                }
+            }
             if replicas != shown {
                 shown = replicas;
                 self.save_replicas(&shown).await;
@@ -434,7 +480,10 @@ impl Watch {
                         .await;
                 }
                 refused = Some(r.reason.clone());
-                self.target = self.previous.flows().rev;
+                self.target = match snapshots::stored_flows(&self.state, &self.instance_id).await {
+                    Ok(f) => f.rev,
+                    Err(_) => self.previous.flows().rev,
+                };
                 continue;
             }
             if converged(&status, &self.target) {
@@ -462,6 +511,11 @@ impl Watch {
     async fn restore(&self) -> ApiResult<()> {
         let mut tx = self.state.store.write().await?;
         write_content(&mut tx, &self.instance_id, &self.previous, self.scope).await?;
+        // Without the deploy's probe, which the old flows may not answer.
+        sqlx::query("UPDATE deployments SET probe = NULL WHERE id = $1")
+            .bind(&self.id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         self.state.coordinator.changed();
         Ok(())
@@ -546,6 +600,7 @@ fn replicas(status: &ObservedStatus, target: &str, restoring: bool) -> Vec<Repli
             ReplicaDeploy {
                 id: r.id.clone(),
                 status,
+                flows_rev: r.flows_rev.clone(),
                 error: r.deploy_error.clone().filter(|_| !on_target || restoring),
             }
         })
@@ -570,17 +625,18 @@ fn converged(status: &ObservedStatus, target: &str) -> bool {
 /// rolled back (the store gets what ran before), so no instance stays half on new flows.
 pub async fn recover(state: &AppState) -> anyhow::Result<()> {
     let rows = sqlx::query(
-        "SELECT d.id, d.instance_id, d.team_id, d.previous_snapshot_id FROM deployments d WHERE d.status = 'running'",
+        "SELECT d.id, d.instance_id, d.team_id, d.previous_snapshot_id, d.scope FROM deployments d WHERE d.status = 'running'",
     )
     .fetch_all(&state.store.pool)
     .await?;
     for r in rows {
         let (id, instance_id, team_id, previous): (String, String, String, String) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
+        let scope = Scope::parse(&r.get::<String, _>(4));
         let restored = match snapshots::load(state, &previous).await {
             Ok((_, content)) => {
                 let mut tx = state.store.write().await?;
-                write_content(&mut tx, &instance_id, &content, Scope::Everything)
+                write_content(&mut tx, &instance_id, &content, scope)
                     .await
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 tx.commit().await?;
@@ -606,7 +662,11 @@ pub async fn recover(state: &AppState) -> anyhow::Result<()> {
         crate::audit::record(
             &mut tx,
             None,
-            "instance.deploy-rolled-back",
+            if restored {
+                "instance.deploy-rolled-back"
+            } else {
+                "instance.deploy-failed"
+            },
             crate::audit::Subject::instance(&team_id, &instance_id),
             json!({ "deployment_id": id, "error": error }),
         )

@@ -28,6 +28,9 @@ pub enum CredentialsError {
     /// Decrypted with this secret, they are not JSON: another secret encrypted them.
     #[error("the credentials cannot be decrypted with this credential secret")]
     WrongSecret,
+    /// The system gave no random bytes for the IV (reusing one would leak the credentials).
+    #[error("no randomness for an IV: {0}")]
+    NoRandomness(String),
 }
 
 /// The plain credentials of `stored`, decrypted with `secret` when encrypted.
@@ -54,12 +57,12 @@ pub fn decrypt(stored: &Value, secret: &str) -> Result<Map<String, Value>, Crede
 }
 
 /// `plain` encrypted with `secret` under a fresh IV; `{}` when there are none.
-pub fn encrypt(plain: &Map<String, Value>, secret: &str) -> Value {
+pub fn encrypt(plain: &Map<String, Value>, secret: &str) -> Result<Value, CredentialsError> {
     if plain.is_empty() {
-        return Value::Object(Map::new());
+        return Ok(Value::Object(Map::new()));
     }
     let mut iv = [0u8; 16];
-    let _ = getrandom::fill(&mut iv);
+    getrandom::fill(&mut iv).map_err(|e| CredentialsError::NoRandomness(e.to_string()))?;
     let mut data = Value::Object(plain.clone()).to_string().into_bytes();
     let mut cipher = Aes256Ctr::new(&key(secret).into(), (&iv).into());
     cipher.apply_keystream(&mut data);
@@ -68,12 +71,12 @@ pub fn encrypt(plain: &Map<String, Value>, secret: &str) -> Value {
         crate::store::hex(&iv),
         base64::engine::general_purpose::STANDARD.encode(data)
     );
-    serde_json::json!({ "$": text })
+    Ok(serde_json::json!({ "$": text }))
 }
 
 /// `stored`, encrypted with `from`, encrypted again with `to`.
 pub fn reencrypt(stored: &Value, from: &str, to: &str) -> Result<Value, CredentialsError> {
-    Ok(encrypt(&decrypt(stored, from)?, to))
+    encrypt(&decrypt(stored, from)?, to)
 }
 
 fn key(secret: &str) -> [u8; 32] {
@@ -97,14 +100,14 @@ mod tests {
     fn credentials_move_from_one_secret_to_another() {
         let plain = json!({ "req": { "user": "u", "password": "p@ss" } });
         let plain = plain.as_object().unwrap().clone();
-        let a = encrypt(&plain, "secret-a");
+        let a = encrypt(&plain, "secret-a").unwrap();
         assert_eq!(decrypt(&a, "secret-a").unwrap(), plain);
         assert_eq!(decrypt(&a, "secret-b"), Err(CredentialsError::WrongSecret));
         let b = reencrypt(&a, "secret-a", "secret-b").unwrap();
         assert_ne!(a, b);
         assert_eq!(decrypt(&b, "secret-b").unwrap(), plain);
         // A fresh IV each time.
-        assert_ne!(encrypt(&plain, "secret-a"), a);
+        assert_ne!(encrypt(&plain, "secret-a").unwrap(), a);
     }
 
     #[test]

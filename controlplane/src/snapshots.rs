@@ -271,9 +271,13 @@ pub async fn insert(
     Ok(snapshot)
 }
 
-/// `content` of instance `from` made fit for instance `to`: credentials re-encrypted with `to`'s
-/// credential secret, secret variables sealed for `to`.
-pub fn rebind(state: &AppState, content: &Content, from: &str, to: &str) -> ApiResult<Content> {
+/// `content` of instance `from` with its credentials re-encrypted with `to`'s credential secret.
+pub fn rebind_credentials(
+    state: &AppState,
+    content: &Content,
+    from: &str,
+    to: &str,
+) -> ApiResult<Content> {
     if from == to {
         return Ok(content.clone());
     }
@@ -283,27 +287,8 @@ pub fn rebind(state: &AppState, content: &Content, from: &str, to: &str) -> ApiR
         &state.key.derive("credentials", to),
     )
     .map_err(|e| ApiError::Internal(anyhow::anyhow!("snapshot credentials: {e}")))?;
-    let mut env = BTreeMap::new();
-    for (name, v) in &content.env {
-        let moved = match v {
-            EnvStored::Plain(p) => EnvStored::Plain(p.clone()),
-            EnvStored::Secret { sealed, .. } => {
-                let value = env_secrets::open(&state.key, from, name, sealed).ok_or_else(|| {
-                    ApiError::Internal(anyhow::anyhow!(
-                        "the secret variable {name} of the snapshot does not open"
-                    ))
-                })?;
-                EnvStored::Secret {
-                    secret: true,
-                    sealed: env_secrets::seal(&state.key, to, name, &value)?,
-                }
-            }
-        };
-        env.insert(name.clone(), moved);
-    }
     Ok(Content {
         credentials,
-        env,
         ..content.clone()
     })
 }
@@ -338,7 +323,7 @@ pub fn take_inline_credentials(
     for (id, c) in inline {
         creds.insert(id, c);
     }
-    Ok(node_credentials::encrypt(&creds, secret))
+    node_credentials::encrypt(&creds, secret)
 }
 
 /// The document `POST /snapshots/{id}/export` returns and `.../snapshots/import` takes: the
@@ -416,7 +401,8 @@ pub fn export(
         credentials,
         settings: content.settings.clone(),
         env: env_secrets::shown_stored(&content.env),
-        env_secrets: node_credentials::encrypt(&secrets, secret),
+        env_secrets: node_credentials::encrypt(&secrets, secret)
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("{e}")))?,
         modules: content.modules.clone(),
     })
 }

@@ -625,9 +625,17 @@ impl InstanceDriver for LocalInstance {
         if flows.credentials.as_object().is_none_or(|c| !c.is_empty()) {
             body["credentials"] = (*flows.credentials).clone();
         }
+        // Flows Node-RED itself refuses (not JSON it can take, larger than it accepts) are a
+        // refusal like the gate's: the deploy rolls back rather than tries again.
         admin::deploy(r.addr, &r.secret, body.to_string())
             .await
-            .map_err(admin_error)?;
+            .map_err(|e| match e {
+                admin::DeployError::Refused(reason) => DriverError::Refused {
+                    id: id.clone(),
+                    reason,
+                },
+                admin::DeployError::Failed(reason) => admin_error(reason),
+            })?;
         let dir = self.driver.user_dir(&id);
         let _ = tokio::fs::write(dir.join(".tandem-flows"), &flows.rev).await;
         let refused = |reason: String| DriverError::Refused {
@@ -660,7 +668,8 @@ impl InstanceDriver for LocalInstance {
                 }
             }
         }
-        if let Some(probe) = &gate.probe {
+        // A standby's flows are stopped: its routes answer nothing until it is promoted.
+        if let Some(probe) = gate.probe.as_ref().filter(|_| gate.flows_on) {
             admin::probe(r.addr, probe, PROBE_TIMEOUT)
                 .await
                 .map_err(refused)?;

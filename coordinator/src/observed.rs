@@ -268,13 +268,21 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
             })
         })
         .collect();
-    // Not while nothing is coming: stopped, failed, or every replica held as crashed.
+    // Only while a replica is about to serve (starting, a standby being promoted, one getting
+    // its flows): not when nothing is coming (stopped, failed, every replica crashed or waiting
+    // out its restart backoff), where a request is better answered 503 at once.
     let hold = o.desired == DesiredState::Running
         && o.want > 0
         && o.phase == Phase::Ready
-        && o.replicas
-            .values()
-            .any(|r| r.phase != ReplicaPhase::Crashed);
+        && o.replicas.values().any(|r| {
+            matches!(
+                r.phase,
+                ReplicaPhase::Starting
+                    | ReplicaPhase::Running
+                    | ReplicaPhase::Draining
+                    | ReplicaPhase::Deploying
+            )
+        });
     Some(InstanceRoutes {
         name: o.name.clone(),
         hosts: o.hosts.clone(),

@@ -363,6 +363,14 @@ impl<I: InstanceDriver> Worker<I> {
                 s.saved = None;
             }
         }
+        // A refusal holds for the flows refused; other flows (a rollback, a new deploy) go out.
+        if self
+            .refused
+            .as_ref()
+            .is_some_and(|(r, _)| *r != d.flows.rev)
+        {
+            self.refused = None;
+        }
         if prepared {
             self.deploy_flows(&d, now);
         }
@@ -524,8 +532,9 @@ impl<I: InstanceDriver> Worker<I> {
         if self.slots.values().any(|s| s.replacing) {
             return;
         }
+        // A replica a refused deploy left out of rotation is replaced too.
         let outdated = |slot: u32, s: &Slot| {
-            s.phase == ReplicaPhase::Running
+            matches!(s.phase, ReplicaPhase::Running | ReplicaPhase::Deploying)
                 && !s.busy
                 && s.leaving.is_none()
                 && (s.spec.as_ref() != Some(&d.process_for(slot))
@@ -611,12 +620,11 @@ impl<I: InstanceDriver> Worker<I> {
             })
             .map(|(slot, _)| *slot)
             .collect();
-        // Standbys (and the replica a failed deploy left out of rotation) first, the active last.
-        let Some(slot) = outdated
-            .iter()
-            .copied()
-            .min_by_key(|slot| (Some(*slot) == self.active, *slot))
-        else {
+        // The replica a failed deploy left out of rotation first, then standbys, the active last.
+        let Some(slot) = outdated.iter().copied().min_by_key(|slot| {
+            let out = self.slots.get(slot).is_some_and(|s| s.out);
+            (Some(*slot) == self.active, !out, *slot)
+        }) else {
             return;
         };
         if d.standby && Some(slot) == self.active {
@@ -648,16 +656,9 @@ impl<I: InstanceDriver> Worker<I> {
                 return;
             }
         }
-        // Out of rotation while another replica serves; in place when it is the only one.
-        let others_serve = self.slots.iter().any(|(o, s)| {
-            *o != slot
-                && s.phase == ReplicaPhase::Running
-                && (if d.standby {
-                    self.active == Some(*o)
-                } else {
-                    s.flows_on
-                })
-        });
+        // Out of rotation, its requests in flight answered first (flows that stop under a
+        // request never answer it): the others serve meanwhile, and when it is the only one the
+        // proxy holds new requests until it is back.
         let serving = if d.standby {
             self.active == Some(slot)
         } else {
@@ -666,8 +667,8 @@ impl<I: InstanceDriver> Worker<I> {
         let Some(s) = self.slots.get_mut(&slot) else {
             return;
         };
-        let drain = serving && others_serve && !s.out;
-        s.out = s.out || (serving && others_serve);
+        let drain = serving && !s.out;
+        s.out = s.out || serving;
         s.busy = true;
         s.set_phase(ReplicaPhase::Deploying);
         let gate = Gate {

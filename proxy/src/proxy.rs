@@ -47,6 +47,23 @@ impl std::fmt::Debug for dyn policy::EditorGate {
     }
 }
 
+/// Why [`Proxy::send`] sent nothing, or what went wrong.
+enum Unsent {
+    /// No replica could take it; nothing was tried, so the request comes back whole.
+    NoneReady(Box<Request<RequestBody>>),
+    /// It failed.
+    Failed(Failure),
+}
+
+impl Unsent {
+    fn failure(self) -> Failure {
+        match self {
+            Self::NoneReady(_) => Failure::NoReplica,
+            Self::Failed(f) => f,
+        }
+    }
+}
+
 /// How a forwarded request ended without a response from a replica.
 enum Failure {
     NoReplica,
@@ -196,18 +213,16 @@ impl Proxy {
             (None, None)
         };
 
-        // Phase 4: forward, once a replica is ready.
-        let instance = self
-            .ready_instance(instance, &host, key.as_deref().map(str::as_bytes))
-            .await;
+        // Phase 4: forward (once a replica is ready, for an instance that holds requests).
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let method = req.method().clone();
         // Copied only for the access log: the request itself moves upstream.
         let path = self.config.access_log.then(|| req.uri().path().to_owned());
         let upstream = self.upstream_request(req, &host, client, upgrade.is_some());
-        let result = self
+        let (instance, result) = self
             .forward(
-                &instance,
+                instance,
+                &host,
                 upstream,
                 key.as_deref().map(str::as_bytes),
                 upgrade.is_some(),
@@ -371,13 +386,38 @@ impl Proxy {
     /// Sends `req` to a replica of `instance`, retrying on another replica when nothing was sent
     /// (connect failure) and, for idempotent bodyless requests, when the replica failed before
     /// answering.
+    ///
+    /// A request that finds no replica available, to an instance that holds requests, waits for
+    /// one ([`Proxy::ready_instance`]); the instance it was sent to comes back with the result,
+    /// as the table may have changed meanwhile.
     async fn forward(
+        &self,
+        instance: Arc<Instance>,
+        host: &str,
+        req: Request<RequestBody>,
+        key: Option<&[u8]>,
+        upgrade: bool,
+    ) -> (
+        Arc<Instance>,
+        Result<(Response<Incoming>, usize, Tail), Failure>,
+    ) {
+        let req = match self.send(&instance, req, key, upgrade).await {
+            Err(Unsent::NoneReady(req)) if instance.hold => *req,
+            other => return (instance, other.map_err(Unsent::failure)),
+        };
+        let instance = self.ready_instance(instance, host, key).await;
+        let result = self.send(&instance, req, key, upgrade).await;
+        (instance, result.map_err(Unsent::failure))
+    }
+
+    /// One try of [`Proxy::forward`] on one table's instance.
+    async fn send(
         &self,
         instance: &Instance,
         mut req: Request<RequestBody>,
         key: Option<&[u8]>,
         upgrade: bool,
-    ) -> Result<(Response<Incoming>, usize, Tail), Failure> {
+    ) -> Result<(Response<Incoming>, usize, Tail), Unsent> {
         // What is needed to send the request again once it has been written. Only for requests
         // that are safe to repeat (idempotent and without a body), and only when there is another
         // replica to send it to.
@@ -399,6 +439,11 @@ impl Proxy {
         while attempts < self.config.max_attempts {
             let now = Instant::now();
             let Some(idx) = balance::pick(instance, tried, key, now) else {
+                // Nothing tried yet: the request is whole, and may wait for a replica. (Checked
+                // at the pick itself: readiness changes under a table, shared with newer ones.)
+                if tried == 0 && stale == 0 {
+                    return Err(Unsent::NoneReady(Box::new(req)));
+                }
                 break;
             };
             let replica = &instance.replicas[idx];
@@ -444,7 +489,7 @@ impl Proxy {
                     return Ok((resp, idx, tail));
                 }
                 // Dropping the sender closes the connection, so the replica sees the request go.
-                Err(_) => return Err(Failure::Timeout(replica.id.clone())),
+                Err(_) => return Err(Unsent::Failed(Failure::Timeout(replica.id.clone()))),
                 Ok(Err(mut e)) => {
                     if let Some(back) = e.take_message() {
                         // Not written: a reused connection closed under us. Try another one.
@@ -462,7 +507,7 @@ impl Proxy {
                     tried |= 1 << idx;
                     let error = e.into_error();
                     if let Some(limit) = body_too_large(&error) {
-                        return Err(Failure::TooLarge(limit));
+                        return Err(Unsent::Failed(Failure::TooLarge(limit)));
                     }
                     tracing::warn!(instance = %instance.name, replica = %replica.id, %error, "replica failed before answering");
                     match &replay {
@@ -474,16 +519,16 @@ impl Proxy {
                             req = again;
                             last = Failure::Closed(replica.id.clone(), error);
                         }
-                        None => return Err(Failure::Closed(replica.id.clone(), error)),
+                        None => {
+                            return Err(Unsent::Failed(Failure::Closed(replica.id.clone(), error)))
+                        }
                     }
                 }
             }
         }
-        Err(last)
+        Err(Unsent::Failed(last))
     }
 
-    /// A pooled connection to the replica, or a new one. Upgrades always get a new one, since
-    /// the connection becomes the tunnel.
     /// `instance`, or, when none of its replicas can take the request and it expects one soon
     /// ([`crate::routes::InstanceSpec::hold`]), the instance as the route table has it once one
     /// can, or once [`ProxyConfig::hold_timeout`] has passed.
@@ -511,6 +556,8 @@ impl Proxy {
         instance
     }
 
+    /// A pooled connection to the replica, or a new one. Upgrades always get a new one, since
+    /// the connection becomes the tunnel.
     async fn checkout(
         &self,
         addr: SocketAddr,

@@ -493,8 +493,13 @@ async fn delete_instance(
 ) -> ApiResult<StatusCode> {
     let before = load_for(&state, &caller, &id, Action::DeleteInstance).await?;
     let mut tx = state.store.write().await?;
-    // Its snapshots, deploys and pipeline stages go with it.
-    for table in ["snapshots", "deployments", "pipeline_stages"] {
+    // Its snapshots, deploys, pipeline stages and library go with it.
+    for table in [
+        "snapshots",
+        "deployments",
+        "pipeline_stages",
+        "library_entries",
+    ] {
         sqlx::query(&format!("DELETE FROM {table} WHERE instance_id = $1"))
             .bind(&id)
             .execute(&mut *tx)

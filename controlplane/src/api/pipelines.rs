@@ -539,16 +539,19 @@ async fn deploy_stage(
                 "this stage deploys the snapshot the deploy names: give one",
             ))
         }
-        (StageAction::Prompt, Some(s)) => snapshots::load(&state, s)
-            .await
-            .ok()
-            .filter(|(snap, _)| snap.instance_id == source.id)
-            .ok_or_else(|| {
+        (StageAction::Prompt, Some(s)) => {
+            let none = || {
                 ApiError::invalid(
                     "snapshot_id",
                     format!("no snapshot {s} of the stage's instance"),
                 )
-            })?,
+            };
+            match snapshots::load(&state, s).await {
+                Ok(found) if found.0.instance_id == source.id => found,
+                Ok(_) | Err(ApiError::NotFound(_)) => return Err(none()),
+                Err(e) => return Err(e),
+            }
+        }
         (_, Some(_)) => {
             return Err(ApiError::invalid(
                 "snapshot_id",
@@ -567,10 +570,13 @@ async fn deploy_stage(
             .await?
             .map(|r| r.get(0));
             let latest = latest.ok_or_else(|| {
-                ApiError::Conflict(format!(
-                    "instance {} has no snapshot to deploy yet",
-                    source.name
-                ))
+                ApiError::invalid(
+                    "stage_id",
+                    format!(
+                        "the stage's instance {} has no snapshot to deploy yet",
+                        source.name
+                    ),
+                )
             })?;
             snapshots::load(&state, &latest).await?
         }
@@ -590,8 +596,15 @@ async fn deploy_stage(
             (s, content)
         }
     };
-    // The target gets a copy of its own, credentials and secrets encrypted for it.
-    let moved = snapshots::rebind(&state, &content, &source.id, &target.id)?;
+    // The target gets a copy of its own: the snapshot's flows, credentials encrypted for it, and
+    // its own settings and environment (a stage keeps its own configuration).
+    crate::deployments::ensure_idle(&state, &target).await?;
+    let own = snapshots::current(&state, &target.id).await?;
+    let moved = snapshots::Content {
+        settings: own.settings,
+        env: own.env,
+        ..snapshots::rebind_credentials(&state, &content, &source.id, &target.id)?
+    };
     let mut tx = state.store.write().await?;
     let copy = snapshots::insert(
         &mut tx,

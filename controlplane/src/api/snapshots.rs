@@ -341,16 +341,17 @@ async fn rollback(
     if let Some(p) = &body.probe {
         p.check("probe")?;
     }
-    let (s, content) = snapshots::load(&state, &body.snapshot_id)
-        .await
-        .ok()
-        .filter(|(s, _)| s.instance_id == i.id)
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "snapshot_id",
-                format!("no snapshot {} of this instance", body.snapshot_id),
-            )
-        })?;
+    let none = || {
+        ApiError::invalid(
+            "snapshot_id",
+            format!("no snapshot {} of this instance", body.snapshot_id),
+        )
+    };
+    let (s, content) = match snapshots::load(&state, &body.snapshot_id).await {
+        Ok(found) if found.0.instance_id == i.id => found,
+        Ok(_) | Err(ApiError::NotFound(_)) => return Err(none()),
+        Err(e) => return Err(e),
+    };
     let d = deployments::begin(
         &state,
         &caller,
@@ -439,6 +440,8 @@ async fn put_flows(
     }
     let name = name.unwrap_or_else(|| format!("Flows deployed by {}", caller.username));
     check_display_name("snapshot_name", &name)?;
+    // Before the snapshot: a 409 leaves nothing behind.
+    deployments::ensure_idle(&state, &i).await?;
     let mut content = snapshots::current(&state, &i.id).await?;
     content.credentials = snapshots::take_inline_credentials(
         &mut flows,

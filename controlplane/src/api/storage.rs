@@ -10,8 +10,11 @@
 //! - HA replicas have no editor: what they save is the echo of a deploy Tandem made from the
 //!   store, and is not written back (a late echo must not undo a newer deploy).
 //! - An instance made before flows lived in the store has `in_store: false` until its first
-//!   replica hands over its own `flows.json` and `flows_cred.json` (`POST .../flows/import`),
-//!   once: the first import wins and every replica then reads the store.
+//!   replica hands over its own `flows.json`, `flows_cred.json` and library (`POST
+//!   .../flows/import`), once: the first import wins and every replica then reads the store.
+//! - The editor's library (saved flows, functions, templates) lives here too (`GET,PUT
+//!   .../library`), with the answers Node-RED's own file library gives: an entry's body, or a
+//!   folder's listing (its folders' names, then its entries' metadata with `fn`).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -32,7 +35,12 @@ pub(super) fn router(max_document_bytes: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(get_flows, put_flows))
         .routes(routes!(import_flows))
         .routes(routes!(put_credentials))
+        .routes(routes!(get_library, put_library))
         .layer(axum::extract::DefaultBodyLimit::max(max_document_bytes))
+}
+
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
 }
 
 /// The header a replica names itself with: `<instance>-r<slot>`.
@@ -144,12 +152,16 @@ async fn get_flows(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Import {
-    /// Its `flows.json`.
-    #[schema(value_type = Vec<Object>)]
-    pub flows: Value,
+    /// Its `flows.json`; absent when it has none (it never saved flows): the store's stay.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub flows: Option<Value>,
     /// Its `flows_cred.json`, as Node-RED wrote it.
+    #[serde(default = "empty_object")]
     #[schema(value_type = Object)]
     pub credentials: Value,
+    /// Its library (`<userDir>/lib`).
+    #[serde(default)]
+    pub library: Vec<LibraryEntry>,
 }
 
 /// Hands a replica's own flows to the store, once (its storage token): the first import wins;
@@ -162,21 +174,40 @@ async fn import_flows(
     Document(body): Document<Import>,
 ) -> ApiResult<Json<StoredFlows>> {
     let id = token.instance_id.clone();
-    super::snapshots::check_flows(&body.flows, "flows")?;
-    if !body.credentials.is_object() {
-        return Err(ApiError::invalid("credentials", "must be an object"));
-    }
+    let now = row(&state, &id).await?;
+    // Credentials inline in the flows (as Tandem 0.1 kept the flows given at creation) are
+    // encrypted for the instance: the store never holds them in clear.
+    let (mut flows, given) = match body.flows {
+        Some(flows) => {
+            super::snapshots::check_flows(&flows, "flows")?;
+            (flows, body.credentials.clone())
+        }
+        None => (
+            crate::api::json_text(&now.flows),
+            crate::api::json_text(&now.credentials),
+        ),
+    };
+    let credentials = crate::snapshots::take_inline_credentials(
+        &mut flows,
+        &given,
+        &state.key.derive("credentials", &id),
+    )
+    .map_err(|e| ApiError::invalid("credentials", e.to_string()))?;
     let mut tx = state.store.write().await?;
     let done = sqlx::query(
         "UPDATE instances SET flows = $1, credentials = $2, flows_in_store = 1 WHERE id = $3 AND flows_in_store = 0",
     )
-    .bind(body.flows.to_string())
-    .bind(body.credentials.to_string())
+    .bind(flows.to_string())
+    .bind(credentials.to_string())
     .bind(&id)
     .execute(&mut *tx)
     .await?
     .rows_affected();
     if done == 1 {
+        for entry in &body.library {
+            let (kind, path) = entry.checked()?;
+            upsert_library(&mut tx, &id, &kind, &path, entry).await?;
+        }
         let team: String = sqlx::query("SELECT team_id FROM instances WHERE id = $1")
             .bind(&id)
             .fetch_one(&mut *tx)
@@ -187,7 +218,7 @@ async fn import_flows(
             None,
             "instance.flows-imported",
             crate::audit::Subject::instance(&team, &id),
-            serde_json::json!({ "replica": token.replica, "flow_entries": body.flows.as_array().map_or(0, Vec::len) }),
+            serde_json::json!({ "replica": token.replica, "flow_entries": flows.as_array().map_or(0, Vec::len), "library_entries": body.library.len() }),
         )
         .await?;
     }
@@ -283,5 +314,211 @@ async fn save(
             state.coordinator.changed();
         }
     }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// One entry of the editor's library, as a replica saves it.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LibraryEntry {
+    /// `flows`, `functions`, a node's type...: letters, digits, `-`, `_`, `.`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `/`-separated, relative, without `..`.
+    pub path: String,
+    /// Its metadata (name, description...), shown in folder listings.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub meta: serde_json::Map<String, Value>,
+    /// Its content.
+    pub body: String,
+}
+
+impl LibraryEntry {
+    /// The type and path, checked; a `flows` entry's path ends in `.json`, as Node-RED's file
+    /// library stores it.
+    fn checked(&self) -> ApiResult<(String, String)> {
+        let kind = check_type(&self.kind)?;
+        let mut path = check_path(&self.path)?;
+        if path.is_empty() || path.ends_with('/') {
+            return Err(ApiError::invalid(
+                "path",
+                "must name an entry, not a folder",
+            ));
+        }
+        if kind == "flows" && !path.ends_with(".json") {
+            path.push_str(".json");
+        }
+        Ok((kind, path))
+    }
+}
+
+fn check_type(kind: &str) -> ApiResult<String> {
+    let ok = !kind.is_empty()
+        && kind.len() <= 64
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !kind.starts_with('.');
+    if !ok {
+        return Err(ApiError::invalid(
+            "type",
+            "must be 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'",
+        ));
+    }
+    Ok(kind.to_owned())
+}
+
+fn check_path(path: &str) -> ApiResult<String> {
+    let ok = path.len() <= 1024
+        && !path.starts_with('/')
+        && !path.chars().any(|c| c.is_control() || c == '\\')
+        && path.split('/').all(|seg| seg != ".." && seg != ".");
+    if !ok {
+        return Err(ApiError::invalid(
+            "path",
+            "must be a relative '/'-separated path of at most 1024 characters, without '..'",
+        ));
+    }
+    Ok(path.to_owned())
+}
+
+async fn upsert_library(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &str,
+    kind: &str,
+    path: &str,
+    entry: &LibraryEntry,
+) -> ApiResult<()> {
+    sqlx::query(
+        "INSERT INTO library_entries (instance_id, type, path, meta, body, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (instance_id, type, path) DO UPDATE SET meta = excluded.meta, body = excluded.body, updated_at = excluded.updated_at",
+    )
+    .bind(id)
+    .bind(kind)
+    .bind(path)
+    .bind(Value::Object(entry.meta.clone()).to_string())
+    .bind(&entry.body)
+    .bind(crate::store::now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Which library entry or folder.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LibraryQuery {
+    /// `flows`, `functions`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// An entry, or a folder (empty for the top, or ending in `/`).
+    #[serde(default)]
+    pub path: String,
+}
+
+/// An entry's body, or a folder's listing.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LibraryAnswer {
+    /// The entry's content.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The folder's folders (names), then its entries (their metadata and `fn`, their name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub listing: Option<Vec<Value>>,
+}
+
+/// A library entry or folder of the instance (its storage token).
+#[utoipa::path(get, path = "/api/v1/storage/{id}/library", tag = "storage", params(("id" = String, Path, description = "Instance id"), LibraryQuery),
+    responses((status = 200, body = LibraryAnswer), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn get_library(
+    State(state): State<AppState>,
+    token: StorageToken,
+    crate::error::Query(q): crate::error::Query<LibraryQuery>,
+) -> ApiResult<Json<LibraryAnswer>> {
+    let kind = check_type(&q.kind)?;
+    let path = check_path(&q.path)?;
+    let rows = sqlx::query(
+        "SELECT path, meta, body FROM library_entries WHERE instance_id = $1 AND type = $2",
+    )
+    .bind(&token.instance_id)
+    .bind(&kind)
+    .fetch_all(&state.store.pool)
+    .await?;
+    let entries: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let folder = path.is_empty() || path.ends_with('/');
+    if !folder {
+        let json = format!("{path}.json");
+        let exact = entries.iter().find(|e| e.0 == path).or_else(|| {
+            (kind == "flows" && !path.ends_with(".json"))
+                .then(|| entries.iter().find(|e| e.0 == json))
+                .flatten()
+        });
+        if let Some(e) = exact {
+            return Ok(Json(LibraryAnswer {
+                body: Some(e.2.clone()),
+                listing: None,
+            }));
+        }
+    }
+    let prefix = if path.is_empty() || path.ends_with('/') {
+        path.clone()
+    } else {
+        format!("{path}/")
+    };
+    let mut folders = std::collections::BTreeSet::new();
+    let mut files = Vec::new();
+    for (p, meta, _) in &entries {
+        let Some(rest) = p.strip_prefix(prefix.as_str()) else {
+            continue;
+        };
+        match rest.split_once('/') {
+            Some((dir, _)) => {
+                folders.insert(dir.to_owned());
+            }
+            None => {
+                let mut m = match serde_json::from_str::<Value>(meta) {
+                    Ok(Value::Object(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                m.insert("fn".into(), Value::String(rest.to_owned()));
+                files.push((rest.to_owned(), Value::Object(m)));
+            }
+        }
+    }
+    if folders.is_empty() && files.is_empty() && !folder {
+        return Err(ApiError::NotFound(format!(
+            "no library entry {kind}/{path}"
+        )));
+    }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    let listing = folders
+        .into_iter()
+        .map(Value::String)
+        .chain(files.into_iter().map(|(_, m)| m))
+        .collect();
+    Ok(Json(LibraryAnswer {
+        body: None,
+        listing: Some(listing),
+    }))
+}
+
+/// Saves a library entry from the instance's editor (its storage token).
+#[utoipa::path(put, path = "/api/v1/storage/{id}/library", tag = "storage", params(("id" = String, Path, description = "Instance id")), request_body = LibraryEntry,
+    responses((status = 204), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 413, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn put_library(
+    State(state): State<AppState>,
+    token: StorageToken,
+    Document(entry): Document<LibraryEntry>,
+) -> ApiResult<StatusCode> {
+    let (kind, path) = entry.checked()?;
+    row(&state, &token.instance_id).await?;
+    let mut tx = state.store.write().await?;
+    upsert_library(&mut tx, &token.instance_id, &kind, &path, &entry).await?;
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -410,7 +410,13 @@ async fn recorded(c: &mut AnyConnection) -> Vec<Recorded> {
 }
 
 /// Tables the migrations after 0.1 added.
-const LATER_TABLES: [&str; 4] = ["deployments", "pipeline_stages", "pipelines", "snapshots"];
+const LATER_TABLES: [&str; 5] = [
+    "deployments",
+    "library_entries",
+    "pipeline_stages",
+    "pipelines",
+    "snapshots",
+];
 
 /// The tables an up-to-date database has: 0.1's, the later migrations' and the migrations'
 /// record.

@@ -115,9 +115,44 @@ pub(crate) fn state_matches(state: &str, start_stopped: bool) -> bool {
     }
 }
 
+/// Why a deploy did not take.
+pub(crate) enum DeployError {
+    /// Node-RED refused the flows (a 4xx): they are bad, or too large for it.
+    Refused(String),
+    /// The call failed (no answer, a 5xx).
+    Failed(String),
+}
+
 /// `POST /admin/flows`: a full deploy of `body` (`{flows, credentials}`).
-pub(crate) async fn deploy(addr: SocketAddr, secret: &str, body: String) -> Result<(), String> {
-    expect(addr, secret, Method::POST, "/flows", body, &[200, 204]).await
+pub(crate) async fn deploy(
+    addr: SocketAddr,
+    secret: &str,
+    body: String,
+) -> Result<(), DeployError> {
+    match call(
+        addr,
+        secret,
+        Method::POST,
+        "/flows",
+        body,
+        Duration::from_secs(30),
+    )
+    .await
+    {
+        Ok((200 | 204, _)) => Ok(()),
+        Ok((status, body)) => {
+            let why = format!(
+                "Node-RED refused the flows ({status}): {}",
+                String::from_utf8_lossy(&body)
+            );
+            Err(if (400..500).contains(&status) {
+                DeployError::Refused(why)
+            } else {
+                DeployError::Failed(why)
+            })
+        }
+        Err(e) => Err(DeployError::Failed(e)),
+    }
 }
 
 /// Node types `flows` uses that no node set of the replica provides: Node-RED accepts such

@@ -49,7 +49,9 @@ pub fn settings_js(spec: &ProcessSpec, id: &ReplicaId, port: u16, user_dir: &Pat
 // them): never in the environment, where flows could read them.
 const secrets = JSON.parse(require("fs").readFileSync(0, "utf8"));
 const user = {user};
-{storage_module}module.exports = Object.assign({{}}, user, {{
+{storage_module}// Node-RED's admin API takes 5 MB by default; Tandem's API takes flows up to 16 MiB (more with
+// `--max-document-mib`), and a deploy of them must not be refused here.
+module.exports = Object.assign({{ apiMaxLength: "1gb" }}, user, {{
     uiHost: "127.0.0.1",
     uiPort: {port},
     userDir: {user_dir},
@@ -122,11 +124,12 @@ function levelName(l) {{
 }
 
 /// The storage module of a replica whose flows live in Tandem's store (Node-RED's
-/// `storageModule`): flows and credentials are read and saved through the instance's storage
-/// API with the storage token; settings, sessions and the library stay in the replica's userDir
-/// (Node-RED's own `localfilesystem`). Flows of an instance made before Tandem kept them in its
-/// store are in the replica's `flows.json` and `flows_cred.json`: the first replica to read them
-/// hands them to the store, once (`POST /flows/import`), and every replica then reads the store.
+/// `storageModule`): flows, credentials and the editor's library are read and saved through the
+/// instance's storage API with the storage token; settings and sessions stay in the replica's
+/// userDir (Node-RED's own `localfilesystem`). Flows of an instance made before Tandem kept them
+/// in its store are in the replica's `flows.json` and `flows_cred.json` (its library in `lib/`):
+/// the first replica to read them hands them to the store, once (`POST /flows/import`), and every
+/// replica then reads the store.
 /// The token lives in this closure only: not in `settings`, which flows can read parts of.
 const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica) {
     const http = require(base.startsWith("https:") ? "https" : "http");
@@ -154,17 +157,44 @@ const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica) {
             req.end();
         });
     }
+    // Every entry of the replica's own library (`<userDir>/lib/<type>/...`), for the import.
+    async function localLibrary(userDir) {
+        const fs = require("fs");
+        const entries = [];
+        let types = [];
+        try { types = fs.readdirSync(require("path").join(userDir, "lib")); } catch (e) { return entries; }
+        async function walk(type, dir) {
+            const listing = await local.getLibraryEntry(type, dir);
+            if (!Array.isArray(listing)) { return; }
+            for (const item of listing) {
+                const name = typeof item === "string" ? item : item.fn;
+                const path = dir ? dir + "/" + name : name;
+                if (typeof item === "string") { await walk(type, path); continue; }
+                const meta = Object.assign({}, item);
+                delete meta.fn;
+                entries.push({ type: type, path: path, meta: meta, body: String(await local.getLibraryEntry(type, path)) });
+            }
+        }
+        for (const type of types) { if (type[0] !== ".") { await walk(type, ""); } }
+        return entries;
+    }
+    let userDir = null;
     async function load() {
         let doc = await call("GET", "/flows");
         if (!doc.in_store) {
-            const flows = await local.getFlows();
-            const creds = await local.getCredentials();
-            doc = await call("POST", "/flows/import", { flows: flows, credentials: creds });
+            // A replica that never saved flows has none of its own: the store's stay.
+            const own = require("fs").existsSync(require("path").join(userDir, "flows.json"));
+            const body = { library: await localLibrary(userDir) };
+            if (own) {
+                body.flows = await local.getFlows();
+                body.credentials = await local.getCredentials();
+            }
+            doc = await call("POST", "/flows/import", body);
         }
         return doc;
     }
     return {
-        init: function (settings, runtime) { return local.init(settings, runtime); },
+        init: function (settings, runtime) { userDir = settings.userDir; return local.init(settings, runtime); },
         getFlows: async function () { const doc = await load(); credentials = doc.credentials; return doc.flows; },
         getCredentials: async function () {
             if (credentials === null) { credentials = (await load()).credentials; }
@@ -176,8 +206,14 @@ const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica) {
         saveSettings: function (s) { return local.saveSettings(s); },
         getSessions: function () { return local.getSessions(); },
         saveSessions: function (s) { return local.saveSessions(s); },
-        getLibraryEntry: function (type, path) { return local.getLibraryEntry(type, path); },
-        saveLibraryEntry: function (type, path, meta, body) { return local.saveLibraryEntry(type, path, meta, body); },
+        getLibraryEntry: async function (type, path) {
+            const q = "?type=" + encodeURIComponent(type) + "&path=" + encodeURIComponent(path);
+            const entry = await call("GET", "/library" + q);
+            return entry.listing !== undefined ? entry.listing : entry.body;
+        },
+        saveLibraryEntry: function (type, path, meta, body) {
+            return call("PUT", "/library", { type: type, path: path, meta: meta || {}, body: String(body) });
+        },
     };
 }
 "#;

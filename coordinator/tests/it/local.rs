@@ -768,7 +768,7 @@ async fn flows_can_be_deployed_and_stopped_without_a_restart() {
         http(r.addr, "GET", "/hello", &[], "").await,
         (200, "deployed".to_string())
     );
-    // Bad flows are refused with Node-RED's reason, and slots that do not run are an error.
+    // Flows Node-RED refuses are refused with its reason, and slots that do not run are an error.
     match i
         .instance
         .deploy(
@@ -778,11 +778,14 @@ async fn flows_can_be_deployed_and_stopped_without_a_restart() {
         )
         .await
     {
-        Err(DriverError::Admin { id, reason }) => {
+        Err(DriverError::Refused { id, reason }) => {
             assert_eq!(id, ReplicaId::new(name, 0));
-            assert!(!reason.is_empty());
+            assert!(
+                reason.starts_with("Node-RED refused the flows (400)"),
+                "{reason}"
+            );
         }
-        other => panic!("expected an admin error, got {other:?}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
     assert!(matches!(
         i.instance.deploy(5, &flows, &Gate::default()).await,

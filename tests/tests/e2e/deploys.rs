@@ -395,11 +395,17 @@ async fn flows_with_an_unknown_node_type_are_rolled_back_and_never_answer() {
         after["rev"], before["rev"],
         "the store has the old flows back"
     );
-    let s = t.status(&prod).await;
-    assert!(s["deploy_refused"]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("foo-bar"));
+    // The replica that refused them says why in the deploy; the instance itself is whole again.
+    assert!(
+        d["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["error"].as_str().is_some_and(|e| e.contains("foo-bar"))),
+        "{d}"
+    );
+    let s = t.wait_running(&prod, 3).await;
+    assert!(s["deploy_refused"].is_null(), "{s}");
 }
 
 /// A local HTTP server that answers every request with the `Authorization` header it got.
@@ -648,10 +654,18 @@ async fn flows_deployed_before_the_store_held_them_move_into_it_on_upgrade() {
     let creds = tandem_controlplane::node_credentials::encrypt(
         plain.as_object().unwrap(),
         &key.derive("credentials", &id),
-    );
+    )
+    .unwrap();
     let user_dir = dir.join("instances/legacy/r0");
     std::fs::write(user_dir.join("flows.json"), flows.to_string()).unwrap();
     std::fs::write(user_dir.join("flows_cred.json"), creds.to_string()).unwrap();
+    // And a function its editor saved to the library.
+    std::fs::create_dir_all(user_dir.join("lib/functions/tools")).unwrap();
+    std::fs::write(
+        user_dir.join("lib/functions/tools/greet.js"),
+        "// name: greet\n// outputs: 1\nmsg.payload = 'hi';\nreturn msg;",
+    )
+    .unwrap();
     let store = tandem_controlplane::store::Store::open(&dir, None)
         .await
         .unwrap();
@@ -681,9 +695,45 @@ async fn flows_deployed_before_the_store_held_them_move_into_it_on_upgrade() {
         "{stored}"
     );
     assert_eq!(stored["has_credentials"], true, "{stored}");
+    // The library came along, and what the editor saves to it now goes to the store.
+    let library = |method: &'static str, path: &'static str, body: Value| {
+        let (addr, auth) = (t.http, format!("Bearer {}", t.token));
+        async move {
+            http(
+                addr,
+                method,
+                "legacy.localhost",
+                &format!("/admin/library/local/functions/{path}"),
+                &[("Authorization", &auth)],
+                &if body.is_null() {
+                    String::new()
+                } else {
+                    body.to_string()
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let r = library("GET", "tools/", Value::Null).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.json(),
+        json!([{ "fn": "greet.js", "name": "greet", "outputs": "1" }])
+    );
+    let r = library("GET", "tools/greet.js", Value::Null).await;
+    assert_eq!(r.body, "msg.payload = 'hi';\nreturn msg;");
+    let r = library(
+        "POST",
+        "tools/bye.js",
+        json!({ "name": "bye", "text": "return null;" }),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{r:?}");
     // From now on the store is the source: the files may go.
     std::fs::remove_file(user_dir.join("flows.json")).unwrap();
     std::fs::remove_file(user_dir.join("flows_cred.json")).unwrap();
+    std::fs::remove_dir_all(user_dir.join("lib")).unwrap();
     assert_eq!(t.action(&id, "restart").await.status, 200);
     let pid = t.status(&id).await["replicas"][0]["pid"].clone();
     t.wait_status(&id, 60, |s| {
@@ -693,6 +743,13 @@ async fn flows_deployed_before_the_store_held_them_move_into_it_on_upgrade() {
     answers(&t, "legacy", "from the editor").await;
     let r = t.get("legacy", "/call").await.unwrap();
     assert_eq!(r.body, basic);
+    let r = library("GET", "tools/", Value::Null).await;
+    assert_eq!(
+        r.json(),
+        json!([{ "fn": "bye.js", "name": "bye" }, { "fn": "greet.js", "name": "greet", "outputs": "1" }])
+    );
+    let r = library("GET", "tools/bye.js", Value::Null).await;
+    assert_eq!(r.body, "return null;");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

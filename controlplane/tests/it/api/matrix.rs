@@ -184,6 +184,8 @@ const MATRIX: &[Row] = &[
     row("PUT", "/api/v1/storage/{id}/flows", [401; 6]),
     row("POST", "/api/v1/storage/{id}/flows/import", [401; 6]),
     row("PUT", "/api/v1/storage/{id}/credentials", [401; 6]),
+    row("GET", "/api/v1/storage/{id}/library", [401; 6]),
+    row("PUT", "/api/v1/storage/{id}/library", [401; 6]),
     // Stacks and templates: everyone signed in reads, admins write.
     row("GET", "/api/v1/stacks", SIGNED_IN),
     row("POST", "/api/v1/stacks", with_ok(ADMIN_ONLY, 201)),
@@ -557,6 +559,14 @@ impl World {
             ("PUT", "/api/v1/storage/{id}/flows") => {
                 (format!("/api/v1/storage/{inst}/flows"), Some(json!([])))
             }
+            ("GET", "/api/v1/storage/{id}/library") => (
+                format!("/api/v1/storage/{inst}/library?type=functions&path="),
+                None,
+            ),
+            ("PUT", "/api/v1/storage/{id}/library") => (
+                format!("/api/v1/storage/{inst}/library"),
+                Some(json!({ "type": "functions", "path": "a.js", "body": "" })),
+            ),
             ("PUT", "/api/v1/storage/{id}/credentials") => (
                 format!("/api/v1/storage/{inst}/credentials"),
                 Some(json!({})),

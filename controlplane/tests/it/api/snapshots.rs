@@ -14,6 +14,7 @@ both_backends!(
     a_snapshot_carries_secret_variables_sealed_to_another_instance,
     pipeline_stages_follow_their_rules,
     the_storage_api_takes_the_instance_token_imports_once_and_ignores_ha_echoes,
+    the_library_answers_as_node_reds_file_library_does,
 );
 
 /// A team with an application; returns (owner, app).
@@ -473,4 +474,86 @@ async fn the_storage_api_takes_the_instance_token_imports_once_and_ignores_ha_ec
         .get(&format!("/api/v1/instances/{ha}/flows"), &owner.auth)
         .await;
     assert_eq!(after.json, before.json);
+}
+
+async fn the_library_answers_as_node_reds_file_library_does(b: Backend) {
+    let s = Server::start(b).await;
+    let (owner, app) = world(&s).await;
+    let inst = id(&s.instance(&owner.auth, &app, json!({})).await);
+    let other = id(&s.instance(&owner.auth, &app, json!({})).await);
+    let key = PlatformKey::load_or_create(s.dir.path()).unwrap();
+    let token = Auth::Bearer(key.derive("storage", &inst));
+    let lib = format!("/api/v1/storage/{inst}/library");
+    let get = |q: &str| format!("{lib}?{q}");
+    // Empty: the top and any folder list nothing; an entry is not found.
+    let r = s.get(&get("type=functions&path="), &token).await;
+    assert_eq!(r.json, json!({ "listing": [] }), "{r}");
+    let r = s.get(&get("type=functions&path=a.js"), &token).await;
+    assert_eq!(r.status, 404, "{r}");
+    for (kind, path, meta, body) in [
+        (
+            "functions",
+            "tools/greet.js",
+            json!({ "name": "greet" }),
+            "return msg;",
+        ),
+        ("functions", "top.js", json!({}), "// top"),
+        ("flows", "tools/saved", json!({}), "[]"),
+    ] {
+        let r = s
+            .put(
+                &lib,
+                &token,
+                json!({ "type": kind, "path": path, "meta": meta, "body": body }),
+            )
+            .await;
+        assert_eq!(r.status, 204, "{r}");
+    }
+    let r = s.get(&get("type=functions&path="), &token).await;
+    assert_eq!(r.json, json!({ "listing": ["tools", { "fn": "top.js" }] }));
+    let r = s.get(&get("type=functions&path=tools/"), &token).await;
+    assert_eq!(
+        r.json,
+        json!({ "listing": [{ "fn": "greet.js", "name": "greet" }] })
+    );
+    let r = s
+        .get(&get("type=functions&path=tools/greet.js"), &token)
+        .await;
+    assert_eq!(r.json, json!({ "body": "return msg;" }));
+    // Flows are stored with `.json`, and found without it.
+    let r = s.get(&get("type=flows&path=tools/saved"), &token).await;
+    assert_eq!(r.json, json!({ "body": "[]" }));
+    let r = s.get(&get("type=flows&path=tools"), &token).await;
+    assert_eq!(r.json, json!({ "listing": [{ "fn": "saved.json" }] }));
+    // Paths out of the library are refused; another instance sees none of it.
+    for bad in ["../x.js", "/etc/passwd", "a/../../b"] {
+        let r = s
+            .put(
+                &lib,
+                &token,
+                json!({ "type": "functions", "path": bad, "body": "" }),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.json["error"]["field"].clone()),
+            (422, json!("path")),
+            "{bad}"
+        );
+    }
+    let r = s
+        .put(
+            &lib,
+            &token,
+            json!({ "type": "../x", "path": "a.js", "body": "" }),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    let theirs = Auth::Bearer(key.derive("storage", &other));
+    let r = s
+        .get(
+            &format!("/api/v1/storage/{other}/library?type=functions&path="),
+            &theirs,
+        )
+        .await;
+    assert_eq!(r.json, json!({ "listing": [] }));
 }
