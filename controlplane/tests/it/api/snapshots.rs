@@ -15,6 +15,7 @@ both_backends!(
     pipeline_stages_follow_their_rules,
     the_storage_api_takes_the_instance_token_imports_once_and_ignores_ha_echoes,
     the_library_answers_as_node_reds_file_library_does,
+    a_deploy_follows_the_replicas_and_rolls_back_on_a_refusal,
 );
 
 /// A team with an application; returns (owner, app).
@@ -556,4 +557,138 @@ async fn the_library_answers_as_node_reds_file_library_does(b: Backend) {
         )
         .await;
     assert_eq!(r.json, json!({ "listing": [] }));
+}
+
+/// A coordinator whose observed state the test writes: the deploy watch reads it.
+struct Scripted(std::sync::Mutex<tandem_coordinator::status::ObservedStatus>);
+
+impl Default for Scripted {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(
+            tandem_coordinator::status::ObservedStatus::unknown(),
+        ))
+    }
+}
+
+impl tandem_coordinator::status::Coordination for Scripted {
+    fn status(&self, _instance_id: &str) -> tandem_coordinator::status::ObservedStatus {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl Scripted {
+    /// Two running replicas on flows `revs`, `refused` by the gate when given.
+    fn set(&self, revs: [&str; 2], refused: Option<(&str, &str)>) {
+        use tandem_coordinator::replica::ReplicaPhase;
+        use tandem_coordinator::status::{DeployRefusal, InstanceState, ReplicaStatus};
+        let replicas = revs
+            .iter()
+            .enumerate()
+            .map(|(slot, rev)| ReplicaStatus {
+                id: format!("w-r{slot}"),
+                slot: slot as u32,
+                state: ReplicaPhase::Running,
+                port: None,
+                pid: None,
+                restarts: 0,
+                last_exit: None,
+                since: 0,
+                active: true,
+                isolation: None,
+                flows_rev: Some(rev.to_string()),
+                deploy_error: refused
+                    .filter(|(r, _)| r == rev && slot == 0)
+                    .map(|(_, why)| why.to_string()),
+            })
+            .collect();
+        *self.0.lock().unwrap() = tandem_coordinator::status::ObservedStatus {
+            state: InstanceState::Running,
+            ready: 2,
+            desired: 2,
+            summary: "running 2/2".into(),
+            reason: None,
+            replicas,
+            isolation: None,
+            deploy_refused: refused.map(|(rev, reason)| DeployRefusal {
+                rev: rev.into(),
+                reason: reason.into(),
+            }),
+        };
+    }
+}
+
+/// The deploy watch on a scripted coordinator: it ends `succeeded` only once every replica runs
+/// the new flows; on a refusal it puts the old flows back into the store, waits for every
+/// replica to run them, and ends `rolled_back` with the reason kept on the replica.
+async fn a_deploy_follows_the_replicas_and_rolls_back_on_a_refusal(b: Backend) {
+    let coordinator = std::sync::Arc::new(Scripted::default());
+    let c = coordinator.clone();
+    let s = Server::start_with(b, Default::default(), move |state| state.coordinator = c).await;
+    let (owner, app) = world(&s).await;
+    let inst = id(&s
+        .instance(&owner.auth, &app, json!({ "ha": { "replicas": 2 } }))
+        .await);
+    let flows = format!("/api/v1/instances/{inst}/flows");
+    let old = s.get(&flows, &owner.auth).await.json["rev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    coordinator.set([&old, &old], None);
+
+    // Good flows: running until both replicas have them.
+    let r = s
+        .put(&flows, &owner.auth, json!([{ "id": "v2", "type": "tab" }]))
+        .await;
+    assert_eq!(r.status, 202, "{r}");
+    let d = id(&r.json);
+    let new = s.get(&flows, &owner.auth).await.json["rev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(new, old);
+    let status = |d: String| {
+        let (s, auth) = (&s, owner.auth.clone());
+        async move { s.get(&format!("/api/v1/deployments/{d}"), &auth).await.json }
+    };
+    coordinator.set([&new, &old], None);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(status(d.clone()).await["status"], "running");
+    coordinator.set([&new, &new], None);
+    let done = ended(&s, &owner.auth, &d).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+
+    // Bad flows: r0 refuses them; the store gets the previous flows back.
+    let r = s
+        .put(&flows, &owner.auth, json!([{ "id": "v3", "type": "tab" }]))
+        .await;
+    let d = id(&r.json);
+    let bad = s.get(&flows, &owner.auth).await.json["rev"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    coordinator.set([&bad, &new], Some((&bad, "unknown node type: foo-bar")));
+    for _ in 0..100 {
+        if s.get(&flows, &owner.auth).await.json["rev"] == new.as_str() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s.get(&flows, &owner.auth).await.json["rev"],
+        new.as_str(),
+        "restored"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(status(d.clone()).await["status"], "running");
+    // The coordinator converges on the old flows.
+    coordinator.set([&new, &new], None);
+    let done = ended(&s, &owner.auth, &d).await;
+    assert_eq!(done["status"], "rolled_back", "{done}");
+    assert_eq!(done["error"], "unknown node type: foo-bar");
+    assert_eq!(done["replicas"][0]["status"], "restored", "{done}");
+    assert_eq!(
+        done["replicas"][0]["error"], "unknown node type: foo-bar",
+        "{done}"
+    );
+    assert_eq!(done["replicas"][1]["status"], "restored", "{done}");
 }
