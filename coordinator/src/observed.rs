@@ -269,8 +269,9 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
         })
         .collect();
     // Only while a replica is about to serve (starting, a standby being promoted, one getting
-    // its flows): not when nothing is coming (stopped, failed, every replica crashed or waiting
-    // out its restart backoff), where a request is better answered 503 at once.
+    // its flows, one stopped for its replacement): not when nothing is coming (stopped, failed,
+    // every replica crashed or waiting out its restart backoff), where a request is better
+    // answered 503 at once.
     let hold = o.desired == DesiredState::Running
         && o.want > 0
         && o.phase == Phase::Ready
@@ -281,6 +282,7 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
                     | ReplicaPhase::Running
                     | ReplicaPhase::Draining
                     | ReplicaPhase::Deploying
+                    | ReplicaPhase::Stopping
             )
         });
     Some(InstanceRoutes {

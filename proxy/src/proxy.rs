@@ -27,9 +27,8 @@ pub const REPLICA_HEADER: &str = "x-tandem-replica";
 /// without counting as an attempt, this many times at most.
 const STALE_RETRIES: u32 = 4;
 
-/// How often a held request looks for a ready replica: a takeover or a deploy's switch takes
-/// tens of milliseconds.
-const HOLD_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+/// How often a held request looks for a ready replica besides when a table is swapped in.
+const HOLD_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The proxy: routes, settings and counters, shared by every connection.
 #[derive(Debug)]
@@ -543,8 +542,9 @@ impl Proxy {
         }
         instance.stats.held();
         let deadline = Instant::now() + self.config.hold_timeout;
-        while Instant::now() < deadline {
-            tokio::time::sleep(HOLD_POLL).await;
+        // Subscribed before the table is looked at again, so no swap goes unseen.
+        let mut swaps = self.routes.swaps();
+        loop {
             match self.routes.load().lookup(host) {
                 Some(i) => instance = i.clone(),
                 None => break,
@@ -552,6 +552,14 @@ impl Proxy {
             if !instance.hold || balance::pick(&instance, 0, key, Instant::now()).is_some() {
                 break;
             }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // A swap wakes it at once; a replica whose probes pass again changes no table, so
+            // it looks again every HOLD_RECHECK too.
+            let _ =
+                tokio::time::timeout_at(deadline.min(now + HOLD_RECHECK), swaps.changed()).await;
         }
         instance
     }

@@ -188,6 +188,8 @@ pub struct Routes {
     generation: AtomicU64,
     /// Where replicas' health verdicts go ([`Routes::verdicts`]).
     verdicts: health::VerdictFeed,
+    /// The generation of each table swapped in ([`Routes::swaps`]).
+    swaps: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Routes {
@@ -196,6 +198,7 @@ impl Default for Routes {
             current: ArcSwap::default(),
             generation: AtomicU64::new(0),
             verdicts: health::VerdictFeed::new(),
+            swaps: tokio::sync::watch::Sender::new(0),
         }
     }
 }
@@ -233,6 +236,7 @@ impl Routes {
         )?);
         self.current.store(table.clone());
         table.configure_replicas(specs);
+        self.swaps.send_replace(generation);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             for (i, instance) in table.instances.iter().enumerate() {
                 for r in 0..instance.replicas.len() {
@@ -241,6 +245,12 @@ impl Routes {
             }
         }
         Ok(table)
+    }
+
+    /// Changes once per table swapped in (after its replicas' readiness is set): for requests
+    /// waiting for a ready replica.
+    pub fn swaps(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.swaps.subscribe()
     }
 
     /// The health verdicts of every replica from now on: a replica that fails its active probes
