@@ -106,6 +106,7 @@ pub struct StoredFlows {
 }
 
 struct Row_ {
+    team_id: String,
     flows: String,
     credentials: String,
     in_store: bool,
@@ -114,13 +115,14 @@ struct Row_ {
 
 async fn row(state: &AppState, id: &str) -> ApiResult<Row_> {
     let r = sqlx::query(
-        "SELECT flows, credentials, flows_in_store, ha_replicas FROM instances WHERE id = $1",
+        "SELECT flows, credentials, flows_in_store, ha_replicas, team_id FROM instances WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(&state.store.pool)
     .await?
     .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
     Ok(Row_ {
+        team_id: r.get(4),
         flows: r.get(0),
         credentials: r.get(1),
         in_store: r.get::<i64, _>(2) != 0,
@@ -208,16 +210,11 @@ async fn import_flows(
             let (kind, path) = entry.checked()?;
             upsert_library(&mut tx, &id, &kind, &path, entry).await?;
         }
-        let team: String = sqlx::query("SELECT team_id FROM instances WHERE id = $1")
-            .bind(&id)
-            .fetch_one(&mut *tx)
-            .await?
-            .get(0);
         crate::audit::record(
             &mut tx,
             None,
             "instance.flows-imported",
-            crate::audit::Subject::instance(&team, &id),
+            crate::audit::Subject::instance(&now.team_id, &id),
             serde_json::json!({ "replica": token.replica, "flow_entries": flows.as_array().map_or(0, Vec::len), "library_entries": body.library.len() }),
         )
         .await?;
@@ -290,16 +287,11 @@ async fn save(
         .execute(&mut *tx)
         .await?;
         if flows.is_some() {
-            let team: String = sqlx::query("SELECT team_id FROM instances WHERE id = $1")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?
-                .get(0);
             crate::audit::record(
                 &mut tx,
                 None,
                 "instance.flows-deployed",
-                crate::audit::Subject::instance(&team, id),
+                crate::audit::Subject::instance(&now.team_id, id),
                 serde_json::json!({ "replica": token.replica, "rev": rev, "from": "editor" }),
             )
             .await?;

@@ -22,6 +22,29 @@ pub(crate) async fn call(
     body: String,
     timeout: Duration,
 ) -> Result<(u16, Bytes), String> {
+    let request = Request::builder()
+        .method(method)
+        .uri(format!("/admin{path}"))
+        .header(header::HOST, addr.to_string())
+        .header(ADMIN_TOKEN, secret)
+        .header(header::CONTENT_TYPE, "application/json")
+        // `GET /nodes` answers HTML without it.
+        .header(header::ACCEPT, "application/json")
+        .header("node-red-deployment-type", "full")
+        // Flows as `{rev, flows}`, with credentials as stored (`{"$": ...}`).
+        .header("node-red-api-version", "v2")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    send(addr, request, timeout).await
+}
+
+/// `request` on a new connection to the replica: the status and body (at most
+/// [`MAX_ANSWER`]), or why there is none within `timeout`.
+async fn send(
+    addr: SocketAddr,
+    request: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<(u16, Bytes), String> {
     let call = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
@@ -31,19 +54,6 @@ pub(crate) async fn call(
             .map_err(|e| e.to_string())?;
         // The connection ends when the answer is read and the sender dropped.
         tokio::spawn(conn);
-        let request = Request::builder()
-            .method(method)
-            .uri(format!("/admin{path}"))
-            .header(header::HOST, addr.to_string())
-            .header(ADMIN_TOKEN, secret)
-            .header(header::CONTENT_TYPE, "application/json")
-            // `GET /nodes` answers HTML without it.
-            .header(header::ACCEPT, "application/json")
-            .header("node-red-deployment-type", "full")
-            // Flows as `{rev, flows}`, with credentials as stored (`{"$": ...}`).
-            .header("node-red-api-version", "v2")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
         let response = sender
             .send_request(request)
             .await
@@ -249,27 +259,13 @@ pub(crate) async fn probe(
 
 /// A GET of a flow's route, without the admin secret: its status.
 async fn plain_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
-    let call = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let request = Request::builder()
-            .method(Method::GET)
-            .uri(path)
-            .header(header::HOST, addr.to_string())
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(response.status().as_u16())
-    };
-    tokio::time::timeout(Duration::from_secs(5), call)
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header(header::HOST, addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    send(addr, request, Duration::from_secs(5))
         .await
-        .map_err(|_| "no answer within 5 s".to_owned())?
+        .map(|(status, _)| status)
 }
