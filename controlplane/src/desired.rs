@@ -74,6 +74,7 @@ pub async fn desired_instances(
             state: i.desired_state,
             replicas: i.ha.map_or(1, |h| h.replicas.clamp(1, 64) as u32),
             standby: i.ha.is_some_and(|h| h.mode == HaMode::Standby),
+            affinity: i.ha.is_some_and(|h| h.affinity_on()),
             process: ProcessSpec {
                 instance: i.name.clone(),
                 nodered_version: version.clone(),

@@ -45,6 +45,8 @@ pub struct InstanceRoutes {
     pub hosts: Vec<String>,
     /// HA: the editor is blocked.
     pub ha: bool,
+    /// Clients stay on their replica (a cookie).
+    pub affinity: bool,
     /// The admin secret, which the proxy adds to editor requests it lets through.
     pub editor_secret: String,
     /// It should serve, and a replica is expected to be ready whenever none is (a takeover, a
@@ -94,7 +96,7 @@ impl DataPlane for InProcess {
                 hosts: i.hosts.clone(),
                 ha: i.ha,
                 editor_secret: Some(i.editor_secret.clone()),
-                affinity: false,
+                affinity: i.affinity,
                 hold: i.hold,
                 replicas: i
                     .replicas

@@ -21,6 +21,7 @@ pub(crate) struct InstanceView {
     pub hosts: Vec<String>,
     pub ha: bool,
     pub standby: bool,
+    pub affinity: bool,
     pub desired: DesiredState,
     /// Replicas wanted (0 unless running).
     pub want: u32,
@@ -289,6 +290,7 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
         name: o.name.clone(),
         hosts: o.hosts.clone(),
         ha: o.ha,
+        affinity: o.affinity,
         editor_secret: o.secret.clone(),
         hold,
         replicas,

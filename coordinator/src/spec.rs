@@ -158,6 +158,8 @@ pub struct InstanceDesired {
     /// HA standby mode: every replica boots with its flows stopped; the coordinator starts the
     /// flows of one (the active) and routes only to it. Never two actives.
     pub standby: bool,
+    /// The proxy keeps each client on one replica with a cookie (balanced mode).
+    pub affinity: bool,
     /// What each replica's process runs.
     pub process: ProcessSpec,
     /// The flows every replica should run.

@@ -750,6 +750,7 @@ impl<I: InstanceDriver> Worker<I> {
             hosts: d.hosts.clone(),
             ha: d.process.ha,
             standby: d.standby,
+            affinity: d.affinity,
             desired: d.state,
             want: if d.state == DesiredState::Running && !self.gone {
                 d.replicas

@@ -200,17 +200,12 @@ impl Proxy {
         }
 
         // Phase 3: affinity key.
-        let (key, new_cookie) = if instance.affinity {
-            match affinity_cookie(req.headers()) {
-                Some(v) => (Some(v), None),
-                None => {
-                    let v = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-                    (Some(v.clone()), Some(v))
-                }
-            }
-        } else {
-            (None, None)
-        };
+        // The replica the client's cookie names; the answer names the one it got, when they
+        // differ (a new client, or one whose replica left the rotation).
+        let key = instance
+            .affinity
+            .then(|| affinity_cookie(req.headers()))
+            .flatten();
 
         // Phase 4: forward (once a replica is ready, for an instance that holds requests).
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -234,8 +229,9 @@ impl Proxy {
                 let r = &instance.replicas[idx];
                 r.state.stats.record(status);
                 let mut resp = self.client_response(resp, &instance, idx, tail, upgrade);
-                if let Some(v) = new_cookie {
-                    let cookie = format!("{AFFINITY_COOKIE}={v}; Path=/; HttpOnly; SameSite=Lax");
+                if instance.affinity && key.as_deref() != Some(&*r.id) {
+                    let cookie =
+                        format!("{AFFINITY_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax", r.id);
                     if let Ok(v) = HeaderValue::from_str(&cookie) {
                         resp.headers_mut().append(header::SET_COOKIE, v);
                     }

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pingora_ketama::{Bucket, Continuum};
 
 use crate::health::{self, HealthConfig, ReplicaState};
 use crate::metrics::InstanceStats;
@@ -151,10 +150,6 @@ pub struct Instance {
     pub replicas: Vec<Replica>,
     /// Active health check settings, if any.
     pub health: Option<HealthConfig>,
-    /// Consistent-hash ring over the replicas (only when `affinity`).
-    pub(crate) ring: Option<Ring>,
-    /// Maps the ring's node addresses back to replica indexes.
-    pub(crate) ring_index: HashMap<SocketAddr, usize>,
     /// Counters that survive table swaps.
     pub(crate) stats: Arc<InstanceStats>,
 }
@@ -170,15 +165,6 @@ pub struct Replica {
     pub(crate) header: http::HeaderValue,
     /// Health, load and pool, shared with earlier and later tables.
     pub state: Arc<ReplicaState>,
-}
-
-/// A ketama ring over an instance's replicas.
-pub(crate) struct Ring(pub(crate) Continuum);
-
-impl std::fmt::Debug for Ring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Ring")
-    }
 }
 
 /// The live route table: one `ArcSwap` that readers load and writers replace whole.
@@ -371,19 +357,6 @@ impl RouteTable {
                     state,
                 });
             }
-            let (ring, ring_index) = if spec.affinity {
-                let buckets: Vec<Bucket> =
-                    replicas.iter().map(|r| Bucket::new(r.addr, 1)).collect();
-                let index = replicas
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| (r.addr, i))
-                    .collect();
-                (Some(Ring(Continuum::new(&buckets))), index)
-            } else {
-                (None, HashMap::new())
-            };
-
             let mut normalized = Vec::with_capacity(spec.hosts.len());
             for host in &spec.hosts {
                 let Some(n) = normalize_host(host) else {
@@ -411,8 +384,6 @@ impl RouteTable {
                 hold: spec.hold,
                 replicas,
                 health: spec.health.clone(),
-                ring,
-                ring_index,
                 stats: before.map(|i| i.stats.clone()).unwrap_or_default(),
             });
             for host in &instance.hosts {

@@ -86,6 +86,18 @@ pub struct Ha {
     /// `balanced` (default) or `standby`.
     #[serde(default)]
     pub mode: HaMode,
+    /// Balanced mode: keep each browser on one replica with a cookie (dashboards, socket.io and
+    /// other sessions a replica holds). Omitted: the default, on. Standby mode serves from one
+    /// replica and takes none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<bool>,
+}
+
+impl Ha {
+    /// Whether the proxy keeps clients on their replica.
+    pub fn affinity_on(&self) -> bool {
+        self.mode == HaMode::Balanced && self.affinity.unwrap_or(true)
+    }
 }
 
 /// An instance.
@@ -229,10 +241,17 @@ fn check_ha(state: &AppState, ha: &Ha, field: &str) -> ApiResult<()> {
     if !(2..=max).contains(&ha.replicas) {
         return Err(ApiError::invalid(field, format!("must be from 2 to {max}")));
     }
+    if ha.mode == HaMode::Standby && ha.affinity == Some(true) {
+        let at = field.strip_suffix("replicas").unwrap_or("");
+        return Err(ApiError::invalid(
+            format!("{at}affinity"),
+            "standby mode serves from one replica: affinity applies to balanced mode",
+        ));
+    }
     Ok(())
 }
 
-pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected";
+pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected, ha_affinity";
 
 /// Templates already loaded while building a list of instances.
 pub(crate) type TemplateCache = std::collections::HashMap<String, Option<templates::Template>>;
@@ -275,13 +294,19 @@ pub(crate) async fn view(
         effective_settings,
         effective_env: env_secrets::shown(&env_revealed, &env_stored),
         not_applied,
-        ha: replicas.map(|replicas| Ha {
-            replicas,
-            mode: if mode.as_deref() == Some("standby") {
+        ha: replicas.map(|replicas| {
+            let mode = if mode.as_deref() == Some("standby") {
                 HaMode::Standby
             } else {
                 HaMode::Balanced
-            },
+            };
+            // Shown as it applies: on or off in balanced mode, absent in standby mode.
+            let stored = r.get::<Option<i64>, _>(14).map(|a| a != 0);
+            Ha {
+                replicas,
+                mode,
+                affinity: (mode == HaMode::Balanced).then(|| stored.unwrap_or(true)),
+            }
         }),
         desired_state: r.get::<String, _>(10).parse().map_err(
             |e: tandem_coordinator::spec::UnknownState| {
@@ -371,8 +396,8 @@ async fn create_instance(
     let now = now_ms();
     let mut tx = state.store.write().await?;
     sqlx::query(
-        "INSERT INTO instances (id, name, team_id, application_id, stack_id, template_id, settings, env, flows, credentials, flows_in_store, ha_replicas, ha_mode, desired_state, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12, 'running', $13, $14)",
+        "INSERT INTO instances (id, name, team_id, application_id, stack_id, template_id, settings, env, flows, credentials, flows_in_store, ha_replicas, ha_mode, ha_affinity, desired_state, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12, $13, 'running', $14, $15)",
     )
     .bind(&id)
     .bind(&body.name)
@@ -386,6 +411,7 @@ async fn create_instance(
     .bind(credentials.to_string())
     .bind(body.ha.map(|h| h.replicas))
     .bind(body.ha.map(|h| h.mode.as_str()))
+    .bind(body.ha.and_then(|h| h.affinity).map(i64::from))
     .bind(now)
     .bind(now)
     .execute(&mut *tx)
@@ -755,10 +781,11 @@ async fn set_ha(
 ) -> ApiResult<()> {
     let mut tx = state.store.write().await?;
     sqlx::query(
-        "UPDATE instances SET ha_replicas = $1, ha_mode = $2, updated_at = $3 WHERE id = $4",
+        "UPDATE instances SET ha_replicas = $1, ha_mode = $2, ha_affinity = $3, updated_at = $4 WHERE id = $5",
     )
     .bind(ha.map(|h| h.replicas))
     .bind(ha.map(|h| h.mode.as_str()))
+    .bind(ha.and_then(|h| h.affinity).map(i64::from))
     .bind(now_ms())
     .bind(&before.id)
     .execute(&mut *tx)

@@ -87,6 +87,15 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
             .map(|r| (r.get(0), r.get(1)))
             .collect();
     assert_eq!(flows, [("{}".to_string(), 0), ("{}".to_string(), 0)]);
+    // Migration 4: affinity as the default (on in balanced mode).
+    let affinity: Vec<Option<i64>> = sqlx::query("SELECT ha_affinity FROM instances")
+        .fetch_all(&mut *c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(affinity, [None, None]);
     let recorded = recorded(&mut c).await;
     assert_eq!(
         recorded[0],

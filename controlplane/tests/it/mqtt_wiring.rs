@@ -15,6 +15,7 @@ fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
         state: DesiredState::Running,
         replicas: 2,
         standby: false,
+        affinity: false,
         process: ProcessSpec {
             instance: name.into(),
             nodered_version: "4.1.2".into(),

@@ -480,6 +480,7 @@ async fn a_killed_replica_is_restarted_and_serves_again() {
         state: DesiredState::Running,
         replicas: 1,
         standby: false,
+        affinity: false,
         process: spec(name, 0, false, false),
         flows: Flows::new(hello_flows()),
         mqtt_urls: BTreeMap::new(),

@@ -21,6 +21,7 @@ fn desired(name: &str, replicas: u32, standby: bool) -> InstanceDesired {
         state: DesiredState::Running,
         replicas,
         standby,
+        affinity: false,
         process: ProcessSpec {
             instance: name.into(),
             nodered_version: "4.1.2".into(),

@@ -201,3 +201,51 @@ async fn every_access_log_event_names_instance_and_replica() {
         "{text}"
     );
 }
+
+/// A client whose replica leaves the rotation moves, gets a cookie for its new replica, and
+/// stays there once the old one is back: a session broken once, not twice.
+#[tokio::test]
+async fn a_moved_client_stays_where_it_went() {
+    let ups = [Upstream::start("u0").await, Upstream::start("u1").await];
+    let mut spec = instance("dash", &[ups[0].addr, ups[1].addr]);
+    spec.affinity = true;
+    let proxy = TestProxy::start(&[spec.clone()], test_config()).await;
+    let with = |cookie: &str| {
+        let mut r = req("GET", "dash.localhost", "/", "");
+        r.headers_mut().insert("cookie", cookie.parse().unwrap());
+        send(proxy.addr, r)
+    };
+    let first = get(proxy.addr, "dash.localhost", "/").await.unwrap();
+    let cookie = first
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let home = first.body.clone();
+    let (home_slot, other_body) = if home == "u0" { (0, "u1") } else { (1, "u0") };
+    assert_eq!(cookie, format!("tandem_affinity=r{home_slot}"));
+
+    // Its replica leaves the rotation: it moves, and is told where it is now.
+    let mut away = spec.clone();
+    away.replicas[home_slot].ready = false;
+    proxy.routes.publish(&[away]).unwrap();
+    let moved = with(&cookie).await.unwrap();
+    assert_eq!(moved.body, other_body);
+    let new_cookie = moved
+        .header("set-cookie")
+        .expect("a cookie for its new replica");
+    let new_cookie = new_cookie.split(';').next().unwrap().to_string();
+    assert_eq!(new_cookie, format!("tandem_affinity=r{}", 1 - home_slot));
+
+    // The old replica is back: the moved client stays where it went, with no new cookie.
+    proxy.routes.publish(&[spec]).unwrap();
+    for _ in 0..10 {
+        let r = with(&new_cookie).await.unwrap();
+        assert_eq!(r.body, other_body);
+        assert!(r.header("set-cookie").is_none());
+    }
+    // And a client of the old replica is still its client.
+    assert_eq!(with(&cookie).await.unwrap().body, home);
+}

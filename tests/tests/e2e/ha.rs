@@ -412,3 +412,53 @@ pub(crate) async fn ticks_after(t: &Tandem, id: &str, wait: Duration) -> BTreeMa
     }
     ticks
 }
+
+/// Issue 12's cookie affinity, on by default in balanced mode: a browser stays on its replica,
+/// moves once when that replica dies, and stays where it went when the replica is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_stays_on_its_replica_and_moves_once_when_it_dies() {
+    let t = Tandem::start("ha-affinity").await;
+    let (app, _) = t.team_and_app("Affinity").await;
+    let id = t.instance(&app, "aff", hello_flows(), 2).await;
+    let s = t.wait_running(&id, 2).await;
+    let ask = |cookie: Option<String>| {
+        let t = &t;
+        async move {
+            let headers: Vec<(&str, &str)> = cookie
+                .as_deref()
+                .map(|c| vec![("Cookie", c)])
+                .unwrap_or_default();
+            let r = t.request("aff", "GET", "/hello", &headers).await.unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            let replica = r.header("x-tandem-replica").unwrap().to_string();
+            let set = r
+                .header("set-cookie")
+                .map(|c| c.split(';').next().unwrap().to_string());
+            (replica, set)
+        }
+    };
+    let (home, cookie) = ask(None).await;
+    let cookie = cookie.expect("a new browser gets a cookie");
+    assert_eq!(cookie, format!("tandem_affinity={home}"));
+    for _ in 0..10 {
+        assert_eq!(ask(Some(cookie.clone())).await, (home.clone(), None));
+    }
+
+    // Its replica dies: the browser moves, told where it is now.
+    let slot: usize = home.trim_start_matches("aff-r").parse().unwrap();
+    let pid = s["replicas"][slot]["pid"].as_u64().unwrap();
+    kill9(pid);
+    let (now_on, moved) = ask(Some(cookie.clone())).await;
+    assert_ne!(now_on, home);
+    let moved = moved.expect("a cookie for its new replica");
+    assert_eq!(moved, format!("tandem_affinity={now_on}"));
+
+    // Back: the moved browser stays where it went.
+    t.wait_status(&id, 60, |s| {
+        s["state"] == "running" && s["ready"] == 2 && s["replicas"][slot]["restarts"] == 1
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(ask(Some(moved.clone())).await, (now_on.clone(), None));
+    }
+}
