@@ -18,6 +18,7 @@ pub mod applications;
 pub mod audit_log;
 pub mod instances;
 pub mod logs;
+pub mod modules;
 pub mod pipelines;
 pub mod snapshots;
 pub mod stacks;
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .merge(audit_log::router())
         .merge(snapshots::router(state.config.max_document_bytes))
         .merge(pipelines::router())
+        .merge(modules::router())
         .merge(storage::router(state.config.max_document_bytes))
         .split_for_parts();
     let doc = std::sync::Arc::new(doc);

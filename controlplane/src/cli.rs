@@ -192,6 +192,14 @@ pub struct ServeArgs {
     /// then 503. 0 answers 503 at once.
     #[arg(long, env = "TANDEM_HOLD_TIMEOUT_MS", default_value_t = 5_000)]
     pub hold_timeout_ms: u64,
+    /// The npm registry instances' modules are installed from (a private registry); npm's
+    /// default otherwise.
+    #[arg(long, env = "TANDEM_NPM_REGISTRY")]
+    pub npm_registry: Option<String>,
+    /// Let modules run their install scripts. Off by default: they run on Tandem's machine, as
+    /// Tandem's OS user, outside any replica's sandbox.
+    #[arg(long, env = "TANDEM_NPM_ALLOW_INSTALL_SCRIPTS")]
+    pub npm_allow_install_scripts: bool,
     /// Delay before restarting a replica that ended, in milliseconds; doubles with each crash
     /// in a row, up to 60 s.
     #[arg(long, env = "TANDEM_RESTART_BACKOFF_MS", default_value_t = 1_000)]

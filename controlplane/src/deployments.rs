@@ -159,8 +159,8 @@ impl ProbeBody {
 /// What a deploy puts into the instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
-    /// Flows and credentials: a `PUT .../flows` and a pipeline deploy (the target keeps its own
-    /// settings and environment).
+    /// Flows, credentials and the modules the flows use: a `PUT .../flows` and a pipeline deploy
+    /// (the target keeps its own settings and environment).
     Flows,
     /// Flows, credentials, settings overrides and environment: a rollback to a snapshot. New
     /// settings or environment replace the replicas one at a time, as any such change does.
@@ -357,21 +357,28 @@ async fn write_content(
     scope: Scope,
 ) -> ApiResult<()> {
     let now = now_ms();
+    let modules = if content.modules.is_object() {
+        content.modules.to_string()
+    } else {
+        "{}".to_owned()
+    };
     match scope {
         Scope::Flows => sqlx::query(
-            "UPDATE instances SET flows = $1, credentials = $2, flows_in_store = 1, updated_at = $3 WHERE id = $4",
+            "UPDATE instances SET flows = $1, credentials = $2, modules = $3, flows_in_store = 1, updated_at = $4 WHERE id = $5",
         )
         .bind(content.flows.to_string())
         .bind(content.credentials.to_string())
+        .bind(modules)
         .bind(now)
         .bind(instance_id),
         Scope::Everything => sqlx::query(
-            "UPDATE instances SET flows = $1, credentials = $2, flows_in_store = 1, settings = $3, env = $4, updated_at = $5 WHERE id = $6",
+            "UPDATE instances SET flows = $1, credentials = $2, flows_in_store = 1, settings = $3, env = $4, modules = $5, updated_at = $6 WHERE id = $7",
         )
         .bind(content.flows.to_string())
         .bind(content.credentials.to_string())
         .bind(content.settings.to_string())
         .bind(json!(content.env).to_string())
+        .bind(modules)
         .bind(now)
         .bind(instance_id),
     }

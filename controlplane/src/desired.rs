@@ -45,6 +45,16 @@ pub async fn desired_instances(
     })
     .collect();
     let probes = crate::deployments::running_probes(state).await?;
+    let modules: HashMap<String, BTreeMap<String, String>> =
+        sqlx::query("SELECT id, modules FROM instances")
+            .fetch_all(&state.store.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let m = serde_json::from_str(&r.get::<String, _>(1)).unwrap_or_default();
+                (r.get(0), m)
+            })
+            .collect();
     let rows = sqlx::query(&format!(
         "SELECT {} FROM instances ORDER BY id",
         instances::COLUMNS
@@ -86,6 +96,7 @@ pub async fn desired_instances(
                 settings: i.effective_settings,
                 env: i.env_revealed,
                 start_stopped: false,
+                modules: modules.get(&i.id).cloned().unwrap_or_default(),
                 storage: state.config.storage_base.as_ref().map(|base| Storage {
                     url: format!("{base}/api/v1/storage/{}", i.id),
                     token: state.key.derive("storage", &i.id),

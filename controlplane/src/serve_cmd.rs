@@ -214,6 +214,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     driver.ready_timeout = std::time::Duration::from_millis(args.ready_timeout_ms.max(1));
     driver.stop_grace = std::time::Duration::from_millis(args.stop_grace_ms);
+    driver.npm = tandem_coordinator::local::NpmOptions {
+        registry: args.npm_registry.clone(),
+        allow_install_scripts: args.npm_allow_install_scripts,
+    };
     driver.liveness = tandem_coordinator::driver::Liveness {
         interval: std::time::Duration::from_millis(args.liveness_check_ms.max(10)),
         hang_after: std::time::Duration::from_millis(args.hang_after_ms.max(50)),

@@ -30,7 +30,7 @@ pub struct Content {
     pub settings: Value,
     /// The instance's own variables, secrets sealed for the instance.
     pub env: BTreeMap<String, EnvStored>,
-    /// npm modules the flows use: none until instances have module lists.
+    /// npm modules the flows use, name → version or range.
     pub modules: Value,
     /// The stack's Node-RED version when it was taken.
     pub nodered_version: String,
@@ -77,7 +77,7 @@ pub fn flows_of(flows: &str, credentials: &str) -> Flows {
 /// The instance's state now.
 pub async fn current(state: &AppState, instance_id: &str) -> ApiResult<Content> {
     let row = sqlx::query(
-        "SELECT i.flows, i.credentials, i.settings, i.env, s.nodered_version FROM instances i JOIN stacks s ON s.id = i.stack_id WHERE i.id = $1",
+        "SELECT i.flows, i.credentials, i.settings, i.env, s.nodered_version, i.modules FROM instances i JOIN stacks s ON s.id = i.stack_id WHERE i.id = $1",
     )
     .bind(instance_id)
     .fetch_optional(&state.store.pool)
@@ -88,7 +88,7 @@ pub async fn current(state: &AppState, instance_id: &str) -> ApiResult<Content> 
         credentials: json_text(&row.get::<String, _>(1)),
         settings: json_text(&row.get::<String, _>(2)),
         env: env_secrets::parse_stored(&row.get::<String, _>(3)),
-        modules: json!({}),
+        modules: json_text(&row.get::<String, _>(5)),
         nodered_version: row.get(4),
     })
 }
@@ -426,6 +426,14 @@ pub fn import(
     }
     crate::api::snapshots::check_flows(&doc.flows, "snapshot.flows")?;
     crate::node_settings::check("snapshot.settings", &doc.settings)?;
+    let modules: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(doc.modules.clone()).map_err(|_| {
+            ApiError::invalid(
+                "snapshot.modules",
+                "must be an object of module names and versions",
+            )
+        })?;
+    crate::api::modules::check("snapshot.modules", &modules)?;
     fn bad_secret(field: &'static str) -> impl Fn(node_credentials::CredentialsError) -> ApiError {
         move |e| ApiError::invalid(field, format!("{e} (credential_secret)"))
     }

@@ -119,6 +119,13 @@ pub struct Gate {
     pub probe: Option<Probe>,
 }
 
+/// A runtime made ready.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// Each module asked for, and the version installed (a range resolved).
+    pub modules: std::collections::BTreeMap<String, String>,
+}
+
 /// Why a driver call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -193,9 +200,12 @@ pub trait Driver: Send + Sync + 'static {
 /// One instance's replicas, as a driver runs them. Calls for different slots may run at the
 /// same time; the coordinator makes one call at a time per slot.
 pub trait InstanceDriver: Send + Sync + 'static {
-    /// Makes the runtime `spec` asks for ready (installs Node-RED, and the Node.js runtime it
-    /// asks for, on first use).
-    fn prepare(&self, spec: &ProcessSpec) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Makes the runtime `spec` asks for ready (installs Node-RED, the Node.js runtime it asks
+    /// for and its modules, on first use); says which module versions were installed.
+    fn prepare(
+        &self,
+        spec: &ProcessSpec,
+    ) -> impl Future<Output = Result<Prepared, DriverError>> + Send;
 
     /// Runs `slot` with `spec`: adopts the replica of this slot still running from before (a
     /// restart of Tandem), or starts one with `flows`. Its events carry `run`, which the

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::dataplane::{DataPlane, InstanceRoutes, Pending, Serving, Verdict};
 use crate::driver::{
-    Driver, DriverError, Event, EventKind, Gate, InstanceDriver, Isolation, Running,
+    Driver, DriverError, Event, EventKind, Gate, InstanceDriver, Isolation, Prepared, Running,
 };
 use crate::logs::InstanceLog;
 use crate::replica::{ExitReason, FlowState, ReplicaId};
@@ -283,10 +283,12 @@ impl FakeInstance {
 }
 
 impl InstanceDriver for FakeInstance {
-    async fn prepare(&self, spec: &ProcessSpec) -> Result<(), DriverError> {
+    async fn prepare(&self, spec: &ProcessSpec) -> Result<Prepared, DriverError> {
         self.fake
             .with(|s| s.calls.push(Call::Prepare(spec.instance.clone())));
-        Ok(())
+        Ok(Prepared {
+            modules: spec.modules.clone(),
+        })
     }
 
     async fn start(

@@ -46,10 +46,12 @@ use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+pub use install::NpmOptions;
 pub use settings::{legacy_spec_hash, settings_js, spec_hash, SECRETS_ON_STDIN};
 
 use crate::driver::{
-    Driver, DriverError, Event, EventKind, Gate, InstanceDriver, Isolation, Liveness, Running,
+    Driver, DriverError, Event, EventKind, Gate, InstanceDriver, Isolation, Liveness, Prepared,
+    Running,
 };
 use crate::logs::InstanceLog;
 use crate::replica::{ExitReason, FlowState, ReplicaId};
@@ -81,6 +83,8 @@ pub struct LocalDriver {
     pub max_log_bytes: u64,
     /// How hung replicas are found.
     pub liveness: Liveness,
+    /// How instances' npm modules are installed.
+    pub npm: install::NpmOptions,
     /// How replicas are sandboxed; `None` runs them as plain processes (the coordinator's own
     /// tests, which have no `tandem` binary).
     sandbox: Option<(SandboxLauncher, Isolation)>,
@@ -99,6 +103,7 @@ impl LocalDriver {
             stop_grace: Duration::from_secs(10),
             max_log_bytes: 8 << 20,
             liveness: Liveness::default(),
+            npm: install::NpmOptions::default(),
             sandbox: None,
         }
     }
@@ -147,6 +152,12 @@ impl LocalDriver {
         Ok(dir.join("node_modules/node/bin/node"))
     }
 
+    /// Where the module set of `spec` is installed (see [`install::install_modules`]); `None`
+    /// without modules.
+    pub fn modules_dir(&self, spec: &ProcessSpec) -> Option<PathBuf> {
+        install::modules_dir(&self.stacks_dir, spec)
+    }
+
     /// Everything the driver keeps of an instance: its replicas' userDirs and logs.
     pub fn instance_dir(&self, instance: &str) -> PathBuf {
         self.data_dir.join("instances").join(instance)
@@ -165,11 +176,18 @@ impl LocalDriver {
             .join(format!("r{}.log", id.slot))
     }
 
-    /// What a replica may touch: its userDir read-write; the stack, the Node.js runtime and the
-    /// system read-only; nothing else (not the rest of the data directory).
-    fn sandbox_rules(&self, user_dir: &Path, red: &Path, node: &Path) -> crate::sandbox::Rules {
+    /// What a replica may touch: its userDir read-write; the stack, the Node.js runtime, its
+    /// module set and the system read-only; nothing else (not the rest of the data directory).
+    fn sandbox_rules(
+        &self,
+        user_dir: &Path,
+        red: &Path,
+        node: &Path,
+        modules: Option<&Path>,
+    ) -> crate::sandbox::Rules {
         let mut rules = crate::sandbox::Rules::system();
         rules.read_write.push(user_dir.to_path_buf());
+        rules.read_only.extend(modules.map(Path::to_path_buf));
         // `<stacks>/node-red-<v>/node_modules/node-red/red.js` → `<stacks>/node-red-<v>`.
         if let Some(stack) = red.ancestors().nth(3) {
             rules.read_only.push(stack.to_path_buf());
@@ -328,7 +346,12 @@ impl LocalInstance {
                     .map_err(DriverError::io(format!("cannot write {}", path.display())))
             }
         };
-        write("settings.js", settings_js(spec, id, port, dir)).await?;
+        let modules = self.driver.modules_dir(spec);
+        write(
+            "settings.js",
+            settings_js(spec, id, port, dir, modules.as_deref()),
+        )
+        .await?;
         // With Tandem's store, the replica reads its flows from there. Otherwise the flows are
         // written when they differ from the ones last written, so flows deployed from the
         // editor survive restarts until the instance's flows are changed through Tandem.
@@ -376,7 +399,9 @@ impl LocalInstance {
                         format!("replica {id} runs without a sandbox: this kernel has no Landlock, so its flows can read whatever Tandem's OS user can"),
                     );
                 }
-                let rules = self.driver.sandbox_rules(dir, &red, &node);
+                let rules = self
+                    .driver
+                    .sandbox_rules(dir, &red, &node, modules.as_deref());
                 let mut c = Command::new(&launcher.exe);
                 c.arg("sandbox-exec").args(rules.to_args());
                 if launcher.required {
@@ -437,14 +462,17 @@ impl LocalInstance {
 }
 
 impl InstanceDriver for LocalInstance {
-    async fn prepare(&self, spec: &ProcessSpec) -> Result<(), DriverError> {
+    async fn prepare(&self, spec: &ProcessSpec) -> Result<Prepared, DriverError> {
         self.driver
             .install_stack(&spec.nodered_version, &self.log)
             .await?;
         if let Some(v) = &spec.node_version {
             self.driver.install_runtime(v, &self.log).await?;
         }
-        Ok(())
+        let modules =
+            install::install_modules(&self.driver.stacks_dir, spec, &self.driver.npm, &self.log)
+                .await?;
+        Ok(Prepared { modules })
     }
 
     async fn start(

@@ -31,6 +31,8 @@ pub(crate) struct InstanceView {
     pub active: Option<u32>,
     /// The flows revision whose deploy failed its health gate, and why: deployed nowhere more.
     pub refused: Option<(String, String)>,
+    /// The module versions installed for the runtime.
+    pub modules: BTreeMap<String, String>,
 }
 
 /// Where an instance's runtime is.
@@ -181,6 +183,7 @@ impl Observed {
                 })
                 .collect(),
             deploy_refused: o.refused.map(|(rev, reason)| DeployRefusal { rev, reason }),
+            modules: o.modules,
             isolation: o
                 .replicas
                 .values()

@@ -74,6 +74,11 @@ pub struct ProcessSpec {
     pub settings: serde_json::Value,
     /// Effective environment, already checked; per replica, `TANDEM_MQTT_URL` is added.
     pub env: BTreeMap<String, String>,
+    /// npm modules the flows use, name → version or range (already checked against npm's
+    /// rules); installed with the runtime. Left out of the spec's JSON when empty, so the hash
+    /// of a spec without modules is the one it always had.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub modules: BTreeMap<String, String>,
     /// Where the replica keeps its flows and credentials: Tandem's store, through its storage
     /// API. Without it, in the replica's userDir (`flows.json`), written by the driver. Left
     /// out of the spec's JSON when absent, so the hash of such a spec is the one it always had.

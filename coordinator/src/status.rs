@@ -71,6 +71,8 @@ pub struct ObservedStatus {
     /// The flows revision a deploy tried and its health gate refused: it goes to no further
     /// replica until the flows change (the control plane rolls the deploy back).
     pub deploy_refused: Option<DeployRefusal>,
+    /// The npm modules installed for the replicas, name → version (ranges resolved).
+    pub modules: std::collections::BTreeMap<String, String>,
 }
 
 /// A flows revision refused by a deploy's health gate.
@@ -124,6 +126,7 @@ impl ObservedStatus {
             replicas: Vec::new(),
             isolation: None,
             deploy_refused: None,
+            modules: Default::default(),
         }
     }
 }

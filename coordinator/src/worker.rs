@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::coordinator::CoordinatorConfig;
 use crate::dataplane::Verdict;
-use crate::driver::{DriverError, Event, EventKind, Gate, InstanceDriver, Running};
+use crate::driver::{DriverError, Event, EventKind, Gate, InstanceDriver, Prepared, Running};
 use crate::logs::{now_ms, InstanceLog};
 use crate::observed::{InstanceView, Observed, Phase, ReplicaView};
 use crate::replica::{ExitReason, FlowState, ReplicaId, ReplicaPhase};
@@ -61,7 +61,7 @@ pub(crate) enum Input {
 }
 
 /// The runtime (stack) the replicas need: prepared once per Node-RED and Node.js version.
-type RuntimeKey = (String, Option<String>);
+type RuntimeKey = (String, Option<String>, BTreeMap<String, String>);
 
 #[derive(Debug, Clone, PartialEq)]
 enum Runtime {
@@ -210,7 +210,7 @@ enum Op {
 
 /// A driver call that finished.
 enum Done {
-    Prepare(RuntimeKey, Result<(), DriverError>),
+    Prepare(RuntimeKey, Result<Prepared, DriverError>),
     Start(u32, u64, Result<(), DriverError>),
     Drain(u32),
     Stop(u32, Result<(), DriverError>),
@@ -236,6 +236,8 @@ pub(crate) struct Worker<I: InstanceDriver> {
     active: Option<u32>,
     /// The flows revision a deploy's health gate refused, and why.
     refused: Option<(String, String)>,
+    /// The module versions the runtime was last prepared with.
+    modules: BTreeMap<String, String>,
     runtime: Runtime,
     next_run: u64,
     ops: JoinSet<Done>,
@@ -263,6 +265,7 @@ impl<I: InstanceDriver> Worker<I> {
             slots: BTreeMap::new(),
             active: None,
             refused: None,
+            modules: BTreeMap::new(),
             runtime: Runtime::None,
             next_run: 1,
             ops: JoinSet::new(),
@@ -454,10 +457,7 @@ impl<I: InstanceDriver> Worker<I> {
 
     /// Whether the runtime the spec needs is ready; starts preparing it when it is not.
     fn prepare(&mut self, d: &InstanceDesired, now: Instant) -> bool {
-        let key: RuntimeKey = (
-            d.process.nodered_version.clone(),
-            d.process.node_version.clone(),
-        );
+        let key = runtime_key(&d.process);
         match &self.runtime {
             Runtime::Ready(k) if *k == key => return true,
             Runtime::Preparing { .. } => return false,
@@ -782,6 +782,7 @@ impl<I: InstanceDriver> Worker<I> {
                 .collect(),
             active: self.active,
             refused: self.refused.clone(),
+            modules: self.modules.clone(),
         };
         self.observed.set(&self.id, view);
     }
@@ -790,7 +791,7 @@ impl<I: InstanceDriver> Worker<I> {
         let driver = self.driver.clone();
         match op {
             Op::Prepare(spec) => {
-                let key = (spec.nodered_version.clone(), spec.node_version.clone());
+                let key = runtime_key(&spec);
                 self.ops
                     .spawn(async move { Done::Prepare(key, driver.prepare(&spec).await) });
             }
@@ -1046,7 +1047,10 @@ impl<I: InstanceDriver> Worker<I> {
         let retry_after = self.config.retry_after;
         match done {
             Done::Prepare(key, result) => match result {
-                Ok(()) => self.runtime = Runtime::Ready(key),
+                Ok(prepared) => {
+                    self.modules = prepared.modules;
+                    self.runtime = Runtime::Ready(key);
+                }
                 Err(e) => {
                     self.log.note("error", e.to_string());
                     self.runtime = Runtime::Failed {
@@ -1263,6 +1267,15 @@ impl<I: InstanceDriver> Worker<I> {
             }
         }
     }
+}
+
+/// What a runtime is prepared for: Node-RED, Node.js, the module set.
+fn runtime_key(spec: &ProcessSpec) -> RuntimeKey {
+    (
+        spec.nodered_version.clone(),
+        spec.node_version.clone(),
+        spec.modules.clone(),
+    )
 }
 
 /// How long flows a replica saved itself are kept from a deploy of older desired flows: the

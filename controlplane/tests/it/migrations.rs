@@ -96,6 +96,14 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(affinity, [None, None]);
+    let modules: Vec<String> = sqlx::query("SELECT modules FROM instances")
+        .fetch_all(&mut *c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(modules, ["{}", "{}"]);
     let recorded = recorded(&mut c).await;
     assert_eq!(
         recorded[0],

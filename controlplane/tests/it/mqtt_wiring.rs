@@ -31,6 +31,7 @@ fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
                 .collect::<BTreeMap<_, _>>(),
             start_stopped: false,
             storage: None,
+            modules: BTreeMap::new(),
         },
         flows: Flows::new(json!([])),
         mqtt_urls: BTreeMap::new(),

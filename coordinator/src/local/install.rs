@@ -112,3 +112,139 @@ async fn installed_version(dir: &Path, package: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("version")?.as_str().map(str::to_owned)
 }
+
+/// How modules are installed: `tandem serve --npm-registry`, `--npm-allow-install-scripts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NpmOptions {
+    /// The registry to install from; npm's default when `None`.
+    pub registry: Option<String>,
+    /// Let packages run their install scripts. Off by default: those scripts run on Tandem's
+    /// machine, as Tandem's user, outside any replica's sandbox.
+    pub allow_install_scripts: bool,
+}
+
+/// Where `spec`'s module set is installed: one directory per module set, Node-RED version and
+/// Node.js version, shared by every replica and instance with the same three; `None` without
+/// modules.
+pub(crate) fn modules_dir(stacks: &Path, spec: &crate::spec::ProcessSpec) -> Option<PathBuf> {
+    if spec.modules.is_empty() {
+        return None;
+    }
+    let key = serde_json::json!({
+        "modules": spec.modules,
+        "node-red": spec.nodered_version,
+        "node": spec.node_version,
+    });
+    let hash = crate::spec::fnv(key.to_string().as_bytes());
+    Some(stacks.join(format!("modules-{hash:016x}")))
+}
+
+/// Installs `spec`'s modules with npm into [`modules_dir`], once per set (a set installed before
+/// is used as it is); returns each module's installed version. npm's output goes to `log`
+/// (`src: npm`).
+pub(crate) async fn install_modules(
+    stacks: &Path,
+    spec: &crate::spec::ProcessSpec,
+    npm: &NpmOptions,
+    log: &InstanceLog,
+) -> Result<std::collections::BTreeMap<String, String>, DriverError> {
+    let Some(dir) = modules_dir(stacks, spec) else {
+        return Ok(Default::default());
+    };
+    let installed = |dir: PathBuf| async move {
+        let mut out = std::collections::BTreeMap::new();
+        for name in spec.modules.keys() {
+            out.insert(name.clone(), installed_version(&dir, name).await?);
+        }
+        Some(out)
+    };
+    if let Some(v) = installed(dir.clone()).await {
+        return Ok(v);
+    }
+    static INSTALLS: Mutex<()> = Mutex::const_new(());
+    let _guard = INSTALLS.lock().await;
+    if let Some(v) = installed(dir.clone()).await {
+        return Ok(v);
+    }
+    let wanted: Vec<String> = spec
+        .modules
+        .iter()
+        .map(|(name, version)| format!("{name}@{version}"))
+        .collect();
+    let fail = |output: String| DriverError::Install {
+        package: "modules".into(),
+        version: wanted.join(" "),
+        output,
+    };
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = stacks.join(format!(".{name}-{}", std::process::id()));
+    let _ = tokio::fs::remove_dir_all(&staging).await;
+    tokio::fs::create_dir_all(&staging)
+        .await
+        .map_err(DriverError::io(format!(
+            "cannot create {}",
+            staging.display()
+        )))?;
+    // A package.json of its own, so npm installs here and not in a parent directory.
+    tokio::fs::write(
+        staging.join("package.json"),
+        r#"{"name":"tandem-modules","private":true}"#,
+    )
+    .await
+    .map_err(DriverError::io(format!(
+        "cannot write in {}",
+        staging.display()
+    )))?;
+    log.note("info", format!("installing {} with npm", wanted.join(" ")));
+    let mut cmd = Command::new("npm");
+    cmd.args([
+        "install",
+        "--no-audit",
+        "--no-fund",
+        "--loglevel=error",
+        "--prefix",
+    ])
+    .arg(&staging);
+    if !npm.allow_install_scripts {
+        cmd.arg("--ignore-scripts");
+    }
+    if let Some(r) = &npm.registry {
+        cmd.arg("--registry").arg(r);
+    }
+    let out = cmd
+        .args(&wanted)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(NPM_TIMEOUT, out).await {
+        Ok(out) => out.map_err(DriverError::io("cannot run npm (is Node.js installed?)"))?,
+        Err(_) => {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            return Err(fail(format!("npm did not finish within {NPM_TIMEOUT:?}")));
+        }
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        log.push_line("npm", line);
+    }
+    if !out.status.success() || installed(staging.clone()).await.is_none() {
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+        let lines: Vec<&str> = text.lines().collect();
+        return Err(fail(lines[lines.len().saturating_sub(20)..].join("\n")));
+    }
+    if tokio::fs::rename(&staging, &dir).await.is_err() {
+        let _ = tokio::fs::remove_dir_all(&staging).await;
+    }
+    let versions = installed(dir.clone())
+        .await
+        .ok_or_else(|| fail(format!("cannot move it into {}", dir.display())))?;
+    log.note("info", format!("installed modules {versions:?}"));
+    Ok(versions)
+}

@@ -14,7 +14,15 @@ use crate::spec::{fnv, ProcessSpec};
 /// The secrets are not in it and not in the environment: the file reads them once from
 /// standard input, a pipe Tandem writes them to and closes ([`SECRETS_ON_STDIN`]). So no flow
 /// finds them with `env.get`, in `/proc/<pid>/environ`, or in a file it can open.
-pub fn settings_js(spec: &ProcessSpec, id: &ReplicaId, port: u16, user_dir: &Path) -> String {
+/// `modules` is where the instance's npm modules are installed, when it has any: Node-RED loads
+/// the nodes of every module under its `node_modules` (`nodesDir`).
+pub fn settings_js(
+    spec: &ProcessSpec,
+    id: &ReplicaId,
+    port: u16,
+    user_dir: &Path,
+    modules: Option<&Path>,
+) -> String {
     let user = if spec.settings.is_object() {
         spec.settings.to_string()
     } else {
@@ -60,6 +68,7 @@ module.exports = Object.assign({{ apiMaxLength: "1gb" }}, user, {{
     httpNodeRoot: "/",
     disableEditor: {ha},
     credentialSecret: secrets.credentials,
+    nodesDir: {nodes_dir},
     storageModule: {storage_setting},
     adminAuth: {{
         tokenHeader: "{header}",
@@ -115,6 +124,10 @@ function levelName(l) {{
                 serde_json::Value::String(s.url.clone()),
                 serde_json::Value::String(id.to_string())
             ),
+            None => "undefined".into(),
+        },
+        nodes_dir = match modules {
+            Some(dir) => serde_json::Value::String(dir.display().to_string()).to_string(),
             None => "undefined".into(),
         },
         level = console_str("level", "info"),
@@ -305,6 +318,7 @@ mod tests {
             settings: serde_json::json!({"b": 1, "a": {"z": [1, "x"]}}),
             env: BTreeMap::from([("TANDEM_MQTT_URL".into(), "mqtt://127.0.0.1:1".into())]),
             storage: None,
+            modules: BTreeMap::new(),
         };
         let flows = serde_json::json!([{"id": "n1", "type": "inject"}]);
         let old = ReplicaSpec01 {

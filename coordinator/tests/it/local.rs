@@ -129,6 +129,7 @@ fn spec(instance: &str, slot: u32, ha: bool, start_stopped: bool) -> ProcessSpec
         settings: json!({ "httpNodeCors": { "origin": "*" }, "uiPort": 1 }),
         env: BTreeMap::from([("REPLICA".to_string(), format!("r{slot}"))]),
         storage: None,
+        modules: BTreeMap::new(),
     }
 }
 

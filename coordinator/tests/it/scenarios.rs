@@ -34,6 +34,7 @@ fn desired(name: &str, replicas: u32, standby: bool) -> InstanceDesired {
             settings: serde_json::json!({}),
             env: BTreeMap::new(),
             storage: None,
+            modules: BTreeMap::new(),
         },
         flows: Flows::new(serde_json::json!([])),
         mqtt_urls: BTreeMap::new(),

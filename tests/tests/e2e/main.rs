@@ -10,5 +10,6 @@ mod ha;
 mod hang;
 mod harness;
 mod lifecycle;
+mod modules;
 mod mqtt;
 mod security;

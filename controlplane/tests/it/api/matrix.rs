@@ -122,6 +122,8 @@ const MATRIX: &[Row] = &[
         with_ok(TEAM_OWNER, 204),
     ),
     row("GET", "/api/v1/instances/{id}/protection", TEAM_READ),
+    row("GET", "/api/v1/instances/{id}/modules", TEAM_READ),
+    row("PUT", "/api/v1/instances/{id}/modules", TEAM_MEMBER),
     row("PUT", "/api/v1/instances/{id}/protection", TEAM_OWNER),
     // Snapshots, flows and deploys: viewers read metadata; members take, read flows, export,
     // import, deploy and roll back; owners delete.
@@ -415,6 +417,10 @@ impl World {
             ("PUT", "/api/v1/instances/{id}/ha") => (
                 format!("/api/v1/instances/{inst}/ha"),
                 Some(json!({ "replicas": 3, "mode": "standby" })),
+            ),
+            ("PUT", "/api/v1/instances/{id}/modules") => (
+                format!("/api/v1/instances/{inst}/modules"),
+                Some(json!({ "modules": { "node-red-node-random": "0.4.1" } })),
             ),
             ("PUT", "/api/v1/instances/{id}/protection") => (
                 format!("/api/v1/instances/{inst}/protection"),

@@ -613,6 +613,7 @@ impl Scripted {
                 rev: rev.into(),
                 reason: reason.into(),
             }),
+            modules: Default::default(),
         };
     }
 }
