@@ -28,12 +28,14 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 const MAX_MODULES: usize = 64;
 
 /// Checks a package name against npm's rules for names: at most 214 characters, lower case,
-/// URL-safe characters, not starting with `.` or `_`, optionally scoped (`@scope/name`).
+/// URL-safe characters, not starting with `.`, `_` or `-`, optionally scoped (`@scope/name`).
 pub fn check_name(field: &str, name: &str) -> ApiResult<()> {
     let part_ok = |p: &str| {
         !p.is_empty()
             && !p.starts_with('.')
             && !p.starts_with('_')
+            // Not an npm option, whatever npm itself allows.
+            && !p.starts_with('-')
             && p.bytes().all(|b| {
                 b.is_ascii_lowercase()
                     || b.is_ascii_digit()
@@ -217,6 +219,8 @@ mod tests {
             "@/x",
             "a/b",
             "../x",
+            "-g",
+            "--registry",
             "node_modules",
             &"x".repeat(215),
         ] {

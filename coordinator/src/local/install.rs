@@ -214,7 +214,9 @@ pub(crate) async fn install_modules(
     if let Some(r) = &npm.registry {
         cmd.arg("--registry").arg(r);
     }
+    // Packages after `--`: never read as options.
     let out = cmd
+        .arg("--")
         .args(&wanted)
         .stdin(Stdio::null())
         .kill_on_drop(true)
