@@ -52,7 +52,7 @@ pub fn check_name(field: &str, name: &str) -> ApiResult<()> {
     if !ok {
         return Err(ApiError::invalid(
             field,
-            format!("{name:?} is not an npm package name: lower case letters, digits, '-', '.', '_', '~', at most 214 characters, not starting with '.' or '_', optionally @scope/name"),
+            format!("{name:?} is not an npm package name: lower case letters, digits, '-', '.', '_', '~', at most 214 characters, not starting with '.', '_' or '-', optionally @scope/name"),
         ));
     }
     Ok(())
