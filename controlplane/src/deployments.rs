@@ -413,6 +413,10 @@ impl Watch {
         // Set once the gate refused the new flows: why, and the deploy now restores the old.
         let mut refused: Option<String> = None;
         let mut shown: Vec<ReplicaDeploy> = Vec::new();
+        // Crashed when the deploy began (a deploy may be the fix): only a crash that comes
+        // during the deploy counts against it.
+        let crashed_before = self.state.coordinator.status(&self.instance_id).state
+            == tandem_coordinator::status::InstanceState::Crashed;
         // Why each replica that failed the new flows failed, kept once it has the old ones back.
         let mut failed: std::collections::BTreeMap<String, String> = Default::default();
         loop {
@@ -458,10 +462,23 @@ impl Watch {
                 shown = replicas;
                 self.save_replicas(&shown).await;
             }
+            // A runtime that cannot be prepared (modules npm cannot install), or replicas that
+            // crash with the new content, refuse it as the gate does.
+            let crash = (status.state == tandem_coordinator::status::InstanceState::Crashed
+                && !crashed_before)
+                .then(|| tandem_coordinator::status::DeployRefusal {
+                    rev: self.target.clone(),
+                    reason: status
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "the instance crashed".into()),
+                });
             if let Some(r) = status
                 .deploy_refused
-                .as_ref()
+                .clone()
                 .filter(|r| r.rev == self.target)
+                .or(crash.filter(|_| refused.is_none()))
+                .as_ref()
             {
                 if let Some(first) = &refused {
                     return self
@@ -622,10 +639,9 @@ fn converged(status: &ObservedStatus, target: &str) -> bool {
     }
     status.ready >= status.desired
         && status.replicas.len() as u32 == status.desired
-        && status
-            .replicas
-            .iter()
-            .all(|r| r.state == ReplicaPhase::Running && r.flows_rev.as_deref() == Some(target))
+        && status.replicas.iter().all(|r| {
+            r.state == ReplicaPhase::Running && r.current && r.flows_rev.as_deref() == Some(target)
+        })
 }
 
 /// At start, before the coordinator runs: deploys that were under way when Tandem stopped are

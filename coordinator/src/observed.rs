@@ -62,6 +62,8 @@ pub(crate) struct ReplicaView {
     pub out: bool,
     /// Why the last deploy to it failed.
     pub deploy_error: Option<String>,
+    /// It runs the instance's current process spec (settings, environment, modules, stack).
+    pub current: bool,
 }
 
 impl ReplicaView {
@@ -180,6 +182,7 @@ impl Observed {
                     isolation: r.isolation,
                     flows_rev: r.flows_rev.clone(),
                     deploy_error: r.deploy_error.clone(),
+                    current: r.current,
                 })
                 .collect(),
             deploy_refused: o.refused.map(|(rev, reason)| DeployRefusal { rev, reason }),

@@ -112,6 +112,9 @@ pub struct ReplicaStatus {
     pub flows_rev: Option<String>,
     /// Why the last deploy to it failed, until the next succeeds.
     pub deploy_error: Option<String>,
+    /// It runs the instance's current process spec (settings, environment, modules, stack);
+    /// false while it waits to be replaced.
+    pub current: bool,
 }
 
 impl ObservedStatus {

@@ -776,6 +776,9 @@ impl<I: InstanceDriver> Worker<I> {
                             flows_rev: s.flows_rev.clone(),
                             out: s.out,
                             deploy_error: s.deploy_error.clone(),
+                            current: s.spec.as_ref() == Some(&d.process_for(*slot))
+                                && s.generation == self.want.restart
+                                && !s.running.as_ref().is_some_and(|r| r.stale),
                         },
                     )
                 })

@@ -1,7 +1,7 @@
 //! An instance's npm modules (issue 12): the contributed nodes its flows use, name → version or
-//! range. Members change them, as they change what runs; a change replaces the replicas one at a
-//! time once the new set is installed (the runtime is prepared first, so a failed install leaves
-//! the replicas on the old set).
+//! range. Members change them, as they change what runs (owners only on a protected instance): a
+//! change is a deploy, which installs the new set first and then replaces the replicas one at a
+//! time; a set npm cannot install rolls back, the replicas serving the old set throughout.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +18,6 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, Json};
 use crate::roles::Action;
 use crate::state::AppState;
-use crate::store::now_ms;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_modules, put_modules))
@@ -156,43 +155,53 @@ async fn get_modules(
     Ok(Json(view(&state, &i.id).await?))
 }
 
-/// Sets the instance's modules (members): installed before any replica is replaced with them.
+/// Sets the instance's modules (members; owners on a protected instance): a deploy, answered
+/// 202. The new set is installed first; then the replicas are replaced one at a time; a set npm
+/// cannot install rolls the deploy back, the replicas serving the old set throughout.
 #[utoipa::path(put, path = "/api/v1/instances/{id}/modules", tag = "instances", params(("id" = String, Path, description = "Instance id")), request_body = ModulesBody,
-    responses((status = 200, body = Modules), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+    responses((status = 202, body = crate::deployments::Deployment), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
 async fn put_modules(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     Json(body): Json<ModulesBody>,
-) -> ApiResult<Json<Modules>> {
-    let i = load_for(&state, &caller, &id, Action::EditInstance).await?;
+) -> ApiResult<(axum::http::StatusCode, Json<crate::deployments::Deployment>)> {
+    let i = super::snapshots::load_for_deploy(&state, &caller, &id).await?;
     check("modules", &body.modules)?;
-    let before: String = sqlx::query("SELECT modules FROM instances WHERE id = $1")
-        .bind(&i.id)
-        .fetch_one(&state.store.pool)
-        .await?
-        .get(0);
-    let after = json!(body.modules).to_string();
-    if before != after {
-        let mut tx = state.store.write().await?;
-        sqlx::query("UPDATE instances SET modules = $1, updated_at = $2 WHERE id = $3")
-            .bind(&after)
-            .bind(now_ms())
-            .bind(&i.id)
-            .execute(&mut *tx)
-            .await?;
-        audit::record(
-            &mut tx,
-            Some(&caller),
-            "instance.modules-set",
-            Subject::instance(&i.team_id, &i.id),
-            json!({ "before": crate::api::json_text(&before), "after": body.modules }),
-        )
-        .await?;
-        tx.commit().await?;
-        state.coordinator.changed();
-    }
-    Ok(Json(view(&state, &i.id).await?))
+    crate::deployments::ensure_idle(&state, &i).await?;
+    let mut content = crate::snapshots::current(&state, &i.id).await?;
+    let before = content.modules.clone();
+    content.modules = json!(body.modules);
+    let mut tx = state.store.write().await?;
+    let s = crate::snapshots::insert(
+        &mut tx,
+        Some(&caller),
+        &i,
+        &format!("Modules set by {}", caller.username),
+        "",
+        &content,
+    )
+    .await?;
+    audit::record(
+        &mut tx,
+        Some(&caller),
+        "instance.modules-set",
+        Subject::instance(&i.team_id, &i.id),
+        json!({ "before": before, "after": body.modules }),
+    )
+    .await?;
+    tx.commit().await?;
+    let d = crate::deployments::begin(
+        &state,
+        &caller,
+        &i,
+        &s.id,
+        &content,
+        crate::deployments::Scope::Flows,
+        None,
+    )
+    .await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(d)))
 }
 
 #[cfg(test)]

@@ -72,7 +72,9 @@ async fn a_contributed_node_runs_once_its_module_is_listed_and_a_bad_version_kee
             json!({ "modules": { "node-red-node-random": "~0.4.0" } }),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let d = deployment_end(&t, r.json()["id"].as_str().unwrap()).await;
+    assert_eq!(d["status"], "succeeded", "{d}");
     let m = modules_installed(&t, &id, "node-red-node-random").await;
     assert_eq!(m["modules"]["node-red-node-random"]["requested"], "~0.4.0");
     let installed = m["modules"]["node-red-node-random"]["installed"]
@@ -80,13 +82,13 @@ async fn a_contributed_node_runs_once_its_module_is_listed_and_a_bad_version_kee
         .unwrap()
         .to_string();
     assert!(installed.starts_with("0.4."), "{m}");
-    // Every replica replaced with the module, one at a time; then flows that use it deploy.
-    t.wait_status(&id, 120, |s| {
-        s["state"] == "running"
-            && s["ready"] == 2
-            && pids(s).iter().all(|p| p.is_u64() && !old_pids.contains(p))
-    })
-    .await;
+    // Every replica was replaced with the module, one at a time, before the deploy ended; then
+    // flows that use it deploy.
+    let s = t.status(&id).await;
+    assert!(
+        s["ready"] == 2 && pids(&s).iter().all(|p| p.is_u64() && !old_pids.contains(p)),
+        "{s}"
+    );
     let r = t
         .api(
             "PUT",
@@ -95,19 +97,7 @@ async fn a_contributed_node_runs_once_its_module_is_listed_and_a_bad_version_kee
         )
         .await;
     assert_eq!(r.status, 202, "{}", r.body);
-    let d = r.json()["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let d = loop {
-        let d = t
-            .api("GET", &format!("/api/v1/deployments/{d}"), Value::Null)
-            .await
-            .json();
-        if d["status"] != "running" {
-            break d;
-        }
-        assert!(Instant::now() < deadline, "{d}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let d = deployment_end(&t, r.json()["id"].as_str().unwrap()).await;
     assert_eq!(d["status"], "succeeded", "{d}");
     for _ in 0..10 {
         let r = t.get("dice", "/roll").await.unwrap();
@@ -118,12 +108,14 @@ async fn a_contributed_node_runs_once_its_module_is_listed_and_a_bad_version_kee
 
     // A second instance with the same set: installed once, the cache reused.
     let other = t.instance(&app, "dice2", hello_flows(), 1).await;
-    t.api(
-        "PUT",
-        &format!("/api/v1/instances/{other}/modules"),
-        json!({ "modules": { "node-red-node-random": "~0.4.0" } }),
-    )
-    .await;
+    let r = t
+        .api(
+            "PUT",
+            &format!("/api/v1/instances/{other}/modules"),
+            json!({ "modules": { "node-red-node-random": "~0.4.0" } }),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
     modules_installed(&t, &other, "node-red-node-random").await;
     let logs = t.logs(&other, "limit=1000").await;
     assert!(
@@ -134,7 +126,9 @@ async fn a_contributed_node_runs_once_its_module_is_listed_and_a_bad_version_kee
         "the second instance installed the set again"
     );
 
-    // A version npm cannot install: crashed with npm's words, the replicas keep the old set.
+    // A version npm cannot install: the deploy rolls back with npm's words, and the replicas
+    // serve the old set throughout.
+    let pids_before = pids(&t.status(&id).await);
     let r = t
         .api(
             "PUT",
@@ -142,11 +136,35 @@ async fn a_contributed_node_runs_once_its_module_is_listed_and_a_bad_version_kee
             json!({ "modules": { "node-red-node-random": "99.0.0" } }),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let s = t.wait_status(&id, 300, |s| s["state"] == "crashed").await;
-    let reason = s["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("99.0.0"), "{s}");
-    assert_eq!(s["ready"], 2, "the replicas keep serving: {s}");
+    assert_eq!(r.status, 202, "{}", r.body);
+    let d = deployment_end(&t, r.json()["id"].as_str().unwrap()).await;
+    assert_eq!(d["status"], "rolled_back", "{d}");
+    assert!(
+        d["error"].as_str().unwrap_or_default().contains("99.0.0"),
+        "{d}"
+    );
+    let m = t.api("GET", &path, Value::Null).await.json();
+    assert_eq!(
+        m["modules"]["node-red-node-random"]["requested"], "~0.4.0",
+        "{m}"
+    );
+    let s = t.wait_running(&id, 2).await;
+    assert_eq!(pids(&s), pids_before, "no replica was replaced: {s}");
     let r = t.get("dice", "/roll").await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+async fn deployment_end(t: &Tandem, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let d = t
+            .api("GET", &format!("/api/v1/deployments/{id}"), Value::Null)
+            .await
+            .json();
+        if d["status"] != "running" {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "{d}\n{}", t.tail_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

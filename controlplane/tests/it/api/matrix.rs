@@ -123,7 +123,11 @@ const MATRIX: &[Row] = &[
     ),
     row("GET", "/api/v1/instances/{id}/protection", TEAM_READ),
     row("GET", "/api/v1/instances/{id}/modules", TEAM_READ),
-    row("PUT", "/api/v1/instances/{id}/modules", TEAM_MEMBER),
+    row(
+        "PUT",
+        "/api/v1/instances/{id}/modules",
+        with_ok(TEAM_MEMBER, 202),
+    ),
     row("PUT", "/api/v1/instances/{id}/protection", TEAM_OWNER),
     // Snapshots, flows and deploys: viewers read metadata; members take, read flows, export,
     // import, deploy and roll back; owners delete.
@@ -418,8 +422,9 @@ impl World {
                 format!("/api/v1/instances/{inst}/ha"),
                 Some(json!({ "replicas": 3, "mode": "standby" })),
             ),
+            // A deploy: an instance of its own per call.
             ("PUT", "/api/v1/instances/{id}/modules") => (
-                format!("/api/v1/instances/{inst}/modules"),
+                format!("/api/v1/instances/{}/modules", self.fresh_instance().await),
                 Some(json!({ "modules": { "node-red-node-random": "0.4.1" } })),
             ),
             ("PUT", "/api/v1/instances/{id}/protection") => (

@@ -599,6 +599,7 @@ impl Scripted {
                 deploy_error: refused
                     .filter(|(r, _)| r == rev && slot == 0)
                     .map(|(_, why)| why.to_string()),
+                current: true,
             })
             .collect();
         *self.0.lock().unwrap() = tandem_coordinator::status::ObservedStatus {
