@@ -40,6 +40,21 @@ impl<'a> Subject<'a> {
         }
     }
 
+    /// An object of an instance (a snapshot).
+    pub fn of_instance(
+        team_id: &'a str,
+        instance_id: &'a str,
+        object_type: &'a str,
+        object_id: &'a str,
+    ) -> Self {
+        Self {
+            team_id: Some(team_id),
+            instance_id: Some(instance_id),
+            object_type,
+            object_id,
+        }
+    }
+
     /// An instance of a team.
     pub fn instance(team_id: &'a str, instance_id: &'a str) -> Self {
         Self {

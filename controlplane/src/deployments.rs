@@ -267,13 +267,7 @@ pub async fn running_probes(
         .iter()
         .filter_map(|r| {
             let probe: ProbeBody = serde_json::from_str(&r.get::<String, _>(1)).ok()?;
-            Some((
-                r.get(0),
-                Probe {
-                    path: probe.path,
-                    expect_status: probe.expect_status,
-                },
-            ))
+            Some((r.get(0), probe.check("probe").ok()?))
         })
         .collect())
 }

@@ -32,29 +32,20 @@ pub struct NotApplied {
 pub async fn desired_instances(
     state: &AppState,
 ) -> anyhow::Result<(Vec<InstanceDesired>, Vec<NotApplied>)> {
-    type Stack = (Flows, String, Option<String>, i64);
+    type Stack = (Flows, BTreeMap<String, String>, String, Option<String>, i64);
     let extra: HashMap<String, Stack> = sqlx::query(
-        "SELECT i.id, i.flows, i.credentials, s.nodered_version, s.node_version, s.memory_mb FROM instances i JOIN stacks s ON s.id = i.stack_id",
+        "SELECT i.id, i.flows, i.credentials, i.modules, s.nodered_version, s.node_version, s.memory_mb FROM instances i JOIN stacks s ON s.id = i.stack_id",
     )
     .fetch_all(&state.store.pool)
     .await?
     .iter()
     .map(|r| {
         let flows = crate::snapshots::flows_of(&r.get::<String, _>(1), &r.get::<String, _>(2));
-        (r.get(0), (flows, r.get(3), r.get(4), r.get(5)))
+        let modules = serde_json::from_str(&r.get::<String, _>(3)).unwrap_or_default();
+        (r.get(0), (flows, modules, r.get(4), r.get(5), r.get(6)))
     })
     .collect();
     let probes = crate::deployments::running_probes(state).await?;
-    let modules: HashMap<String, BTreeMap<String, String>> =
-        sqlx::query("SELECT id, modules FROM instances")
-            .fetch_all(&state.store.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                let m = serde_json::from_str(&r.get::<String, _>(1)).unwrap_or_default();
-                (r.get(0), m)
-            })
-            .collect();
     let rows = sqlx::query(&format!(
         "SELECT {} FROM instances ORDER BY id",
         instances::COLUMNS
@@ -68,7 +59,7 @@ pub async fn desired_instances(
         let i = instances::view(state, row, &mut cache)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let Some((flows, version, node_version, memory_mb)) = extra.get(&i.id) else {
+        let Some((flows, modules, version, node_version, memory_mb)) = extra.get(&i.id) else {
             continue;
         };
         let flows = flows.clone();
@@ -96,7 +87,7 @@ pub async fn desired_instances(
                 settings: i.effective_settings,
                 env: i.env_revealed,
                 start_stopped: false,
-                modules: modules.get(&i.id).cloned().unwrap_or_default(),
+                modules: modules.clone(),
                 storage: state.config.storage_base.as_ref().map(|base| Storage {
                     url: format!("{base}/api/v1/storage/{}", i.id),
                     token: state.key.derive("storage", &i.id),

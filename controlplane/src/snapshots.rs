@@ -259,12 +259,12 @@ pub async fn insert(
         tx,
         caller,
         "snapshot.created",
-        crate::audit::Subject {
-            team_id: Some(&instance.team_id),
-            instance_id: Some(&instance.id),
-            object_type: "snapshot",
-            object_id: &snapshot.id,
-        },
+        crate::audit::Subject::of_instance(
+            &instance.team_id,
+            &instance.id,
+            "snapshot",
+            &snapshot.id,
+        ),
         json!({ "name": name, "sha256": snapshot.sha256 }),
     )
     .await?;

@@ -241,14 +241,7 @@ async fn delete_application(
         )));
     }
     // Its pipelines go with it.
-    sqlx::query("DELETE FROM pipeline_stages WHERE pipeline_id IN (SELECT id FROM pipelines WHERE application_id = $1)")
-        .bind(&id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM pipelines WHERE application_id = $1")
-        .bind(&id)
-        .execute(&mut *tx)
-        .await?;
+    super::pipelines::delete_of(&mut tx, super::pipelines::Owner::Application(&id)).await?;
     sqlx::query("DELETE FROM applications WHERE id = $1")
         .bind(&id)
         .execute(&mut *tx)

@@ -147,6 +147,37 @@ async fn load(state: &AppState, id: &str) -> ApiResult<Pipeline> {
     })
 }
 
+/// What owns pipelines: deleting it deletes them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Owner<'a> {
+    /// An application.
+    Application(&'a str),
+    /// A team.
+    Team(&'a str),
+}
+
+/// Deletes the pipelines of `owner`, and their stages.
+pub(crate) async fn delete_of(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    owner: Owner<'_>,
+) -> Result<(), sqlx::Error> {
+    let (column, id) = match owner {
+        Owner::Application(id) => ("application_id", id),
+        Owner::Team(id) => ("team_id", id),
+    };
+    sqlx::query(&format!(
+        "DELETE FROM pipeline_stages WHERE pipeline_id IN (SELECT id FROM pipelines WHERE {column} = $1)"
+    ))
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(&format!("DELETE FROM pipelines WHERE {column} = $1"))
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// A pipeline the caller may act on; outsiders get 404.
 async fn load_for(
     state: &AppState,

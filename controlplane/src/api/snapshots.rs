@@ -216,12 +216,7 @@ async fn delete_snapshot(
         &mut tx,
         Some(&caller),
         "snapshot.deleted",
-        crate::audit::Subject {
-            team_id: Some(&i.team_id),
-            instance_id: Some(&i.id),
-            object_type: "snapshot",
-            object_id: &id,
-        },
+        crate::audit::Subject::of_instance(&i.team_id, &i.id, "snapshot", &id),
         json!({ "name": s.name }),
     )
     .await?;
@@ -265,12 +260,7 @@ async fn export_snapshot(
         &mut tx,
         Some(&caller),
         "snapshot.exported",
-        crate::audit::Subject {
-            team_id: Some(&i.team_id),
-            instance_id: Some(&i.id),
-            object_type: "snapshot",
-            object_id: &id,
-        },
+        crate::audit::Subject::of_instance(&i.team_id, &i.id, "snapshot", &id),
         json!({ "name": s.name }),
     )
     .await?;

@@ -241,14 +241,8 @@ async fn delete_team(
             "the team still has {n} instance(s); delete them first"
         )));
     }
-    sqlx::query("DELETE FROM pipeline_stages WHERE pipeline_id IN (SELECT id FROM pipelines WHERE team_id = $1)")
-        .bind(&id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM pipelines WHERE team_id = $1")
-        .bind(&id)
-        .execute(&mut *tx)
-        .await?;
+    // Its pipelines go with it.
+    super::pipelines::delete_of(&mut tx, super::pipelines::Owner::Team(&id)).await?;
     sqlx::query("DELETE FROM applications WHERE team_id = $1")
         .bind(&id)
         .execute(&mut *tx)

@@ -399,6 +399,22 @@ async fn pipeline_stages_follow_their_rules(b: Backend) {
         .get(&format!("/api/v1/deployments/{}", id(&d)), &owner.auth)
         .await;
     assert_eq!(gone.status, 404);
+    // Deleting an application takes its pipelines with it.
+    let doomed = s.application(&owner.auth, &team).await;
+    let q = id(&s
+        .post(
+            "/api/v1/pipelines",
+            &owner.auth,
+            json!({ "application_id": doomed, "name": "doomed" }),
+        )
+        .await
+        .json);
+    let r = s
+        .delete(&format!("/api/v1/applications/{doomed}"), &owner.auth)
+        .await;
+    assert_eq!(r.status, 204, "{r}");
+    let r = s.get(&format!("/api/v1/pipelines/{q}"), &owner.auth).await;
+    assert_eq!(r.status, 404, "{r}");
 }
 
 async fn the_storage_api_takes_the_instance_token_imports_once_and_ignores_ha_echoes(b: Backend) {
