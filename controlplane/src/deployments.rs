@@ -8,6 +8,7 @@
 //! deploy under way when Tandem stops is rolled back at its next start, so an instance never
 //! stays half on new flows.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -285,6 +286,10 @@ pub async fn begin(
     probe: Option<ProbeBody>,
 ) -> ApiResult<Deployment> {
     ensure_idle(state, instance).await?;
+    // A snapshot or a pipeline's modules pass the instance's template as a list set by hand.
+    let modules: BTreeMap<String, String> =
+        serde_json::from_value(content.modules.clone()).unwrap_or_default();
+    crate::api::modules::check_policy(state, instance, modules.keys()).await?;
     let previous = snapshots::current(state, &instance.id).await?;
     let id = new_id();
     let started_at = now_ms();

@@ -7,7 +7,7 @@
 //! A new instance with the name of a deleted one waits until the old one's worker is done,
 //! since replica ids and directories are named after the instance.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -282,6 +282,17 @@ impl<D: Driver> Coordination for Coordinator<D> {
                 let _ = w.inputs.send(Input::FlowsSaved {
                     slot,
                     rev: rev.to_owned(),
+                });
+            }
+        }
+    }
+
+    fn modules_saved(&self, instance_id: &str, slot: u32, modules: &BTreeMap<String, String>) {
+        if let Ok(workers) = self.workers.lock() {
+            if let Some(w) = workers.get(instance_id) {
+                let _ = w.inputs.send(Input::ModulesSaved {
+                    slot,
+                    modules: modules.clone(),
                 });
             }
         }

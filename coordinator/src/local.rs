@@ -347,9 +347,10 @@ impl LocalInstance {
             }
         };
         let modules = self.driver.modules_dir(spec);
+        install::link_modules(dir, spec, modules.as_deref()).await?;
         write(
             "settings.js",
-            settings_js(spec, id, port, dir, modules.as_deref()),
+            settings_js(spec, id, port, dir, &self.driver.npm),
         )
         .await?;
         // With Tandem's store, the replica reads its flows from there. Otherwise the flows are
@@ -423,11 +424,20 @@ impl LocalInstance {
         .arg(dir)
         // Only what Node.js needs of Tandem's own environment (which may hold a database URL
         // with its password), then the instance's variables (checked by the control plane).
+        // `NODE_EXTRA_CA_CERTS` is the machine's trust (a path, no secret): flows' and the
+        // palette's HTTPS calls need it where a proxy re-signs TLS.
         .env_clear()
         .envs(
-            ["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ"]
-                .into_iter()
-                .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
+            [
+                "PATH",
+                "LANG",
+                "LC_ALL",
+                "LC_CTYPE",
+                "TZ",
+                "NODE_EXTRA_CA_CERTS",
+            ]
+            .into_iter()
+            .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
         )
         .env("HOME", dir)
         .env("TMPDIR", &tmp)

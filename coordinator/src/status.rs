@@ -148,6 +148,15 @@ pub trait Coordination: Send + Sync + 'static {
     /// A replica saved flows of revision `rev` through the storage API (a deploy from its
     /// editor): it runs them, and needs no deploy of them.
     fn flows_saved(&self, _instance_id: &str, _slot: u32, _rev: &str) {}
+    /// A replica's editor installed or removed a module, and the store now lists `modules`
+    /// (name → version): the replica runs them, and is not replaced for them.
+    fn modules_saved(
+        &self,
+        _instance_id: &str,
+        _slot: u32,
+        _modules: &std::collections::BTreeMap<String, String>,
+    ) {
+    }
     /// Metrics of the running instances, in the Prometheus text format.
     fn metrics(&self) -> String {
         String::new()

@@ -58,6 +58,12 @@ pub(crate) enum Input {
     Verdict(Verdict),
     /// A replica saved flows of this revision through the storage API: it runs them.
     FlowsSaved { slot: u32, rev: String },
+    /// A replica's editor installed or removed a module, and the store lists this set: the
+    /// replica runs it without a restart.
+    ModulesSaved {
+        slot: u32,
+        modules: BTreeMap<String, String>,
+    },
 }
 
 /// The runtime (stack) the replicas need: prepared once per Node-RED and Node.js version.
@@ -110,6 +116,9 @@ struct Slot {
     /// control plane writes them to the store, then applies), they are not undone by a deploy
     /// of the older desired flows.
     saved: Option<(String, Instant)>,
+    /// The module set its editor's palette left it running, and when: until the desired state
+    /// lists the same set, it is not replaced for it (as with `saved`).
+    modules_saved: Option<(BTreeMap<String, String>, Instant)>,
     /// A driver call on this slot is in flight.
     busy: bool,
     /// That call, when it may be abandoned for a fence (a flow start or stop, a deploy, a
@@ -148,6 +157,7 @@ impl Slot {
             out: false,
             deploy_error: None,
             saved: None,
+            modules_saved: None,
             busy: false,
             abortable: None,
             unknown: true,
@@ -294,6 +304,7 @@ impl<I: InstanceDriver> Worker<I> {
                 Some(input) = inputs.recv() => match input {
                     Input::Verdict(verdict) => self.on_verdict(verdict),
                     Input::FlowsSaved { slot, rev } => self.on_flows_saved(slot, rev),
+                    Input::ModulesSaved { slot, modules } => self.on_modules_saved(slot, modules),
                 },
                 Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
                     Ok(done) => self.on_done(done),
@@ -324,6 +335,7 @@ impl<I: InstanceDriver> Worker<I> {
                     s.restart_at,
                     s.hold_until,
                     s.saved.as_ref().map(|(_, at)| *at + SAVED_GRACE),
+                    s.modules_saved.as_ref().map(|(_, at)| *at + SAVED_GRACE),
                 ]
             })
             .flatten();
@@ -349,6 +361,7 @@ impl<I: InstanceDriver> Worker<I> {
 
         self.fence_hung(now);
         self.leave_unwanted(&target);
+        self.adopt_saved_modules(&d, now);
         let prepared = !target.is_empty() && self.prepare(&d, now);
         if prepared {
             self.start_missing(&d, &target, now);
@@ -532,11 +545,13 @@ impl<I: InstanceDriver> Worker<I> {
         if self.slots.values().any(|s| s.replacing) {
             return;
         }
-        // A replica a refused deploy left out of rotation is replaced too.
+        // A replica a refused deploy left out of rotation is replaced too; one whose editor
+        // changed its modules waits for the desired state to list them.
         let outdated = |slot: u32, s: &Slot| {
             matches!(s.phase, ReplicaPhase::Running | ReplicaPhase::Deploying)
                 && !s.busy
                 && s.leaving.is_none()
+                && s.modules_saved.is_none()
                 && (s.spec.as_ref() != Some(&d.process_for(slot))
                     || s.generation != self.want.restart
                     || s.running.as_ref().is_some_and(|r| r.stale))
@@ -989,6 +1004,37 @@ impl<I: InstanceDriver> Worker<I> {
             if s.running.is_some() && !s.busy {
                 s.flows_rev = Some(rev.clone());
                 s.saved = Some((rev, Instant::now()));
+            }
+        }
+    }
+
+    /// A replica's editor installed or removed a module, and the store has the new set: the
+    /// replica runs it once the desired state lists it ([`Self::adopt_saved_modules`]).
+    fn on_modules_saved(&mut self, slot: u32, modules: BTreeMap<String, String>) {
+        if let Some(s) = self.slots.get_mut(&slot) {
+            if s.running.is_some() && s.spec.is_some() {
+                s.modules_saved = Some((modules, Instant::now()));
+            }
+        }
+    }
+
+    /// A replica whose editor changed its modules runs the desired set once the desired state
+    /// lists what it reported: its spec takes that set, so it is current and not replaced. Past
+    /// the grace, the desired state wins and it is replaced as any other.
+    fn adopt_saved_modules(&mut self, d: &InstanceDesired, now: Instant) {
+        for (slot, s) in &mut self.slots {
+            let Some((modules, at)) = s.modules_saved.take() else {
+                continue;
+            };
+            if s.running.is_none() {
+                continue;
+            }
+            if d.process_for(*slot).modules == modules {
+                if let Some(spec) = s.spec.as_mut() {
+                    spec.modules = modules;
+                }
+            } else if now < at + SAVED_GRACE {
+                s.modules_saved = Some((modules, at));
             }
         }
     }

@@ -321,6 +321,21 @@ pub(crate) async fn view(
     })
 }
 
+/// Loads an instance whoever asks: for callers the instance itself authenticated (its storage
+/// token). 404 when unknown.
+pub(crate) async fn load_any(state: &AppState, id: &str) -> ApiResult<Instance> {
+    let row = row_of(state, id).await?;
+    view(state, &row, &mut TemplateCache::new()).await
+}
+
+async fn row_of(state: &AppState, id: &str) -> ApiResult<sqlx::any::AnyRow> {
+    sqlx::query(&format!("SELECT {COLUMNS} FROM instances WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.store.pool)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))
+}
+
 /// Loads an instance the caller may act on; outsiders get 404.
 pub(crate) async fn load_for(
     state: &AppState,
@@ -328,11 +343,7 @@ pub(crate) async fn load_for(
     id: &str,
     action: Action,
 ) -> ApiResult<Instance> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM instances WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&state.store.pool)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no instance {id}")))?;
+    let row = row_of(state, id).await?;
     let team: String = row.get(2);
     authorize(state, caller, &team, action)
         .await
@@ -393,11 +404,16 @@ async fn create_instance(
     if let Some(ha) = &body.ha {
         check_ha(&state, ha, "ha.replicas")?;
     }
+    // A template's modules are where its instances start; the instances change them since.
+    let modules = template
+        .as_ref()
+        .map(|t| t.modules.clone())
+        .unwrap_or_default();
     let now = now_ms();
     let mut tx = state.store.write().await?;
     sqlx::query(
-        "INSERT INTO instances (id, name, team_id, application_id, stack_id, template_id, settings, env, flows, credentials, flows_in_store, ha_replicas, ha_mode, ha_affinity, desired_state, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12, $13, 'running', $14, $15)",
+        "INSERT INTO instances (id, name, team_id, application_id, stack_id, template_id, settings, env, flows, credentials, flows_in_store, ha_replicas, ha_mode, ha_affinity, desired_state, created_at, updated_at, modules) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $12, $13, 'running', $14, $15, $16)",
     )
     .bind(&id)
     .bind(&body.name)
@@ -414,6 +430,7 @@ async fn create_instance(
     .bind(body.ha.and_then(|h| h.affinity).map(i64::from))
     .bind(now)
     .bind(now)
+    .bind(json!(modules).to_string())
     .execute(&mut *tx)
     .await
     .map_err(ApiError::conflict_as(format!("an instance named {:?} exists; names are unique on the platform", body.name)))?;

@@ -94,6 +94,20 @@ pub fn check(field: &str, modules: &BTreeMap<String, String>) -> ApiResult<()> {
     Ok(())
 }
 
+/// Checks `modules` against the module policy of `instance`'s template (422 naming the first
+/// module it refuses).
+pub async fn check_policy<'a>(
+    state: &AppState,
+    instance: &super::instances::Instance,
+    names: impl Iterator<Item = &'a String>,
+) -> ApiResult<()> {
+    let template = match &instance.template_id {
+        Some(t) => Some(super::templates::load(state, t).await?),
+        None => None,
+    };
+    super::templates::check_modules("modules", template.as_ref(), names)
+}
+
 /// One module: what was asked for, and what is installed.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModuleState {
@@ -168,6 +182,7 @@ async fn put_modules(
 ) -> ApiResult<(axum::http::StatusCode, Json<crate::deployments::Deployment>)> {
     let i = super::snapshots::load_for_deploy(&state, &caller, &id).await?;
     check("modules", &body.modules)?;
+    check_policy(&state, &i, body.modules.keys()).await?;
     crate::deployments::ensure_idle(&state, &i).await?;
     let mut content = crate::snapshots::current(&state, &i.id).await?;
     let before = content.modules.clone();

@@ -12,6 +12,8 @@
 //! - An instance made before flows lived in the store has `in_store: false` until its first
 //!   replica hands over its own `flows.json`, `flows_cred.json` and library (`POST
 //!   .../flows/import`), once: the first import wins and every replica then reads the store.
+//! - The editor's palette manager (non-HA instances) records what it installs and removes in
+//!   the instance's module list (`POST .../modules`), under the template's module policy.
 //! - The editor's library (saved flows, functions, templates) lives here too (`GET,PUT
 //!   .../library`), with the answers Node-RED's own file library gives: an entry's body, or a
 //!   folder's listing (its folders' names, then its entries' metadata with `fn`).
@@ -36,6 +38,7 @@ pub(super) fn router(max_document_bytes: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(import_flows))
         .routes(routes!(put_credentials))
         .routes(routes!(get_library, put_library))
+        .routes(routes!(palette_change))
         .layer(axum::extract::DefaultBodyLimit::max(max_document_bytes))
 }
 
@@ -305,6 +308,86 @@ async fn save(
         if changed {
             state.coordinator.changed();
         }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// What the editor's palette manager did: installed `module` at `version`, or removed it
+/// (`version` null).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PaletteChange {
+    /// The package name.
+    pub module: String,
+    /// The exact version installed; null for a removal.
+    pub version: Option<String>,
+}
+
+/// Records a module the editor's palette installed or removed in the instance's module list
+/// (its storage token): the replica runs it already, so it is not replaced for it, and the next
+/// start, a snapshot and a deploy see it. Refused (and the install fails in the editor) on an
+/// HA instance, whose palette is off, while a deploy is under way, or when the instance's
+/// template does not allow the module.
+#[utoipa::path(post, path = "/api/v1/storage/{id}/modules", tag = "storage", params(("id" = String, Path, description = "Instance id")), request_body = PaletteChange,
+    responses((status = 204), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn palette_change(
+    State(state): State<AppState>,
+    token: StorageToken,
+    Json(change): Json<PaletteChange>,
+) -> ApiResult<StatusCode> {
+    let id = token.instance_id.as_str();
+    super::modules::check_name("module", &change.module)?;
+    if let Some(v) = &change.version {
+        super::modules::check_version("version", v)?;
+    }
+    let i = super::instances::load_any(&state, id).await?;
+    if i.ha.is_some() {
+        return Err(ApiError::Conflict(
+            "the palette is off on HA instances: set their modules through the API".into(),
+        ));
+    }
+    crate::deployments::ensure_idle(&state, &i).await?;
+    let mut tx = state.store.write().await?;
+    let text: String = sqlx::query("SELECT modules FROM instances WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+    let before: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&text).unwrap_or_default();
+    let mut after = before.clone();
+    match &change.version {
+        Some(v) => {
+            after.insert(change.module.clone(), v.clone());
+        }
+        None => {
+            after.remove(&change.module);
+        }
+    }
+    super::modules::check("modules", &after)?;
+    super::modules::check_policy(&state, &i, after.keys()).await?;
+    if after != before {
+        sqlx::query("UPDATE instances SET modules = $1, updated_at = $2 WHERE id = $3")
+            .bind(serde_json::json!(after).to_string())
+            .bind(crate::store::now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        crate::audit::record(
+            &mut tx,
+            None,
+            "instance.modules-set",
+            crate::audit::Subject::instance(&i.team_id, id),
+            serde_json::json!({ "before": before, "after": after, "replica": token.replica, "from": "editor" }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    if after != before {
+        if let Some(r) = token.replica.as_deref().and_then(ReplicaId::parse) {
+            state.coordinator.modules_saved(id, r.slot, &after);
+        }
+        state.coordinator.changed();
     }
     Ok(StatusCode::NO_CONTENT)
 }

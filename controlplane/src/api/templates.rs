@@ -45,6 +45,53 @@ pub struct Policy {
     /// Setting name → whether instances may set it. Settings not listed may not be set.
     #[serde(default)]
     pub settings: BTreeMap<String, bool>,
+    /// Which npm modules instances may have.
+    #[serde(default)]
+    pub modules: ModulePolicy,
+}
+
+/// Which npm modules the instances of a template may have: a module is allowed when `allow` is
+/// empty or one of its patterns matches, and none of `deny`'s does. A pattern is a package name,
+/// or a prefix followed by `*` (`@flowfuse/*`, `node-red-contrib-*`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModulePolicy {
+    /// Only these (every module when empty).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Never these.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl ModulePolicy {
+    /// Whether `name` is allowed.
+    pub fn allows(&self, name: &str) -> bool {
+        let matches = |p: &String| match p.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == p,
+        };
+        (self.allow.is_empty() || self.allow.iter().any(matches)) && !self.deny.iter().any(matches)
+    }
+}
+
+/// Checks `modules` (name → version) against `template`'s module policy: 422 naming the first
+/// module it refuses.
+pub fn check_modules<'a>(
+    field: &str,
+    template: Option<&Template>,
+    mut names: impl Iterator<Item = &'a String>,
+) -> ApiResult<()> {
+    let Some(t) = template else {
+        return Ok(());
+    };
+    match names.find(|n| !t.policy.modules.allows(n)) {
+        Some(name) => Err(ApiError::invalid(
+            format!("{field}.{name}"),
+            format!("template {} does not allow this module", t.name),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A template.
@@ -59,6 +106,8 @@ pub struct Template {
     pub settings: Value,
     /// Default environment variables.
     pub env: BTreeMap<String, TemplateEnv>,
+    /// The npm modules instances made from it start with: name → version or range.
+    pub modules: BTreeMap<String, String>,
     /// What instances may override.
     pub policy: Policy,
     /// Creation time, epoch ms.
@@ -78,6 +127,10 @@ pub struct TemplateBody {
     /// Default environment variables.
     #[serde(default)]
     pub env: BTreeMap<String, TemplateEnv>,
+    /// The npm modules instances made from it start with: name → version or range, which its
+    /// own policy must allow.
+    #[serde(default)]
+    pub modules: BTreeMap<String, String>,
     /// What instances may override.
     #[serde(default)]
     pub policy: Policy,
@@ -96,7 +149,39 @@ fn validate(body: &TemplateBody) -> ApiResult<()> {
     for key in body.policy.settings.keys() {
         node_settings::check_name("policy.settings", key)?;
     }
-    Ok(())
+    super::modules::check("modules", &body.modules)?;
+    for (field, patterns) in [
+        ("policy.modules.allow", &body.policy.modules.allow),
+        ("policy.modules.deny", &body.policy.modules.deny),
+    ] {
+        if patterns.len() > 256 {
+            return Err(ApiError::invalid(field, "at most 256 patterns"));
+        }
+        for p in patterns {
+            let name = p.strip_suffix('*').unwrap_or(p);
+            // `@scope/*` and `node-red-contrib-*` are prefixes of names, not names.
+            let prefix_ok = p.ends_with('*')
+                && name.len() <= 214
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@' | b'/')
+                });
+            if !prefix_ok {
+                super::modules::check_name(field, p)?;
+            }
+        }
+    }
+    let probe = Template {
+        id: String::new(),
+        name: body.name.clone(),
+        settings: Value::Null,
+        env: BTreeMap::new(),
+        modules: BTreeMap::new(),
+        policy: body.policy.clone(),
+        created_at: 0,
+    };
+    check_modules("modules", Some(&probe), body.modules.keys())
 }
 
 /// The effective settings and environment of an instance as a user sets them: `template` merged
@@ -210,10 +295,11 @@ fn from_row(r: &sqlx::any::AnyRow) -> Template {
         env: serde_json::from_str(&r.get::<String, _>(3)).unwrap_or_default(),
         policy: serde_json::from_str(&r.get::<String, _>(4)).unwrap_or_default(),
         created_at: r.get(5),
+        modules: serde_json::from_str(&r.get::<String, _>(6)).unwrap_or_default(),
     }
 }
 
-const COLUMNS: &str = "id, name, settings, env, policy, created_at";
+const COLUMNS: &str = "id, name, settings, env, policy, created_at, modules";
 
 /// Loads a template; 404 when unknown.
 pub async fn load(state: &AppState, id: &str) -> ApiResult<Template> {
@@ -266,12 +352,13 @@ async fn create_template(
         name: body.name,
         settings: body.settings,
         env: body.env,
+        modules: body.modules,
         policy: body.policy,
         created_at: now_ms(),
     };
     let mut tx = state.store.write().await?;
     sqlx::query(&format!(
-        "INSERT INTO templates ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+        "INSERT INTO templates ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
     ))
     .bind(&t.id)
     .bind(&t.name)
@@ -279,6 +366,7 @@ async fn create_template(
     .bind(to_text(&t.env)?)
     .bind(to_text(&t.policy)?)
     .bind(t.created_at)
+    .bind(to_text(&t.modules)?)
     .execute(&mut *tx)
     .await
     .map_err(ApiError::conflict_as(format!(
@@ -326,14 +414,16 @@ async fn update_template(
         name: body.name,
         settings: body.settings,
         env: body.env,
+        modules: body.modules,
         policy: body.policy,
         ..before.clone()
     };
     let mut tx = state.store.write().await?;
-    let users = sqlx::query("SELECT name, settings, env FROM instances WHERE template_id = $1")
-        .bind(&id)
-        .fetch_all(&mut *tx)
-        .await?;
+    let users =
+        sqlx::query("SELECT name, settings, env, modules FROM instances WHERE template_id = $1")
+            .bind(&id)
+            .fetch_all(&mut *tx)
+            .await?;
     for r in &users {
         let name: String = r.get(0);
         let settings = json_text(&r.get::<String, _>(1));
@@ -343,19 +433,24 @@ async fn update_template(
         // the template.
         let (settings, _) = node_settings::sanitize("settings", &settings);
         let (env, _) = node_env::sanitize("env", &env);
-        if let Err(e) = effective(Some(&after), &settings, &env) {
+        let modules: BTreeMap<String, String> =
+            serde_json::from_str(&r.get::<String, _>(3)).unwrap_or_default();
+        if let Err(e) = effective(Some(&after), &settings, &env)
+            .and_then(|_| check_modules("modules", Some(&after), modules.keys()))
+        {
             return Err(ApiError::Conflict(format!(
                 "instance {name} would break the new template: {e}"
             )));
         }
     }
     sqlx::query(
-        "UPDATE templates SET name = $1, settings = $2, env = $3, policy = $4 WHERE id = $5",
+        "UPDATE templates SET name = $1, settings = $2, env = $3, policy = $4, modules = $5 WHERE id = $6",
     )
     .bind(&after.name)
     .bind(to_text(&after.settings)?)
     .bind(to_text(&after.env)?)
     .bind(to_text(&after.policy)?)
+    .bind(to_text(&after.modules)?)
     .bind(&id)
     .execute(&mut *tx)
     .await?;

@@ -104,6 +104,15 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(modules, ["{}", "{}"]);
+    // Migration 5: templates give no modules.
+    let templates: Vec<String> = sqlx::query("SELECT modules FROM templates")
+        .fetch_all(&mut *c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(templates, ["{}"]);
     let recorded = recorded(&mut c).await;
     assert_eq!(
         recorded[0],

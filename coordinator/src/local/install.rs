@@ -250,3 +250,45 @@ pub(crate) async fn install_modules(
     log.note("info", format!("installed modules {versions:?}"));
     Ok(versions)
 }
+
+/// Makes `<user_dir>/node_modules` hold exactly `spec`'s modules, each a link into the shared
+/// install `modules` ([`modules_dir`]), and `<user_dir>/package.json` list them: Node-RED then
+/// loads them as the user's own, and its palette manager shows them and can remove them. What a
+/// palette installed before (`.palette`, other links) is dropped: the store's list, installed in
+/// the cache, is what runs from now on.
+pub(crate) async fn link_modules(
+    user_dir: &Path,
+    spec: &crate::spec::ProcessSpec,
+    modules: Option<&Path>,
+) -> Result<(), DriverError> {
+    let cannot = |what: &Path| DriverError::io(format!("cannot prepare {}", what.display()));
+    let node_modules = user_dir.join("node_modules");
+    for dir in [node_modules.clone(), user_dir.join(".palette")] {
+        match tokio::fs::remove_dir_all(&dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(cannot(&dir)(e)),
+            _ => {}
+        }
+    }
+    if let Some(modules) = modules {
+        for name in spec.modules.keys() {
+            let link = node_modules.join(name);
+            if let Some(parent) = link.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(cannot(parent))?;
+            }
+            tokio::fs::symlink(modules.join("node_modules").join(name), &link)
+                .await
+                .map_err(cannot(&link))?;
+        }
+    }
+    let package = serde_json::json!({
+        "name": "tandem-replica",
+        "private": true,
+        "dependencies": spec.modules,
+    });
+    let path = user_dir.join("package.json");
+    tokio::fs::write(&path, package.to_string())
+        .await
+        .map_err(cannot(&path))
+}

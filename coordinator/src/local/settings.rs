@@ -5,6 +5,7 @@ use std::path::Path;
 
 use tandem_proxy::credentials::ADMIN_TOKEN;
 
+use super::install::NpmOptions;
 use crate::replica::ReplicaId;
 use crate::spec::{fnv, ProcessSpec};
 
@@ -14,14 +15,16 @@ use crate::spec::{fnv, ProcessSpec};
 /// The secrets are not in it and not in the environment: the file reads them once from
 /// standard input, a pipe Tandem writes them to and closes ([`SECRETS_ON_STDIN`]). So no flow
 /// finds them with `env.get`, in `/proc/<pid>/environ`, or in a file it can open.
-/// `modules` is where the instance's npm modules are installed, when it has any: Node-RED loads
-/// the nodes of every module under its `node_modules` (`nodesDir`).
+/// The instance's npm modules are linked into the userDir's `node_modules` before the start
+/// ([`super::install::link_modules`]), where Node-RED finds them as the user's own. `npm` says
+/// how the editor's palette installs, on a non-HA instance whose flows live in Tandem's store
+/// (the palette is off otherwise).
 pub fn settings_js(
     spec: &ProcessSpec,
     id: &ReplicaId,
     port: u16,
     user_dir: &Path,
-    modules: Option<&Path>,
+    npm: &NpmOptions,
 ) -> String {
     let user = if spec.settings.is_object() {
         spec.settings.to_string()
@@ -46,6 +49,17 @@ pub fn settings_js(
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false)
     };
+    // The palette of a non-HA editor, whose installs land in the store's module list.
+    let palette = !spec.ha && spec.storage.is_some();
+    let palette_options = if palette {
+        serde_json::json!({
+            "registry": npm.registry,
+            "ignoreScripts": !npm.allow_install_scripts,
+        })
+        .to_string()
+    } else {
+        "null".into()
+    };
     let diagnostics = spec
         .settings
         .get("diagnostics")
@@ -68,7 +82,6 @@ module.exports = Object.assign({{ apiMaxLength: "1gb" }}, user, {{
     httpNodeRoot: "/",
     disableEditor: {ha},
     credentialSecret: secrets.credentials,
-    nodesDir: {nodes_dir},
     storageModule: {storage_setting},
     adminAuth: {{
         tokenHeader: "{header}",
@@ -89,8 +102,10 @@ module.exports = Object.assign({{ apiMaxLength: "1gb" }}, user, {{
     runtimeState: {{ enabled: true }},
     diagnostics: {diagnostics},
     telemetry: {{ enabled: false }},
-    externalModules: {{ palette: {{ allowInstall: false }}, modules: {{ allowInstall: false }} }},
-    editorTheme: Object.assign({{}}, user.editorTheme, {{ palette: {{ catalogues: [] }}, tours: false }}),
+    // The palette installs from the registry only (no tarball upload): what it installs is
+    // recorded in Tandem's module list, which holds registry versions.
+    externalModules: {{ palette: {{ allowInstall: {palette}, allowUpload: false }}, modules: {{ allowInstall: false }} }},
+    editorTheme: Object.assign({{}}, user.editorTheme, {{ palette: Object.assign({{}}, user.editorTheme && user.editorTheme.palette, {catalogues}), tours: false }}),
     logging: {{
         console: {{
             level: {level},
@@ -120,16 +135,17 @@ function levelName(l) {{
         },
         storage_setting = match &spec.storage {
             Some(s) => format!(
-                "tandemStorage({}, secrets.storage, {})",
+                "tandemStorage({}, secrets.storage, {}, {})",
                 serde_json::Value::String(s.url.clone()),
-                serde_json::Value::String(id.to_string())
+                serde_json::Value::String(id.to_string()),
+                palette_options
             ),
             None => "undefined".into(),
         },
-        nodes_dir = match modules {
-            Some(dir) => serde_json::Value::String(dir.display().to_string()).to_string(),
-            None => "undefined".into(),
-        },
+        palette = palette,
+        // Without the palette there is nothing to browse; with it, the user's catalogues or
+        // Node-RED's own.
+        catalogues = if palette { "{}" } else { "{ catalogues: [] }" },
         level = console_str("level", "info"),
         metrics = console_bool("metrics"),
         audit = console_bool("audit"),
@@ -144,7 +160,15 @@ function levelName(l) {{
 /// the first replica to read them hands them to the store, once (`POST /flows/import`), and every
 /// replica then reads the store.
 /// The token lives in this closure only: not in `settings`, which flows can read parts of.
-const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica) {
+///
+/// With `palette` (`{registry, ignoreScripts}`, a non-HA instance), the editor's palette manager
+/// installs and removes modules through Node-RED's install hooks: a module is installed with npm
+/// into `<userDir>/.palette/<name>` (inside the replica's sandbox, registry versions only), told
+/// to the store (`POST .../modules`, which may refuse it: the install then fails), and linked
+/// into `<userDir>/node_modules` where Node-RED loads it; Node-RED's own npm run in the userDir
+/// is skipped. A removal unlinks it and tells the store. At the next start the store's list is
+/// installed into the shared cache like any other module.
+const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica, palette) {
     const http = require(base.startsWith("https:") ? "https" : "http");
     const local = require.main.require("@node-red/runtime/lib/storage/localfilesystem");
     let credentials = null;
@@ -192,6 +216,63 @@ const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica) {
         return entries;
     }
     let userDir = null;
+    function paletteHooks(hooks) {
+        const fs = require("fs");
+        const path = require("path");
+        const linkOf = function (name) { return path.join(userDir, "node_modules", name); };
+        function setDependency(name, version) {
+            const file = path.join(userDir, "package.json");
+            let pkg = {};
+            try { pkg = JSON.parse(fs.readFileSync(file, "utf8")); } catch (e) { pkg = { name: "tandem-replica", private: true }; }
+            pkg.dependencies = pkg.dependencies || {};
+            if (version === null) { delete pkg.dependencies[name]; } else { pkg.dependencies[name] = version; }
+            fs.writeFileSync(file, JSON.stringify(pkg, null, 2));
+        }
+        function npm(args, cwd) {
+            return new Promise(function (resolve, reject) {
+                require("child_process").execFile("npm", args, { cwd: cwd, maxBuffer: 16 << 20 }, function (err, stdout, stderr) {
+                    if (err) { return reject(new Error("npm failed: " + String(stderr || err.message).trim().split("\n").slice(-20).join("\n"))); }
+                    resolve(stdout);
+                });
+            });
+        }
+        hooks.add("preInstall.tandem", async function (event) {
+            if (event.url) { throw new Error("Tandem installs modules from the registry only"); }
+            const name = event.module;
+            const dir = path.join(userDir, ".palette", name.replace("/", "+"));
+            fs.rmSync(dir, { recursive: true, force: true });
+            fs.mkdirSync(dir, { recursive: true });
+            fs.writeFileSync(path.join(dir, "package.json"), JSON.stringify({ name: "tandem-palette", private: true }));
+            // In `dir` by its package.json, not `--prefix`, which would move npm's global
+            // configuration (a CA file, a proxy) under the prefix too.
+            const args = ["install", "--no-audit", "--no-fund", "--no-save", "--no-package-lock", "--omit=dev", "--loglevel=error"];
+            if (palette.ignoreScripts) { args.push("--ignore-scripts"); }
+            if (palette.registry) { args.push("--registry", palette.registry); }
+            args.push("--", event.version ? name + "@" + event.version : name);
+            try {
+                await npm(args, dir);
+                const installed = path.join(dir, "node_modules", name);
+                const version = JSON.parse(fs.readFileSync(path.join(installed, "package.json"), "utf8")).version;
+                await call("POST", "/modules", { module: name, version: version });
+                fs.rmSync(linkOf(name), { recursive: true, force: true });
+                fs.mkdirSync(path.dirname(linkOf(name)), { recursive: true });
+                fs.symlinkSync(installed, linkOf(name), "dir");
+                setDependency(name, version);
+            } catch (e) {
+                fs.rmSync(dir, { recursive: true, force: true });
+                throw e;
+            }
+            // Node-RED's own `npm install` in the userDir is not run.
+            return false;
+        });
+        hooks.add("preUninstall.tandem", async function (event) {
+            await call("POST", "/modules", { module: event.module, version: null });
+            fs.rmSync(linkOf(event.module), { recursive: true, force: true });
+            fs.rmSync(path.join(userDir, ".palette", event.module.replace("/", "+")), { recursive: true, force: true });
+            setDependency(event.module, null);
+            return false;
+        });
+    }
     async function load() {
         let doc = await call("GET", "/flows");
         if (!doc.in_store) {
@@ -207,7 +288,11 @@ const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica) {
         return doc;
     }
     return {
-        init: function (settings, runtime) { userDir = settings.userDir; return local.init(settings, runtime); },
+        init: function (settings, runtime) {
+            userDir = settings.userDir;
+            if (palette) { paletteHooks(runtime.hooks); }
+            return local.init(settings, runtime);
+        },
         getFlows: async function () { const doc = await load(); credentials = doc.credentials; return doc.flows; },
         getCredentials: async function () {
             if (credentials === null) { credentials = (await load()).credentials; }
@@ -344,5 +429,58 @@ mod tests {
         assert_eq!(legacy_spec_hash(&spec, 2, &flows, true), recorded);
         assert_ne!(legacy_spec_hash(&spec, 1, &flows, true), recorded);
         assert_ne!(spec_hash(&spec, 2, true), recorded);
+    }
+
+    /// Every shape of `settings.js` is JavaScript Node.js accepts (`node --check`): with the
+    /// storage module and the palette hooks (non-HA), with the storage module alone (HA), and
+    /// with neither.
+    #[test]
+    fn the_generated_settings_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::spec::Storage {
+            url: "http://127.0.0.1:1/api/v1/storage/x".into(),
+            token: "t".into(),
+        };
+        let npm = NpmOptions {
+            registry: Some("https://registry.example.com/".into()),
+            allow_install_scripts: false,
+        };
+        for (ha, storage) in [
+            (false, Some(storage.clone())),
+            (true, Some(storage)),
+            (false, None),
+        ] {
+            let spec = ProcessSpec {
+                instance: "a".into(),
+                nodered_version: "4.1.2".into(),
+                node_version: None,
+                memory_mb: 256,
+                ha,
+                start_stopped: false,
+                admin_secret: "s".into(),
+                credential_secret: "c".into(),
+                settings: serde_json::json!({ "editorTheme": { "palette": { "catalogues": ["x"] } } }),
+                env: BTreeMap::new(),
+                storage,
+                modules: BTreeMap::new(),
+            };
+            let text = settings_js(&spec, &ReplicaId::new("a", 0), 1880, dir.path(), &npm);
+            assert_eq!(
+                text.contains("palette: { allowInstall: true"),
+                !ha && spec.storage.is_some()
+            );
+            let file = dir.path().join("settings.js");
+            std::fs::write(&file, &text).unwrap();
+            let out = std::process::Command::new("node")
+                .arg("--check")
+                .arg(&file)
+                .output()
+                .expect("node runs");
+            assert!(
+                out.status.success(),
+                "{}\n{text}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }

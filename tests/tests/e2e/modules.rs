@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{hello_flows, Tandem};
+use crate::harness::{hello_flows, http, Tandem};
 
 /// `GET /roll` answers a die's roll, from `node-red-node-random`'s `random` node.
 fn dice_flows() -> Value {
@@ -152,6 +152,135 @@ async fn a_contributed_node_runs_once_its_module_is_listed_and_a_bad_version_kee
     assert_eq!(pids(&s), pids_before, "no replica was replaced: {s}");
     let r = t.get("dice", "/roll").await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
+}
+
+/// A request to the editor's admin API of `instance`, through the proxy, as the editor makes it
+/// with a member's credentials.
+async fn editor(
+    t: &Tandem,
+    instance: &str,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> (u16, String) {
+    let auth = format!("Bearer {}", t.token);
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let mut headers = vec![
+        ("Authorization", auth.as_str()),
+        ("Accept", "application/json"),
+    ];
+    if !body.is_empty() {
+        headers.push(("Content-Type", "application/json"));
+    }
+    let r = http(
+        t.http,
+        method,
+        &format!("{instance}.localhost"),
+        path,
+        &headers,
+        &body,
+    )
+    .await
+    .unwrap();
+    (r.status, r.body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_palette_install_from_the_editor_lands_in_the_module_list_and_survives_a_restart() {
+    let t = Tandem::start("palette").await;
+    let (app, _) = t.team_and_app("Palette").await;
+    let id = t.instance(&app, "palette", hello_flows(), 1).await;
+    let pid = t.wait_running(&id, 1).await["replicas"][0]["pid"].clone();
+    let path = format!("/api/v1/instances/{id}/modules");
+
+    // The editor's palette manager installs a module: it runs at once, without a restart, and
+    // the store lists it.
+    let (status, body) = editor(
+        &t,
+        "palette",
+        "POST",
+        "/admin/nodes",
+        &json!({ "module": "node-red-node-random", "version": "0.4.1" }),
+    )
+    .await;
+    if status != 200 {
+        let logs = t.logs(&id, "limit=100").await;
+        panic!("{status} {body}\n{logs:#?}");
+    }
+    let m = t.api("GET", &path, Value::Null).await.json();
+    assert_eq!(
+        m["modules"]["node-red-node-random"]["requested"], "0.4.1",
+        "{m}"
+    );
+    let (status, body) = editor(&t, "palette", "POST", "/admin/flows", &dice_flows()).await;
+    assert_eq!(status, 204, "{body}");
+    rolls(&t, "palette").await;
+    // The new set is installed into the shared cache for the next start, and the replica,
+    // which runs it already, is not replaced for it.
+    modules_installed(&t, &id, "node-red-node-random").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = t.status(&id).await;
+    assert_eq!(s["replicas"][0]["pid"], pid, "not restarted for it: {s}");
+    assert_eq!(s["replicas"][0]["state"], "running", "{s}");
+
+    // A restart installs the list into the shared cache; the module still runs, and the
+    // palette shows it as installed.
+    assert_eq!(t.action(&id, "restart").await.status, 200);
+    t.wait_status(&id, 300, |s| {
+        s["ready"] == 1 && s["replicas"][0]["pid"].is_u64() && s["replicas"][0]["pid"] != pid
+    })
+    .await;
+    let m = modules_installed(&t, &id, "node-red-node-random").await;
+    assert_eq!(
+        m["modules"]["node-red-node-random"]["installed"], "0.4.1",
+        "{m}"
+    );
+    rolls(&t, "palette").await;
+    let (status, body) = editor(
+        &t,
+        "palette",
+        "GET",
+        "/admin/nodes/node-red-node-random",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let module: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(module["user"], true, "{module}");
+    assert_eq!(module["version"], "0.4.1", "{module}");
+
+    // Removed from the palette (once no flow uses it): gone from the list.
+    let (status, body) = editor(&t, "palette", "POST", "/admin/flows", &hello_flows()).await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = editor(
+        &t,
+        "palette",
+        "DELETE",
+        "/admin/nodes/node-red-node-random",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let m = t.api("GET", &path, Value::Null).await.json();
+    assert_eq!(m["modules"], json!({}), "{m}");
+}
+
+/// Waits until `GET /roll` of `instance` answers a die's roll (flows start moments after a
+/// deploy or a start answers).
+async fn rolls(t: &Tandem, instance: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = t.get(instance, "/roll").await.unwrap();
+        if r.status == 200 && r.body.parse::<u32>().is_ok_and(|n| (1..=6).contains(&n)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{r:?}\n{}", t.tail_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn deployment_end(t: &Tandem, id: &str) -> Value {

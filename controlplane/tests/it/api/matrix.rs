@@ -192,6 +192,7 @@ const MATRIX: &[Row] = &[
     row("PUT", "/api/v1/storage/{id}/credentials", [401; 6]),
     row("GET", "/api/v1/storage/{id}/library", [401; 6]),
     row("PUT", "/api/v1/storage/{id}/library", [401; 6]),
+    row("POST", "/api/v1/storage/{id}/modules", [401; 6]),
     // Stacks and templates: everyone signed in reads, admins write.
     row("GET", "/api/v1/stacks", SIGNED_IN),
     row("POST", "/api/v1/stacks", with_ok(ADMIN_ONLY, 201)),

@@ -13,6 +13,7 @@ mod instances;
 mod lists;
 mod matrix;
 mod metrics_labels;
+mod modules;
 mod ops;
 mod races;
 mod secret_env;
