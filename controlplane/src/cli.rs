@@ -196,6 +196,11 @@ pub struct ServeArgs {
     /// default otherwise.
     #[arg(long, env = "TANDEM_NPM_REGISTRY")]
     pub npm_registry: Option<String>,
+    /// A file holding the token of the npm registry (`--npm-registry`, or npm's default): one
+    /// line. Tandem writes it into a private npm configuration in the data directory (0600),
+    /// outside what replicas can read, and never shows or logs it.
+    #[arg(long, env = "TANDEM_NPM_TOKEN_FILE")]
+    pub npm_token_file: Option<std::path::PathBuf>,
     /// Let modules run their install scripts. Off by default: they run on Tandem's machine, as
     /// Tandem's OS user, outside any replica's sandbox.
     #[arg(long, env = "TANDEM_NPM_ALLOW_INSTALL_SCRIPTS")]

@@ -214,10 +214,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     driver.ready_timeout = std::time::Duration::from_millis(args.ready_timeout_ms.max(1));
     driver.stop_grace = std::time::Duration::from_millis(args.stop_grace_ms);
-    driver.npm = tandem_coordinator::local::NpmOptions {
-        registry: args.npm_registry.clone(),
-        allow_install_scripts: args.npm_allow_install_scripts,
-    };
+    driver.npm = npm_options(&args)?;
     driver.liveness = tandem_coordinator::driver::Liveness {
         interval: std::time::Duration::from_millis(args.liveness_check_ms.max(10)),
         hang_after: std::time::Duration::from_millis(args.hang_after_ms.max(50)),
@@ -311,4 +308,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("replicas keep running; the next tandem serve adopts them");
     }
     Ok(())
+}
+
+/// How instances' modules are installed: the registry, its token in a private npm
+/// configuration (`<data dir>/npm/npmrc`), install scripts.
+fn npm_options(args: &ServeArgs) -> anyhow::Result<tandem_coordinator::local::NpmOptions> {
+    let userconfig = match &args.npm_token_file {
+        Some(file) => {
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the npm token file {}", file.display()))?;
+            let path = tandem_coordinator::local::write_userconfig(
+                &args.data_dir.join("npm"),
+                args.npm_registry.as_deref(),
+                &token,
+            )
+            .with_context(|| format!("--npm-token-file {}", file.display()))?;
+            Some(path)
+        }
+        None => None,
+    };
+    Ok(tandem_coordinator::local::NpmOptions {
+        registry: args.npm_registry.clone(),
+        allow_install_scripts: args.npm_allow_install_scripts,
+        userconfig,
+    })
 }

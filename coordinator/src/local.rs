@@ -46,7 +46,7 @@ use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-pub use install::NpmOptions;
+pub use install::{write_userconfig, NpmOptions, RegistryError, DEFAULT_REGISTRY};
 pub use settings::{legacy_spec_hash, settings_js, spec_hash, SECRETS_ON_STDIN};
 
 use crate::driver::{

@@ -113,7 +113,8 @@ async fn installed_version(dir: &Path, package: &str) -> Option<String> {
     v.get("version")?.as_str().map(str::to_owned)
 }
 
-/// How modules are installed: `tandem serve --npm-registry`, `--npm-allow-install-scripts`.
+/// How modules are installed: `tandem serve --npm-registry`, `--npm-token-file`,
+/// `--npm-allow-install-scripts`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NpmOptions {
     /// The registry to install from; npm's default when `None`.
@@ -121,6 +122,82 @@ pub struct NpmOptions {
     /// Let packages run their install scripts. Off by default: those scripts run on Tandem's
     /// machine, as Tandem's user, outside any replica's sandbox.
     pub allow_install_scripts: bool,
+    /// npm's user configuration holding the registry's token ([`write_userconfig`]), passed as
+    /// `--userconfig`: never in npm's arguments, Tandem's environment or the stacks directory,
+    /// which replicas can read.
+    pub userconfig: Option<PathBuf>,
+}
+
+/// npm's default registry.
+pub const DEFAULT_REGISTRY: &str = "https://registry.npmjs.org/";
+
+/// Why a registry and its token cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry is not an `http://` or `https://` URL.
+    #[error("the npm registry must be an http:// or https:// URL, not {0:?}")]
+    NotHttp(String),
+    /// The token is empty or not one line of printable characters.
+    #[error("the npm token file must hold one line: the registry's token")]
+    BadToken,
+    /// The configuration could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Writes `<dir>/npmrc`, npm's user configuration with `token` for `registry` (npm's default
+/// when `None`), readable by Tandem's user only (the directory 0700, the file 0600); returns its
+/// path, for [`NpmOptions::userconfig`]. npm sends the token to that registry alone (its
+/// "nerf dart" key, `//host[:port]/path/`), and prints it nowhere.
+pub fn write_userconfig(
+    dir: &Path,
+    registry: Option<&str>,
+    token: &str,
+) -> Result<PathBuf, RegistryError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    let registry = registry.unwrap_or(DEFAULT_REGISTRY);
+    let rest = registry
+        .strip_prefix("https://")
+        .or_else(|| registry.strip_prefix("http://"))
+        .filter(|r| !r.is_empty() && !r.starts_with('/'))
+        .filter(|r| r.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| RegistryError::NotHttp(registry.to_owned()))?;
+    let token = token.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(RegistryError::BadToken);
+    }
+    let key = if rest.ends_with('/') {
+        format!("//{rest}")
+    } else {
+        format!("//{rest}/")
+    };
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RegistryError::Write { path, source }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(fail(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail(dir))?;
+    let path = dir.join("npmrc");
+    let _ = std::fs::remove_file(&path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(fail(&path))?;
+    file.write_all(format!("{key}:_authToken={token}\n").as_bytes())
+        .map_err(fail(&path))?;
+    Ok(path)
 }
 
 /// Where `spec`'s module set is installed: one directory per module set, Node-RED version and
@@ -199,20 +276,19 @@ pub(crate) async fn install_modules(
         staging.display()
     )))?;
     log.note("info", format!("installing {} with npm", wanted.join(" ")));
+    // In `staging` by its package.json, not `--prefix`, which would move npm's global
+    // configuration (a CA file, a proxy) under the prefix too.
     let mut cmd = Command::new("npm");
-    cmd.args([
-        "install",
-        "--no-audit",
-        "--no-fund",
-        "--loglevel=error",
-        "--prefix",
-    ])
-    .arg(&staging);
+    cmd.args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&staging);
     if !npm.allow_install_scripts {
         cmd.arg("--ignore-scripts");
     }
     if let Some(r) = &npm.registry {
         cmd.arg("--registry").arg(r);
+    }
+    if let Some(c) = &npm.userconfig {
+        cmd.arg("--userconfig").arg(c);
     }
     // Packages after `--`: never read as options.
     let out = cmd

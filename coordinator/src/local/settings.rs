@@ -444,6 +444,7 @@ mod tests {
         let npm = NpmOptions {
             registry: Some("https://registry.example.com/".into()),
             allow_install_scripts: false,
+            userconfig: None,
         };
         for (ha, storage) in [
             (false, Some(storage.clone())),

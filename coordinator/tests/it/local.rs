@@ -992,3 +992,187 @@ async fn the_deploy_gate_refuses_unknown_node_types_nodes_in_error_and_a_failed_
     i.instance.stop(0).await.unwrap();
     i.close(|_| false).await;
 }
+
+/// A private npm registry on 127.0.0.1 that answers only with its token: one package, its
+/// packument and tarball. Records the `Authorization` header of every request.
+struct Registry {
+    url: String,
+    seen: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Registry {
+    /// Serves `tarball` (from `npm pack`) as `name@1.0.0` to requests with `Bearer <token>`.
+    async fn start(name: &str, tarball: Vec<u8>, token: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let packument = json!({
+            "name": name,
+            "dist-tags": { "latest": "1.0.0" },
+            "versions": { "1.0.0": {
+                "name": name,
+                "version": "1.0.0",
+                "dist": { "tarball": format!("{url}{name}/-/{name}-1.0.0.tgz") },
+            } },
+        })
+        .to_string();
+        let (expected, tarball) = (format!("Bearer {token}"), Bytes::from(tarball));
+        let (name, log) = (name.to_owned(), seen.clone());
+        let server = tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (packument, tarball, expected) =
+                    (packument.clone(), tarball.clone(), expected.clone());
+                let (name, log) = (name.clone(), log.clone());
+                let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let auth = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    log.lock().unwrap().push(auth.clone());
+                    let path = req.uri().path().to_owned();
+                    let (status, body) = if auth.as_deref() != Some(expected.as_str()) {
+                        (401, Bytes::from_static(b"{\"error\":\"unauthorized\"}"))
+                    } else if path == format!("/{name}") {
+                        (200, Bytes::from(packument.clone()))
+                    } else if path.ends_with(".tgz") {
+                        (200, tarball.clone())
+                    } else {
+                        (404, Bytes::from_static(b"{}"))
+                    };
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(Full::new(body))
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        Self { url, seen, server }
+    }
+}
+
+/// A package of one file, packed by npm: its tarball.
+fn packed(dir: &Path, name: &str) -> Vec<u8> {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("package.json"),
+        json!({ "name": name, "version": "1.0.0", "main": "index.js" }).to_string(),
+    )
+    .unwrap();
+    std::fs::write(src.join("index.js"), "module.exports = 1;\n").unwrap();
+    let out = std::process::Command::new("npm")
+        .args(["pack", "--silent", "--pack-destination"])
+        .arg(dir)
+        .current_dir(&src)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let file = String::from_utf8(out.stdout).unwrap();
+    std::fs::read(dir.join(file.trim())).unwrap()
+}
+
+/// `tandem serve --npm-registry URL --npm-token-file F`: modules install from a private
+/// registry with its token, which reaches that registry alone and no log line; without the
+/// token, the registry's refusal is the install's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_install_from_a_private_registry_with_its_token_and_never_show_it() {
+    let data = DataDir::new();
+    // A name of this run only: a set installed by an earlier run would be found in the cache.
+    let name = format!("tandem-private-{:016x}", fastrand::u64(..));
+    let token = secret("npm-token");
+    let registry = Registry::start(&name, packed(data.path(), &name), &token).await;
+    let mut s = spec("private", 0, false, false);
+    s.modules = BTreeMap::from([(name.clone(), "^1.0.0".to_string())]);
+
+    // Without the token: refused, in npm's words.
+    let mut d = driver(&data);
+    d.npm = tandem_coordinator::local::NpmOptions {
+        registry: Some(registry.url.clone()),
+        ..Default::default()
+    };
+    let i = open(&d, "private");
+    let refused = timeout(DEADLINE, i.instance.prepare(&s)).await.unwrap();
+    match refused {
+        Err(DriverError::Install { output, .. }) => {
+            assert!(
+                output.contains("401") || output.contains("E401"),
+                "{output}"
+            )
+        }
+        other => panic!("expected npm's refusal, got {other:?}"),
+    }
+    i.close(|_| false).await;
+
+    // With it.
+    let userconfig = tandem_coordinator::local::write_userconfig(
+        &data.path().join("npm"),
+        Some(&registry.url),
+        &format!("{token}\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&userconfig).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    d.npm.userconfig = Some(userconfig);
+    let i = open(&d, "private");
+    let prepared = timeout(DEADLINE, i.instance.prepare(&s))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        prepared.modules,
+        BTreeMap::from([(name.clone(), "1.0.0".to_string())])
+    );
+    let seen = registry.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|a| a.as_deref() == Some(format!("Bearer {token}").as_str())),
+        "{seen:?}"
+    );
+    let log = i.log.read(Cursor::Latest, 1000, None);
+    assert!(!log.entries.is_empty());
+    assert!(
+        log.entries.iter().all(|e| !e.msg.contains(&token)),
+        "the token reached the instance log"
+    );
+    registry.server.abort();
+    i.close(|_| false).await;
+}
+
+#[test]
+fn a_registry_token_needs_an_http_registry_and_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |registry: Option<&str>, token: &str| {
+        tandem_coordinator::local::write_userconfig(dir.path(), registry, token)
+    };
+    let path = write(Some("https://npm.example.com/private"), "abc\n").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(path).unwrap(),
+        "//npm.example.com/private/:_authToken=abc\n"
+    );
+    let path = write(None, "abc").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(path).unwrap(),
+        "//registry.npmjs.org/:_authToken=abc\n"
+    );
+    for (registry, token) in [
+        (Some("file:///etc"), "abc"),
+        (Some("https://"), "abc"),
+        (Some("https://x/"), ""),
+        (Some("https://x/"), "a b"),
+        (Some("https://x/"), "a\nregistry=https://evil/"),
+    ] {
+        assert!(write(registry, token).is_err(), "{registry:?} {token:?}");
+    }
+}
