@@ -59,6 +59,20 @@ async fn a_contributed_node_runs_once_its_module_is_listed_and_a_bad_version_kee
     let old_pids = pids(&before);
     let path = format!("/api/v1/instances/{id}/modules");
 
+    // Flows that need a module the instance does not list: the deploy gate refuses them and
+    // names the missing type; the replicas keep the old flows.
+    let r = t
+        .api(
+            "PUT",
+            &format!("/api/v1/instances/{id}/flows"),
+            dice_flows(),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let d = deployment_end(&t, r.json()["id"].as_str().unwrap()).await;
+    assert_eq!(d["status"], "rolled_back", "{d}");
+    assert_eq!(d["error"], "unknown node type: random", "{d}");
+
     // A name npm would refuse.
     let r = t
         .api("PUT", &path, json!({ "modules": { "Bad Name": "1.0.0" } }))
