@@ -20,6 +20,7 @@ pub mod instances;
 pub mod logs;
 pub mod modules;
 pub mod pipelines;
+pub mod proxies;
 pub mod snapshots;
 pub mod stacks;
 pub mod storage;
@@ -75,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .merge(pipelines::router())
         .merge(modules::router())
         .merge(storage::router(state.config.max_document_bytes))
+        .merge(proxies::router())
         .split_for_parts();
     let doc = std::sync::Arc::new(doc);
     api.route(

@@ -83,9 +83,35 @@ impl SandboxExecArgs {
 /// Flags of `tandem proxy`.
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
-    /// Routes file (TOML) with one [[instance]] table per instance.
-    #[arg(long, env = "TANDEM_ROUTES")]
-    pub routes: PathBuf,
+    /// Routes file (TOML) with one [[instance]] table per instance. Either this or
+    /// `--control-plane`.
+    #[arg(
+        long,
+        env = "TANDEM_ROUTES",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    pub routes: Option<PathBuf>,
+    /// A control plane to take routes from (`http://host:3000`): its route feed, with the
+    /// proxy token in `--token-file`. Plain HTTP: keep it on a private network (the routes
+    /// carry instances' admin secrets).
+    #[arg(long, env = "TANDEM_CONTROL_PLANE", requires = "token_file")]
+    pub control_plane: Option<String>,
+    /// A file holding the proxy token (`POST /api/v1/proxy-tokens`), one line.
+    #[arg(long, env = "TANDEM_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Where the last table of the control plane is kept (written 0600: it holds admin
+    /// secrets), so a proxy started while its control plane is away still serves.
+    #[arg(
+        long,
+        env = "TANDEM_ROUTE_CACHE",
+        default_value = "./tandem-routes.json"
+    )]
+    pub cache_file: PathBuf,
+    /// This proxy's name in the control plane's reports and `GET /api/v1/cluster`; default
+    /// `<host name>:<listen address>`.
+    #[arg(long, env = "TANDEM_PROXY_ID")]
+    pub proxy_id: Option<String>,
     /// Address the proxy listens on.
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -169,6 +195,10 @@ pub struct ServeArgs {
     /// Address where instances are served (by host name).
     #[arg(long, env = "TANDEM_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
+    /// Run without the in-process proxy: instances are served by standalone proxies
+    /// (`tandem proxy --control-plane`) only, and `--http-listen` is not bound.
+    #[arg(long, env = "TANDEM_NO_PROXY")]
+    pub no_proxy: bool,
     /// Address of the metrics listener (/metrics in the Prometheus text format, /healthz),
     /// unauthenticated like any Prometheus exporter: keep it on a private network.
     #[arg(long, env = "TANDEM_METRICS_LISTEN", default_value = "127.0.0.1:9464")]

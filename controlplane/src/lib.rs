@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`cli`]: the command line: `tandem serve`, `tandem proxy`, `tandem user create`.
 //! - [`serve_cmd`]: `tandem serve`: the API and the proxy in one process, first-start bootstrap.
-//! - [`proxy_cmd`]: `tandem proxy`, the data plane alone, fed by a routes file.
+//! - [`proxy_cmd`]: `tandem proxy`, the data plane alone, fed by a routes file or by a
+//!   control plane's route feed.
+//! - [`route_feed`]: the route feed of standalone proxies and their reports; the coordinator's
+//!   data plane in `tandem serve`.
 //! - [`api`]: the routes under `/api/v1`, one module per resource, and the OpenAPI document.
 //! - [`auth`]: passwords, tokens, sessions, the `Caller` extractor.
 //! - [`node_settings`], [`node_env`]: the Node-RED settings and environment variables users may
@@ -52,6 +55,7 @@ pub mod node_env;
 pub mod node_settings;
 pub mod proxy_cmd;
 pub mod roles;
+pub mod route_feed;
 pub mod scratch_pg;
 pub mod secrets;
 pub mod serve_cmd;

@@ -1,9 +1,11 @@
-//! `tandem proxy`: the data plane alone, fed by a routes file.
+//! `tandem proxy`: the data plane alone, fed by a routes file or by a control plane's route
+//! feed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tandem_proxy::control::ControlPlane;
 use tandem_proxy::routes::file;
 use tandem_proxy::{MqttConfig, MqttProxy, Proxy, ProxyConfig, ProxyStats, Routes};
 
@@ -28,10 +30,100 @@ impl ProxyArgs {
     }
 }
 
-/// Runs `tandem proxy` until SIGTERM or Ctrl-C. The routes file must load at start (its MQTT
-/// listeners included); later broken versions are reported and leave the current routes and
-/// MQTT listeners serving.
+/// Runs `tandem proxy` until SIGTERM or Ctrl-C, fed by its routes file or its control plane.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    match (&args.routes, &args.control_plane) {
+        (Some(file), None) => run_with_file(file.clone(), &args).await,
+        (None, Some(url)) => run_with_control_plane(url.clone(), &args).await,
+        _ => anyhow::bail!("give either --routes or --control-plane"),
+    }
+}
+
+/// `tandem proxy --control-plane URL --token-file F`: the routes come from the control plane's
+/// feed (the cache file first, if there is one, so a proxy started during an outage serves); the
+/// editor of non-HA instances is opened through the control plane's gate. No MQTT listener: the
+/// MQTT proxy stays with `tandem serve`.
+async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result<()> {
+    let token_file = args
+        .token_file
+        .as_ref()
+        .context("--control-plane needs --token-file")?;
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("cannot read the proxy token file {}", token_file.display()))?;
+    if !token
+        .trim()
+        .starts_with(crate::api::proxies::PROXY_TOKEN_PREFIX)
+    {
+        anyhow::bail!(
+            "{} does not hold a proxy token (tdp_...; POST /api/v1/proxy-tokens)",
+            token_file.display()
+        );
+    }
+    let routes = Arc::new(Routes::new());
+    let stats = Arc::new(ProxyStats::default());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?.to_string();
+    let id = args.proxy_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "proxy".into());
+        format!("{host}:{address}")
+    });
+    let link = Arc::new(ControlPlane::new(
+        &url,
+        &token,
+        &id,
+        &address,
+        routes.clone(),
+        stats.clone(),
+        Some(args.cache_file.clone()),
+    )?);
+    match link.load_cache() {
+        Ok(Some(generation)) => {
+            tracing::info!(cache = %args.cache_file.display(), generation, "serving the cached routes until the control plane answers")
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "the route cache is unusable; waiting for the control plane")
+        }
+    }
+    let proxy = Arc::new(
+        Proxy::new(routes, args.config(), stats).with_editor_gate(Arc::new(
+            tandem_proxy::control::RemoteEditorGate::new(link.clone()),
+        )),
+    );
+    let metrics_addr = args.metrics_addr();
+    let metrics = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on {metrics_addr} (metrics)"))?;
+    tracing::info!(listen = %address, metrics = %metrics.local_addr()?, control_plane = %url, id = %id, "tandem proxy serving");
+    let feed = tokio::spawn(link.clone().follow());
+    let reports = tokio::spawn(link.report());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = || crate::stopped(stop_rx.clone());
+    let metrics = tokio::spawn(tandem_proxy::server::serve_admin(
+        metrics,
+        proxy.clone(),
+        stopped(),
+    ));
+    let server = tokio::spawn(tandem_proxy::server::serve(listener, proxy, stopped()));
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    let _ = metrics.await;
+    feed.abort();
+    reports.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `tandem proxy --routes F`. The routes file must load at start (its MQTT listeners
+/// included); later broken versions are reported and leave the current routes and MQTT
+/// listeners serving.
+async fn run_with_file(path: std::path::PathBuf, args: &ProxyArgs) -> anyhow::Result<()> {
     let routes = Arc::new(Routes::new());
     let stats = Arc::new(ProxyStats::default());
     // Replaced by the file's [mqtt] section; without one, no MQTT listener is bound.
@@ -39,7 +131,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         MqttConfig::new("127.0.0.1:1883"),
         stats.clone(),
     )?);
-    let n = file::load_with_mqtt(&args.routes, &routes, &mqtt).await?;
+    let n = file::load_with_mqtt(&path, &routes, &mqtt).await?;
     stats.record_reload(true);
     let mqtt_listeners = mqtt.listeners().await.len();
     let proxy = Arc::new(Proxy::new(routes.clone(), args.config(), stats.clone()));
@@ -51,12 +143,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let metrics = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {metrics_addr} (metrics)"))?;
-    tracing::info!(listen = %listener.local_addr()?, metrics = %metrics.local_addr()?, routes = %args.routes.display(), instances = n, mqtt_listeners, "tandem proxy serving");
+    tracing::info!(listen = %listener.local_addr()?, metrics = %metrics.local_addr()?, routes = %path.display(), instances = n, mqtt_listeners, "tandem proxy serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
     let watcher = tokio::spawn(file::watch_with_mqtt(
-        args.routes.clone(),
+        path,
         routes,
         mqtt.clone(),
         stats,

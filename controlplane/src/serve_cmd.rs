@@ -50,6 +50,7 @@ pub async fn state(
         more_metrics: None,
         login_throttle: Arc::new(LoginThrottle::new(config.login_limits.clone())),
         config: Arc::new(config),
+        feed: Arc::default(),
     })
 }
 
@@ -192,13 +193,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = bootstrap(&state, &args.data_dir).await? {
         tracing::info!(path = %path.display(), "first start: created user admin; its API token is in this file (read it once, keep it safe)");
     }
-    let http = tokio::net::TcpListener::bind(args.http_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (instances)", args.http_listen))?;
+    // With `--no-proxy`, standalone proxies serve the instances.
+    let http = match args.no_proxy {
+        true => None,
+        false => Some(
+            tokio::net::TcpListener::bind(args.http_listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (instances)", args.http_listen))?,
+        ),
+    };
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on {} (metrics)", args.metrics_listen))?;
-    tracing::info!(api = %api.local_addr()?, http = %http.local_addr()?, metrics = %metrics.local_addr()?, data_dir = %args.data_dir.display(), base_domain = %args.base_domain, "tandem serving");
+    let http_addr = match &http {
+        Some(h) => h.local_addr()?.to_string(),
+        None => "none (--no-proxy)".into(),
+    };
+    tracing::info!(api = %api.local_addr()?, http = %http_addr, metrics = %metrics.local_addr()?, data_dir = %args.data_dir.display(), base_domain = %args.base_domain, "tandem serving");
 
     // The coordinator runs the instances' replicas and publishes them into the proxy's routes.
     let routes = Arc::new(Routes::new());
@@ -221,7 +232,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let coordinator = Coordinator::new(
         Arc::new(driver),
-        Arc::new(tandem_coordinator::dataplane::InProcess(routes.clone())),
+        // The in-process proxy (unless `--no-proxy`) and the standalone proxies' route feed.
+        Arc::new(crate::route_feed::FeedDataPlane {
+            local: (!args.no_proxy)
+                .then(|| tandem_coordinator::dataplane::InProcess(routes.clone())),
+            feed: state.feed.clone(),
+        }),
         Arc::new(LogBook::default()),
         CoordinatorConfig {
             policy: RestartPolicy {
@@ -278,7 +294,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         mqtt,
         stopped(),
     ));
-    let proxy_task = tokio::spawn(tandem_proxy::server::serve(http, proxy, stopped()));
+    let proxy_task =
+        http.map(|http| tokio::spawn(tandem_proxy::server::serve(http, proxy, stopped())));
     let metrics_task = tokio::spawn({
         let (stop, app) = (stopped(), crate::metrics_app(state.clone()));
         async move { axum::serve(metrics, app).with_graceful_shutdown(stop).await }
@@ -298,7 +315,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = reconcile_task.await;
-    let _ = proxy_task.await;
+    if let Some(task) = proxy_task {
+        let _ = task.await;
+    }
     api_task.await??;
     metrics_task.await??;
     if args.stop_replicas_on_exit {

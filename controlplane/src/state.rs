@@ -61,4 +61,6 @@ pub struct AppState {
     pub login_throttle: Arc<LoginThrottle>,
     /// The platform key: instance secrets derive from it, secret variables are sealed with it.
     pub key: crate::secrets::PlatformKey,
+    /// The route feed of standalone proxies.
+    pub feed: Arc<crate::route_feed::RouteFeed>,
 }

@@ -9,7 +9,10 @@
 //!
 //! # Layout
 //! - [`routes`]: the route table (one `ArcSwap` snapshot), host normalization, validation;
-//!   [`routes::file`] reads and watches the TOML routes file of `tandem proxy`.
+//!   [`routes::file`] reads and watches the TOML routes file of `tandem proxy`;
+//!   [`routes::feed`] is the table a control plane sends a standalone proxy, and its cache file.
+//! - [`control`]: a standalone proxy's link to its control plane: the route feed, the reports
+//!   drains wait for, the editor gate's question.
 //! - [`health`]: replica readiness, active probes, passive ejection with backoff.
 //! - [`balance`]: choosing a replica.
 //! - [`proxy`]: one request, phase by phase.
@@ -28,6 +31,7 @@
 pub mod balance;
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod credentials;
 pub mod health;
 pub mod metrics;

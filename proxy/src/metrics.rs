@@ -123,6 +123,10 @@ pub struct ProxyStats {
     reloads_failed: AtomicU64,
     last_reload_ok: AtomicBool,
     last_reload_unix: AtomicU64,
+    /// A standalone proxy's route feed: connected to its control plane, and the generation of
+    /// the table it serves (0 without a feed).
+    feed_connected: AtomicBool,
+    feed_generation: AtomicU64,
     /// Counters of the MQTT proxy's listeners, one per replica, published by
     /// [`MqttProxy`](crate::mqtt::MqttProxy) whenever its listeners change.
     pub(crate) mqtt: ArcSwap<Vec<Arc<MqttReplicaStats>>>,
@@ -142,6 +146,16 @@ impl ProxyStats {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         self.last_reload_unix.store(now, Ordering::Relaxed);
+    }
+
+    /// Records whether the route feed is connected to its control plane.
+    pub fn record_feed_connected(&self, connected: bool) {
+        self.feed_connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Records the generation of the route table the feed applied.
+    pub fn record_feed_generation(&self, generation: u64) {
+        self.feed_generation.store(generation, Ordering::Relaxed);
     }
 
     /// Open client connections.
@@ -554,6 +568,28 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
         out,
         "tandem_proxy_route_last_reload_timestamp_seconds {}",
         load(&stats.last_reload_unix)
+    );
+    header(
+        &mut out,
+        "tandem_proxy_control_plane_connected",
+        "gauge",
+        "1 while the route feed of a standalone proxy is connected to its control plane.",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_control_plane_connected {}",
+        u8::from(stats.feed_connected.load(Ordering::Relaxed))
+    );
+    header(
+        &mut out,
+        "tandem_proxy_route_generation",
+        "gauge",
+        "Generation of the route table the feed applied (0 without a feed).",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_route_generation {}",
+        load(&stats.feed_generation)
     );
     header(
         &mut out,

@@ -20,6 +20,7 @@ use arc_swap::ArcSwap;
 use crate::health::{self, HealthConfig, ReplicaState};
 use crate::metrics::InstanceStats;
 
+pub mod feed;
 pub mod file;
 
 /// Largest number of replicas one instance may have. Bounded so that a request can track the

@@ -193,6 +193,17 @@ const MATRIX: &[Row] = &[
     row("GET", "/api/v1/storage/{id}/library", [401; 6]),
     row("PUT", "/api/v1/storage/{id}/library", [401; 6]),
     row("POST", "/api/v1/storage/{id}/modules", [401; 6]),
+    // Standalone proxies: admins manage their tokens; the proxy routes take a proxy token only.
+    row("GET", "/api/v1/proxy-tokens", ADMIN_ONLY),
+    row("POST", "/api/v1/proxy-tokens", with_ok(ADMIN_ONLY, 201)),
+    row(
+        "DELETE",
+        "/api/v1/proxy-tokens/{id}",
+        with_ok(ADMIN_ONLY, 204),
+    ),
+    row("GET", "/api/v1/routes", [401; 6]),
+    row("POST", "/api/v1/routes/report", [401; 6]),
+    row("POST", "/api/v1/routes/editor-check", [401; 6]),
     // Stacks and templates: everyone signed in reads, admins write.
     row("GET", "/api/v1/stacks", SIGNED_IN),
     row("POST", "/api/v1/stacks", with_ok(ADMIN_ONLY, 201)),
@@ -449,6 +460,18 @@ impl World {
                 (format!("/api/v1/stacks/{}", new_stack(s).await), None)
             }
             ("POST", "/api/v1/templates") => (row.path.into(), Some(template_body())),
+            ("POST", "/api/v1/proxy-tokens") => (row.path.into(), Some(json!({ "name": "edge" }))),
+            ("DELETE", "/api/v1/proxy-tokens/{id}") => {
+                let t = s
+                    .post(
+                        "/api/v1/proxy-tokens",
+                        &s.admin,
+                        json!({ "name": "doomed" }),
+                    )
+                    .await;
+                let id = t.ok(201)["id"].as_str().unwrap().to_string();
+                (format!("/api/v1/proxy-tokens/{id}"), None)
+            }
             ("PUT", "/api/v1/templates/{id}") => (
                 format!("/api/v1/templates/{}", self.template),
                 Some(template_body()),

@@ -15,6 +15,7 @@ mod matrix;
 mod metrics_labels;
 mod modules;
 mod ops;
+mod proxies;
 mod races;
 mod secret_env;
 mod snapshots;
