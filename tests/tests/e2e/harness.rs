@@ -233,6 +233,14 @@ impl Tandem {
         }
     }
 
+    /// SIGKILL, as a crash: nothing is stopped, replicas keep running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The Prometheus page of the metrics listener (the API's, the coordinator's and the
     /// proxy's series).
     pub async fn metrics(&self) -> String {

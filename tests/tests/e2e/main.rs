@@ -13,3 +13,4 @@ mod lifecycle;
 mod modules;
 mod mqtt;
 mod security;
+mod standalone;
