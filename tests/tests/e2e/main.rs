@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod access;
+mod dashboard;
 mod deploys;
 mod ha;
 mod hang;
@@ -14,3 +15,4 @@ mod modules;
 mod mqtt;
 mod security;
 mod standalone;
+mod webdriver;
