@@ -27,6 +27,28 @@ pub enum Command {
     /// Run the ingress proxy alone, serving the instances of a routes file (reloaded when it
     /// changes and on SIGHUP).
     Proxy(ProxyArgs),
+    /// Write the store and the platform key to one file (SQLite stores; consistent while
+    /// Tandem runs).
+    Backup {
+        /// The backup file to write (0600).
+        #[arg(long)]
+        to: PathBuf,
+        /// Data directory (as for `tandem serve`).
+        #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
+        data_dir: PathBuf,
+        /// The platform key file, when not `<data-dir>/secret-key`.
+        #[arg(long, env = "TANDEM_PLATFORM_KEY_FILE")]
+        platform_key_file: Option<PathBuf>,
+    },
+    /// Restore a backup into an empty data directory.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// Data directory to restore into (must hold no store yet).
+        #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
+        data_dir: PathBuf,
+    },
     /// Internal: runs PROGRAM in a local replica's Landlock sandbox (`SandboxExecArgs`).
     #[command(hide = true)]
     SandboxExec(SandboxExecArgs),
@@ -195,6 +217,11 @@ pub struct ServeArgs {
     /// Address where instances are served (by host name).
     #[arg(long, env = "TANDEM_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
+    /// The platform key (64 hex digits) instead of `<data-dir>/secret-key`: control planes
+    /// that share a database are each given the same key. A key that does not match the
+    /// database's is refused at start.
+    #[arg(long, env = "TANDEM_PLATFORM_KEY_FILE")]
+    pub platform_key_file: Option<PathBuf>,
     /// Run without the in-process proxy: instances are served by standalone proxies
     /// (`tandem proxy --control-plane`) only, and `--http-listen` is not bound.
     #[arg(long, env = "TANDEM_NO_PROXY")]
@@ -337,6 +364,24 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             tokio::runtime::Runtime::new()?.block_on(crate::serve_cmd::run(args))
+        }
+        Command::Backup {
+            to,
+            data_dir,
+            platform_key_file,
+        } => {
+            tokio::runtime::Runtime::new()?.block_on(crate::backup::backup(
+                &data_dir,
+                platform_key_file.as_deref(),
+                &to,
+            ))?;
+            println!("backed up {} to {}", data_dir.display(), to.display());
+            Ok(())
+        }
+        Command::Restore { from, data_dir } => {
+            tokio::runtime::Runtime::new()?.block_on(crate::backup::restore(&from, &data_dir))?;
+            println!("restored {} into {}", from.display(), data_dir.display());
+            Ok(())
         }
         Command::User(UserCommand::Create {
             name,

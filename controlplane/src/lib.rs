@@ -7,6 +7,8 @@
 //!   control plane's route feed.
 //! - [`route_feed`]: the route feed of standalone proxies and their reports; the coordinator's
 //!   data plane in `tandem serve`.
+//! - [`backup`]: `tandem backup` and `tandem restore`: the store and the platform key in one
+//!   file.
 //! - [`api`]: the routes under `/api/v1`, one module per resource, and the OpenAPI document.
 //! - [`auth`]: passwords, tokens, sessions, the `Caller` extractor.
 //! - [`node_settings`], [`node_env`]: the Node-RED settings and environment variables users may
@@ -42,6 +44,7 @@ use axum::Router;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod deployments;
 pub mod desired;

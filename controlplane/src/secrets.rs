@@ -38,6 +38,50 @@ impl PlatformKey {
         Ok(Self(key))
     }
 
+    /// The key in `path` (64 hex digits, as `<data-dir>/secret-key`): `--platform-key-file`, for
+    /// control planes that share a database.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the platform key file {}", path.display()))?;
+        let bytes = decode_hex(text.trim())
+            .filter(|b| b.len() == 32)
+            .with_context(|| format!("{} is not 64 hex digits", path.display()))?;
+        let mut key = [0; 32];
+        key.copy_from_slice(&bytes);
+        Ok(Self(key))
+    }
+
+    /// The key as 64 hex digits, for a backup.
+    pub fn to_hex(&self) -> String {
+        crate::store::hex(&self.0)
+    }
+
+    /// Checks the key against the database's `key_check`, recording it on first use: a control
+    /// plane with another key than the database's secrets were made with refuses to start.
+    pub async fn check_against(&self, store: &crate::store::Store) -> anyhow::Result<()> {
+        use sqlx::Row as _;
+        let mine = self.derive("key-check", "platform");
+        // The first control plane records its key's check; one starting at the same time
+        // finds it.
+        sqlx::query(
+            "INSERT INTO platform_meta (name, value) VALUES ('key_check', $1) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&mine)
+        .execute(&store.pool)
+        .await?;
+        let stored: String =
+            sqlx::query("SELECT value FROM platform_meta WHERE name = 'key_check'")
+                .fetch_one(&store.pool)
+                .await?
+                .get(0);
+        if stored != mine {
+            anyhow::bail!(
+                "the platform key does not match this database's: its instances' secrets were made with another key. Every control plane on one database needs the same key (--platform-key-file, 64 hex digits, as <data-dir>/secret-key)"
+            );
+        }
+        Ok(())
+    }
+
     /// A key for tests.
     pub fn from_bytes(key: [u8; 32]) -> Self {
         Self(key)

@@ -34,6 +34,18 @@ pub async fn state(
     database_url: Option<&str>,
     config: ApiConfig,
 ) -> anyhow::Result<AppState> {
+    state_with_key(data_dir, database_url, config, None).await
+}
+
+/// [`state`] with the platform key from `key_file` (`--platform-key-file`) rather than
+/// `<data_dir>/secret-key`. Either way the key must match the database's (see
+/// [`PlatformKey::check_against`]).
+pub async fn state_with_key(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    config: ApiConfig,
+    key_file: Option<&Path>,
+) -> anyhow::Result<AppState> {
     secure_data_dir(data_dir, database_url.is_none())?;
     let store = Store::open(data_dir, database_url)
         .await
@@ -41,7 +53,11 @@ pub async fn state(
             Some(_) => "cannot open the PostgreSQL database".to_string(),
             None => format!("cannot open the store in {}", data_dir.display()),
         })?;
-    let key = PlatformKey::load_or_create(data_dir)?;
+    let key = match key_file {
+        Some(f) => PlatformKey::load(f)?,
+        None => PlatformKey::load_or_create(data_dir)?,
+    };
+    key.check_against(&store).await?;
     Ok(AppState {
         key,
         store,
@@ -187,7 +203,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         )),
         ..ApiConfig::default()
     };
-    let state = state(&args.data_dir, args.database_url.as_deref(), config).await?;
+    let state = state_with_key(
+        &args.data_dir,
+        args.database_url.as_deref(),
+        config,
+        args.platform_key_file.as_deref(),
+    )
+    .await?;
     // Deploys under way when Tandem stopped are rolled back before anything runs.
     crate::deployments::recover(&state).await?;
     if let Some(path) = bootstrap(&state, &args.data_dir).await? {

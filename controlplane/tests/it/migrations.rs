@@ -113,6 +113,16 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(templates, ["{}"]);
+    // Migrations 6 and 7: no proxy token yet, and no platform key checked yet (the first
+    // `tandem serve` of the new version records its key's check).
+    for table in ["proxy_tokens", "platform_meta"] {
+        let n: i64 = sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(&mut *c)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{table}");
+    }
     let recorded = recorded(&mut c).await;
     assert_eq!(
         recorded[0],
@@ -436,11 +446,13 @@ async fn recorded(c: &mut AnyConnection) -> Vec<Recorded> {
 }
 
 /// Tables the migrations after 0.1 added.
-const LATER_TABLES: [&str; 5] = [
+const LATER_TABLES: [&str; 7] = [
     "deployments",
     "library_entries",
     "pipeline_stages",
     "pipelines",
+    "platform_meta",
+    "proxy_tokens",
     "snapshots",
 ];
 
