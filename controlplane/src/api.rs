@@ -16,6 +16,7 @@ use crate::state::AppState;
 
 pub mod applications;
 pub mod audit_log;
+pub mod cluster;
 pub mod instances;
 pub mod logs;
 pub mod modules;
@@ -77,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .merge(modules::router())
         .merge(storage::router(state.config.max_document_bytes))
         .merge(proxies::router())
+        .merge(cluster::router())
         .split_for_parts();
     let doc = std::sync::Arc::new(doc);
     api.route(

@@ -222,6 +222,18 @@ pub struct ServeArgs {
     /// database's is refused at start.
     #[arg(long, env = "TANDEM_PLATFORM_KEY_FILE")]
     pub platform_key_file: Option<PathBuf>,
+    /// This control plane's id among those sharing the database; default
+    /// `<host name>:<API address>`.
+    #[arg(long, env = "TANDEM_CONTROL_PLANE_ID")]
+    pub control_plane_id: Option<String>,
+    /// Where the other control planes reach this one's API (they forward to the leader);
+    /// default the API's address (127.0.0.1 when it listens on every address).
+    #[arg(long, env = "TANDEM_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// How long the coordinator's lease lasts without renewal, in milliseconds: another
+    /// control plane takes over within about this long after the leader stops.
+    #[arg(long, env = "TANDEM_LEASE_TTL_MS", default_value_t = 5_000)]
+    pub lease_ttl_ms: u64,
     /// Run without the in-process proxy: instances are served by standalone proxies
     /// (`tandem proxy --control-plane`) only, and `--http-listen` is not bound.
     #[arg(long, env = "TANDEM_NO_PROXY")]

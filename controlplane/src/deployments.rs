@@ -420,6 +420,12 @@ impl Watch {
         let mut failed: std::collections::BTreeMap<String, String> = Default::default();
         loop {
             tokio::time::sleep(WATCH_INTERVAL).await;
+            // The watch belongs to the leader's coordinator: a control plane that lost the lease
+            // leaves the deploy to the next leader, which rolls it back ([`recover`]).
+            if !self.state.leadership.may_act() {
+                tracing::warn!(deployment = %self.id, "no longer leading: the next leader takes the deploy over");
+                return;
+            }
             let stored = match snapshots::stored_flows(&self.state, &self.instance_id).await {
                 Ok(f) => f,
                 Err(ApiError::NotFound(_)) => {

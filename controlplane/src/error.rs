@@ -48,6 +48,9 @@ pub enum ApiError {
         /// Seconds until an attempt may succeed again: the `Retry-After` header.
         retry_after_secs: u64,
     },
+    /// Not now: no control plane leads yet (a takeover); the answer carries `Retry-After`.
+    #[error("{0}")]
+    Unavailable(String),
     /// A fault of ours.
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
@@ -86,6 +89,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -115,7 +119,7 @@ pub struct ErrorBody {
 /// Code and message of an error.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
-    /// Machine-readable code: bad_request, unauthorized, forbidden, not_found, conflict, invalid, too_large, too_many_requests, internal.
+    /// Machine-readable code: bad_request, unauthorized, forbidden, not_found, conflict, invalid, too_large, too_many_requests, unavailable, internal.
     pub code: String,
     /// What was wrong, for people.
     pub message: String,

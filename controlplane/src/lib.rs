@@ -25,6 +25,8 @@
 //! - [`env_secrets`]: secret environment variables, sealed in the store and never shown.
 //! - [`mqtt_wiring`]: the MQTT proxy's per-replica listeners in `tandem serve`.
 //! - [`editor_gate`]: who may open an instance's editor through the proxy.
+//! - [`leader`]: one leader among control planes on one database: the coordinator's lease, and
+//!   the followers' forwarding of the API to the leader.
 //! - [`roles`]: roles and the permission table.
 //! - [`audit`]: writing audit entries.
 //! - [`store`]: the database (SQLite or PostgreSQL) and its schema, migrated at start from
@@ -51,6 +53,7 @@ pub mod desired;
 pub mod editor_gate;
 pub mod env_secrets;
 pub mod error;
+pub mod leader;
 pub mod metrics;
 pub mod mqtt_wiring;
 pub mod node_credentials;
@@ -76,6 +79,10 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .with_state(state.clone());
     api::router(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            leader::forward,
+        ))
         .merge(ops)
         .layer(axum::middleware::from_fn_with_state(state, track))
 }

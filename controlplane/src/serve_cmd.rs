@@ -67,6 +67,7 @@ pub async fn state_with_key(
         login_throttle: Arc::new(LoginThrottle::new(config.login_limits.clone())),
         config: Arc::new(config),
         feed: Arc::default(),
+        leadership: crate::leader::Leadership::always("local"),
     })
 }
 
@@ -210,8 +211,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.platform_key_file.as_deref(),
     )
     .await?;
-    // Deploys under way when Tandem stopped are rolled back before anything runs.
-    crate::deployments::recover(&state).await?;
     if let Some(path) = bootstrap(&state, &args.data_dir).await? {
         tracing::info!(path = %path.display(), "first start: created user admin; its API token is in this file (read it once, keep it safe)");
     }
@@ -252,27 +251,52 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         interval: std::time::Duration::from_millis(args.liveness_check_ms.max(10)),
         hang_after: std::time::Duration::from_millis(args.hang_after_ms.max(50)),
     };
-    let coordinator = Coordinator::new(
-        Arc::new(driver),
-        // The in-process proxy (unless `--no-proxy`) and the standalone proxies' route feed.
+    let driver = Arc::new(driver);
+    // The in-process proxy (unless `--no-proxy`) and the standalone proxies' route feed.
+    let plane: Arc<dyn tandem_coordinator::dataplane::DataPlane> =
         Arc::new(crate::route_feed::FeedDataPlane {
             local: (!args.no_proxy)
                 .then(|| tandem_coordinator::dataplane::InProcess(routes.clone())),
             feed: state.feed.clone(),
-        }),
-        Arc::new(LogBook::default()),
-        CoordinatorConfig {
-            policy: RestartPolicy {
-                base: std::time::Duration::from_millis(args.restart_backoff_ms.max(1)),
-                max_quick_crashes: args.crash_loop_restarts.max(1),
-                ..RestartPolicy::default()
-            },
-            drain_timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
-            ..CoordinatorConfig::default()
+        });
+    let logbook = Arc::new(LogBook::default());
+    let coordinator_config = CoordinatorConfig {
+        policy: RestartPolicy {
+            base: std::time::Duration::from_millis(args.restart_backoff_ms.max(1)),
+            max_quick_crashes: args.crash_loop_restarts.max(1),
+            ..RestartPolicy::default()
+        },
+        drain_timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
+        ..CoordinatorConfig::default()
+    };
+    // One leader among the control planes on the database runs the coordinator; the others
+    // forward the API to it.
+    let id = args.control_plane_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "tandem".into());
+        format!("{host}:{api_addr}")
+    });
+    let advertise = args
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| std::net::SocketAddr::new(storage_ip, api_addr.port()).to_string());
+    let mut state = state;
+    state.leadership = crate::leader::elect(
+        state.store.clone(),
+        id.clone(),
+        advertise,
+        crate::leader::LeaseConfig {
+            ttl: std::time::Duration::from_millis(args.lease_ttl_ms.max(300)),
         },
     );
-    let mut state = state;
-    state.coordinator = coordinator.clone();
+    // The API answers once it knows whether it leads (or forwards to whom).
+    state
+        .leadership
+        .known(std::time::Duration::from_millis(args.lease_ttl_ms.max(300)))
+        .await;
+    let switch = Arc::new(crate::leader::Switch::default());
+    state.coordinator = switch.clone();
     let stats = Arc::new(ProxyStats::default());
     state.more_metrics = Some(Arc::new({
         let (routes, stats) = (routes.clone(), stats.clone());
@@ -291,7 +315,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
-    let mqtt = match &args.mqtt_upstream {
+    let mqtt_config = match &args.mqtt_upstream {
         Some(upstream) => {
             let mut config = tandem_proxy::MqttConfig::new(upstream.as_str());
             if args.mqtt_tls {
@@ -302,19 +326,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             } else if args.mqtt_ca_file.is_some() {
                 anyhow::bail!("--mqtt-ca-file needs --mqtt-tls");
             }
-            Some(crate::mqtt_wiring::MqttWiring::new(
-                &args.data_dir,
-                config,
-                stats.clone(),
-            )?)
+            Some(config)
         }
         None => None,
     };
-    let reconcile_task = tokio::spawn(crate::desired::run(
-        state.clone(),
-        coordinator.clone(),
-        mqtt,
-        stopped(),
+    let lead_task = tokio::spawn(lead(
+        Leading {
+            state: state.clone(),
+            switch: switch.clone(),
+            driver,
+            plane,
+            logbook,
+            config: coordinator_config,
+            mqtt: mqtt_config,
+            data_dir: args.data_dir.clone(),
+            stats: stats.clone(),
+        },
+        stop_rx.clone(),
     ));
     let proxy_task =
         http.map(|http| tokio::spawn(tandem_proxy::server::serve(http, proxy, stopped())));
@@ -336,7 +364,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = reconcile_task.await;
+    let _ = lead_task.await;
     if let Some(task) = proxy_task {
         let _ = task.await;
     }
@@ -344,7 +372,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     metrics_task.await??;
     if args.stop_replicas_on_exit {
         tracing::info!("stopping every replica");
-        coordinator.stop_all().await;
+        switch.stop_all().await;
     } else {
         tracing::info!("replicas keep running; the next tandem serve adopts them");
     }
@@ -373,4 +401,95 @@ fn npm_options(args: &ServeArgs) -> anyhow::Result<tandem_coordinator::local::Np
         allow_install_scripts: args.npm_allow_install_scripts,
         userconfig,
     })
+}
+
+/// What a control plane needs to run the coordinator while it leads.
+struct Leading {
+    state: AppState,
+    switch: Arc<crate::leader::Switch>,
+    driver: Arc<LocalDriver>,
+    plane: Arc<dyn tandem_coordinator::dataplane::DataPlane>,
+    logbook: Arc<LogBook>,
+    config: CoordinatorConfig,
+    mqtt: Option<tandem_proxy::MqttConfig>,
+    data_dir: std::path::PathBuf,
+    stats: Arc<ProxyStats>,
+}
+
+/// Runs a coordinator for every term this control plane leads, until `stop`: each one checks
+/// the lease before every action, and is abandoned (its replicas left running) when the
+/// leadership goes.
+async fn lead(l: Leading, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut role = l.state.leadership.watch();
+    loop {
+        // Wait to lead.
+        while !l.state.leadership.may_act() {
+            tokio::select! {
+                _ = role.changed() => {}
+                _ = stop.changed() => return,
+            }
+        }
+        let coordinator = Coordinator::new(
+            l.driver.clone(),
+            l.plane.clone(),
+            l.logbook.clone(),
+            l.config,
+        );
+        let leadership = l.state.leadership.clone();
+        coordinator.set_fence(Arc::new(move || leadership.may_act()));
+        l.switch.set(Some(coordinator.clone()));
+        // Deploys under way when the last leader stopped are rolled back before anything runs.
+        if let Err(e) = crate::deployments::recover(&l.state).await {
+            tracing::error!(error = %e, "cannot recover the deploys under way");
+        }
+        let mqtt = match &l.mqtt {
+            Some(config) => {
+                match crate::mqtt_wiring::MqttWiring::new(
+                    &l.data_dir,
+                    config.clone(),
+                    l.stats.clone(),
+                ) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot set up the MQTT proxy");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let (end_tx, end_rx) = tokio::sync::watch::channel(false);
+        let reconcile = tokio::spawn(crate::desired::run(
+            l.state.clone(),
+            coordinator.clone(),
+            mqtt,
+            crate::stopped(end_rx),
+        ));
+        // Lead until the lease lapses or Tandem stops.
+        let stopping = loop {
+            if !l.state.leadership.may_act() {
+                break false;
+            }
+            let until = match l.state.leadership.role() {
+                crate::leader::Role::Leader { valid_until, .. } => valid_until,
+                _ => std::time::Instant::now(),
+            };
+            tokio::select! {
+                _ = role.changed() => {}
+                _ = tokio::time::sleep_until(until.into()) => {}
+                _ = stop.changed() => break true,
+            }
+        };
+        let _ = end_tx.send(true);
+        if stopping {
+            let _ = reconcile.await;
+            return;
+        }
+        tracing::warn!(
+            "no longer leading: the coordinator is abandoned, its replicas keep running"
+        );
+        reconcile.abort();
+        coordinator.abandon();
+        l.switch.set(None);
+    }
 }

@@ -63,4 +63,7 @@ pub struct AppState {
     pub key: crate::secrets::PlatformKey,
     /// The route feed of standalone proxies.
     pub feed: Arc<crate::route_feed::RouteFeed>,
+    /// Whether this control plane leads (runs the coordinator); a follower forwards the API to
+    /// the leader.
+    pub leadership: crate::leader::Leadership,
 }

@@ -57,6 +57,8 @@ pub struct Coordinator<D: Driver> {
     ending: Arc<Mutex<HashMap<String, JoinHandle<()>>>>,
     changed: Arc<Notify>,
     shutting_down: AtomicBool,
+    /// Whether it may act (set once, before the first [`Coordinator::apply`]).
+    fence: std::sync::OnceLock<crate::Fence>,
 }
 
 struct WorkerHandle {
@@ -87,6 +89,7 @@ impl<D: Driver> Coordinator<D> {
             ending: Arc::default(),
             changed: Arc::new(Notify::new()),
             shutting_down: AtomicBool::new(false),
+            fence: std::sync::OnceLock::new(),
         });
         // Each verdict goes to the worker of its instance.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -107,6 +110,24 @@ impl<D: Driver> Coordinator<D> {
             });
         }
         this
+    }
+
+    /// Makes every action of the coordinator wait until `fence` answers true: the leader's
+    /// check of its own lease, so that a leader that lost it (stopped, cut off) never acts on a
+    /// stale term. Set once, before the first [`Coordinator::apply`].
+    pub fn set_fence(&self, fence: crate::Fence) {
+        let _ = self.fence.set(fence);
+    }
+
+    /// Drops every worker without stopping any replica: the leadership moved to another control
+    /// plane. The replicas keep running and a coordinator on this machine adopts them later.
+    pub fn abandon(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        if let Ok(mut workers) = self.workers.lock() {
+            for (_, w) in workers.drain() {
+                w.task.abort();
+            }
+        }
     }
 
     /// Makes `desired` the whole desired state: instances not in it are stopped and their data
@@ -235,6 +256,7 @@ impl<D: Driver> Coordinator<D> {
             self.observed.clone(),
             self.config,
             first,
+            self.fence.get().cloned(),
         )
         .run(want, events, inputs)
         .await;

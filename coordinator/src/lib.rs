@@ -38,3 +38,7 @@ pub mod status;
 pub(crate) mod worker;
 
 pub use coordinator::{Coordinator, CoordinatorConfig};
+
+/// Whether a coordinator may act now: a leader's check of its own lease (see
+/// [`Coordinator::set_fence`]).
+pub type Fence = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;

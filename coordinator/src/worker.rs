@@ -218,6 +218,23 @@ enum Op {
     Check(u32, String),
 }
 
+impl Op {
+    /// Its name, for the log.
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::Prepare(_) => "prepare",
+            Op::Start { .. } => "start",
+            Op::Drain(_) => "drain",
+            Op::Stop(_) => "stop",
+            Op::Fence(_) => "fence",
+            Op::SetFlows(..) => "set-flows",
+            Op::Retire(_) => "retire",
+            Op::Deploy { .. } => "deploy",
+            Op::Check(..) => "check",
+        }
+    }
+}
+
 /// A driver call that finished.
 enum Done {
     Prepare(RuntimeKey, Result<Prepared, DriverError>),
@@ -252,6 +269,8 @@ pub(crate) struct Worker<I: InstanceDriver> {
     next_run: u64,
     ops: JoinSet<Done>,
     pending: Vec<Op>,
+    /// Whether it may act; `None`: always.
+    fence: Option<crate::Fence>,
 }
 
 impl<I: InstanceDriver> Worker<I> {
@@ -262,8 +281,10 @@ impl<I: InstanceDriver> Worker<I> {
         observed: Arc<Observed>,
         config: CoordinatorConfig,
         want: Want,
+        fence: Option<crate::Fence>,
     ) -> Self {
         Self {
+            fence,
             name: want.desired.process.instance.clone(),
             id,
             driver,
@@ -343,8 +364,11 @@ impl<I: InstanceDriver> Worker<I> {
             Runtime::Preparing { since, .. } => Some(*since + INSTALLING_AFTER),
             _ => None,
         };
+        // Calls held while the coordinator may not act are tried again soon.
+        let held = (!self.pending.is_empty()).then(|| Instant::now() + FENCED_RETRY);
         slots
             .chain(installing)
+            .chain(held)
             .filter(|t| *t > Instant::now())
             .min()
     }
@@ -391,9 +415,22 @@ impl<I: InstanceDriver> Worker<I> {
             self.deploy_flows(&d, now);
         }
         self.publish(&d, now);
+        // A coordinator that may not act (its leadership lapsed) keeps its calls until it may
+        // again, or until it is abandoned: it never acts on a stale term.
+        if !self.pending.is_empty() && !self.may_act() {
+            return;
+        }
         for op in std::mem::take(&mut self.pending) {
+            if self.fence.is_some() {
+                tracing::info!(instance = %self.name, op = op.kind(), "coordinator action");
+            }
             self.spawn(op);
         }
+    }
+
+    /// Whether the coordinator may act now (see [`crate::Fence`]).
+    fn may_act(&self) -> bool {
+        self.fence.as_ref().is_none_or(|f| f())
     }
 
     /// Fences every hung replica, whatever else waits (a stack install, a call on it that
@@ -1330,6 +1367,9 @@ fn runtime_key(spec: &ProcessSpec) -> RuntimeKey {
 /// How long flows a replica saved itself are kept from a deploy of older desired flows: the
 /// control plane stores them and applies within moments; past this, the desired flows win.
 const SAVED_GRACE: Duration = Duration::from_secs(10);
+
+/// How often calls held while the coordinator may not act are tried again.
+const FENCED_RETRY: Duration = Duration::from_millis(100);
 
 /// A stack install shows as `installing` only once it has taken this long.
 const INSTALLING_AFTER: Duration = Duration::from_millis(50);

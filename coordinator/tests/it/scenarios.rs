@@ -778,3 +778,44 @@ async fn flows_a_replica_saved_itself_are_not_deployed_back_nor_undone() {
         Some(saved.rev)
     );
 }
+
+/// A leader whose lease lapsed (its fence answers false) does not act: a crashed replica is
+/// not restarted until the fence opens again; an abandoned coordinator never restarts it.
+#[tokio::test(start_paused = true)]
+async fn a_coordinator_whose_fence_is_closed_holds_its_actions_and_an_abandoned_one_never_acts() {
+    let w = world();
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let fence_open = open.clone();
+    w.coordinator.set_fence(Arc::new(move || {
+        fence_open.load(std::sync::atomic::Ordering::SeqCst)
+    }));
+    w.coordinator.apply(vec![desired("lease", 1, false)]);
+    w.status_is("id-lease", InstanceState::Running).await;
+    let id = r("lease", 0);
+    assert_eq!(starts(&w.fake.calls(), &id), 1);
+
+    open.store(false, std::sync::atomic::Ordering::SeqCst);
+    w.fake.crash(&id, 1);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        starts(&w.fake.calls(), &id),
+        1,
+        "acted with its fence closed"
+    );
+
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    w.fake
+        .until("the restart once the fence opens", |c| starts(c, &id) == 2)
+        .await;
+    w.status_is("id-lease", InstanceState::Running).await;
+
+    w.coordinator.abandon();
+    settle().await;
+    w.fake.crash(&id, 1);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        starts(&w.fake.calls(), &id),
+        2,
+        "an abandoned coordinator acted"
+    );
+}

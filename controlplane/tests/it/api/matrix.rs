@@ -202,6 +202,7 @@ const MATRIX: &[Row] = &[
         with_ok(ADMIN_ONLY, 204),
     ),
     row("GET", "/api/v1/routes", [401; 6]),
+    row("GET", "/api/v1/cluster", ADMIN_ONLY),
     row("POST", "/api/v1/routes/report", [401; 6]),
     row("POST", "/api/v1/routes/editor-check", [401; 6]),
     // Stacks and templates: everyone signed in reads, admins write.
