@@ -123,6 +123,14 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
             .get(0);
         assert_eq!(n, 0, "{table}");
     }
+    // Migration 8: the coordinator's lease, held by nobody.
+    let lease: (String, i64) =
+        sqlx::query("SELECT holder, term FROM leases WHERE name = 'coordinator'")
+            .fetch_one(&mut *c)
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+    assert_eq!(lease, (String::new(), 0));
     let recorded = recorded(&mut c).await;
     assert_eq!(
         recorded[0],
@@ -446,8 +454,10 @@ async fn recorded(c: &mut AnyConnection) -> Vec<Recorded> {
 }
 
 /// Tables the migrations after 0.1 added.
-const LATER_TABLES: [&str; 7] = [
+const LATER_TABLES: [&str; 9] = [
+    "control_planes",
     "deployments",
+    "leases",
     "library_entries",
     "pipeline_stages",
     "pipelines",
