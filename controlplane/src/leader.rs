@@ -24,6 +24,9 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::{Backend, Store};
 
+/// Longest wait for the leader's answer (its head: streams then flow as long as they last).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The header a forwarded request carries: the follower's id. A control plane that does not
 /// lead answers such a request 503 rather than forward it again.
 pub const FORWARDED: &str = "x-tandem-forwarded-by";
@@ -54,10 +57,15 @@ pub async fn forward(State(state): State<AppState>, mut req: Request, next: Next
     if let Ok(v) = http::HeaderValue::from_str(&state.leadership.id) {
         req.headers_mut().insert(FORWARDED, v);
     }
-    match send(&address, req).await {
-        Ok(r) => r,
-        Err(e) => unavailable(format!(
+    // A leader that stopped (SIGSTOP) still accepts connections: its answer is waited for
+    // only so long, then the lease moves on.
+    match tokio::time::timeout(FORWARD_TIMEOUT, send(&address, req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => unavailable(format!(
             "the leading control plane at {address} did not answer: {e}"
+        )),
+        Err(_) => unavailable(format!(
+            "the leading control plane at {address} did not answer within {FORWARD_TIMEOUT:?}"
         )),
     }
 }

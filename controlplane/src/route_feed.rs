@@ -41,6 +41,9 @@ pub struct Presence {
 pub struct RouteFeed {
     table: watch::Sender<Arc<FeedTable>>,
     proxies: Mutex<HashMap<String, Presence>>,
+    /// Set when Tandem stops: open feeds end, so the API's graceful shutdown does not wait for
+    /// the proxies to hang up.
+    closed: watch::Sender<bool>,
 }
 
 impl Default for RouteFeed {
@@ -61,6 +64,20 @@ impl RouteFeed {
             }))
             .0,
             proxies: Mutex::default(),
+            closed: watch::channel(false).0,
+        }
+    }
+
+    /// Ends every open feed (Tandem is stopping); proxies keep serving and reconnect.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Resolves once [`RouteFeed::close`] was called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closed.subscribe();
+        async move {
+            let _ = rx.wait_for(|c| *c).await;
         }
     }
 

@@ -350,6 +350,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let (stop, app) = (stopped(), crate::metrics_app(state.clone()));
         async move { axum::serve(metrics, app).with_graceful_shutdown(stop).await }
     });
+    let feed = state.feed.clone();
     let api_task = tokio::spawn({
         let stop = stopped();
         async move {
@@ -364,11 +365,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    // Route feeds are endless: they end now, the proxies reconnect to the next Tandem.
+    feed.close();
     let _ = lead_task.await;
     if let Some(task) = proxy_task {
         let _ = task.await;
     }
-    api_task.await??;
+    // Other long requests (log streams, requests forwarded to the leader) get a while, not
+    // for ever.
+    match tokio::time::timeout(std::time::Duration::from_secs(10), api_task).await {
+        Ok(done) => done??,
+        Err(_) => tracing::warn!("API requests still open after 10 s; stopping anyway"),
+    }
     metrics_task.await??;
     if args.stop_replicas_on_exit {
         tracing::info!("stopping every replica");
@@ -465,18 +473,23 @@ async fn lead(l: Leading, mut stop: tokio::sync::watch::Receiver<bool>) {
             mqtt,
             crate::stopped(end_rx),
         ));
-        // Lead until the lease lapses or Tandem stops.
+        // Lead until another holds the lease (or none is known) or Tandem stops. A renewal
+        // that comes late only pauses the coordinator's actions (its fence), it does not end
+        // the term.
+        let term = match l.state.leadership.role() {
+            crate::leader::Role::Leader { term, .. } => term,
+            _ => 0,
+        };
         let stopping = loop {
-            if !l.state.leadership.may_act() {
+            let same = matches!(
+                l.state.leadership.role(),
+                crate::leader::Role::Leader { term: t, .. } if t == term
+            );
+            if !same {
                 break false;
             }
-            let until = match l.state.leadership.role() {
-                crate::leader::Role::Leader { valid_until, .. } => valid_until,
-                _ => std::time::Instant::now(),
-            };
             tokio::select! {
                 _ = role.changed() => {}
-                _ = tokio::time::sleep_until(until.into()) => {}
                 _ = stop.changed() => break true,
             }
         };

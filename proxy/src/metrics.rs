@@ -127,6 +127,8 @@ pub struct ProxyStats {
     /// the table it serves (0 without a feed).
     feed_connected: AtomicBool,
     feed_generation: AtomicU64,
+    /// Routes come from a control plane's feed: only then are the two series above shown.
+    feed_used: AtomicBool,
     /// Counters of the MQTT proxy's listeners, one per replica, published by
     /// [`MqttProxy`](crate::mqtt::MqttProxy) whenever its listeners change.
     pub(crate) mqtt: ArcSwap<Vec<Arc<MqttReplicaStats>>>,
@@ -150,11 +152,13 @@ impl ProxyStats {
 
     /// Records whether the route feed is connected to its control plane.
     pub fn record_feed_connected(&self, connected: bool) {
+        self.feed_used.store(true, Ordering::Relaxed);
         self.feed_connected.store(connected, Ordering::Relaxed);
     }
 
     /// Records the generation of the route table the feed applied.
     pub fn record_feed_generation(&self, generation: u64) {
+        self.feed_used.store(true, Ordering::Relaxed);
         self.feed_generation.store(generation, Ordering::Relaxed);
     }
 
@@ -569,28 +573,31 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
         "tandem_proxy_route_last_reload_timestamp_seconds {}",
         load(&stats.last_reload_unix)
     );
-    header(
-        &mut out,
-        "tandem_proxy_control_plane_connected",
-        "gauge",
-        "1 while the route feed of a standalone proxy is connected to its control plane.",
-    );
-    let _ = writeln!(
-        out,
-        "tandem_proxy_control_plane_connected {}",
-        u8::from(stats.feed_connected.load(Ordering::Relaxed))
-    );
-    header(
-        &mut out,
-        "tandem_proxy_route_generation",
-        "gauge",
-        "Generation of the route table the feed applied (0 without a feed).",
-    );
-    let _ = writeln!(
-        out,
-        "tandem_proxy_route_generation {}",
-        load(&stats.feed_generation)
-    );
+    // Only a proxy fed by a control plane has a link to it to show.
+    if stats.feed_used.load(Ordering::Relaxed) {
+        header(
+            &mut out,
+            "tandem_proxy_control_plane_connected",
+            "gauge",
+            "1 while the route feed of a standalone proxy is connected to its control plane.",
+        );
+        let _ = writeln!(
+            out,
+            "tandem_proxy_control_plane_connected {}",
+            u8::from(stats.feed_connected.load(Ordering::Relaxed))
+        );
+        header(
+            &mut out,
+            "tandem_proxy_feed_generation",
+            "gauge",
+            "Generation of the route table the feed applied (0 without a feed).",
+        );
+        let _ = writeln!(
+            out,
+            "tandem_proxy_feed_generation {}",
+            load(&stats.feed_generation)
+        );
+    }
     header(
         &mut out,
         "tandem_proxy_open_connections",

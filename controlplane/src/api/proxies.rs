@@ -236,11 +236,13 @@ async fn route_feed(
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let mut tables = state.feed.subscribe();
     tables.mark_changed();
+    let closed = Box::pin(state.feed.closed());
     let stream = futures_util::stream::unfold(
-        (tables, state, caller.token_id),
-        |(mut tables, state, token)| async move {
+        (tables, state, caller.token_id, closed),
+        |(mut tables, state, token, mut closed)| async move {
             loop {
                 tokio::select! {
+                    _ = &mut closed => return None,
                     changed = tables.changed() => {
                         changed.ok()?;
                         let table = tables.borrow_and_update().clone();
@@ -249,7 +251,7 @@ async fn route_feed(
                             .id(table.generation.to_string())
                             .json_data(&*table)
                             .ok()?;
-                        return Some((Ok(event), (tables, state, token)));
+                        return Some((Ok(event), (tables, state, token, closed)));
                     }
                     _ = tokio::time::sleep(RECHECK) => {
                         if !still_valid(&state, &token).await {

@@ -146,6 +146,16 @@ impl Tandem {
         Self::launch(dir, stop_replicas, &[]).await
     }
 
+    /// Starts `tandem serve` on `dir`, as it is, with more flags.
+    pub async fn start_in_with(dir: &Path, stop_replicas: bool, args: &[&str]) -> Self {
+        Self::launch(dir, stop_replicas, args).await
+    }
+
+    /// The pid of `tandem serve`, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     async fn launch(dir: &Path, stop_replicas: bool, args: &[&str]) -> Self {
         // A Tandem started again on a data directory gets the ports it had, as a restarted
         // service does: its replicas reach the storage API where they were told it is.

@@ -278,8 +278,17 @@ async fn standalone_proxies_serve_through_a_control_plane_crash_and_hold_drains_
         p1.metric("tandem_proxy_control_plane_connected").await,
         Some(0.0)
     );
-    // Back, for the replicas to be stopped with it.
-    let t3 = Tandem::start_in(&dir, true).await;
+    // Back, for the replicas to be stopped with it. A SIGTERM does not wait for the proxies
+    // to hang up their feeds (the harness would SIGKILL it after 40 s).
+    let mut t3 = Tandem::start_in(&dir, true).await;
+    p1.connected().await;
+    let stopping = Instant::now();
+    t3.stop();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(20),
+        "tandem serve took {:?} to stop with a proxy on its feed",
+        stopping.elapsed()
+    );
     drop(t3);
     drop(t2);
     drop(t);

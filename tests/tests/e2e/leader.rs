@@ -1,0 +1,198 @@
+//! Issue 13's control planes on one PostgreSQL database: one leads and runs the coordinator, the
+//! other forwards the API to it. A SIGKILLed leader is replaced within the lease's bound and the
+//! API keeps working on the survivor; a SIGSTOPped leader, woken after the other took over,
+//! never acts on its stale term (checked on the coordinator's own actions, not only the lease);
+//! a restarted control plane follows.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{hello_flows, Tandem};
+
+/// The lease's time to live in these tests.
+const TTL_MS: u64 = 1500;
+
+/// Kills every process left with its working directory under `root` (replicas outlive the
+/// control plane that started them by design).
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let Ok(root) = self.0.canonicalize() else {
+            return;
+        };
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if std::fs::read_link(p.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&root)) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// `GET /api/v1/cluster`, given a second: a follower forwarding to a stopped leader waits
+/// longer than that for its answer.
+async fn cluster(t: &Tandem) -> Option<Value> {
+    let r = tokio::time::timeout(
+        Duration::from_secs(1),
+        t.api("GET", "/api/v1/cluster", Value::Null),
+    )
+    .await
+    .ok()?;
+    (r.status == 200).then(|| r.json())
+}
+
+/// Waits until `t` answers that `leader` leads; returns how long it took.
+async fn leads(t: &Tandem, leader: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Some(c) = cluster(t).await {
+            if c["self"]["id"] == leader && c["self"]["leader"] == true {
+                return start.elapsed();
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{leader} never led: {:?}",
+            cluster(t).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn log_len(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("tandem.log"))
+        .map(|s| s.len())
+        .unwrap_or(0)
+}
+
+fn log_since(dir: &Path, from: usize) -> String {
+    let text = std::fs::read_to_string(dir.join("tandem.log")).unwrap_or_default();
+    text.get(from..).unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_planes_on_one_database_have_one_leader_which_a_stopped_one_never_undercuts() {
+    let pg = tandem_controlplane::scratch_pg::start().await.unwrap();
+    let url = pg.create_database().await.unwrap();
+    let base = tempfile::Builder::new()
+        .prefix("tandem-e2e-leader-")
+        .tempdir()
+        .unwrap();
+    let _reaper = Reaper(base.path().to_path_buf());
+    let key = base.path().join("platform-key");
+    std::fs::write(&key, format!("{}\n", "5e".repeat(32))).unwrap();
+    let (a_dir, b_dir) = (base.path().join("a"), base.path().join("b"));
+    let ttl = TTL_MS.to_string();
+    let args = |id: &'static str| {
+        vec![
+            "--database-url".to_string(),
+            url.clone(),
+            "--platform-key-file".to_string(),
+            key.display().to_string(),
+            "--lease-ttl-ms".to_string(),
+            ttl.clone(),
+            "--control-plane-id".to_string(),
+            id.to_string(),
+        ]
+    };
+    let start = |dir: PathBuf, id: &'static str| {
+        let a = args(id);
+        async move {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            Tandem::start_in_with(&dir, true, &a).await
+        }
+    };
+    let a = start(a_dir.clone(), "a").await;
+    leads(&a, "a").await;
+    // The second control plane finds the admin in the database; the harness reads its token
+    // from the data directory.
+    std::fs::create_dir_all(&b_dir).unwrap();
+    std::fs::copy(a_dir.join("admin-token"), b_dir.join("admin-token")).unwrap();
+    let mut b = start(b_dir.clone(), "b").await;
+
+    // One leader, and the follower forwards: its answers are the leader's.
+    let c = cluster(&b).await.unwrap();
+    assert_eq!(c["self"]["id"], "a", "{c}");
+    let planes = c["control_planes"].as_array().unwrap();
+    assert_eq!(planes.len(), 2, "{c}");
+    assert_eq!(
+        planes.iter().filter(|p| p["leader"] == true).count(),
+        1,
+        "{c}"
+    );
+    // API writes through the follower.
+    let (app, _) = b.team_and_app("Leaders").await;
+    let id = b.instance(&app, "led", hello_flows(), 1).await;
+    let s = b.wait_running(&id, 1).await;
+    let a_pid = s["replicas"][0]["pid"].as_u64().unwrap();
+    // Served by the leader's proxy (a follower's own proxy has no routes: standalone proxies
+    // serve clusters).
+    let r = a.get("led", "/hello").await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // The leader stops (SIGSTOP): the other takes over within the lease's bound, and runs the
+    // instance itself. Meanwhile the stopped leader's replica dies: woken, the old leader would
+    // restart it on its stale term.
+    let a_serve = a.pid().unwrap();
+    signal(a_serve, "-STOP");
+    let took = leads(&b, "b").await;
+    assert!(
+        took < Duration::from_millis(TTL_MS * 4),
+        "the takeover took {took:?}"
+    );
+    let s = b
+        .wait_status(&id, 120, |s| {
+            s["ready"] == 1 && s["replicas"][0]["pid"] != a_pid
+        })
+        .await;
+    assert_ne!(s["replicas"][0]["pid"], a_pid, "b runs its own replica");
+    signal(u32::try_from(a_pid).unwrap(), "-KILL");
+    let woken = log_len(&a_dir);
+    signal(a_serve, "-CONT");
+    tokio::time::sleep(Duration::from_millis(TTL_MS * 3)).await;
+    let after = log_since(&a_dir, woken);
+    assert!(
+        !after.contains("coordinator action"),
+        "the old leader acted on its stale term:\n{after}"
+    );
+    assert!(after.contains("no longer leading"), "{after}");
+    let c = cluster(&a).await.unwrap();
+    assert_eq!(c["self"]["id"], "b", "a forwards to b: {c}");
+
+    // The leader is SIGKILLed: the survivor leads and the API keeps working on it.
+    b.kill();
+    let took = leads(&a, "a").await;
+    assert!(
+        took < Duration::from_millis(TTL_MS * 4),
+        "the takeover took {took:?}"
+    );
+    let other = a.instance(&app, "after", hello_flows(), 1).await;
+    a.wait_running(&other, 1).await;
+    a.wait_running(&id, 1).await;
+
+    // Started again, the old leader follows.
+    let b = start(b_dir.clone(), "b").await;
+    let c = cluster(&b).await.unwrap();
+    assert_eq!(c["self"]["id"], "a", "{c}");
+    drop(b);
+    drop(a);
+}
