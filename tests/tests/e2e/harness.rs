@@ -201,7 +201,8 @@ impl Tandem {
             .stderr(log)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: a loaded 2-core machine (builds beside the tests) starts it slowly.
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Ok(r) = http(api, "GET", "api", "/healthz", &[], "").await {
                 if r.status == 200 {
