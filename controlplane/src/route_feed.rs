@@ -10,12 +10,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_coordinator::dataplane::{
-    DataPlane, InProcess, InstanceRoutes, Pending, Serving, Verdict,
-};
+use tandem_coordinator::dataplane::{DataPlane, InProcess, InstanceRoutes, Pending, Verdict};
 use tandem_coordinator::replica::ReplicaId;
 use tandem_proxy::control::Report;
-use tandem_proxy::routes::feed::{self, FeedInstance, FeedReplica, FeedTable};
+use tandem_proxy::routes::feed::FeedTable;
 use tokio::sync::{mpsc, watch};
 
 /// A proxy that has not reported for this long is gone: drains no longer wait for it.
@@ -83,30 +81,7 @@ impl RouteFeed {
 
     /// Publishes the coordinator's routes: a new generation when they changed.
     pub fn publish(&self, instances: &[InstanceRoutes]) {
-        let instances: Vec<FeedInstance> = instances
-            .iter()
-            .map(|i| FeedInstance {
-                name: i.name.clone(),
-                hosts: i.hosts.clone(),
-                ha: i.ha,
-                affinity: i.affinity,
-                hold: i.hold,
-                editor_secret: i.editor_secret.clone(),
-                replicas: i
-                    .replicas
-                    .iter()
-                    .map(|r| FeedReplica {
-                        id: r.id.to_string(),
-                        addr: r.addr,
-                        serving: match r.serving {
-                            Serving::Ready => feed::Serving::Ready,
-                            Serving::Draining => feed::Serving::Draining,
-                            Serving::Unready => feed::Serving::Unready,
-                        },
-                    })
-                    .collect(),
-            })
-            .collect();
+        let instances = tandem_coordinator::dataplane::feed_instances(instances);
         self.table.send_if_modified(|t| {
             if t.instances == instances {
                 return false;
@@ -220,6 +195,8 @@ impl DataPlane for FeedDataPlane {
 
 #[cfg(test)]
 mod tests {
+    use tandem_coordinator::dataplane::Serving;
+
     use super::*;
 
     fn routes(serving: Serving) -> Vec<InstanceRoutes> {

@@ -8,8 +8,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_proxy::routes::{InstanceSpec, ReplicaSpec};
-use tandem_proxy::{HealthConfig, Routes};
+use tandem_proxy::routes::feed::{self, FeedInstance, FeedReplica, FeedTable};
+use tandem_proxy::Routes;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::replica::ReplicaId;
@@ -87,29 +87,42 @@ pub trait DataPlane: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct InProcess(pub Arc<Routes>);
 
+/// The routes as a proxy takes them, in the route feed's terms (the feed of standalone proxies
+/// carries exactly these).
+pub fn feed_instances(instances: &[InstanceRoutes]) -> Vec<FeedInstance> {
+    instances
+        .iter()
+        .map(|i| FeedInstance {
+            name: i.name.clone(),
+            hosts: i.hosts.clone(),
+            ha: i.ha,
+            affinity: i.affinity,
+            hold: i.hold,
+            editor_secret: i.editor_secret.clone(),
+            replicas: i
+                .replicas
+                .iter()
+                .map(|r| FeedReplica {
+                    id: r.id.to_string(),
+                    addr: r.addr,
+                    serving: match r.serving {
+                        Serving::Ready => feed::Serving::Ready,
+                        Serving::Draining => feed::Serving::Draining,
+                        Serving::Unready => feed::Serving::Unready,
+                    },
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 impl DataPlane for InProcess {
     fn publish(&self, instances: &[InstanceRoutes]) {
-        let specs: Vec<InstanceSpec> = instances
-            .iter()
-            .map(|i| InstanceSpec {
-                name: i.name.clone(),
-                hosts: i.hosts.clone(),
-                ha: i.ha,
-                editor_secret: Some(i.editor_secret.clone()),
-                affinity: i.affinity,
-                hold: i.hold,
-                replicas: i
-                    .replicas
-                    .iter()
-                    .map(|r| ReplicaSpec {
-                        id: r.id.to_string(),
-                        addr: r.addr,
-                        ready: r.serving == Serving::Ready,
-                    })
-                    .collect(),
-                health: Some(HealthConfig::default()),
-            })
-            .collect();
+        let specs = FeedTable {
+            generation: 0,
+            instances: feed_instances(instances),
+        }
+        .specs();
         if let Err(e) = self.0.publish(&specs) {
             tracing::error!(error = %e, "cannot publish the route table");
         }

@@ -5,14 +5,14 @@
 //! dashboards show (`TANDEM_MQTT_EXCLUDE`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tandem_proxy::proxy::AFFINITY_COOKIE;
 
-use crate::harness::{free_port, hello_flows, kill9, Tandem};
+use crate::harness::{hello_flows, kill9, Tandem};
+use crate::mqtt::Mosquitto;
 use crate::webdriver::{Chromedriver, Session};
 
 /// The Dashboard 2.0 release the tests install.
@@ -439,56 +439,4 @@ fn publish(broker: &Mosquitto, messages: &[String]) {
         }
     }
     assert!(publisher.wait().unwrap().success());
-}
-
-/// A Mosquitto of its own on a free port (as in `mqtt.rs`).
-struct Mosquitto {
-    addr: SocketAddr,
-    child: Child,
-    /// Its config; removed on drop, after the kill.
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start() -> Self {
-        let port = free_port();
-        let dir = tempfile::Builder::new()
-            .prefix("tandem-e2e-mosquitto-")
-            .tempdir()
-            .unwrap();
-        std::fs::write(
-            dir.path().join("mosquitto.conf"),
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or("mosquitto");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(dir.path().join("mosquitto.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto (apt-get install mosquitto; .ci/run does)");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            addr,
-            child,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -11,16 +11,16 @@ use serde_json::json;
 
 use crate::harness::{free_port, Tandem};
 
-/// A Mosquitto of its own on a free port.
-struct Mosquitto {
-    addr: SocketAddr,
+/// A Mosquitto of its own on a free port (the dashboard tests use it too).
+pub(crate) struct Mosquitto {
+    pub(crate) addr: SocketAddr,
     child: Child,
     /// Its config; removed on drop, after the kill.
     _dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let port = free_port();
         let dir = tempfile::Builder::new()
             .prefix("tandem-e2e-mosquitto-")
