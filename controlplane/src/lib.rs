@@ -119,13 +119,39 @@ async fn metrics(State(state): State<AppState>) -> Response {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         format!(
-            "{}{}{}",
+            "{}{}{}{}",
             state.metrics.render(),
+            cluster_metrics(&state),
             state.coordinator.metrics(),
             state.more_metrics.as_ref().map(|f| f()).unwrap_or_default()
         ),
     )
         .into_response()
+}
+
+/// The cluster as this control plane sees it, the series of `GET /api/v1/cluster`.
+fn cluster_metrics(state: &AppState) -> String {
+    let term = match state.leadership.role() {
+        leader::Role::Leader { term, .. } | leader::Role::Follower { term, .. } => term,
+        leader::Role::Unknown => 0,
+    };
+    format!(
+        "# HELP tandem_control_plane_leader 1 while this control plane leads (runs the coordinator).\n\
+         # TYPE tandem_control_plane_leader gauge\n\
+         tandem_control_plane_leader {}\n\
+         # HELP tandem_control_plane_term The lease's term as this control plane last saw it.\n\
+         # TYPE tandem_control_plane_term gauge\n\
+         tandem_control_plane_term {term}\n\
+         # HELP tandem_route_feed_proxies Standalone proxies that reported in the last 3 s.\n\
+         # TYPE tandem_route_feed_proxies gauge\n\
+         tandem_route_feed_proxies {}\n\
+         # HELP tandem_route_feed_generation The generation of the route table this control plane publishes.\n\
+         # TYPE tandem_route_feed_generation gauge\n\
+         tandem_route_feed_generation {}\n",
+        u8::from(state.leadership.may_act()),
+        state.feed.proxies().len(),
+        state.feed.generation(),
+    )
 }
 
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
