@@ -140,8 +140,14 @@ async fn two_control_planes_on_one_database_have_one_leader_which_a_stopped_one_
         "{c}"
     );
     // The metrics say the same.
-    assert!(a.metrics().await.contains("\ntandem_control_plane_leader 1\n"));
-    assert!(b.metrics().await.contains("\ntandem_control_plane_leader 0\n"));
+    assert!(a
+        .metrics()
+        .await
+        .contains("\ntandem_control_plane_leader 1\n"));
+    assert!(b
+        .metrics()
+        .await
+        .contains("\ntandem_control_plane_leader 0\n"));
     // API writes through the follower.
     let (app, _) = b.team_and_app("Leaders").await;
     let id = b.instance(&app, "led", hello_flows(), 1).await;
