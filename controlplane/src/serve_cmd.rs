@@ -304,7 +304,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }));
     let proxy = Arc::new(
         Proxy::new(
-            routes,
+            routes.clone(),
             ProxyConfig {
                 hold_timeout: std::time::Duration::from_millis(args.hold_timeout_ms),
                 ..ProxyConfig::default()
@@ -341,6 +341,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             mqtt: mqtt_config,
             data_dir: args.data_dir.clone(),
             stats: stats.clone(),
+            routes: (!args.no_proxy).then(|| routes.clone()),
+            http_addr: http_addr.clone(),
         },
         stop_rx.clone(),
     ));
@@ -422,6 +424,43 @@ struct Leading {
     mqtt: Option<tandem_proxy::MqttConfig>,
     data_dir: std::path::PathBuf,
     stats: Arc<ProxyStats>,
+    /// The in-process proxy's routes; `None` with `--no-proxy`.
+    routes: Option<Arc<Routes>>,
+    /// Where the in-process proxy listens, for the leader's view of it.
+    http_addr: String,
+}
+
+/// A follower's in-process proxy takes the leader's route feed, with the control planes' own
+/// token (derived from the platform key they share), and reports its requests in flight, which
+/// the leader's drains wait for.
+fn follow_leader(
+    l: &Leading,
+    address: &str,
+    routes: Arc<Routes>,
+) -> Option<Vec<tokio::task::JoinHandle<()>>> {
+    let link = tandem_proxy::control::ControlPlane::new(
+        &format!("http://{address}"),
+        &crate::api::proxies::control_plane_token(&l.state.key),
+        &l.state.leadership.id,
+        &l.http_addr,
+        routes,
+        l.stats.clone(),
+        None,
+    );
+    match link {
+        Ok(link) => {
+            let link = Arc::new(link);
+            tracing::info!(leader = %address, "the in-process proxy follows the leader's routes");
+            Some(vec![
+                tokio::spawn(link.clone().follow()),
+                tokio::spawn(link.report()),
+            ])
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow the leader's routes");
+            None
+        }
+    }
 }
 
 /// Runs a coordinator for every term this control plane leads, until `stop`: each one checks
@@ -430,12 +469,32 @@ struct Leading {
 async fn lead(l: Leading, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut role = l.state.leadership.watch();
     loop {
-        // Wait to lead.
+        // Wait to lead. Meanwhile the in-process proxy follows the leader's route feed, as a
+        // standalone proxy would, so this control plane's own listener serves every instance.
+        let mut following: Option<(String, Vec<tokio::task::JoinHandle<()>>)> = None;
         while !l.state.leadership.may_act() {
+            let leader = l.state.leadership.leader_address();
+            if following.as_ref().map(|(a, _)| a) != leader.as_ref() {
+                if let Some((_, tasks)) = following.take() {
+                    tasks.iter().for_each(|t| t.abort());
+                }
+                if let (Some(address), Some(routes)) = (leader, &l.routes) {
+                    following =
+                        follow_leader(&l, &address, routes.clone()).map(|tasks| (address, tasks));
+                }
+            }
             tokio::select! {
                 _ = role.changed() => {}
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    if let Some((_, tasks)) = following.take() {
+                        tasks.iter().for_each(|t| t.abort());
+                    }
+                    return;
+                }
             }
+        }
+        if let Some((_, tasks)) = following.take() {
+            tasks.iter().for_each(|t| t.abort());
         }
         let coordinator = Coordinator::new(
             l.driver.clone(),

@@ -153,10 +153,21 @@ async fn two_control_planes_on_one_database_have_one_leader_which_a_stopped_one_
     let id = b.instance(&app, "led", hello_flows(), 1).await;
     let s = b.wait_running(&id, 1).await;
     let a_pid = s["replicas"][0]["pid"].as_u64().unwrap();
-    // Served by the leader's proxy (a follower's own proxy has no routes: standalone proxies
-    // serve clusters).
+    // Served by both control planes' proxies: the follower's follows the leader's routes.
     let r = a.get("led", "/hello").await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = b.get("led", "/hello").await.unwrap();
+        if r.status == 200 && r.body == "hello" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower's proxy answers {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The leader stops (SIGSTOP): the other takes over within the lease's bound, and runs the
     // instance itself. Meanwhile the stopped leader's replica dies: woken, the old leader would

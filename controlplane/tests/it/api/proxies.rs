@@ -94,6 +94,14 @@ async fn the_route_feed_takes_proxy_tokens_only_and_sends_the_table_on_connect_a
         let (status, _) = feed(&s, bearer, "event: table").await;
         assert!(status.starts_with("HTTP/1.1 401"), "{bearer}: {status}");
     }
+    // Control planes follow each other's feed with a token derived from the platform key they
+    // share; another `tdc_` token is refused.
+    let key = tandem_controlplane::secrets::PlatformKey::load_or_create(s.dir.path()).unwrap();
+    let own = tandem_controlplane::api::proxies::control_plane_token(&key);
+    let (status, _) = feed(&s, &own, "event: table").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let (status, _) = feed(&s, &format!("tdc_{}", "0".repeat(64)), "event: table").await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
     // A proxy token opens no user route.
     let r = s
         .get("/api/v1/teams", &Auth::Bearer(proxy_value.clone()))
