@@ -346,8 +346,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         stop_rx.clone(),
     ));
-    let proxy_task =
-        http.map(|http| tokio::spawn(tandem_proxy::server::serve(http, proxy, stopped())));
+    // The listener is bound, but requests are taken only once the first table is in (or after
+    // a few seconds, for a platform with no instance): meanwhile connections wait in the
+    // listener's queue rather than get 404 for hosts the table does not have yet.
+    let mut first_table = routes.swaps();
+    let proxy_task = http.map(|http| {
+        let stop = stopped();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                first_table.wait_for(|n| *n > 0),
+            )
+            .await;
+            tandem_proxy::server::serve(http, proxy, stop).await
+        })
+    });
     let metrics_task = tokio::spawn({
         let (stop, app) = (stopped(), crate::metrics_app(state.clone()));
         async move { axum::serve(metrics, app).with_graceful_shutdown(stop).await }
