@@ -562,6 +562,15 @@ impl Watch {
     }
 
     async fn finish(&self, status: DeployStatus, error: Option<String>) {
+        let end = match status {
+            DeployStatus::Succeeded => Some(crate::metrics::DeployEnd::Succeeded),
+            DeployStatus::Failed => Some(crate::metrics::DeployEnd::Failed),
+            DeployStatus::RolledBack => Some(crate::metrics::DeployEnd::RolledBack),
+            DeployStatus::Pending | DeployStatus::Running => None,
+        };
+        if let Some(end) = end {
+            self.state.metrics.deploy_ended(end);
+        }
         let result = async {
             let mut tx = self.state.store.write().await?;
             sqlx::query(

@@ -15,10 +15,35 @@ struct Series {
     buckets: [u64; BUCKETS.len()],
 }
 
-/// Counters keyed by (method, route template, status).
+/// Counters keyed by (method, route template, status), and deploys by how they ended.
 #[derive(Debug, Default)]
 pub struct ApiMetrics {
     series: Mutex<BTreeMap<(String, String, u16), Series>>,
+    /// Ended deploys: succeeded, failed, rolled back.
+    deploys: [std::sync::atomic::AtomicU64; 3],
+}
+
+/// How a deploy ended, for `tandem_deployments_total{status}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeployEnd {
+    /// Every replica runs the new content.
+    Succeeded,
+    /// It stopped short.
+    Failed,
+    /// The health gate refused it; the old content is back.
+    RolledBack,
+}
+
+impl DeployEnd {
+    const ALL: [Self; 3] = [Self::Succeeded, Self::Failed, Self::RolledBack];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
+        }
+    }
 }
 
 impl ApiMetrics {
@@ -38,10 +63,25 @@ impl ApiMetrics {
         }
     }
 
+    /// Counts a deploy that ended.
+    pub fn deploy_ended(&self, end: DeployEnd) {
+        self.deploys[end as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Renders every series.
     pub fn render(&self) -> String {
         let map = self.series.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
+        // Every status from 0, so alerts on a rate see the series before the first failure.
+        out.push_str("# HELP tandem_deployments_total Deploys (flows, modules, rollbacks, pipelines) this control plane watched to their end, by how they ended.\n# TYPE tandem_deployments_total counter\n");
+        for end in DeployEnd::ALL {
+            let _ = writeln!(
+                out,
+                "tandem_deployments_total{{status=\"{}\"}} {}",
+                end.label(),
+                self.deploys[end as usize].load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
         out.push_str("# HELP tandem_api_requests_total API requests by method, route and status.\n# TYPE tandem_api_requests_total counter\n");
         for ((m, r, s), v) in map.iter() {
             let _ = writeln!(

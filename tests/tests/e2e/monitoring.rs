@@ -24,6 +24,7 @@ const REQUIRED_ALERTS: &[&str] = &[
     "TandemInstanceDegraded",
     "TandemReplicaCrashLoop",
     "TandemDeployStuck",
+    "TandemDeployFailed",
     "TandemProxyWithoutControlPlane",
 ];
 

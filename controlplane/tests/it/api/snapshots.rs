@@ -703,6 +703,12 @@ async fn a_deploy_follows_the_replicas_and_rolls_back_on_a_refusal(b: Backend) {
     let done = ended(&s, &owner.auth, &d).await;
     assert_eq!(done["status"], "rolled_back", "{done}");
     assert_eq!(done["error"], "unknown node type: foo-bar");
+    // Counted for the alert on failed deploys.
+    let metrics = s.state.metrics.render();
+    assert!(
+        metrics.contains("tandem_deployments_total{status=\"rolled_back\"} 1\n"),
+        "{metrics}"
+    );
     assert_eq!(done["replicas"][0]["status"], "restored", "{done}");
     assert_eq!(
         done["replicas"][0]["error"], "unknown node type: foo-bar",
