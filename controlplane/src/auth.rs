@@ -289,7 +289,7 @@ impl Caller {
         let now = now_ms();
         if let Some(token) = bearer(headers) {
             let row = sqlx::query(
-                "SELECT u.id, u.username, u.admin, t.expires_at, t.id, t.last_used_at FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = $1",
+                "SELECT u.id, u.username, u.admin, t.expires_at, t.id, t.last_used_at, u.disabled FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = $1",
             )
             .bind(hash_secret(token))
             .fetch_optional(&state.store.pool)
@@ -299,6 +299,11 @@ impl Caller {
                     "the bearer token is not valid (revoked, or never issued)".into(),
                 ));
             };
+            if row.get::<i64, _>(6) != 0 {
+                return Err(ApiError::Unauthorized(
+                    "the token's user is disabled".into(),
+                ));
+            }
             let expires: Option<i64> = row.get(3);
             if expires.is_some_and(|e| e <= now) {
                 return Err(ApiError::Unauthorized(
@@ -327,7 +332,7 @@ impl Caller {
         }
         if let Some(session) = session_cookie(headers) {
             let row = sqlx::query(
-                "SELECT u.id, u.username, u.admin FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.hash = $1 AND s.expires_at > $2",
+                "SELECT u.id, u.username, u.admin FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.hash = $1 AND s.expires_at > $2 AND u.disabled = 0",
             )
             .bind(hash_secret(session))
             .bind(now)

@@ -22,6 +22,8 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(logout))
         .routes(routes!(me))
         .routes(routes!(list_users, create_user))
+        .routes(routes!(update_user))
+        .routes(routes!(change_password))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
 }
@@ -37,9 +39,14 @@ pub struct User {
     pub email: Option<String>,
     /// Platform admin.
     pub admin: bool,
+    /// Disabled by a platform admin: cannot sign in; its sessions and tokens open nothing.
+    pub disabled: bool,
     /// Creation time, epoch ms.
     pub created_at: i64,
 }
+
+/// The columns [`user_from`] reads.
+const USER_COLUMNS: &str = "id, username, email, admin, created_at, disabled";
 
 fn user_from(row: &sqlx::any::AnyRow) -> User {
     User {
@@ -48,6 +55,7 @@ fn user_from(row: &sqlx::any::AnyRow) -> User {
         email: row.get(2),
         admin: row.get::<i64, _>(3) != 0,
         created_at: row.get(4),
+        disabled: row.get::<i64, _>(5) != 0,
     }
 }
 
@@ -95,12 +103,14 @@ async fn login(
             retry_after_secs,
         });
     }
-    let row = sqlx::query("SELECT id, username, email, admin, created_at, password_hash FROM users WHERE username = $1")
-        .bind(&body.username)
-        .fetch_optional(&state.store.pool)
-        .await?;
+    let row = sqlx::query(&format!(
+        "SELECT {USER_COLUMNS}, password_hash FROM users WHERE username = $1"
+    ))
+    .bind(&body.username)
+    .fetch_optional(&state.store.pool)
+    .await?;
     let wrong = || ApiError::Unauthorized("wrong username or password".into());
-    let hash: Option<String> = row.as_ref().and_then(|r| r.get(5));
+    let hash: Option<String> = row.as_ref().and_then(|r| r.get(6));
     // Unknown users and users without a password are checked against a dummy hash, so a miss
     // takes as long as a wrong password and usernames cannot be probed by timing.
     if !auth::verify_password_blocking(body.password.clone(), hash).await {
@@ -111,6 +121,12 @@ async fn login(
     };
     state.login_throttle.succeeded(&body.username, addr);
     let user = user_from(&row);
+    // Said only to whoever knows the password.
+    if user.disabled {
+        return Err(ApiError::Unauthorized(
+            "this user is disabled; a platform admin can enable it again".into(),
+        ));
+    }
     let secret = auth::random_secret()?;
     let now = now_ms();
     let expires = now + state.config.session_ttl_ms;
@@ -194,7 +210,7 @@ async fn logout(
 /// The signed-in user.
 #[utoipa::path(get, path = "/api/v1/user", tag = "users", responses((status = 200, body = User), (status = 401, body = crate::error::ErrorBody)))]
 async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<User>> {
-    let row = sqlx::query("SELECT id, username, email, admin, created_at FROM users WHERE id = $1")
+    let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
         .bind(&caller.id)
         .fetch_one(&state.store.pool)
         .await?;
@@ -211,11 +227,13 @@ async fn list_users(
 ) -> ApiResult<Json<Page<User>>> {
     require_admin(&caller)?;
     let limit = q.limit()?;
-    let rows = sqlx::query("SELECT id, username, email, admin, created_at FROM users WHERE id > $1 ORDER BY id LIMIT $2")
-        .bind(q.after())
-        .bind(limit + 1)
-        .fetch_all(&state.store.pool)
-        .await?;
+    let rows = sqlx::query(&format!(
+        "SELECT {USER_COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
+    ))
+    .bind(q.after())
+    .bind(limit + 1)
+    .fetch_all(&state.store.pool)
+    .await?;
     Ok(Json(Page::from_overfetch(
         rows.iter().map(user_from).collect(),
         limit,
@@ -308,6 +326,7 @@ pub async fn insert_user(
         username: username.to_string(),
         email: email.map(str::to_owned),
         admin,
+        disabled: false,
         created_at: now_ms(),
     };
     let mut tx = state.store.write().await?;
@@ -332,6 +351,175 @@ pub async fn insert_user(
     .await?;
     tx.commit().await?;
     Ok(user)
+}
+
+/// Checks a new password: at least 8 characters, at most 1024.
+fn check_password(field: &str, password: &str) -> ApiResult<()> {
+    let n = password.chars().count();
+    if !(8..=1024).contains(&n) {
+        return Err(ApiError::invalid(field, "must be 8 to 1024 characters"));
+    }
+    Ok(())
+}
+
+/// Ends every session of `user`.
+async fn end_sessions(tx: &mut sqlx::Transaction<'static, sqlx::Any>, user: &str) -> ApiResult<()> {
+    sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+        .bind(user)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A password change.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    /// The password now.
+    pub current: String,
+    /// The new one: 8 to 1024 characters.
+    pub new: String,
+}
+
+/// Changes the caller's own password. Every session of the caller ends (sign in again with the
+/// new one); tokens stay. A wrong `current` counts as a failed sign-in.
+#[utoipa::path(put, path = "/api/v1/user/password", tag = "users", request_body = PasswordChange,
+    responses((status = 204), (status = 401, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)))]
+async fn change_password(
+    State(state): State<AppState>,
+    ClientAddr(addr): ClientAddr,
+    caller: Caller,
+    Json(body): Json<PasswordChange>,
+) -> ApiResult<StatusCode> {
+    check_password("new", &body.new)?;
+    if let Err(refused) =
+        state
+            .login_throttle
+            .begin(&caller.username, addr, tokio::time::Instant::now())
+    {
+        let retry_after_secs = refused.retry_after_secs();
+        return Err(ApiError::TooManyRequests {
+            message: format!("too many wrong passwords; try again in {retry_after_secs} s"),
+            retry_after_secs,
+        });
+    }
+    let hash: Option<String> = sqlx::query("SELECT password_hash FROM users WHERE id = $1")
+        .bind(&caller.id)
+        .fetch_one(&state.store.pool)
+        .await?
+        .get(0);
+    if !auth::verify_password_blocking(body.current.clone(), hash).await {
+        return Err(ApiError::invalid("current", "is not your password"));
+    }
+    state.login_throttle.succeeded(&caller.username, addr);
+    let hash = auth::hash_password_blocking(body.new).await?;
+    let mut tx = state.store.write().await?;
+    sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+        .bind(hash)
+        .bind(&caller.id)
+        .execute(&mut *tx)
+        .await?;
+    end_sessions(&mut tx, &caller.id).await?;
+    audit::record(
+        &mut tx,
+        Some(&caller),
+        "user.password-changed",
+        Subject::object("user", &caller.id),
+        serde_json::json!({ "by": "self" }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A platform admin's change to a user: any of the three.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserChange {
+    /// Make or unmake a platform admin.
+    pub admin: Option<bool>,
+    /// Disable (cannot sign in; sessions end; tokens open nothing) or enable again.
+    pub disabled: Option<bool>,
+    /// A new password (8 to 1024 characters); the user's sessions end.
+    pub password: Option<String>,
+}
+
+/// Changes a user (platform admins). The platform keeps at least one enabled admin: a change
+/// that would leave none is refused with 409.
+#[utoipa::path(put, path = "/api/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "User id")), request_body = UserChange,
+    responses((status = 200, body = User), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn update_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<UserChange>,
+) -> ApiResult<Json<User>> {
+    require_admin(&caller)?;
+    if let Some(p) = &body.password {
+        check_password("password", p)?;
+    }
+    let hash = match &body.password {
+        Some(p) => Some(auth::hash_password_blocking(p.clone()).await?),
+        None => None,
+    };
+    let mut tx = state.store.write().await?;
+    let before = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+        .bind(&id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| user_from(&r))
+        .ok_or_else(|| ApiError::NotFound(format!("no user {id}")))?;
+    let admin = body.admin.unwrap_or(before.admin);
+    let disabled = body.disabled.unwrap_or(before.disabled);
+    if before.admin && !before.disabled && (!admin || disabled) {
+        let others: i64 =
+            sqlx::query("SELECT COUNT(*) FROM users WHERE admin = 1 AND disabled = 0 AND id <> $1")
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?
+                .get(0);
+        if others == 0 {
+            return Err(ApiError::Conflict(format!(
+                "{} is the last enabled platform admin",
+                before.username
+            )));
+        }
+    }
+    sqlx::query("UPDATE users SET admin = $1, disabled = $2 WHERE id = $3")
+        .bind(i64::from(admin))
+        .bind(i64::from(disabled))
+        .bind(&id)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(hash) = &hash {
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(hash)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if hash.is_some() || (disabled && !before.disabled) {
+        end_sessions(&mut tx, &id).await?;
+    }
+    audit::record(
+        &mut tx,
+        Some(&caller),
+        "user.updated",
+        Subject::object("user", &id),
+        serde_json::json!({
+            "username": before.username,
+            "admin": admin,
+            "disabled": disabled,
+            "password_reset": hash.is_some(),
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(User {
+        admin,
+        disabled,
+        ..before
+    }))
 }
 
 /// A personal access token, without its secret.

@@ -123,6 +123,18 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
             .get(0);
         assert_eq!(n, 0, "{table}");
     }
+    // Migration 9: every user enabled.
+    let disabled: Vec<i64> = sqlx::query("SELECT disabled FROM users")
+        .fetch_all(&mut *c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !disabled.is_empty() && disabled.iter().all(|d| *d == 0),
+        "{disabled:?}"
+    );
     // Migration 8: the coordinator's lease, held by nobody.
     let lease: (String, i64) =
         sqlx::query("SELECT holder, term FROM leases WHERE name = 'coordinator'")

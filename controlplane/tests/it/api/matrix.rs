@@ -62,6 +62,14 @@ const MATRIX: &[Row] = &[
     row("GET", "/api/v1/user", SIGNED_IN),
     row("GET", "/api/v1/users", ADMIN_ONLY),
     row("POST", "/api/v1/users", with_ok(ADMIN_ONLY, 201)),
+    // A change that changes nothing: admins only.
+    row("PUT", "/api/v1/users/{id}", ADMIN_ONLY),
+    // Everyone's own, and only with the current password (the body's is wrong for all).
+    row(
+        "PUT",
+        "/api/v1/user/password",
+        [422, 422, 422, 422, 422, 401],
+    ),
     row("GET", "/api/v1/user/tokens", SIGNED_IN),
     row("POST", "/api/v1/user/tokens", with_ok(SIGNED_IN, 201)),
     // Each caller revokes a token of their own.
@@ -358,6 +366,13 @@ impl World {
             ("POST", "/api/v1/users") => (
                 row.path.into(),
                 Some(json!({ "username": unique("made"), "password": "a-long-password" })),
+            ),
+            ("PUT", "/api/v1/users/{id}") => {
+                (format!("/api/v1/users/{}", self.member.id), Some(json!({})))
+            }
+            ("PUT", "/api/v1/user/password") => (
+                row.path.into(),
+                Some(json!({ "current": "not-the-password", "new": "a-new-long-password" })),
             ),
             ("POST", "/api/v1/user/tokens") => {
                 (row.path.into(), Some(json!({ "name": unique("token") })))

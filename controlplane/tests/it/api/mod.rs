@@ -4,6 +4,7 @@
 //! `tandem serve` does on first start, over a fresh SQLite file or a fresh database on the
 //! PostgreSQL server the test binary starts once ([`support`]).
 
+mod accounts;
 mod affinity;
 mod audit;
 mod auth;
