@@ -382,7 +382,9 @@ pub struct PasswordChange {
 }
 
 /// Changes the caller's own password. Every session of the caller ends (sign in again with the
-/// new one); tokens stay. A wrong `current` counts as a failed sign-in.
+/// new one); tokens stay. A wrong `current` counts as a failed sign-in. A user without a password
+/// yet (the first start's admin, with the token in `<data-dir>/admin-token`) sets its first one:
+/// `current` is not checked then.
 #[utoipa::path(put, path = "/api/v1/user/password", tag = "users", request_body = PasswordChange,
     responses((status = 204), (status = 401, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)))]
 async fn change_password(
@@ -408,7 +410,10 @@ async fn change_password(
         .fetch_one(&state.store.pool)
         .await?
         .get(0);
-    if !auth::verify_password_blocking(body.current.clone(), hash).await {
+    // A user without a password yet (the first start's admin, a user made for tokens) sets its
+    // first one with the credential it has: there is no current one to give.
+    let first = hash.is_none();
+    if !first && !auth::verify_password_blocking(body.current.clone(), hash).await {
         return Err(ApiError::invalid("current", "is not your password"));
     }
     state.login_throttle.succeeded(&caller.username, addr);
@@ -425,7 +430,7 @@ async fn change_password(
         Some(&caller),
         "user.password-changed",
         Subject::object("user", &caller.id),
-        serde_json::json!({ "by": "self" }),
+        serde_json::json!({ "by": "self", "first": first }),
     )
     .await?;
     tx.commit().await?;

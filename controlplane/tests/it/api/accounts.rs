@@ -7,6 +7,7 @@ use serde_json::json;
 use super::support::{both_backends, Auth, Backend, Server};
 
 both_backends!(
+    the_first_start_admin_sets_its_first_password_with_its_token,
     a_password_change_ends_every_session_and_needs_the_current_password,
     admins_disable_enable_and_reset_users_and_keep_an_enabled_admin,
 );
@@ -138,4 +139,29 @@ async fn admins_disable_enable_and_reset_users_and_keep_an_enabled_admin(b: Back
         .put("/api/v1/users/no-such-user", &s.admin, json!({}))
         .await;
     assert_eq!(r.status, 404, "{r}");
+}
+
+async fn the_first_start_admin_sets_its_first_password_with_its_token(b: Backend) {
+    let s = Server::start(b).await;
+    let me = s.get("/api/v1/user", &s.admin).await;
+    let name = me.ok(200)["username"].as_str().unwrap().to_string();
+    assert_eq!(login(&s, &name, "the-first-password").await.0, 401);
+    let r = s
+        .put(
+            "/api/v1/user/password",
+            &s.admin,
+            json!({ "current": "", "new": "the-first-password" }),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{r}");
+    assert_eq!(login(&s, &name, "the-first-password").await.0, 200);
+    // From now on the current password is asked for.
+    let r = s
+        .put(
+            "/api/v1/user/password",
+            &s.admin,
+            json!({ "current": "", "new": "another-password" }),
+        )
+        .await;
+    r.invalid("current");
 }
