@@ -9,6 +9,7 @@
 //!   data plane in `tandem serve`.
 //! - [`backup`]: `tandem backup` and `tandem restore`: the store and the platform key in one
 //!   file.
+//! - [`console`]: the web console at `/`: a page, its script and stylesheet, embedded.
 //! - [`api`]: the routes under `/api/v1`, one module per resource, and the OpenAPI document.
 //! - [`auth`]: passwords, tokens, sessions, the `Caller` extractor.
 //! - [`node_settings`], [`node_env`]: the Node-RED settings and environment variables users may
@@ -48,6 +49,7 @@ pub mod audit;
 pub mod auth;
 pub mod backup;
 pub mod cli;
+pub mod console;
 pub mod deployments;
 pub mod desired;
 pub mod editor_gate;
@@ -71,12 +73,13 @@ pub mod store;
 
 use state::AppState;
 
-/// The API listener's HTTP surface: `/api/v1/…`, `/healthz`, `/readyz`. `/metrics` is not
+/// The API listener's HTTP surface: `/api/v1/…`, `/healthz`, `/readyz`, and the console at `/`. `/metrics` is not
 /// here: it names every team's instances, so it has a listener of its own ([`metrics_app`]).
 pub fn app(state: AppState) -> Router {
     let ops = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .merge(console::router())
         .with_state(state.clone());
     api::router(state.clone())
         .layer(axum::middleware::from_fn_with_state(

@@ -6,6 +6,7 @@
 
 mod access;
 mod backup;
+mod console;
 mod dashboard;
 mod deploys;
 mod ha;
