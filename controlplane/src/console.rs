@@ -18,7 +18,10 @@ const STYLE: &str = include_str!("../console/style.css");
 /// The console's routes: `/`, `/console/app.js`, `/console/style.css`.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
-        .route("/", get(|| async { page(INDEX, "text/html; charset=utf-8") }))
+        .route(
+            "/",
+            get(|| async { page(INDEX, "text/html; charset=utf-8") }),
+        )
         .route(
             "/console/app.js",
             get(|| async { page(SCRIPT, "text/javascript; charset=utf-8") }),
@@ -42,7 +45,10 @@ fn page(body: &'static str, content_type: &'static str) -> Response {
         HeaderValue::from_static(CSP),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
