@@ -1,5 +1,7 @@
-// Tandem's console, first part: first run, sign in and out, and every instance of the user's
-// teams with its state and a dot per replica, kept up to date by polling the API every 2 s.
+// Tandem's console, first part: first run, sign in and out, every instance of the user's teams
+// with its state and a dot per replica, and an instance's page (actions for members and owners,
+// its replicas, its merged log with a replica filter), kept up to date by polling the API every
+// 2 s.
 // It talks to the API with the session cookie (SameSite=Lax; writes carry Origin, which the
 // API checks). Text goes into the page with textContent only: nothing from the API is ever
 // parsed as HTML.
@@ -8,7 +10,18 @@
 const $ = (id) => document.getElementById(id);
 
 function show(id) {
-  for (const s of ["setup", "signin", "teams"]) $(s).hidden = s !== id;
+  for (const s of ["setup", "signin", "teams", "instance"]) $(s).hidden = s !== id;
+}
+
+// What the signed-in user is, and its role in each team (what the console offers; the API
+// decides).
+let me = null;
+const roles = {};
+// The instance page open, if any.
+let open = null;
+
+function mayOperate(teamId) {
+  return (me && me.admin) || roles[teamId] === "member" || roles[teamId] === "owner";
 }
 
 function error(message) {
@@ -64,6 +77,9 @@ async function render() {
   const teams = await all("/api/v1/teams");
   const list = el("div");
   for (const team of teams) {
+    const members = await all("/api/v1/teams/" + encodeURIComponent(team.id) + "/members");
+    const mine = members.find((m) => me && m.user_id === me.id);
+    roles[team.id] = mine ? mine.role : null;
     const instances = await all("/api/v1/teams/" + encodeURIComponent(team.id) + "/instances");
     const rows = el("tbody");
     for (const i of instances) {
@@ -73,8 +89,10 @@ async function render() {
         dots.append(el("span", { class: "dot " + r.state, title: r.id + ": " + r.state, "data-replica": r.id }));
       }
       const link = el("a", { href: i.url }, i.url);
+      const name = el("button", { type: "button", class: "link", "data-open": i.id }, i.name);
+      name.addEventListener("click", () => openInstance(i, team.id));
       rows.append(el("tr", { "data-instance": i.name },
-        el("td", {}, i.name),
+        el("td", {}, name),
         el("td", { class: "state" }, status.summary + (status.reason ? " — " + status.reason : "")),
         el("td", {}, dots),
         el("td", {}, link)));
@@ -86,19 +104,72 @@ async function render() {
   $("team-list").replaceChildren(list);
 }
 
+async function renderInstance() {
+  const i = open.instance;
+  const status = (await api("GET", "/api/v1/instances/" + encodeURIComponent(i.id) + "/status")).observed;
+  $("instance-name").textContent = i.name;
+  $("instance-state").textContent = status.summary + (status.reason ? " — " + status.reason : "");
+  const rows = [];
+  for (const r of status.replicas || []) {
+    rows.push(el("tr", { "data-replica": r.id },
+      el("td", {}, el("span", { class: "dot " + r.state }), " ", r.id),
+      el("td", { class: "state" }, r.state),
+      el("td", {}, r.active ? "yes" : "no"),
+      el("td", {}, (r.pid || "-") + " / " + (r.port || "-")),
+      el("td", {}, String(r.restarts)),
+      el("td", {}, r.last_exit || "")));
+  }
+  $("replicas").replaceChildren(...rows);
+  const select = $("log-replica");
+  for (const r of status.replicas || []) {
+    if (![...select.options].some((o) => o.value === r.id)) select.append(el("option", { value: r.id }, r.id));
+  }
+  const filter = select.value ? "&replica=" + encodeURIComponent(select.value) : "";
+  const page = await api("GET", "/api/v1/instances/" + encodeURIComponent(i.id) + "/logs?limit=200" + filter);
+  const log = $("log");
+  const follow = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+  log.replaceChildren(...page.log.map((e) => el("div", { class: "line level-" + e.level, "data-src": e.src },
+    el("span", { class: "src" }, e.src), String(e.msg))));
+  if (follow) log.scrollTop = log.scrollHeight;
+}
+
+function openInstance(instance, teamId) {
+  open = { instance, teamId };
+  $("log-replica").replaceChildren(el("option", { value: "" }, "All replicas"));
+  const actions = [];
+  if (mayOperate(teamId)) {
+    for (const action of ["start", "stop", "restart"]) {
+      const b = el("button", { type: "button", "data-action": action }, action[0].toUpperCase() + action.slice(1));
+      b.addEventListener("click", async () => {
+        try {
+          await api("POST", "/api/v1/instances/" + encodeURIComponent(instance.id) + "/actions/" + action);
+          error("");
+          await renderInstance();
+        } catch (e) { error(e.message); }
+      });
+      actions.push(b);
+    }
+  }
+  $("instance-actions").replaceChildren(...actions);
+  show("instance");
+  tick();
+}
+
+async function tick() {
+  try {
+    if (open) await renderInstance(); else await render();
+    error("");
+  } catch (e) {
+    if (e.status === 401) return signedOut();
+    error(e.message);
+  }
+}
+
 async function signedIn(user) {
+  me = user;
   $("username").textContent = user.username;
   $("who").hidden = false;
   show("teams");
-  const tick = async () => {
-    try {
-      await render();
-      error("");
-    } catch (e) {
-      if (e.status === 401) return signedOut();
-      error(e.message);
-    }
-  };
   await tick();
   clearInterval(polling);
   polling = setInterval(tick, 2000);
@@ -106,6 +177,8 @@ async function signedIn(user) {
 
 function signedOut() {
   clearInterval(polling);
+  me = null;
+  open = null;
   $("who").hidden = true;
   show("signin");
 }
@@ -133,6 +206,8 @@ async function start() {
     } catch (e) { error(e.message); }
   });
   $("show-setup").addEventListener("click", () => show("setup"));
+  $("back").addEventListener("click", () => { open = null; show("teams"); tick(); });
+  $("log-replica").addEventListener("change", () => tick());
   $("signout").addEventListener("click", async () => {
     try { await api("POST", "/api/v1/auth/logout"); } catch (e) { /* signed out either way */ }
     signedOut();

@@ -118,3 +118,134 @@ async fn the_console_sets_the_admins_password_shows_instances_live_and_signs_out
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// Signs `page` in with the console's form.
+async fn sign_in(page: &Session, base: &str, username: &str, password: &str) {
+    page.goto(&format!("{base}/")).await;
+    until(
+        page,
+        "the sign-in form",
+        "return !document.getElementById('signin').hidden;",
+    )
+    .await;
+    page.execute(&format!(
+        "document.getElementById('signin-username').value = {};
+         document.getElementById('signin-password').value = {};
+         document.getElementById('signin-form').requestSubmit(); return true;",
+        json!(username),
+        json!(password)
+    ))
+    .await;
+    until(
+        page,
+        "signed in",
+        "return !document.getElementById('teams').hidden;",
+    )
+    .await;
+}
+
+/// Opens the page of instance `name` from the list.
+async fn open_instance(page: &Session, name: &str) {
+    let button = format!(
+        "document.querySelector('tr[data-instance={}] button[data-open]')",
+        json!(name)
+    );
+    until(
+        page,
+        "the instance in the list",
+        &format!("return !!{button};"),
+    )
+    .await;
+    page.execute(&format!("{button}.click(); return true;"))
+        .await;
+    until(
+        page,
+        "the instance page",
+        "return !document.getElementById('instance').hidden;",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_page_shows_its_replicas_and_their_merged_log_and_offers_a_viewer_no_action() {
+    let t = Tandem::start("console-instance").await;
+    let base = format!("http://{}", t.api);
+    let r = t
+        .api(
+            "PUT",
+            "/api/v1/user/password",
+            json!({ "current": "", "new": "admin-password" }),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let (app, team) = t.team_and_app("Duo").await;
+    let id = t.instance(&app, "duo", hello_flows(), 2).await;
+    t.wait_running(&id, 2).await;
+    let r = t
+        .api(
+            "POST",
+            "/api/v1/users",
+            json!({ "username": "vera", "password": "vera-password" }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = t
+        .api(
+            "POST",
+            &format!("/api/v1/teams/{team}/members"),
+            json!({ "username": "vera", "role": "viewer" }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    let driver = Chromedriver::start().await;
+    let page = driver.session().await;
+    sign_in(&page, &base, "admin", "admin-password").await;
+    open_instance(&page, "duo").await;
+    until(
+        &page,
+        "two running replicas",
+        "return document.querySelectorAll('#replicas tr').length === 2
+            && [...document.querySelectorAll('#replicas .state')].every((s) => s.textContent === 'running');",
+    )
+    .await;
+    // The merged log has both replicas' lines; the filter shows one.
+    until(
+        &page,
+        "lines of both replicas",
+        "const srcs = new Set([...document.querySelectorAll('#log .line')].map((l) => l.dataset.src));
+         return srcs.has('duo-r0') && srcs.has('duo-r1');",
+    )
+    .await;
+    page.execute(
+        "const s = document.getElementById('log-replica'); s.value = 'duo-r1';
+         s.dispatchEvent(new Event('change')); return true;",
+    )
+    .await;
+    until(
+        &page,
+        "only duo-r1's lines",
+        "const lines = [...document.querySelectorAll('#log .line')];
+         return lines.length > 0 && lines.every((l) => l.dataset.src === 'duo-r1');",
+    )
+    .await;
+    let actions = page
+        .execute("return [...document.querySelectorAll('#instance-actions [data-action]')].map((b) => b.dataset.action);")
+        .await;
+    assert_eq!(actions, json!(["start", "stop", "restart"]));
+
+    // A viewer sees the same page without any action.
+    let viewer = driver.session().await;
+    sign_in(&viewer, &base, "vera", "vera-password").await;
+    open_instance(&viewer, "duo").await;
+    until(
+        &viewer,
+        "the replicas",
+        "return document.querySelectorAll('#replicas tr').length === 2;",
+    )
+    .await;
+    let actions = viewer
+        .execute("return document.querySelectorAll('#instance-actions [data-action]').length;")
+        .await;
+    assert_eq!(actions, json!(0), "a viewer was offered actions");
+}
