@@ -24,6 +24,10 @@ function mayOperate(teamId) {
   return (me && me.admin) || roles[teamId] === "member" || roles[teamId] === "owner";
 }
 
+function owns(teamId) {
+  return (me && me.admin) || roles[teamId] === "owner";
+}
+
 function error(message) {
   const e = $("error");
   e.textContent = message || "";
@@ -151,6 +155,11 @@ function openInstance(instance, teamId) {
     }
   }
   $("instance-actions").replaceChildren(...actions);
+  // HA is the team owners' (and platform admins').
+  $("ha-form").hidden = !owns(teamId);
+  const ha = instance.ha;
+  $("ha-replicas").value = ha ? String(ha.replicas) : "0";
+  $("ha-mode").value = ha ? ha.mode : "balanced";
   show("instance");
   tick();
 }
@@ -208,6 +217,21 @@ async function start() {
   $("show-setup").addEventListener("click", () => show("setup"));
   $("back").addEventListener("click", () => { open = null; show("teams"); tick(); });
   $("log-replica").addEventListener("change", () => tick());
+  $("ha-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (!open) return;
+    const path = "/api/v1/instances/" + encodeURIComponent(open.instance.id) + "/ha";
+    const replicas = Number($("ha-replicas").value);
+    try {
+      if (replicas === 0) {
+        await api("DELETE", path);
+      } else {
+        await api("PUT", path, { replicas, mode: $("ha-mode").value });
+      }
+      error("");
+      await tick();
+    } catch (e) { error(e.message); }
+  });
   $("signout").addEventListener("click", async () => {
     try { await api("POST", "/api/v1/auth/logout"); } catch (e) { /* signed out either way */ }
     signedOut();

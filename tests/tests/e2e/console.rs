@@ -249,3 +249,48 @@ async fn an_instance_page_shows_its_replicas_and_their_merged_log_and_offers_a_v
         .await;
     assert_eq!(actions, json!(0), "a viewer was offered actions");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_turned_on_in_the_console_shows_two_replicas_and_a_killed_one_coming_back_live() {
+    let t = Tandem::start("console-ha").await;
+    let base = format!("http://{}", t.api);
+    let r = t
+        .api(
+            "PUT",
+            "/api/v1/user/password",
+            json!({ "current": "", "new": "admin-password" }),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let (app, _) = t.team_and_app("Ha").await;
+    let id = t.instance(&app, "pair", hello_flows(), 1).await;
+    t.wait_running(&id, 1).await;
+
+    let driver = Chromedriver::start().await;
+    let page = driver.session().await;
+    sign_in(&page, &base, "admin", "admin-password").await;
+    open_instance(&page, "pair").await;
+    page.execute(
+        "document.getElementById('ha-replicas').value = '2';
+         document.getElementById('ha-mode').value = 'balanced';
+         document.getElementById('ha-form').requestSubmit(); return true;",
+    )
+    .await;
+    let two_running = "return document.querySelectorAll('#replicas tr').length === 2
+        && [...document.querySelectorAll('#replicas .state')].every((s) => s.textContent === 'running');";
+    until(&page, "two running replicas", two_running).await;
+
+    // A replica killed: the page shows it restarted (its restart count and last exit), running
+    // again, without a reload. (Its time out of `running` is shorter than the page's poll.)
+    let s = t.wait_running(&id, 2).await;
+    let pid = s["replicas"][1]["pid"].as_u64().unwrap();
+    crate::harness::kill9(pid);
+    until(
+        &page,
+        "the killed replica restarted",
+        "const row = document.querySelector('#replicas tr[data-replica=\"pair-r1\"]');
+         return !!row && row.children[4].textContent === '1' && row.children[5].textContent !== '';",
+    )
+    .await;
+    until(&page, "both replicas running again", two_running).await;
+}
