@@ -51,49 +51,14 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use sqlx::Connection;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+#[path = "../common.rs"]
+mod common;
+use common::{call, free_port, Error};
 
 /// How often a proxy is asked whether a change reached it.
 const POLL: Duration = Duration::from_millis(2);
 
 // === HTTP ===
-
-struct Answer {
-    status: u16,
-    body: Bytes,
-}
-
-/// One request on a new connection.
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    host: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> Result<Answer, Error> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let body = match body {
-        Some(b) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(b.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let res = sender.send_request(req.body(Full::new(body))?).await?;
-    let status = res.status().as_u16();
-    let body = res.into_body().collect().await?.to_bytes();
-    Ok(Answer { status, body })
-}
 
 /// An API call as the admin; an answer of 300 or more is an error.
 async fn api(
@@ -150,13 +115,6 @@ impl KeepAlive {
         self.send = Some(send);
         Ok(status)
     }
-}
-
-fn free_port() -> Result<SocketAddr, Error> {
-    Ok(SocketAddr::from((
-        [127, 0, 0, 1],
-        tandem_proxy::net::free_port()?,
-    )))
 }
 
 fn signal(pid: u32, sig: &str) -> Result<(), Error> {

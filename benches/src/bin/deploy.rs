@@ -28,56 +28,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
-struct Answer {
-    status: u16,
-    body: Bytes,
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    host: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> Result<Answer, Error> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let body = match body {
-        Some(b) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(b.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let res = sender.send_request(req.body(Full::new(body))?).await?;
-    let status = res.status().as_u16();
-    let body = res.into_body().collect().await?.to_bytes();
-    Ok(Answer { status, body })
-}
-
-fn free_port() -> Result<SocketAddr, Error> {
-    Ok(SocketAddr::from((
-        [127, 0, 0, 1],
-        tandem_proxy::net::free_port()?,
-    )))
-}
+#[path = "../common.rs"]
+mod common;
+use common::{call, free_port, median, Error};
 
 struct Tandem {
     api: SocketAddr,
@@ -451,11 +406,6 @@ async fn restart(
         o.took, o.failed, o.sent, o.stale, o.after
     );
     Ok(o)
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn ms(d: Duration) -> String {

@@ -28,7 +28,9 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+#[path = "../common.rs"]
+mod common;
+use common::{free_port, median, Error};
 
 struct Answer {
     status: u16,
@@ -74,13 +76,6 @@ async fn call(
         replica,
         body,
     })
-}
-
-fn free_port() -> Result<SocketAddr, Error> {
-    Ok(SocketAddr::from((
-        [127, 0, 0, 1],
-        tandem_proxy::net::free_port()?,
-    )))
 }
 
 struct Tandem {
@@ -355,11 +350,6 @@ async fn balanced_round(
     signal(pid, "-CONT");
     println!("  balanced round: {ok} answered");
     Ok((took, failed))
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 #[tokio::main]

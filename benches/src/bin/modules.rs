@@ -47,12 +47,9 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
-struct Answer {
-    status: u16,
-    body: Bytes,
-}
+#[path = "../common.rs"]
+mod common;
+use common::{free_port, median, Answer, Error};
 
 async fn call(
     addr: SocketAddr,
@@ -84,13 +81,6 @@ async fn call(
     let status = res.status().as_u16();
     let body = res.into_body().collect().await?.to_bytes();
     Ok(Answer { status, body })
-}
-
-fn free_port() -> Result<SocketAddr, Error> {
-    Ok(SocketAddr::from((
-        [127, 0, 0, 1],
-        tandem_proxy::net::free_port()?,
-    )))
 }
 
 /// The benchmark's directory: Tandem's data and stacks, both npm caches, the peer's replicas.
@@ -566,11 +556,6 @@ fn du(flags: &str, paths: &[PathBuf]) -> Result<u64, Error> {
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| format!("du printed no total: {text}"))?;
     Ok(total)
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn secs(d: Duration) -> String {
