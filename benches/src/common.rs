@@ -15,12 +15,15 @@ use serde_json::Value;
 /// Any error of a benchmark.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// An answer: its status and whole body.
+/// An answer: its status, the replica that gave it (`X-Tandem-Replica`) and its whole body.
 pub struct Answer {
     pub status: u16,
+    pub replica: Option<String>,
     pub body: Bytes,
 }
 
+/// One request on a new connection, asking for JSON (Node-RED's admin API answers HTML
+/// without it).
 pub async fn call(
     addr: SocketAddr,
     method: &str,
@@ -35,7 +38,8 @@ pub async fn call(
     let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", host);
+        .header("host", host)
+        .header("accept", "application/json");
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
@@ -48,8 +52,17 @@ pub async fn call(
     };
     let res = sender.send_request(req.body(Full::new(body))?).await?;
     let status = res.status().as_u16();
+    let replica = res
+        .headers()
+        .get("x-tandem-replica")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = res.into_body().collect().await?.to_bytes();
-    Ok(Answer { status, body })
+    Ok(Answer {
+        status,
+        replica,
+        body,
+    })
 }
 
 /// A free port on 127.0.0.1.

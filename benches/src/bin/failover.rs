@@ -22,61 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
 #[path = "../common.rs"]
 mod common;
-use common::{free_port, median, Error};
-
-struct Answer {
-    status: u16,
-    replica: Option<String>,
-    body: Bytes,
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    host: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> Result<Answer, Error> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let body = match body {
-        Some(b) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(b.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let res = sender.send_request(req.body(Full::new(body))?).await?;
-    let status = res.status().as_u16();
-    let replica = res
-        .headers()
-        .get("x-tandem-replica")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body = res.into_body().collect().await?.to_bytes();
-    Ok(Answer {
-        status,
-        replica,
-        body,
-    })
-}
+use common::{call, free_port, median, Error};
 
 struct Tandem {
     api: SocketAddr,

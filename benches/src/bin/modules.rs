@@ -41,47 +41,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
 #[path = "../common.rs"]
 mod common;
-use common::{free_port, median, Answer, Error};
-
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> Result<Answer, Error> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    // JSON wherever there is a choice: Node-RED's `GET /nodes` answers HTML without it.
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "api")
-        .header("accept", "application/json");
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let body = match body {
-        Some(b) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(b.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let res = sender.send_request(req.body(Full::new(body))?).await?;
-    let status = res.status().as_u16();
-    let body = res.into_body().collect().await?.to_bytes();
-    Ok(Answer { status, body })
-}
+use common::{call, free_port, median, Error};
 
 /// The benchmark's directory: Tandem's data and stacks, both npm caches, the peer's replicas.
 /// Removed on drop.
@@ -169,7 +133,8 @@ impl Tandem {
             child,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !matches!(call(api, "GET", "/healthz", None, None).await, Ok(a) if a.status == 200) {
+        while !matches!(call(api, "GET", "api", "/healthz", None, None).await, Ok(a) if a.status == 200)
+        {
             if Instant::now() > deadline {
                 return Err("tandem serve did not start".into());
             }
@@ -182,7 +147,15 @@ impl Tandem {
     }
 
     async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Error> {
-        let a = call(self.api, method, path, Some(&self.token), body.as_ref()).await?;
+        let a = call(
+            self.api,
+            method,
+            "api",
+            path,
+            Some(&self.token),
+            body.as_ref(),
+        )
+        .await?;
         if a.status >= 300 {
             return Err(format!(
                 "{method} {path}: {} {}",
@@ -373,7 +346,8 @@ async fn peer_start(rt: &Runtime, dir: &Path, module: &Module) -> Result<Duratio
         .spawn()?;
     let deadline = from + Duration::from_secs(60);
     let took = loop {
-        if matches!(call(addr, "GET", "/", None, None).await, Ok(a) if a.status == 200) {
+        if matches!(call(addr, "GET", "node-red", "/", None, None).await, Ok(a) if a.status == 200)
+        {
             break from.elapsed();
         }
         if Instant::now() > deadline {
@@ -381,7 +355,7 @@ async fn peer_start(rt: &Runtime, dir: &Path, module: &Module) -> Result<Duratio
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let nodes = call(addr, "GET", "/nodes", None, None).await?;
+    let nodes = call(addr, "GET", "node-red", "/nodes", None, None).await?;
     let nodes: Value = serde_json::from_slice(&nodes.body).unwrap_or(Value::Null);
     let loaded = nodes.as_array().is_some_and(|ns| {
         ns.iter()

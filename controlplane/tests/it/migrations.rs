@@ -68,13 +68,7 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
     let after = dump(&mut c, &[]).await;
     assert_eq!(v0_1_part(&after, &before), before, "rows after the upgrade");
     // Migration 2 added `instances.protected`, false for every instance there.
-    let protected: Vec<i64> = sqlx::query("SELECT protected FROM instances")
-        .fetch_all(&mut *c)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let protected: Vec<i64> = column(&mut c, "SELECT protected FROM instances").await;
     assert_eq!(protected, [0, 0]);
     // Migration 3: no credentials in the store yet, and the flows still in the replicas' own
     // files, for their first replica of this version to hand over.
@@ -88,30 +82,12 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
             .collect();
     assert_eq!(flows, [("{}".to_string(), 0), ("{}".to_string(), 0)]);
     // Migration 4: affinity as the default (on in balanced mode).
-    let affinity: Vec<Option<i64>> = sqlx::query("SELECT ha_affinity FROM instances")
-        .fetch_all(&mut *c)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let affinity: Vec<Option<i64>> = column(&mut c, "SELECT ha_affinity FROM instances").await;
     assert_eq!(affinity, [None, None]);
-    let modules: Vec<String> = sqlx::query("SELECT modules FROM instances")
-        .fetch_all(&mut *c)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let modules: Vec<String> = column(&mut c, "SELECT modules FROM instances").await;
     assert_eq!(modules, ["{}", "{}"]);
     // Migration 5: templates give no modules.
-    let templates: Vec<String> = sqlx::query("SELECT modules FROM templates")
-        .fetch_all(&mut *c)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let templates: Vec<String> = column(&mut c, "SELECT modules FROM templates").await;
     assert_eq!(templates, ["{}"]);
     // Migrations 6 and 7: no proxy token yet, and no platform key checked yet (the first
     // `tandem serve` of the new version records its key's check).
@@ -124,13 +100,7 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
         assert_eq!(n, 0, "{table}");
     }
     // Migration 9: every user enabled.
-    let disabled: Vec<i64> = sqlx::query("SELECT disabled FROM users")
-        .fetch_all(&mut *c)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let disabled: Vec<i64> = column(&mut c, "SELECT disabled FROM users").await;
     assert!(
         !disabled.is_empty() && disabled.iter().all(|d| *d == 0),
         "{disabled:?}"
@@ -448,6 +418,20 @@ type Recorded = (i64, String, bool, Vec<u8>);
 fn migration_1() -> Recorded {
     let checksum = Sha384::digest(MIGRATION_1.as_bytes()).to_vec();
     (1, "initial schema".to_string(), true, checksum)
+}
+
+/// The first column of every row `sql` selects.
+async fn column<T>(c: &mut AnyConnection, sql: &str) -> Vec<T>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    sqlx::query(sql)
+        .fetch_all(&mut *c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 async fn recorded(c: &mut AnyConnection) -> Vec<Recorded> {

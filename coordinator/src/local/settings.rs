@@ -236,9 +236,17 @@ const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica, pal
                 });
             });
         }
+        // npm's rules for a package name, as the store checks them: nothing else reaches a
+        // path or npm's command line.
+        function checked(name) {
+            if (typeof name !== "string" || name.length > 214 || !/^(@[a-z0-9~][a-z0-9._~-]*\/)?[a-z0-9~][a-z0-9._~-]*$/.test(name)) {
+                throw new Error("not an npm package name: " + String(name).slice(0, 100));
+            }
+            return name;
+        }
         hooks.add("preInstall.tandem", async function (event) {
             if (event.url) { throw new Error("Tandem installs modules from the registry only"); }
-            const name = event.module;
+            const name = checked(event.module);
             const dir = path.join(userDir, ".palette", name.replace("/", "+"));
             fs.rmSync(dir, { recursive: true, force: true });
             fs.mkdirSync(dir, { recursive: true });
@@ -266,10 +274,11 @@ const STORAGE_MODULE: &str = r#"function tandemStorage(base, token, replica, pal
             return false;
         });
         hooks.add("preUninstall.tandem", async function (event) {
-            await call("POST", "/modules", { module: event.module, version: null });
-            fs.rmSync(linkOf(event.module), { recursive: true, force: true });
-            fs.rmSync(path.join(userDir, ".palette", event.module.replace("/", "+")), { recursive: true, force: true });
-            setDependency(event.module, null);
+            const name = checked(event.module);
+            await call("POST", "/modules", { module: name, version: null });
+            fs.rmSync(linkOf(name), { recursive: true, force: true });
+            fs.rmSync(path.join(userDir, ".palette", name.replace("/", "+")), { recursive: true, force: true });
+            setDependency(name, null);
             return false;
         });
     }

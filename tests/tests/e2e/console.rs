@@ -119,6 +119,18 @@ async fn the_console_sets_the_admins_password_shows_instances_live_and_signs_out
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// Gives the first start's admin the password `admin-password`, as the first run does.
+async fn admin_password(t: &Tandem) {
+    let r = t
+        .api(
+            "PUT",
+            "/api/v1/user/password",
+            json!({ "current": "", "new": "admin-password" }),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
 /// Signs `page` in with the console's form.
 async fn sign_in(page: &Session, base: &str, username: &str, password: &str) {
     page.goto(&format!("{base}/")).await;
@@ -170,14 +182,7 @@ async fn open_instance(page: &Session, name: &str) {
 async fn an_instance_page_shows_its_replicas_and_their_merged_log_and_offers_a_viewer_no_action() {
     let t = Tandem::start("console-instance").await;
     let base = format!("http://{}", t.api);
-    let r = t
-        .api(
-            "PUT",
-            "/api/v1/user/password",
-            json!({ "current": "", "new": "admin-password" }),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.body);
+    admin_password(&t).await;
     let (app, team) = t.team_and_app("Duo").await;
     let id = t.instance(&app, "duo", hello_flows(), 2).await;
     t.wait_running(&id, 2).await;
@@ -254,14 +259,7 @@ async fn an_instance_page_shows_its_replicas_and_their_merged_log_and_offers_a_v
 async fn ha_turned_on_in_the_console_shows_two_replicas_and_a_killed_one_coming_back_live() {
     let t = Tandem::start("console-ha").await;
     let base = format!("http://{}", t.api);
-    let r = t
-        .api(
-            "PUT",
-            "/api/v1/user/password",
-            json!({ "current": "", "new": "admin-password" }),
-        )
-        .await;
-    assert_eq!(r.status, 204, "{}", r.body);
+    admin_password(&t).await;
     let (app, _) = t.team_and_app("Ha").await;
     let id = t.instance(&app, "pair", hello_flows(), 1).await;
     t.wait_running(&id, 1).await;

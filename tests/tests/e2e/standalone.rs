@@ -260,6 +260,26 @@ async fn standalone_proxies_serve_through_a_control_plane_crash_and_hold_drains_
     for p in [&p1, &p2] {
         p.serves("after", "/hello", "hello").await;
     }
+    // The editor of a non-HA instance through a standalone proxy: the control plane's gate
+    // decides (a team member's token opens it, no credentials get 401), and the proxy adds the
+    // instance's admin secret.
+    let auth = format!("Bearer {}", t2.token);
+    let host = "after.localhost";
+    let r = http(
+        p1.addr,
+        "GET",
+        host,
+        "/admin/settings",
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = http(p1.addr, "GET", host, "/admin/settings", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401, "{r:?}");
 
     // A proxy started while the control plane is down serves from its cache (0600: it holds
     // admin secrets).
