@@ -1,193 +1,124 @@
-// Tandem's console, first part: first run, sign in and out, every instance of the user's teams
-// with its state and a dot per replica, and an instance's page (actions for members and owners,
-// its replicas, its merged log with a replica filter), kept up to date by polling the API every
-// 2 s.
-// It talks to the API with the session cookie (SameSite=Lax; writes carry Origin, which the
-// API checks). Text goes into the page with textContent only: nothing from the API is ever
-// parsed as HTML.
-"use strict";
+// Tandem's console: first run, sign in and out, and the pages, one per address after `#`:
+//   #/                 the instances of the user's teams, their state and a dot per replica
+//   #/new              create an instance
+//   #/instances/<id>   an instance: actions, HA, settings, modules, snapshots, deploys, log, audit
+//   #/teams            teams; #/teams/<id>: members, applications, pipelines
+//   #/account          the user's password and tokens
+//   #/admin            users, stacks, templates (platform admins)
+// The open page is drawn again every 2 s (states follow without a reload); a page with forms
+// keeps what is typed, since only its live parts are drawn again.
+import { $, api, el, error, session, teams, all, enc, table } from "./lib.js";
+import { instancePage } from "./instance.js";
+import { teamsPage, teamPage } from "./teams.js";
+import { createPage } from "./create.js";
+import { accountPage, adminPage } from "./account.js";
 
-const $ = (id) => document.getElementById(id);
-
-function show(id) {
-  for (const s of ["setup", "signin", "teams", "instance"]) $(s).hidden = s !== id;
-}
-
-// What the signed-in user is, and its role in each team (what the console offers; the API
-// decides).
-let me = null;
-const roles = {};
-// The instance page open, if any.
-let open = null;
-
-function mayOperate(teamId) {
-  return (me && me.admin) || roles[teamId] === "member" || roles[teamId] === "owner";
-}
-
-function owns(teamId) {
-  return (me && me.admin) || roles[teamId] === "owner";
-}
-
-function error(message) {
-  const e = $("error");
-  e.textContent = message || "";
-  e.hidden = !message;
-}
-
-async function api(method, path, body, headers) {
-  const init = { method, headers: Object.assign({}, headers), credentials: "same-origin" };
-  if (body !== undefined) {
-    init.headers["content-type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let res;
-  try {
-    res = await fetch(path, init);
-  } catch (e) {
-    throw new Error("Tandem cannot be reached; retrying.");
-  }
-  const text = await res.text();
-  const json = text ? JSON.parse(text) : null;
-  if (!res.ok) {
-    const err = new Error((json && json.error && json.error.message) || res.statusText);
-    err.status = res.status;
-    throw err;
-  }
-  return json;
-}
-
-function el(tag, attrs, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (k === "class") e.className = v; else e.setAttribute(k, v);
-  }
-  for (const c of children) e.append(c);
-  return e;
-}
-
-async function all(path) {
-  let items = [], cursor = "";
-  for (;;) {
-    const page = await api("GET", path + (path.includes("?") ? "&" : "?") + "limit=500" + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
-    items = items.concat(page.items);
-    if (!page.next_cursor) return items;
-    cursor = page.next_cursor;
-  }
-}
-
+// The page shown: `{ root, refresh }`; `refresh` is called every 2 s while it is shown.
+let current = null;
 let polling = null;
 
-async function render() {
-  const teams = await all("/api/v1/teams");
-  const list = el("div");
-  for (const team of teams) {
-    const members = await all("/api/v1/teams/" + encodeURIComponent(team.id) + "/members");
-    const mine = members.find((m) => me && m.user_id === me.id);
-    roles[team.id] = mine ? mine.role : null;
-    const instances = await all("/api/v1/teams/" + encodeURIComponent(team.id) + "/instances");
-    const rows = el("tbody");
-    for (const i of instances) {
-      const status = (await api("GET", "/api/v1/instances/" + encodeURIComponent(i.id) + "/status")).observed;
-      const dots = el("span", { class: "dots", "aria-label": status.summary });
-      for (const r of status.replicas || []) {
-        dots.append(el("span", { class: "dot " + r.state, title: r.id + ": " + r.state, "data-replica": r.id }));
-      }
-      const link = el("a", { href: i.url }, i.url);
-      const name = el("button", { type: "button", class: "link", "data-open": i.id }, i.name);
-      name.addEventListener("click", () => openInstance(i, team.id));
-      rows.append(el("tr", { "data-instance": i.name },
-        el("td", {}, name),
-        el("td", { class: "state" }, status.summary + (status.reason ? " — " + status.reason : "")),
-        el("td", {}, dots),
-        el("td", {}, link)));
-    }
-    const table = el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Instance"), el("th", {}, "State"), el("th", {}, "Replicas"), el("th", {}, "URL"))), rows);
-    list.append(el("div", { class: "team" }, el("h3", {}, team.name), instances.length ? table : el("p", { class: "muted" }, "No instance yet.")));
-  }
-  if (!teams.length) list.append(el("p", { class: "muted" }, "You are in no team yet."));
-  $("team-list").replaceChildren(list);
-}
+const routes = [
+  [/^#?\/?$/, () => homePage()],
+  [/^#\/new$/, () => createPage()],
+  [/^#\/instances\/([^/]+)$/, (id) => instancePage(decodeURIComponent(id))],
+  [/^#\/teams$/, () => teamsPage()],
+  [/^#\/teams\/([^/]+)$/, (id) => teamPage(decodeURIComponent(id))],
+  [/^#\/account$/, () => accountPage()],
+  [/^#\/admin$/, () => adminPage()],
+];
 
-async function renderInstance() {
-  const i = open.instance;
-  const status = (await api("GET", "/api/v1/instances/" + encodeURIComponent(i.id) + "/status")).observed;
-  $("instance-name").textContent = i.name;
-  $("instance-state").textContent = status.summary + (status.reason ? " — " + status.reason : "");
-  const rows = [];
-  for (const r of status.replicas || []) {
-    rows.push(el("tr", { "data-replica": r.id },
-      el("td", {}, el("span", { class: "dot " + r.state }), " ", r.id),
-      el("td", { class: "state" }, r.state),
-      el("td", {}, r.active ? "yes" : "no"),
-      el("td", {}, (r.pid || "-") + " / " + (r.port || "-")),
-      el("td", {}, String(r.restarts)),
-      el("td", {}, r.last_exit || "")));
-  }
-  $("replicas").replaceChildren(...rows);
-  const select = $("log-replica");
-  for (const r of status.replicas || []) {
-    if (![...select.options].some((o) => o.value === r.id)) select.append(el("option", { value: r.id }, r.id));
-  }
-  const filter = select.value ? "&replica=" + encodeURIComponent(select.value) : "";
-  const page = await api("GET", "/api/v1/instances/" + encodeURIComponent(i.id) + "/logs?limit=200" + filter);
-  const log = $("log");
-  const follow = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-  log.replaceChildren(...page.log.map((e) => el("div", { class: "line level-" + e.level, "data-src": e.src },
-    el("span", { class: "src" }, e.src), String(e.msg))));
-  if (follow) log.scrollTop = log.scrollHeight;
-}
-
-function openInstance(instance, teamId) {
-  open = { instance, teamId };
-  $("log-replica").replaceChildren(el("option", { value: "" }, "All replicas"));
-  const actions = [];
-  if (mayOperate(teamId)) {
-    for (const action of ["start", "stop", "restart"]) {
-      const b = el("button", { type: "button", "data-action": action }, action[0].toUpperCase() + action.slice(1));
-      b.addEventListener("click", async () => {
-        try {
-          await api("POST", "/api/v1/instances/" + encodeURIComponent(instance.id) + "/actions/" + action);
-          error("");
-          await renderInstance();
-        } catch (e) { error(e.message); }
-      });
-      actions.push(b);
+async function route() {
+  if (!session.me) return;
+  const hash = location.hash || "#/";
+  for (const [re, page] of routes) {
+    const m = hash.match(re);
+    if (!m) continue;
+    if (current && current.leave) current.leave();
+    current = null;
+    error("");
+    try {
+      const p = await page(...m.slice(1));
+      current = p;
+      $("view").replaceChildren(p.root);
+      const h = p.root.querySelector("h2");
+      if (h) { h.tabIndex = -1; h.focus({ preventScroll: true }); }
+    } catch (e) {
+      if (e.status === 401) return signedOut();
+      $("view").replaceChildren(el("section", { id: "page-error" }, el("h2", {}, "Not shown"), el("p", {}, e.message)));
     }
+    return;
   }
-  $("instance-actions").replaceChildren(...actions);
-  // HA is the team owners' (and platform admins').
-  $("ha-form").hidden = !owns(teamId);
-  const ha = instance.ha;
-  $("ha-replicas").value = ha ? String(ha.replicas) : "0";
-  $("ha-mode").value = ha ? ha.mode : "balanced";
-  show("instance");
-  tick();
+  $("view").replaceChildren(el("section", { id: "page-error" }, el("h2", {}, "No such page"), el("p", {}, el("a", { href: "#/" }, "All instances"))));
 }
 
 async function tick() {
+  if (!current || !current.refresh) return;
   try {
-    if (open) await renderInstance(); else await render();
-    error("");
+    await current.refresh();
   } catch (e) {
     if (e.status === 401) return signedOut();
-    error(e.message);
+    if (!e.offline) error(e.message);
   }
 }
 
+// The home page: every instance of every team of the user, live.
+async function homePage() {
+  const list = el("div", { id: "team-list" });
+  const root = el("section", { id: "page-home" },
+    el("div", { class: "title" }, el("h2", {}, "Instances"), el("a", { href: "#/new", class: "button", id: "new-instance" }, "New instance")),
+    list);
+  async function refresh() {
+    const ts = await teams();
+    const blocks = [];
+    for (const team of ts) {
+      const instances = await all("/api/v1/teams/" + enc(team.id) + "/instances");
+      const rows = [];
+      for (const i of instances) {
+        const status = (await api("GET", "/api/v1/instances/" + enc(i.id) + "/status")).observed;
+        const dots = el("span", { class: "dots", role: "img", "aria-label": status.summary });
+        for (const r of status.replicas || []) {
+          dots.append(el("span", { class: "dot " + r.state, title: r.id + ": " + r.state, "data-replica": r.id }));
+        }
+        rows.push(el("tr", { "data-instance": i.name },
+          el("td", {}, el("a", { href: "#/instances/" + enc(i.id), "data-open": i.id }, i.name), i.ha ? el("span", { class: "badge" }, "HA") : null),
+          el("td", { class: "state" }, status.summary + (status.reason ? " — " + status.reason : "")),
+          el("td", {}, dots),
+          el("td", {}, el("a", { href: i.url, target: "_blank", rel: "noopener" }, i.url))));
+      }
+      blocks.push(el("div", { class: "team" },
+        el("h3", {}, el("a", { href: "#/teams/" + enc(team.id) }, team.name), " ", el("span", { class: "muted" }, team.role || "admin")),
+        rows.length ? table(["Instance", "State", "Replicas", "URL"], rows) : el("p", { class: "muted" }, "No instance yet.")));
+    }
+    if (!ts.length) blocks.push(el("p", { class: "muted" }, "You are in no team yet. ", el("a", { href: "#/teams" }, "Create one"), "."));
+    list.replaceChildren(...blocks);
+  }
+  await refresh();
+  return { root, refresh };
+}
+
+function show(id) {
+  for (const s of ["setup", "signin"]) $(s).hidden = s !== id;
+  $("view").hidden = id !== "view";
+}
+
 async function signedIn(user) {
-  me = user;
+  session.me = user;
   $("username").textContent = user.username;
+  $("nav-admin").hidden = !user.admin;
   $("who").hidden = false;
-  show("teams");
-  await tick();
+  show("view");
+  await route();
   clearInterval(polling);
   polling = setInterval(tick, 2000);
 }
 
 function signedOut() {
   clearInterval(polling);
-  me = null;
-  open = null;
+  if (current && current.leave) current.leave();
+  current = null;
+  session.me = null;
+  session.formToken = "";
+  $("view").replaceChildren();
   $("who").hidden = true;
   show("signin");
 }
@@ -215,27 +146,11 @@ async function start() {
     } catch (e) { error(e.message); }
   });
   $("show-setup").addEventListener("click", () => show("setup"));
-  $("back").addEventListener("click", () => { open = null; show("teams"); tick(); });
-  $("log-replica").addEventListener("change", () => tick());
-  $("ha-form").addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    if (!open) return;
-    const path = "/api/v1/instances/" + encodeURIComponent(open.instance.id) + "/ha";
-    const replicas = Number($("ha-replicas").value);
-    try {
-      if (replicas === 0) {
-        await api("DELETE", path);
-      } else {
-        await api("PUT", path, { replicas, mode: $("ha-mode").value });
-      }
-      error("");
-      await tick();
-    } catch (e) { error(e.message); }
-  });
   $("signout").addEventListener("click", async () => {
     try { await api("POST", "/api/v1/auth/logout"); } catch (e) { /* signed out either way */ }
     signedOut();
   });
+  window.addEventListener("hashchange", route);
   try {
     await signedIn(await api("GET", "/api/v1/user"));
   } catch (e) {

@@ -17,6 +17,8 @@ use crate::state::AppState;
 pub mod applications;
 pub mod audit_log;
 pub mod cluster;
+pub mod editor_tickets;
+pub mod instance_names;
 pub mod instances;
 pub mod logs;
 pub mod modules;
@@ -69,6 +71,8 @@ pub fn router(state: AppState) -> Router {
         .merge(teams::router())
         .merge(applications::router())
         .merge(instances::router())
+        .merge(editor_tickets::router())
+        .merge(instance_names::router())
         .merge(logs::router())
         .merge(stacks::router())
         .merge(templates::router())

@@ -10,7 +10,9 @@
 //!
 //! The session cookie goes with every request a browser makes to the API, whichever site asked
 //! for it, so a request that changes something with the cookie alone must come from the API's own
-//! origin ([`cross_site`]); the proxy applies the same rule to instances' editors.
+//! origin ([`cross_site`]); the proxy applies the same rule to instances' editors. It must also
+//! carry the session's form token ([`FORM_TOKEN_HEADER`], [`form_token`]), which only a page of
+//! the API's own origin can learn: the console reads it from the sign-in answer or `GET /user`.
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use std::num::NonZeroUsize;
@@ -181,6 +183,27 @@ impl Drop for Running {
     }
 }
 
+/// Opens a session of `user_id` for the API's session lifetime (`session_ttl_ms`): stores the
+/// hash of a new random secret and returns the secret, the session cookie's value. The one
+/// place sessions are made: a sign-in with the password, and an editor ticket exchanged on an
+/// instance's host (`api::editor_tickets`).
+pub async fn create_session(state: &AppState, user_id: &str) -> ApiResult<String> {
+    let secret = random_secret()?;
+    let now = now_ms();
+    // Sessions that ended are swept here rather than by a timer: sessions are opened rarely.
+    sqlx::query("DELETE FROM sessions WHERE expires_at <= $1")
+        .bind(now)
+        .execute(&state.store.pool)
+        .await?;
+    sqlx::query("INSERT INTO sessions (hash, user_id, expires_at) VALUES ($1, $2, $3)")
+        .bind(hash_secret(&secret))
+        .bind(user_id)
+        .bind(now + state.config.session_ttl_ms)
+        .execute(&state.store.pool)
+        .await?;
+    Ok(secret)
+}
+
 /// A new random secret: 32 bytes as hex.
 pub fn random_secret() -> anyhow::Result<String> {
     let mut b = [0u8; 32];
@@ -191,6 +214,46 @@ pub fn random_secret() -> anyhow::Result<String> {
 /// SHA-256 of a token or session id, as hex: what the store keeps.
 pub fn hash_secret(secret: &str) -> String {
     hex(&Sha256::digest(secret.as_bytes()))
+}
+
+/// The header that carries a session's form token on every write made with the session cookie.
+pub const FORM_TOKEN_HEADER: &str = "x-tandem-form-token";
+
+/// The form token of a session: derived from the session's secret, so it needs no storage and
+/// ends with the session. Another site can make a browser send the cookie but cannot read an
+/// answer of the API (no CORS), so it cannot learn this. The store keeps `hash_secret` of the
+/// session id, from which this cannot be derived.
+pub fn form_token(session_secret: &str) -> String {
+    hex(&Sha256::digest(
+        format!("tandem form token\0{session_secret}").as_bytes(),
+    ))
+}
+
+/// 403 for a write made with the session cookie without the session's form token.
+pub fn check_form_token(
+    method: &http::Method,
+    headers: &http::HeaderMap,
+    session_secret: &str,
+) -> ApiResult<()> {
+    if matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    ) {
+        return Ok(());
+    }
+    let given = headers.get(FORM_TOKEN_HEADER).and_then(|v| v.to_str().ok());
+    // Compared as hashes, so the time taken says nothing about how much of a guess was right.
+    match given {
+        Some(given) if hash_secret(given) == hash_secret(&form_token(session_secret)) => Ok(()),
+        Some(_) => Err(ApiError::Forbidden(format!(
+            "refused: {FORM_TOKEN_HEADER} is not this session's form token; reload the console"
+        ))),
+        None => Err(ApiError::Forbidden(format!(
+            "refused: a change made with the session cookie needs the session's form token in \
+             {FORM_TOKEN_HEADER} (the console sends it; it comes with the sign-in answer and \
+             GET /api/v1/user). Tools send Authorization: Bearer <token> instead"
+        ))),
+    }
 }
 
 /// The request's bearer token. The proxy's parser, so that every form the API accepts is one the
@@ -278,6 +341,9 @@ impl FromRequestParts<AppState> for Caller {
         // every route takes its caller from here, so every write gets the check.
         if caller.via == Credential::Session {
             refuse_cross_site(&parts.method, &parts.headers)?;
+            if let Some(session) = session_cookie(&parts.headers) {
+                check_form_token(&parts.method, &parts.headers, session)?;
+            }
         }
         Ok(caller)
     }

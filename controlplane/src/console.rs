@@ -1,35 +1,50 @@
-//! The web console (issue 14, first part), served by `tandem serve` on the API listener at `/`:
-//! one page, its script and its stylesheet, embedded in the binary (no Node.js build step). The
-//! page talks to the API itself with the session cookie; what the console shows and does is what
-//! the API allows the user.
+//! The web console, served by `tandem serve` on the API listener at `/`: one page, its scripts
+//! (ES modules, one per part of the console) and its stylesheet, embedded in the binary (no
+//! Node.js build step). The page talks to the API itself with the session cookie and the
+//! session's form token; what the console shows and does is what the API allows the user.
 //!
 //! Every answer forbids framing and inline scripts and sends no referrer: the page holds no
 //! secret, and nothing from the API is put into it as HTML (the script uses `textContent`).
 
-use axum::http::{header, HeaderValue};
+use axum::extract::Path;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
 const INDEX: &str = include_str!("../console/index.html");
-const SCRIPT: &str = include_str!("../console/app.js");
-const STYLE: &str = include_str!("../console/style.css");
 
-/// The console's routes: `/`, `/console/app.js`, `/console/style.css`.
+/// The files under `/console/`: name, content.
+const FILES: &[(&str, &str)] = &[
+    ("app.js", include_str!("../console/app.js")),
+    ("lib.js", include_str!("../console/lib.js")),
+    ("instance.js", include_str!("../console/instance.js")),
+    ("teams.js", include_str!("../console/teams.js")),
+    ("create.js", include_str!("../console/create.js")),
+    ("account.js", include_str!("../console/account.js")),
+    ("style.css", include_str!("../console/style.css")),
+];
+
+/// The console's routes: `/` and `/console/{file}`.
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route(
             "/",
             get(|| async { page(INDEX, "text/html; charset=utf-8") }),
         )
-        .route(
-            "/console/app.js",
-            get(|| async { page(SCRIPT, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/console/style.css",
-            get(|| async { page(STYLE, "text/css; charset=utf-8") }),
-        )
+        .route("/console/{file}", get(file))
+}
+
+async fn file(Path(name): Path<String>) -> Response {
+    let Some((_, body)) = FILES.iter().find(|(n, _)| *n == name) else {
+        return (StatusCode::NOT_FOUND, "no such file of the console\n").into_response();
+    };
+    let content_type = if name.ends_with(".css") {
+        "text/css; charset=utf-8"
+    } else {
+        "text/javascript; charset=utf-8"
+    };
+    page(body, content_type)
 }
 
 /// The Content-Security-Policy of the console: its own script and stylesheet, calls to its own

@@ -10,12 +10,17 @@
 //! instance's own origin (`Origin`, or `Sec-Fetch-Site: same-origin`); browsers send one of them
 //! with every such request. Bearer tokens are not sent by browsers on their own and are not
 //! checked this way.
+//!
+//! The gate also exchanges the console's editor tickets for sessions
+//! ([`crate::api::editor_tickets`]): on the default base domain `localhost` no cookie reaches
+//! an instance's host from the console's, so the console hands the browser a ticket and the
+//! proxy turns it into a host-only session cookie, which this gate then takes.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use sqlx::Row;
-use tandem_proxy::{EditorDecision, EditorGate};
+use tandem_proxy::{EditorDecision, EditorGate, TicketDecision};
 
 use crate::api::authorize;
 use crate::auth::{self, Caller, CrossSite};
@@ -43,7 +48,7 @@ impl EditorGate for TeamEditorGate {
                 Ok(c) => c,
                 Err(ApiError::Unauthorized(why)) => {
                     return EditorDecision::SignIn(format!(
-                        "Sign in to open the editor of {instance}: {why}. Sign in through Tandem's API (POST /api/v1/auth/login; the session cookie is valid on every instance host under {}) or send Authorization: Bearer <token>.\n",
+                        "Sign in to open the editor of {instance}: {why}. Open it from Tandem's console (its \"Open editor\" link signs this browser in here), sign in through Tandem's API (POST /api/v1/auth/login; the session cookie is valid on every instance host under {} when that name has a dot) or send Authorization: Bearer <token>.\n",
                         state.config.base_domain
                     ))
                 }
@@ -87,6 +92,16 @@ impl EditorGate for TeamEditorGate {
                 Err(e) => EditorDecision::Deny(format!("{e}\n")),
             }
         })
+    }
+
+    fn exchange<'a>(
+        &'a self,
+        instance: &'a str,
+        ticket: &'a str,
+    ) -> Pin<Box<dyn Future<Output = TicketDecision> + Send + 'a>> {
+        Box::pin(crate::api::editor_tickets::exchange(
+            &self.0, instance, ticket,
+        ))
     }
 }
 

@@ -196,6 +196,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = ApiConfig {
         base_domain: args.base_domain.clone(),
+        // Instances' URLs (and the console's editor links) name the in-process proxy's port;
+        // with `--no-proxy` the standalone proxies' is not known here.
+        instances_port: (!args.no_proxy && args.http_listen.port() != 0)
+            .then_some(args.http_listen.port()),
         max_ha_replicas: args.max_ha_replicas,
         max_document_bytes: (args.max_document_mib as usize) << 20,
         storage_base: Some(format!(

@@ -13,6 +13,10 @@ use crate::store::Store;
 pub struct ApiConfig {
     /// Instances are served at `<name>.<base_domain>`.
     pub base_domain: String,
+    /// The port instances' URLs name (`http://<name>.<base_domain>:<port>`): the in-process
+    /// proxy's (`--http-listen`) in `tandem serve`. `None` (the default, and with `--no-proxy`)
+    /// for the scheme's own, 80, as behind a load balancer.
+    pub instances_port: Option<u16>,
     /// Largest HA replica count a user may ask for.
     pub max_ha_replicas: u32,
     /// Lifetime of a sign-in session, in milliseconds.
@@ -34,6 +38,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             base_domain: "localhost".into(),
+            instances_port: None,
             max_ha_replicas: 8,
             session_ttl_ms: 7 * 24 * 3600 * 1000,
             login_limits: LoginLimits::default(),

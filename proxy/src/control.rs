@@ -8,7 +8,9 @@
 //!   for; at once after each table, every 25 ms while such requests are in flight, else every
 //!   second;
 //! - the editor gate's question, `POST /api/v1/routes/editor-check` ([`RemoteEditorGate`]),
-//!   answers kept for [`GATE_TTL`].
+//!   answers kept for [`GATE_TTL`];
+//! - editor ticket exchanges, `POST /api/v1/routes/editor-ticket` ([`TicketExchange`]), never
+//!   kept: a ticket is good once.
 //!
 //! Plain HTTP only: run the link over a private network (the feed carries instances' admin
 //! secrets).
@@ -26,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::routes::feed::{CacheError, FeedTable};
-use crate::{EditorDecision, EditorGate, ProxyStats, Routes};
+use crate::{EditorDecision, EditorGate, ProxyStats, Routes, TicketDecision};
 
 /// How long an editor gate answer is reused for the same request credentials.
 pub const GATE_TTL: Duration = Duration::from_secs(2);
@@ -130,6 +132,88 @@ impl From<EditorAnswer> for EditorDecision {
             Decision::Allow => Self::Allow,
             Decision::SignIn => Self::SignIn(a.message),
             Decision::Deny => Self::Deny(a.message),
+        }
+    }
+}
+
+/// An editor ticket a browser brought to an instance's host, to exchange for a session.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketExchange {
+    /// The instance whose host the ticket was brought to.
+    pub instance: String,
+    /// The ticket.
+    pub ticket: String,
+}
+
+// By hand: the ticket must not reach a log through `{:?}`.
+impl std::fmt::Debug for TicketExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketExchange")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The control plane's answer to a [`TicketExchange`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketAnswer {
+    /// `session` (the ticket is spent; `session` holds the new session) or `refused` (403).
+    pub decision: TicketVerdict,
+    /// The new session's secret, for the host-only session cookie; with `session` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Why, with `refused`.
+    #[serde(default)]
+    pub message: String,
+}
+
+// By hand: the session must not reach a log through `{:?}`.
+impl std::fmt::Debug for TicketAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketAnswer")
+            .field("decision", &self.decision)
+            .field("message", &self.message)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A ticket exchange's verdict on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketVerdict {
+    /// Spent, and a session made.
+    Session,
+    /// 403.
+    Refused,
+}
+
+impl From<TicketDecision> for TicketAnswer {
+    fn from(d: TicketDecision) -> Self {
+        match d {
+            TicketDecision::Session(secret) => Self {
+                decision: TicketVerdict::Session,
+                session: Some(secret),
+                message: String::new(),
+            },
+            TicketDecision::Refused(m) => Self {
+                decision: TicketVerdict::Refused,
+                session: None,
+                message: m,
+            },
+        }
+    }
+}
+
+impl From<TicketAnswer> for TicketDecision {
+    fn from(a: TicketAnswer) -> Self {
+        match (a.decision, a.session) {
+            (TicketVerdict::Session, Some(secret)) => Self::Session(secret),
+            (TicketVerdict::Session, None) => Self::Refused(
+                "the control plane accepted the ticket but sent no session; open the editor from the console again\n".into(),
+            ),
+            (TicketVerdict::Refused, _) => Self::Refused(a.message),
         }
     }
 }
@@ -358,6 +442,36 @@ impl ControlPlane {
         Ok(answer.into())
     }
 
+    /// Asks the control plane to exchange an editor ticket for a session. Not retried: the
+    /// control plane may have spent the ticket before an answer was lost.
+    pub async fn editor_ticket(
+        &self,
+        exchange: &TicketExchange,
+    ) -> Result<TicketDecision, LinkError> {
+        let body = serde_json::to_vec(exchange).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let res = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.call(
+                http::Method::POST,
+                "/api/v1/routes/editor-ticket",
+                Some(body),
+                None,
+            ),
+        )
+        .await
+        .map_err(|_| LinkError::Connect(self.authority.clone(), "timed out".into()))??;
+        let res = expect_ok(res).await?;
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| LinkError::Protocol(e.to_string()))?
+            .to_bytes();
+        let answer: TicketAnswer =
+            serde_json::from_slice(&bytes).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        Ok(answer.into())
+    }
+
     async fn call(
         &self,
         method: http::Method,
@@ -456,7 +570,8 @@ type GateKey = (
 
 /// The editor gate of a standalone proxy: asks the control plane, keeps each answer for
 /// [`GATE_TTL`] per instance, method and credentials. A control plane that cannot answer
-/// denies (403), naming why.
+/// denies (403), naming why. Editor tickets go to the control plane every time, and nothing of
+/// them is kept.
 #[derive(Debug)]
 pub struct RemoteEditorGate {
     link: Arc<ControlPlane>,
@@ -534,6 +649,30 @@ impl EditorGate for RemoteEditorGate {
             decision
         })
     }
+
+    fn exchange<'a>(
+        &'a self,
+        instance: &'a str,
+        ticket: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TicketDecision> + Send + 'a>> {
+        // Straight to the control plane every time: an answer kept and given again would
+        // hand one ticket's session to a second browser.
+        Box::pin(async move {
+            let exchange = TicketExchange {
+                instance: instance.to_owned(),
+                ticket: ticket.to_owned(),
+            };
+            match self.link.editor_ticket(&exchange).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(%instance, error = %e, "cannot exchange an editor ticket");
+                    TicketDecision::Refused(format!(
+                        "cannot open the editor of {instance}: {e}; try again from the console\n"
+                    ))
+                }
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -554,6 +693,23 @@ mod tests {
         assert_eq!(parse_event(b": keep-alive\n\n").unwrap(), None);
         assert_eq!(parse_event(b"event: other\ndata: {}\n\n").unwrap(), None);
         assert!(parse_event(b"event: table\ndata: {\n\n").is_err());
+    }
+
+    #[test]
+    fn ticket_answers_cross_the_wire_and_a_session_without_a_secret_is_refused() {
+        for d in [
+            TicketDecision::Session("abc".into()),
+            TicketDecision::Refused("used\n".into()),
+        ] {
+            let wire = serde_json::to_string(&TicketAnswer::from(d.clone())).unwrap();
+            let back: TicketAnswer = serde_json::from_str(&wire).unwrap();
+            assert_eq!(TicketDecision::from(back), d, "{wire}");
+        }
+        let empty: TicketAnswer = serde_json::from_str(r#"{"decision":"session"}"#).unwrap();
+        assert!(matches!(
+            TicketDecision::from(empty),
+            TicketDecision::Refused(_)
+        ));
     }
 
     #[test]

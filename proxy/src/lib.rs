@@ -16,7 +16,9 @@
 //! - [`health`]: replica readiness, active probes, passive ejection with backoff.
 //! - [`balance`]: choosing a replica.
 //! - [`proxy`]: one request, phase by phase.
-//! - [`policy`]: the editor policy for HA instances.
+//! - [`policy`]: the editor policy for HA instances, and the editor gate of the others.
+//! - [`ticket`]: the editor ticket handoff: a console's ticket exchanged for a host-only
+//!   session cookie on the instance's host (`GET /_tandem/editor-ticket`).
 //! - [`credentials`]: Tandem's own credentials (bearer tokens, session cookie, admin secret):
 //!   the one parser the control plane authenticates with and the proxy strips by.
 //! - [`pool`]: upstream connections and their per-replica pool.
@@ -42,12 +44,13 @@ pub(crate) mod pool;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod ticket;
 pub(crate) mod tunnel;
 
 pub use config::ProxyConfig;
 pub use health::{EjectionPolicy, HealthConfig};
 pub use metrics::ProxyStats;
 pub use mqtt::{MqttConfig, MqttInstance, MqttProxy, MqttReplica};
-pub use policy::{EditorDecision, EditorGate};
+pub use policy::{EditorDecision, EditorGate, TicketDecision};
 pub use proxy::Proxy;
 pub use routes::{InstanceSpec, ReplicaSpec, RouteError, RouteTable, Routes};

@@ -69,8 +69,30 @@ pub enum EditorDecision {
     Deny(String),
 }
 
+/// What the gate says about an editor ticket (see [`crate::ticket`]).
+#[derive(Clone, PartialEq, Eq)]
+pub enum TicketDecision {
+    /// The ticket was good and is now spent: a new session of its user, which the proxy sets
+    /// as the host-only session cookie of the instance's host.
+    Session(String),
+    /// 403 with this message (expired, already used, for another instance, the user may no
+    /// longer open the editor, or the gate could not ask).
+    Refused(String),
+}
+
+// By hand: a session secret must not reach a log through `{:?}`.
+impl std::fmt::Debug for TicketDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Session(_) => f.write_str("Session(..)"),
+            Self::Refused(m) => f.debug_tuple("Refused").field(m).finish(),
+        }
+    }
+}
+
 /// Decides who may open the editor of a non-HA instance, from the request's headers (session
-/// cookie, bearer token). `tandem serve` implements it with the control plane's users and teams.
+/// cookie, bearer token), and exchanges editor tickets for sessions. `tandem serve` implements
+/// it with the control plane's users and teams; a standalone proxy asks its control plane.
 pub trait EditorGate: Send + Sync + 'static {
     /// The decision for a request to `instance`'s editor.
     fn check<'a>(
@@ -79,6 +101,15 @@ pub trait EditorGate: Send + Sync + 'static {
         method: &'a http::Method,
         headers: &'a http::HeaderMap,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = EditorDecision> + Send + 'a>>;
+
+    /// Spends `ticket`, presented on `instance`'s host: a new session when the ticket is
+    /// unexpired, unused and for this instance, and its user may still open the editor.
+    /// Never cached: a ticket is good once.
+    fn exchange<'a>(
+        &'a self,
+        instance: &'a str,
+        ticket: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TicketDecision> + Send + 'a>>;
 }
 
 /// The message sent with the 403.

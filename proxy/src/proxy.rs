@@ -1,5 +1,6 @@
 //! One request through the proxy, phase by phase: find the instance by host, apply the editor
-//! policy, choose a replica, forward (retrying where that is safe), and stream the answer back.
+//! policy (and answer the editor ticket handoff, [`crate::ticket`]), choose a replica, forward
+//! (retrying where that is safe), and stream the answer back.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -15,7 +16,7 @@ use crate::credentials::{self, ADMIN_TOKEN};
 use crate::metrics::ProxyStats;
 use crate::pool::{self, ConnectError, Sender};
 use crate::routes::{normalize_host, Instance, Routes};
-use crate::{balance, policy, tunnel, ProxyConfig};
+use crate::{balance, policy, ticket, tunnel, ProxyConfig};
 
 /// Name of the affinity cookie.
 pub const AFFINITY_COOKIE: &str = "tandem_affinity";
@@ -148,6 +149,18 @@ impl Proxy {
         // The admin secret is the proxy's to add, on editor paths only: a client-sent one never
         // passes, whatever the instance (HA, without a secret, or the path of a flow).
         req.headers_mut().remove(ADMIN_TOKEN);
+        // The editor ticket handoff is the proxy's own on every instance with an admin secret,
+        // answered here and never forwarded: its query holds a ticket no flow may see.
+        if instance.editor_secret.is_some() && ticket::is_ticket_path(req.uri().path()) {
+            let resp = ticket::answer(
+                self.gate.as_deref(),
+                &instance,
+                req.method(),
+                req.uri().query(),
+            )
+            .await;
+            return self.finish_local(&instance, &req, start, resp);
+        }
         let editor = policy::is_editor_path(req.uri().path());
         if instance.ha && editor {
             instance.stats.editor_blocked();

@@ -107,7 +107,8 @@ pub struct Instance {
     pub id: String,
     /// Unique, DNS-safe; the host name is `<name>.<base domain>`.
     pub name: String,
-    /// Where it is served.
+    /// Where it is served: `http://<name>.<base domain>`, with the in-process proxy's port
+    /// (`--http-listen`) unless that is 80.
     pub url: String,
     /// Owning team.
     pub team_id: String,
@@ -235,6 +236,11 @@ pub fn check_name(name: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// Why a new instance cannot have a name another instance has.
+pub fn name_taken(name: &str) -> String {
+    format!("an instance named {name:?} exists; names are unique on the platform")
+}
+
 /// Checks HA settings; `field` names the replica count as the caller sent it.
 fn check_ha(state: &AppState, ha: &Ha, field: &str) -> ApiResult<()> {
     let max = i64::from(state.config.max_ha_replicas);
@@ -252,6 +258,15 @@ fn check_ha(state: &AppState, ha: &Ha, field: &str) -> ApiResult<()> {
 }
 
 pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected, ha_affinity";
+
+/// Where instance `name` is served: `http://<name>.<base domain>`, with the port when it is not
+/// the scheme's own.
+pub(crate) fn instance_url(config: &crate::state::ApiConfig, name: &str) -> String {
+    match config.instances_port {
+        Some(port) if port != 80 => format!("http://{name}.{}:{port}", config.base_domain),
+        _ => format!("http://{name}.{}", config.base_domain),
+    }
+}
 
 /// Templates already loaded while building a list of instances.
 pub(crate) type TemplateCache = std::collections::HashMap<String, Option<templates::Template>>;
@@ -283,7 +298,7 @@ pub(crate) async fn view(
     let mode: Option<String> = r.get(9);
     Ok(Instance {
         id,
-        url: format!("http://{name}.{}", state.config.base_domain),
+        url: instance_url(&state.config, &name),
         name,
         team_id: r.get(2),
         application_id: r.get(3),
@@ -433,7 +448,7 @@ async fn create_instance(
     .bind(json!(modules).to_string())
     .execute(&mut *tx)
     .await
-    .map_err(ApiError::conflict_as(format!("an instance named {:?} exists; names are unique on the platform", body.name)))?;
+    .map_err(ApiError::conflict_as(name_taken(&body.name)))?;
     let subject = Subject::instance(&app.team_id, &id);
     audit::record(&mut tx, Some(&caller), "instance.created", subject,
         json!({ "name": body.name, "application_id": app.id, "stack_id": body.stack_id, "template_id": body.template_id, "ha": body.ha })).await?;

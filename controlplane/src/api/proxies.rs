@@ -9,6 +9,9 @@
 //!   rotation, which drains wait for.
 //! - `POST /api/v1/routes/editor-check`: the editor gate's question, answered as the in-process
 //!   proxy's gate answers it.
+//! - `POST /api/v1/routes/editor-ticket`: an editor ticket a browser brought to an instance's
+//!   host, exchanged for a session as the in-process proxy's gate exchanges it
+//!   ([`crate::api::editor_tickets`]).
 //!
 //! The proxy routes take a proxy token (`tdp_...`) and nothing else; a proxy token opens no
 //! other route (it is not a user's token).
@@ -24,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::Row;
 use tandem_proxy::control::{EditorAnswer, Report};
-use tandem_proxy::EditorGate as _;
+use tandem_proxy::{EditorGate as _, TicketDecision};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -42,6 +45,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(route_feed))
         .routes(routes!(report))
         .routes(routes!(editor_check))
+        .routes(routes!(editor_ticket))
 }
 
 /// The prefix of proxy tokens, apart from users' `tdm_`.
@@ -399,4 +403,52 @@ async fn editor_check(
             .unwrap_or_default(),
         message: answer.message,
     }))
+}
+
+/// An editor ticket a browser brought to an instance's host.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditorTicketBody {
+    /// The instance's name (whose host the ticket was brought to).
+    pub instance: String,
+    /// The ticket, from the query of `/_tandem/editor-ticket`.
+    pub ticket: String,
+}
+
+/// The exchange's answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct EditorTicketAnswer {
+    /// `session` (the ticket is spent; the proxy sets `session` as the host-only session cookie)
+    /// or `refused` (the proxy answers 403 with `message`).
+    pub decision: String,
+    /// The new session's secret, with `session` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Why, with `refused`.
+    pub message: String,
+}
+
+/// Exchanges an editor ticket for a session of its user (proxy tokens): as the in-process
+/// proxy's gate does, spending the ticket whatever the answer. Never cache the answer.
+#[utoipa::path(post, path = "/api/v1/routes/editor-ticket", tag = "proxies", request_body = EditorTicketBody,
+    responses((status = 200, body = EditorTicketAnswer), (status = 401, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
+async fn editor_ticket(
+    State(state): State<AppState>,
+    _caller: ProxyCaller,
+    Json(body): Json<EditorTicketBody>,
+) -> ApiResult<Json<EditorTicketAnswer>> {
+    let answer =
+        match crate::api::editor_tickets::exchange(&state, &body.instance, &body.ticket).await {
+            TicketDecision::Session(secret) => EditorTicketAnswer {
+                decision: "session".into(),
+                session: Some(secret),
+                message: String::new(),
+            },
+            TicketDecision::Refused(message) => EditorTicketAnswer {
+                decision: "refused".into(),
+                session: None,
+                message,
+            },
+        };
+    Ok(Json(answer))
 }

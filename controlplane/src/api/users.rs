@@ -69,11 +69,13 @@ pub struct Login {
     pub password: String,
 }
 
-/// Signs in with a password; the answer sets the session cookie (HttpOnly, SameSite=Lax).
+/// Signs in with a password; the answer sets the session cookie (HttpOnly, SameSite=Lax) and
+/// carries the session's form token (`X-Tandem-Form-Token`), which every write made with the
+/// cookie must send back.
 /// Failed sign-ins are limited: 5 a minute per username and 50 a minute per client address,
 /// then 429 with `Retry-After` (seconds) for a lockout that doubles each time, up to 15 minutes.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = Login,
-    responses((status = 200, body = User), (status = 401, body = crate::error::ErrorBody),
+    responses((status = 200, body = User, headers(("X-Tandem-Form-Token" = String, description = "The new session's form token: every write made with the session cookie sends it back"))), (status = 401, body = crate::error::ErrorBody),
         (status = 429, description = "Too many failed sign-ins for this username or from this address",
             body = crate::error::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds until a sign-in may be tried again")))))]
@@ -127,20 +129,7 @@ async fn login(
             "this user is disabled; a platform admin can enable it again".into(),
         ));
     }
-    let secret = auth::random_secret()?;
-    let now = now_ms();
-    let expires = now + state.config.session_ttl_ms;
-    // Sessions that ended are swept here rather than by a timer: sign-ins are rare.
-    sqlx::query("DELETE FROM sessions WHERE expires_at <= $1")
-        .bind(now)
-        .execute(&state.store.pool)
-        .await?;
-    sqlx::query("INSERT INTO sessions (hash, user_id, expires_at) VALUES ($1, $2, $3)")
-        .bind(auth::hash_secret(&secret))
-        .bind(&user.id)
-        .bind(expires)
-        .execute(&state.store.pool)
-        .await?;
+    let secret = auth::create_session(&state, &user.id).await?;
     let cookie = format!(
         "{}={secret}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
         auth::SESSION_COOKIE,
@@ -151,6 +140,11 @@ async fn login(
     resp.headers_mut().insert(
         header::SET_COOKIE,
         HeaderValue::from_str(&cookie).map_err(|e| ApiError::Internal(e.into()))?,
+    );
+    resp.headers_mut().insert(
+        auth::FORM_TOKEN_HEADER,
+        HeaderValue::from_str(&auth::form_token(&secret))
+            .map_err(|e| ApiError::Internal(e.into()))?,
     );
     Ok(resp)
 }
@@ -187,8 +181,9 @@ async fn logout(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     if let Some(session) = auth::session_cookie(&headers) {
-        // Logout takes no `Caller`, so it makes the cross-site check itself.
+        // Logout takes no `Caller`, so it makes the cross-site checks itself.
         auth::refuse_cross_site(&method, &headers)?;
+        auth::check_form_token(&method, &headers, session)?;
         sqlx::query("DELETE FROM sessions WHERE hash = $1")
             .bind(auth::hash_secret(session))
             .execute(&state.store.pool)
@@ -207,14 +202,29 @@ async fn logout(
     Ok(resp)
 }
 
-/// The signed-in user.
-#[utoipa::path(get, path = "/api/v1/user", tag = "users", responses((status = 200, body = User), (status = 401, body = crate::error::ErrorBody)))]
-async fn me(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<User>> {
+/// The signed-in user. Signed in with the session cookie, the answer also carries the session's
+/// form token in `X-Tandem-Form-Token`, which every write made with the cookie must send back.
+#[utoipa::path(get, path = "/api/v1/user", tag = "users", responses((status = 200, body = User,
+    headers(("X-Tandem-Form-Token" = String, description = "The session's form token (session cookie only)"))),
+    (status = 401, body = crate::error::ErrorBody)))]
+async fn me(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
         .bind(&caller.id)
         .fetch_one(&state.store.pool)
         .await?;
-    Ok(Json(user_from(&row)))
+    let mut resp = Json(user_from(&row)).into_response();
+    if let (Credential::Session, Some(session)) = (&caller.via, auth::session_cookie(&headers)) {
+        resp.headers_mut().insert(
+            auth::FORM_TOKEN_HEADER,
+            HeaderValue::from_str(&auth::form_token(session))
+                .map_err(|e| ApiError::Internal(e.into()))?,
+        );
+    }
+    Ok(resp)
 }
 
 /// Every user (platform admins only).

@@ -90,8 +90,9 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
     let templates: Vec<String> = column(&mut c, "SELECT modules FROM templates").await;
     assert_eq!(templates, ["{}"]);
     // Migrations 6 and 7: no proxy token yet, and no platform key checked yet (the first
-    // `tandem serve` of the new version records its key's check).
-    for table in ["proxy_tokens", "platform_meta"] {
+    // `tandem serve` of the new version records its key's check). Migration 10: no editor
+    // ticket yet.
+    for table in ["proxy_tokens", "platform_meta", "editor_tickets"] {
         let n: i64 = sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
             .fetch_one(&mut *c)
             .await
@@ -151,6 +152,30 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
         .unwrap()
         .get(0);
     assert_eq!(teams, 2);
+
+    // Migration 10: an editor ticket of 0.1's user on 0.1's instance goes with the instance.
+    let (user, instance) = ("0193a1b2c3d40001a1b2c3d5", "0193a1b2c3d4000aa1b2c3de");
+    sqlx::query(
+        "INSERT INTO editor_tickets (hash, user_id, instance_id, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind("ticket-hash")
+    .bind(user)
+    .bind(instance)
+    .bind(1_733_000_060_000_i64)
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM instances WHERE id = $1")
+        .bind(instance)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let tickets: i64 = sqlx::query("SELECT COUNT(*) FROM editor_tickets")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tickets, 0, "a deleted instance's tickets go with it");
 }
 
 /// After adoption, a migration past the last one runs (and is recorded), and a binary without
@@ -450,9 +475,10 @@ async fn recorded(c: &mut AnyConnection) -> Vec<Recorded> {
 }
 
 /// Tables the migrations after 0.1 added.
-const LATER_TABLES: [&str; 9] = [
+const LATER_TABLES: [&str; 10] = [
     "control_planes",
     "deployments",
+    "editor_tickets",
     "leases",
     "library_entries",
     "pipeline_stages",

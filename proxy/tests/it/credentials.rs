@@ -12,7 +12,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tandem_proxy::{EditorDecision, EditorGate, Proxy, ProxyStats, Routes};
+use tandem_proxy::{EditorDecision, EditorGate, Proxy, ProxyStats, Routes, TicketDecision};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -75,6 +75,14 @@ impl EditorGate for AllowAll {
         _headers: &'a http::HeaderMap,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = EditorDecision> + Send + 'a>> {
         Box::pin(async { EditorDecision::Allow })
+    }
+
+    fn exchange<'a>(
+        &'a self,
+        _instance: &'a str,
+        _ticket: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TicketDecision> + Send + 'a>> {
+        Box::pin(async { TicketDecision::Refused("no tickets here\n".into()) })
     }
 }
 

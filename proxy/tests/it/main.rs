@@ -13,4 +13,5 @@ mod mqtt;
 mod policy;
 mod reload;
 mod routing;
+mod ticket;
 mod transport;

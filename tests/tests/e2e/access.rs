@@ -53,14 +53,18 @@ async fn roles_hold_on_actions_and_the_editor_is_for_members_only() {
     let viewer = user(&t, &team, "vic", Some("viewer")).await;
     let outsider = user(&t, &team, "otto", None).await;
 
-    // A viewer sees the status but cannot stop the instance.
+    // A viewer sees the status but cannot stop the instance. Each call is made as the console
+    // makes it: the session cookie, and the session's form token from `GET /api/v1/user`.
     let as_cookie = |c: &str, method: &'static str, path: String| {
         let c = c.to_string();
         let api = t.api;
         async move {
-            http(api, method, "api", &path, &[("Cookie", &c)], "")
+            let me = http(api, "GET", "api", "/api/v1/user", &[("Cookie", &c)], "")
                 .await
-                .unwrap()
+                .unwrap();
+            let token = me.header("x-tandem-form-token").unwrap().to_string();
+            let headers = [("Cookie", c.as_str()), ("X-Tandem-Form-Token", &token)];
+            http(api, method, "api", &path, &headers, "").await.unwrap()
         }
     };
     let r = as_cookie(&viewer, "GET", format!("/api/v1/instances/{id}/status")).await;
@@ -111,16 +115,7 @@ async fn roles_hold_on_actions_and_the_editor_is_for_members_only() {
     };
     let r = editor(leaving.clone()).await;
     assert_eq!(r.status, 200, "before signing out: {r:?}");
-    let r = http(
-        t.api,
-        "POST",
-        "api",
-        "/api/v1/auth/logout",
-        &[("Cookie", &leaving)],
-        "",
-    )
-    .await
-    .unwrap();
+    let r = as_cookie(&leaving, "POST", "/api/v1/auth/logout".into()).await;
     assert_eq!(r.status, 204, "{r:?}");
     let r = editor(leaving).await;
     assert_eq!(r.status, 401, "after signing out: {r:?}");

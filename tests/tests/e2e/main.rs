@@ -9,6 +9,7 @@ mod backup;
 mod console;
 mod dashboard;
 mod deploys;
+mod editor_ticket;
 mod ha;
 mod hang;
 mod harness;

@@ -280,6 +280,48 @@ async fn standalone_proxies_serve_through_a_control_plane_crash_and_hold_drains_
         .await
         .unwrap();
     assert_eq!(r.status, 401, "{r:?}");
+    // The console's editor ticket, through a standalone proxy: exchanged by the control plane
+    // for a host-only session cookie that opens the editor; good once, whichever proxy it is
+    // brought to next.
+    let r = t2
+        .api(
+            "POST",
+            &format!("/api/v1/instances/{after}/editor-ticket"),
+            Value::Null,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let url = r.json()["url"].as_str().unwrap().to_string();
+    let ticket_path = &url[url.find("/_tandem/").unwrap()..];
+    let r = http(p1.addr, "GET", host, ticket_path, &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some("/admin/"));
+    let set = r.header("set-cookie").unwrap().to_string();
+    assert!(
+        set.starts_with("tandem_session=") && set.ends_with("; Path=/; HttpOnly; SameSite=Lax"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap();
+    let r = http(
+        p1.addr,
+        "GET",
+        host,
+        "/admin/settings",
+        &[("Cookie", cookie)],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    for p in [&p1, &p2] {
+        let r = http(p.addr, "GET", host, ticket_path, &[], "")
+            .await
+            .unwrap();
+        assert_eq!(r.status, 403, "{r:?}");
+        assert!(r.body.contains("used already"), "{}", r.body);
+    }
 
     // A proxy started while the control plane is down serves from its cache (0600: it holds
     // admin secrets).

@@ -1,11 +1,14 @@
 //! A minimal W3C WebDriver client for the browser tests: Debian's `chromedriver` on a free port,
 //! driving headless Chromium with an empty profile per session. Only the commands the tests use
-//! (navigate, run a script, read and set cookies), over plain HTTP/1.1 on loopback, so the
-//! workspace needs no WebDriver crate.
+//! (navigate, run a script, read and set cookies, resize, take a screenshot), over plain HTTP/1.1
+//! on loopback, so the workspace needs no WebDriver crate.
+//!
+//! A session dropped while its test panics saves a screenshot of its page first, under
+//! [`screenshot_dir`], and says where.
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -197,14 +200,91 @@ impl Session {
             .unwrap_or_else(|e| panic!("cannot delete cookies: {e}"));
     }
 
+    /// The handles of the session's windows and tabs, oldest first.
+    pub async fn windows(&self) -> Vec<String> {
+        let v = self
+            .cmd("GET", "window/handles", Value::Null)
+            .await
+            .unwrap_or_else(|e| panic!("cannot list windows: {e}"));
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|h| h.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Makes window `handle` the one the next commands go to.
+    pub async fn switch_to(&self, handle: &str) {
+        self.cmd("POST", "window", json!({ "handle": handle }))
+            .await
+            .unwrap_or_else(|e| panic!("cannot switch to window {handle}: {e}"));
+    }
+
+    /// Sets the window's size, in CSS pixels.
+    pub async fn resize(&self, width: u32, height: u32) {
+        self.cmd(
+            "POST",
+            "window/rect",
+            json!({ "width": width, "height": height }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot resize the window: {e}"));
+    }
+
+    /// Saves a PNG of what the window shows at `path`.
+    pub async fn screenshot(&self, path: &Path) -> Result<(), String> {
+        use base64::Engine;
+        let png = self.cmd("GET", "screenshot", Value::Null).await?;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap_or_default())
+            .map_err(|e| format!("the screenshot is not base64: {e}"))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::write(path, png).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// On a failed test (the drop runs while it panics): a screenshot of the page, named after
+    /// the test's thread, which libtest names after the test. Only from a multi-threaded
+    /// runtime, where a drop may wait for the driver.
+    fn screenshot_of_failure(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return;
+        }
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("test")
+            .replace("::", "-");
+        let id: String = self.id.chars().take(8).collect();
+        let path = screenshot_dir().join(format!("{test}-failed-{id}.png"));
+        match tokio::task::block_in_place(|| handle.block_on(self.screenshot(&path))) {
+            Ok(()) => eprintln!("the page at the failure: {}", path.display()),
+            Err(e) => eprintln!("no screenshot of the failure: {e}"),
+        }
+    }
+
     async fn cmd(&self, method: &str, what: &str, body: Value) -> Result<Value, String> {
         let path = format!("/session/{}/{what}", self.id);
         call(self.driver, method, &path, &body).await
     }
 }
 
+/// Where the browser tests save screenshots: `screenshots/` in the test's output directory
+/// (Cargo's `CARGO_TARGET_TMPDIR`, under the target directory).
+pub fn screenshot_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots")
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.screenshot_of_failure();
+        }
         // Blocking, and short: the driver is on loopback. A session left open would keep its
         // browser running until the driver's drop.
         use std::io::{Read, Write};

@@ -4,7 +4,7 @@
 
 use serde_json::json;
 
-use super::support::{both_backends, Auth, Backend, Server};
+use super::support::{both_backends, session_of, Auth, Backend, Server};
 
 both_backends!(
     the_first_start_admin_sets_its_first_password_with_its_token,
@@ -20,11 +20,8 @@ async fn login(s: &Server, username: &str, password: &str) -> (u16, Option<Auth>
             json!({ "username": username, "password": password }),
         )
         .await;
-    let cookie = r
-        .header("set-cookie")
-        .and_then(|c| c.split(';').next())
-        .map(|c| Auth::Cookie(c.to_string()));
-    (r.status, cookie)
+    let session = r.header("set-cookie").is_some().then(|| session_of(&r));
+    (r.status, session)
 }
 
 async fn a_password_change_ends_every_session_and_needs_the_current_password(b: Backend) {

@@ -6,7 +6,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use super::support::{both_backends, now_ms, Auth, Backend, Server};
+use super::support::{both_backends, now_ms, session_of, Auth, Backend, Server};
 
 fn sha256_hex(s: &str) -> String {
     Sha256::digest(s.as_bytes())
@@ -260,14 +260,45 @@ async fn sessions(b: Backend) {
     for want in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=604800"] {
         assert!(attrs.contains(&want), "{want} missing from {set}");
     }
-    let cookie = Auth::Cookie(attrs[0].to_string());
+    let cookie = session_of(&ok);
+    let Auth::Session { form_token, .. } = &cookie else {
+        unreachable!()
+    };
+    assert_eq!(form_token.len(), 64, "{ok}");
 
-    // It works on /user, on changes, and among other cookies.
+    // It works on /user, which gives the same form token back, on changes, and among other
+    // cookies.
     let me = s.get("/api/v1/user", &cookie).await;
     assert_eq!(me.ok(200)["username"], "alice");
+    assert_eq!(me.header("x-tandem-form-token"), Some(form_token.as_str()));
     s.post("/api/v1/teams", &cookie, json!({ "name": "By Cookie" }))
         .await
         .ok(201);
+    // A write with the cookie alone, or with another session's form token, is refused and
+    // makes nothing; a token signed in elsewhere gets no form token.
+    let bare = Auth::Cookie(attrs[0].to_string());
+    let r = s
+        .post("/api/v1/teams", &bare, json!({ "name": "No Token" }))
+        .await;
+    assert!(r.err(403).contains("x-tandem-form-token"), "{r}");
+    let wrong = Auth::Session {
+        cookie: attrs[0].to_string(),
+        form_token: "0".repeat(64),
+    };
+    let r = s
+        .post("/api/v1/teams", &wrong, json!({ "name": "No Token" }))
+        .await;
+    assert!(r.err(403).contains("not this session's form token"), "{r}");
+    let r = s.call("POST", "/api/v1/auth/logout", &bare, None).await;
+    r.err(403);
+    let teams = s.get("/api/v1/teams", &cookie).await;
+    assert_eq!(
+        teams.ok(200)["items"].as_array().unwrap().len(),
+        1,
+        "{teams}"
+    );
+    let by_token = s.get("/api/v1/user", &u.auth).await;
+    assert_eq!(by_token.header("x-tandem-form-token"), None);
     let among = Auth::Cookie(format!("theme=dark; {}; lang=en", attrs[0]));
     s.get("/api/v1/user", &among).await.ok(200);
     s.get("/api/v1/user", &Auth::Cookie("tandem_session=0000".into()))
@@ -291,7 +322,7 @@ async fn sessions(b: Backend) {
     );
 
     // A second session, then logout of the first: it ends, the second lives on.
-    let other = Auth::Cookie(s.login("alice", &u.password).await);
+    let other = s.login("alice", &u.password).await;
     let out = s.call("POST", "/api/v1/auth/logout", &cookie, None).await;
     out.ok(204);
     let clear = out.header("set-cookie").unwrap();

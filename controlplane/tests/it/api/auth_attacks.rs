@@ -293,7 +293,7 @@ async fn a_token_may_not_outlive_the_token_that_creates_it(b: Backend) {
         )
         .await;
     assert_eq!(r.ok(201)["expires_at"], Value::Null, "{r}");
-    let cookie = Auth::Cookie(s.login("minter", &u.password).await);
+    let cookie = s.login("minter", &u.password).await;
     let r = s
         .post(
             "/api/v1/user/tokens",
@@ -315,7 +315,7 @@ async fn team_count(s: &Server, auth: &Auth) -> usize {
 async fn cookie_writes_must_come_from_the_apis_own_origin(b: Backend) {
     let s = Server::start(b).await;
     let u = s.user("browser").await;
-    let cookie = Auth::Cookie(s.login("browser", &u.password).await);
+    let cookie = s.login("browser", &u.password).await;
     let evil = [("origin", "http://evil.example".to_string())];
     let own = [("origin", format!("http://{}", s.addr))];
     let new_team = || Some(json!({ "name": unique("Team") }));
@@ -389,7 +389,7 @@ impl Stream {
             .header("accept", "text/event-stream");
         match auth {
             Auth::Bearer(t) => req = req.header("authorization", format!("Bearer {t}")),
-            Auth::Cookie(c) => req = req.header("cookie", c.as_str()),
+            Auth::Session { cookie, .. } => req = req.header("cookie", cookie.as_str()),
             other => panic!("no stream for {other:?}"),
         }
         let resp = sender
@@ -499,7 +499,7 @@ async fn a_log_stream_ends_when_its_callers_access_goes(b: Backend) {
     revoked.expect_end(within).await;
 
     // A session that signs out, and an instance that is deleted, end theirs.
-    let session = Auth::Cookie(s.login("streammember", &member.password).await);
+    let session = s.login("streammember", &member.password).await;
     let mut signed_out = Stream::open(&s, &inst, &session).await;
     let mut owners = Stream::open(&s, &inst, &owner.auth).await;
     log.note("info", "line for both");

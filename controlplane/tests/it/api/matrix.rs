@@ -60,6 +60,7 @@ const MATRIX: &[Row] = &[
     row("POST", "/api/v1/auth/login", [200; 6]),
     row("POST", "/api/v1/auth/logout", [204; 6]),
     row("GET", "/api/v1/user", SIGNED_IN),
+    row("GET", "/api/v1/instance-names/{name}", SIGNED_IN),
     row("GET", "/api/v1/users", ADMIN_ONLY),
     row("POST", "/api/v1/users", with_ok(ADMIN_ONLY, 201)),
     // A change that changes nothing: admins only.
@@ -131,6 +132,12 @@ const MATRIX: &[Row] = &[
         with_ok(TEAM_OWNER, 204),
     ),
     row("GET", "/api/v1/instances/{id}/protection", TEAM_READ),
+    // Those who may open the editor get a ticket for it.
+    row(
+        "POST",
+        "/api/v1/instances/{id}/editor-ticket",
+        with_ok(TEAM_MEMBER, 201),
+    ),
     row("GET", "/api/v1/instances/{id}/modules", TEAM_READ),
     row(
         "PUT",
@@ -214,6 +221,7 @@ const MATRIX: &[Row] = &[
     row("GET", "/api/v1/cluster", ADMIN_ONLY),
     row("POST", "/api/v1/routes/report", [401; 6]),
     row("POST", "/api/v1/routes/editor-check", [401; 6]),
+    row("POST", "/api/v1/routes/editor-ticket", [401; 6]),
     // Stacks and templates: everyone signed in reads, admins write.
     row("GET", "/api/v1/stacks", SIGNED_IN),
     row("POST", "/api/v1/stacks", with_ok(ADMIN_ONLY, 201)),
@@ -456,6 +464,14 @@ impl World {
                 format!("/api/v1/instances/{}/modules", self.fresh_instance().await),
                 Some(json!({ "modules": { "node-red-node-random": "0.4.1" } })),
             ),
+            // This world's instance is HA (409): a non-HA one has an editor to open.
+            ("POST", "/api/v1/instances/{id}/editor-ticket") => (
+                format!(
+                    "/api/v1/instances/{}/editor-ticket",
+                    self.fresh_instance().await
+                ),
+                None,
+            ),
             ("PUT", "/api/v1/instances/{id}/protection") => (
                 format!("/api/v1/instances/{inst}/protection"),
                 Some(json!({ "protected": true })),
@@ -637,7 +653,8 @@ impl World {
                         &format!("/deployments/{}", self.deployment),
                     )
                     .replace("/pipelines/{id}", &format!("/pipelines/{}", self.pipeline))
-                    .replace("/storage/{id}", &format!("/storage/{inst}"));
+                    .replace("/storage/{id}", &format!("/storage/{inst}"))
+                    .replace("/instance-names/{name}", "/instance-names/free-name");
                 assert!(!p.contains('{'), "no placeholder value for {method} {path}");
                 let body = (method == "POST").then(|| json!({}));
                 (p, body)

@@ -10,6 +10,7 @@ mod audit;
 mod auth;
 mod auth_attacks;
 mod config_rules;
+mod editor_tickets;
 mod instances;
 mod lists;
 mod matrix;

@@ -136,6 +136,11 @@ pub async fn http_with(
         Auth::Anon => {}
         Auth::Bearer(t) => req = req.header("authorization", format!("Bearer {t}")),
         Auth::Cookie(c) => req = req.header("cookie", c.as_str()),
+        Auth::Session { cookie, form_token } => {
+            req = req
+                .header("cookie", cookie.as_str())
+                .header("x-tandem-form-token", form_token.as_str())
+        }
         Auth::Authorization(v) => req = req.header("authorization", v.as_str()),
     }
     for (k, v) in extra {
@@ -164,6 +169,20 @@ pub async fn http_with(
     }
 }
 
+/// The session a sign-in answer opened: its cookie and its form token.
+pub fn session_of(r: &Resp) -> Auth {
+    let cookie = r
+        .header("set-cookie")
+        .unwrap_or_else(|| panic!("no cookie: {r}"));
+    Auth::Session {
+        cookie: cookie.split(';').next().unwrap().to_string(),
+        form_token: r
+            .header("x-tandem-form-token")
+            .unwrap_or_else(|| panic!("no form token: {r}"))
+            .to_string(),
+    }
+}
+
 /// Who calls.
 #[derive(Debug, Clone)]
 pub enum Auth {
@@ -171,8 +190,16 @@ pub enum Auth {
     Anon,
     /// `Authorization: Bearer <token>`.
     Bearer(String),
-    /// `Cookie: <name=value>`.
+    /// `Cookie: <name=value>` alone.
     Cookie(String),
+    /// A signed-in browser: the session cookie and the session's form token, as the console
+    /// sends them.
+    Session {
+        /// `<name=value>`.
+        cookie: String,
+        /// `X-Tandem-Form-Token`.
+        form_token: String,
+    },
     /// `Authorization: <value>`, as given.
     Authorization(String),
 }
@@ -401,8 +428,8 @@ impl Server {
             .unwrap()
     }
 
-    /// Signs in; the `tandem_session=…` cookie pair.
-    pub async fn login(&self, username: &str, password: &str) -> String {
+    /// Signs in; the `tandem_session=…` cookie pair and the session's form token.
+    pub async fn login(&self, username: &str, password: &str) -> Auth {
         let r = self
             .post(
                 "/api/v1/auth/login",
@@ -411,10 +438,7 @@ impl Server {
             )
             .await;
         r.ok(200);
-        let cookie = r
-            .header("set-cookie")
-            .unwrap_or_else(|| panic!("no cookie: {r}"));
-        cookie.split(';').next().unwrap().to_string()
+        session_of(&r)
     }
 
     /// A user created by the admin, signed in, with a personal access token.
@@ -428,13 +452,9 @@ impl Server {
             )
             .await;
         let id = r.ok(201)["id"].as_str().unwrap().to_string();
-        let cookie = self.login(username, &password).await;
+        let session = self.login(username, &password).await;
         let t = self
-            .post(
-                "/api/v1/user/tokens",
-                &Auth::Cookie(cookie),
-                json!({ "name": "tests" }),
-            )
+            .post("/api/v1/user/tokens", &session, json!({ "name": "tests" }))
             .await;
         let token = t.ok(201)["token_value"].as_str().unwrap().to_string();
         User {

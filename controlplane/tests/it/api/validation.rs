@@ -104,6 +104,40 @@ async fn instance_names(b: Backend) {
     .invalid("name");
     let got = t.s.get(&format!("/api/v1/instances/{id}"), &t.owner).await;
     assert_eq!(got.ok(200)["name"], "keeps-name");
+
+    // The check a form makes as a name is typed says what creating would say, for any signed-in
+    // user, and creates nothing.
+    let asker = t.s.user("asker").await.auth;
+    let check = |name: &str| {
+        let path = format!("/api/v1/instance-names/{name}");
+        let (s, asker) = (&t.s, &asker);
+        async move { s.get(&path, asker).await }
+    };
+    let r = check("under_score").await;
+    assert_eq!(r.ok(200)["available"], false, "{r}");
+    let said = t.create_instance("under_score", json!({})).await;
+    let message = said.invalid("name").to_string();
+    assert_eq!(r.json["message"], message, "{r}");
+    let r = check("admin").await;
+    assert!(
+        r.ok(200)["message"].as_str().unwrap().contains("reserved"),
+        "{r}"
+    );
+    let r = check("a1-b2").await;
+    assert_eq!(r.ok(200)["available"], false, "{r}");
+    assert!(
+        r.json["message"].as_str().unwrap().contains("exists"),
+        "{r}"
+    );
+    let r = check("still-free").await;
+    assert_eq!(r.ok(200)["available"], true, "{r}");
+    assert!(r.json.get("message").is_none(), "{r}");
+    t.create_instance("still-free", json!({})).await.ok(201);
+    let r = check("still-free").await;
+    assert_eq!(r.ok(200)["available"], false, "{r}");
+    t.s.get("/api/v1/instance-names/x", &Auth::Anon)
+        .await
+        .err(401);
 }
 
 async fn json_bodies(b: Backend) {

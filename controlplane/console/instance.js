@@ -1,0 +1,378 @@
+// An instance's page: state, actions (start, stop, restart, suspend, delete with a
+// confirmation), "Open editor", HA, replicas, a live merged log, settings and environment (the
+// template's locked values shown locked), modules and affinity, snapshots, deploys and the
+// audit log. What a role may not do is not offered; the API decides either way.
+import { api, el, enc, error, session, mayOperate, owns, button, form, field, all, when, table, section, teams } from "./lib.js";
+
+// Draws `build()` into `container` only when `key` changed, so that controls keep their focus
+// and what is typed while the page follows the instance live.
+function redraw(container, key, build) {
+  const k = JSON.stringify(key);
+  if (container.dataset.key === k) return;
+  container.dataset.key = k;
+  container.replaceChildren(...[].concat(build()));
+}
+
+export async function instancePage(id) {
+  const path = "/api/v1/instances/" + enc(id);
+  let instance = await api("GET", path);
+  await teams();
+  const team = instance.team_id;
+  const member = mayOperate(team);
+  const owner = owns(team);
+  const template = instance.template_id ? await api("GET", "/api/v1/templates/" + enc(instance.template_id)) : null;
+
+  const state = el("p", { id: "instance-state", class: "state-line" });
+  const links = el("p", { class: "links" });
+  const actions = el("div", { id: "instance-actions", class: "actions" });
+  const confirm = el("div", { id: "delete-confirm", class: "confirm", hidden: true });
+  const replicas = el("tbody", { id: "replicas" });
+  const deploys = el("div", { id: "deploys" });
+  const modules = el("div", { id: "modules" });
+  const snapshots = el("div", { id: "snapshots" });
+  const audit = el("div", { id: "audit" });
+  const settings = el("div", { id: "settings" });
+  const ha = el("div", { id: "ha" });
+  const log = logView(path);
+
+  const root = el("section", { id: "page-instance", "data-instance": instance.name },
+    el("p", {}, el("a", { href: "#/", id: "back" }, "All instances")),
+    el("h2", { id: "instance-name" }, instance.name),
+    state, links, actions, confirm,
+    section("Replicas", el("table", {},
+      el("thead", {}, el("tr", {}, ...["Replica", "State", "Active", "Pid / port", "Restarts", "Last exit", "Since"].map((h) => el("th", {}, h)))),
+      replicas)),
+    section("High availability", ha),
+    section("Log", log.root),
+    section("Deploys", deploys),
+    section("Snapshots", snapshots),
+    section("Modules", modules),
+    section("Settings and environment", settings),
+    section("Audit log", audit));
+
+  // --- Actions -------------------------------------------------------------------------------
+  function drawActions() {
+    const list = [];
+    if (member) {
+      for (const [action, label] of [["start", "Start"], ["stop", "Stop"], ["restart", "Restart"], ["suspend", "Suspend"]]) {
+        list.push(button(label, async () => {
+          await api("POST", path + "/actions/" + action);
+          await refresh();
+        }, { "data-action": action }));
+      }
+    }
+    if (owner) {
+      list.push(button("Delete…", async () => { confirm.hidden = false; confirm.querySelector("input").focus(); },
+        { "data-action": "delete", class: "danger" }));
+    }
+    actions.replaceChildren(...list);
+    if (!owner) return;
+    const typed = el("input", { autocomplete: "off", spellcheck: "false" });
+    confirm.replaceChildren(form({ id: "delete-form" }, [
+      ...field("Type " + instance.name + " to delete it, its replicas and its snapshots for good", typed),
+      el("div", { class: "actions" },
+        el("button", { type: "submit", class: "danger" }, "Delete for good"),
+        button("Cancel", async () => { confirm.hidden = true; }))], async () => {
+      if (typed.value !== instance.name) throw new Error("Type the instance's name, " + instance.name + ", to delete it.");
+      await api("DELETE", path);
+      location.hash = "#/";
+    }));
+  }
+
+  function drawLinks() {
+    const parts = [el("a", { href: instance.url, target: "_blank", rel: "noopener", id: "instance-url" }, instance.url)];
+    if (!instance.ha && member) {
+      // The editor is on the instance's own host, which the console's cookie does not reach: a
+      // single-use ticket, exchanged by the proxy for a cookie of that host, opens it.
+      parts.push(" ", button("Open editor", async () => {
+        const t = await api("POST", path + "/editor-ticket");
+        window.open(t.url, "_blank", "noopener");
+      }, { id: "open-editor" }));
+    } else if (instance.ha) {
+      parts.push(" ", el("span", { class: "muted" }, "The editor is closed on HA instances: deploy with snapshots and pipelines."));
+    }
+    links.replaceChildren(...parts);
+  }
+
+  // --- HA ----------------------------------------------------------------------------------
+  function drawHa() {
+    const h = instance.ha;
+    if (!owner) {
+      ha.replaceChildren(el("p", {}, h ? h.replicas + " replicas, " + h.mode + (h.mode === "balanced" ? ", affinity " + (h.affinity === false ? "off" : "on") : "") : "Off: one replica, editor open."));
+      return;
+    }
+    const count = el("select", { id: "ha-replicas" },
+      el("option", { value: "0" }, "Off (one replica, editor open)"),
+      ...[2, 3, 4, 5].map((n) => el("option", { value: String(n) }, n + " replicas")));
+    const mode = el("select", { id: "ha-mode" },
+      el("option", { value: "balanced" }, "Balanced (every replica serves)"),
+      el("option", { value: "standby" }, "Standby (one serves, the others wait)"));
+    const affinity = el("input", { type: "checkbox", id: "ha-affinity" });
+    count.value = h ? String(h.replicas) : "0";
+    mode.value = h ? h.mode : "balanced";
+    affinity.checked = !h || h.affinity !== false;
+    ha.replaceChildren(form({ id: "ha-form" }, [
+      ...field("Replicas", count), ...field("Mode", mode),
+      el("label", { class: "check" }, affinity, " Affinity: keep each browser on one replica (dashboards)"),
+      el("button", { type: "submit" }, "Apply")], async () => {
+      const replicas = Number(count.value);
+      if (replicas === 0) await api("DELETE", path + "/ha");
+      else await api("PUT", path + "/ha", Object.assign({ replicas, mode: mode.value }, mode.value === "balanced" ? { affinity: affinity.checked } : {}));
+      instance = await api("GET", path);
+      drawLinks();
+      await refresh();
+    }));
+  }
+
+  // --- Settings and environment ----------------------------------------------------------------
+  function drawSettings() {
+    const lockedEnv = (k) => !!(template && template.env[k] && template.env[k].locked);
+    const lockedSetting = (k) => !!template && template.policy.settings[k] !== true;
+    const effective = Object.entries(instance.effective_settings || {});
+    const settingsRows = effective.map(([k, v]) => el("tr", { "data-setting": k },
+      el("td", {}, k), el("td", {}, el("code", {}, JSON.stringify(v))),
+      el("td", {}, lockedSetting(k) ? el("span", { class: "badge locked" }, "locked by template") : (k in (instance.settings || {}) ? "this instance" : "template"))));
+    const envRows = Object.entries(instance.effective_env || {}).map(([k, v]) => {
+      const secret = typeof v === "object";
+      return el("tr", { "data-env": k },
+        el("td", {}, k), el("td", {}, secret ? el("span", { class: "muted" }, "secret (never shown)") : v),
+        el("td", {}, lockedEnv(k) ? el("span", { class: "badge locked" }, "locked by template") : (k in instance.env ? "this instance" : "template")));
+    });
+    const parts = [
+      el("h4", {}, "Settings"),
+      effective.length ? table(["Setting", "Value", "Set by"], settingsRows, { id: "settings-table" }) : el("p", { class: "muted" }, "Node-RED's defaults."),
+      el("h4", {}, "Environment"),
+      envRows.length ? table(["Variable", "Value", "Set by"], envRows, { id: "env-table" }) : el("p", { class: "muted" }, "No variable."),
+    ];
+    if (instance.not_applied && instance.not_applied.length) {
+      parts.push(el("p", { class: "warn" }, "Not applied: " + instance.not_applied.map((r) => r.field + " (" + r.message + ")").join("; ")));
+    }
+    if (member) {
+      const overrides = el("textarea", { id: "settings-json", rows: "4", spellcheck: "false" }, JSON.stringify(instance.settings || {}, null, 2));
+      parts.push(form({ id: "settings-form" }, [
+        ...field("This instance's settings (JSON object; replaces the current ones)", overrides),
+        el("button", { type: "submit" }, "Save settings")], async () => {
+        let value;
+        try { value = JSON.parse(overrides.value || "{}"); } catch (e) { throw new Error("The settings are not JSON: " + e.message); }
+        instance = await api("PUT", path, { settings: value });
+        drawSettings();
+      }));
+      parts.push(envForm());
+    }
+    settings.replaceChildren(...parts);
+  }
+
+  // The instance's own variables, one row each: a secret keeps its stored value unless a new
+  // one is typed; a variable the template locks is not offered.
+  function envForm() {
+    const rows = el("tbody", {});
+    const addRow = (name, value, secret, stored) => {
+      const n = el("input", { value: name, "aria-label": "Variable name", spellcheck: "false" });
+      const v = el("input", { value: stored ? "" : value, "aria-label": "Value", placeholder: stored ? "unchanged (secret)" : "", type: secret ? "password" : "text" });
+      const s = el("input", { type: "checkbox", "aria-label": "Secret" });
+      s.checked = secret;
+      const tr = el("tr", { class: "env-row" }, el("td", {}, n), el("td", {}, v), el("td", {}, s), el("td", {}, button("Remove", async () => tr.remove())));
+      tr.read = () => {
+        const name = n.value.trim();
+        if (!name) return null;
+        if (s.checked) return [name, v.value === "" && stored ? { secret: true } : { value: v.value, secret: true }];
+        return [name, v.value];
+      };
+      rows.append(tr);
+    };
+    for (const [k, v] of Object.entries(instance.env || {})) {
+      if (typeof v === "object") addRow(k, "", true, true); else addRow(k, v, false, false);
+    }
+    return form({ id: "env-form" }, [
+      el("p", { class: "label" }, "This instance's variables"),
+      el("table", {}, el("thead", {}, el("tr", {}, ...["Name", "Value", "Secret", ""].map((h) => el("th", {}, h)))), rows),
+      el("div", { class: "actions" },
+        button("Add a variable", async () => addRow("", "", false, false)),
+        el("button", { type: "submit" }, "Save variables"))], async () => {
+      const env = {};
+      for (const tr of rows.children) {
+        const pair = tr.read();
+        if (pair) env[pair[0]] = pair[1];
+      }
+      instance = await api("PUT", path, { env });
+      drawSettings();
+    });
+  }
+
+  // --- Modules -------------------------------------------------------------------------------
+  async function drawModules() {
+    const m = (await api("GET", path + "/modules")).modules;
+    redraw(modules, m, () => {
+      const names = Object.keys(m);
+      const rows = names.map((name) => el("tr", { "data-module": name },
+        el("td", {}, name), el("td", {}, m[name].requested),
+        el("td", { class: "state" }, m[name].installed ? "installed " + m[name].installed : "installing"),
+        el("td", {}, member ? button("Remove", async () => {
+          const next = {};
+          for (const n of names) if (n !== name) next[n] = m[n].requested;
+          await api("PUT", path + "/modules", { modules: next });
+          await drawModules();
+        }) : "")));
+      const out = [names.length ? table(["Module", "Requested", "State", ""], rows, { id: "modules-table" }) : el("p", { class: "muted" }, "No module beyond Node-RED's own.")];
+      if (member) {
+        const name = el("input", { id: "module-name", spellcheck: "false", placeholder: "node-red-contrib-…" });
+        const version = el("input", { id: "module-version", value: "latest" });
+        out.push(form({ id: "module-form", class: "inline" }, [...field("Module", name), ...field("Version", version), el("button", { type: "submit" }, "Add")], async () => {
+          const next = {};
+          for (const n of names) next[n] = m[n].requested;
+          next[name.value.trim()] = version.value.trim() || "latest";
+          await api("PUT", path + "/modules", { modules: next });
+          await drawModules();
+        }));
+      }
+      return out;
+    });
+  }
+
+  // --- Snapshots and deploys -----------------------------------------------------------------
+  async function drawSnapshots() {
+    const list = (await all(path + "/snapshots")).reverse();
+    const rows = list.map((s) => el("tr", { "data-snapshot": s.id },
+      el("td", {}, s.name), el("td", {}, s.description || ""), el("td", {}, s.author), el("td", {}, when(s.created_at)),
+      el("td", { class: "actions" },
+        member ? button("Roll back", async () => {
+          await api("POST", path + "/actions/rollback", { snapshot_id: s.id });
+          await refresh();
+        }, { "data-rollback": s.id }) : null,
+        member ? button("Export", async () => exportSnapshot(s)) : null,
+        owner ? button("Delete", async () => { await api("DELETE", "/api/v1/snapshots/" + enc(s.id)); await drawSnapshots(); }) : null)));
+    const out = [list.length ? table(["Name", "Description", "Author", "Taken", ""], rows, { id: "snapshots-table" }) : el("p", { class: "muted" }, "No snapshot yet.")];
+    if (member) {
+      const name = el("input", { id: "snapshot-name", required: true });
+      const description = el("input", { id: "snapshot-description" });
+      out.push(form({ id: "snapshot-form", class: "inline" }, [...field("Name", name), ...field("Description", description), el("button", { type: "submit" }, "Take a snapshot")], async () => {
+        await api("POST", path + "/snapshots", { name: name.value, description: description.value });
+        name.value = ""; description.value = "";
+        await drawSnapshots();
+      }));
+    }
+    snapshots.replaceChildren(...out);
+  }
+
+  // An export is encrypted with a secret the user chooses, then saved as a file.
+  function exportSnapshot(s) {
+    const secret = el("input", { type: "password", autocomplete: "new-password", id: "export-secret" });
+    const box = el("div", { class: "confirm" });
+    box.append(form({ id: "export-form" }, [
+      ...field("A secret to encrypt " + s.name + "'s credentials with (needed to import it)", secret),
+      el("div", { class: "actions" }, el("button", { type: "submit" }, "Export"), button("Cancel", async () => box.remove()))], async () => {
+      const doc = await api("POST", "/api/v1/snapshots/" + enc(s.id) + "/export", { credential_secret: secret.value });
+      const a = el("a", { href: URL.createObjectURL(new Blob([JSON.stringify(doc, null, 2)], { type: "application/json" })), download: instance.name + "-" + s.name + ".json" });
+      a.click();
+      URL.revokeObjectURL(a.href);
+      box.remove();
+    }));
+    snapshots.prepend(box);
+    secret.focus();
+  }
+
+  async function drawDeploys() {
+    const list = (await api("GET", path + "/deployments?limit=5")).items || [];
+    redraw(deploys, list, () => list.length ? list.map((d) => el("div", { class: "deploy", "data-deployment": d.id, "data-status": d.status },
+      el("p", {}, el("strong", {}, d.status), " ", when(d.started_at), d.error ? " — " + d.error : ""),
+      el("ol", { class: "progress" }, ...d.replicas.map((r) => el("li", { class: "step " + r.status }, r.id + ": " + r.status + (r.error ? " (" + r.error + ")" : "")))))) : el("p", { class: "muted" }, "No deploy yet."));
+  }
+
+  // --- Audit ---------------------------------------------------------------------------------
+  async function drawAudit() {
+    if (!member) { audit.replaceChildren(el("p", { class: "muted" }, "Members and owners read the audit log.")); return; }
+    const entries = (await api("GET", path + "/audit-log?limit=20")).items;
+    redraw(audit, entries.map((e) => e.id), () => entries.length ? table(["When", "Who", "What"], entries.map((e) =>
+      el("tr", {}, el("td", {}, when(e.ts)), el("td", {}, e.actor), el("td", {}, e.event)))) : el("p", { class: "muted" }, "Nothing yet."));
+  }
+
+  // --- Live parts ----------------------------------------------------------------------------
+  async function refresh() {
+    const status = (await api("GET", path + "/status")).observed;
+    state.textContent = status.summary + (status.reason ? " — " + status.reason : "");
+    state.dataset.state = status.state;
+    replicas.replaceChildren(...(status.replicas || []).map((r) => el("tr", { "data-replica": r.id },
+      el("td", {}, el("span", { class: "dot " + r.state }), " ", r.id),
+      el("td", { class: "state" }, r.state),
+      el("td", {}, r.active ? "yes" : "no"),
+      el("td", {}, (r.pid || "-") + " / " + (r.port || "-")),
+      el("td", {}, String(r.restarts)),
+      el("td", {}, r.last_exit || ""),
+      el("td", {}, when(r.since)))));
+    log.replicas(status.replicas || []);
+    await Promise.all([log.poll(), drawDeploys(), drawModules(), drawAudit()]);
+  }
+
+  drawActions();
+  drawLinks();
+  drawHa();
+  drawSettings();
+  await Promise.all([refresh(), drawSnapshots()]);
+  return { root, refresh, leave: () => {} };
+}
+
+// The live log: newest entries first shown, new ones appended while following, older ones
+// loaded when scrolled to the top, one replica or all.
+function logView(path) {
+  const filter = el("select", { id: "log-replica" }, el("option", { value: "" }, "All replicas"));
+  const follow = el("button", { type: "button", id: "log-follow", "aria-pressed": "true" }, "Pause");
+  const lines = el("div", { id: "log", class: "log", role: "log", tabindex: "0", "aria-label": "Log" });
+  const note = el("span", { class: "muted", id: "log-note" });
+  let next = null, previous = null, following = true, loading = false;
+
+  const line = (e) => el("div", { class: "line level-" + e.level, "data-src": e.src, "data-seq": String(e.seq) },
+    el("span", { class: "ts" }, new Date(e.ts).toLocaleTimeString()), el("span", { class: "src" }, e.src), String(e.msg));
+  const query = (cursor, limit) => path + "/logs?limit=" + limit + (filter.value ? "&replica=" + enc(filter.value) : "") + (cursor ? "&cursor=" + enc(cursor) : "");
+
+  async function poll() {
+    if (!following || loading) return;
+    loading = true;
+    try {
+      const page = await api("GET", query(next, next ? 500 : 200));
+      if (next === null) previous = page.meta.previous_cursor || null;
+      next = page.meta.next_cursor;
+      const atEnd = lines.scrollTop + lines.clientHeight >= lines.scrollHeight - 4;
+      lines.append(...page.log.map(line));
+      while (lines.childElementCount > 5000) { lines.firstChild.remove(); previous = "b" + lines.firstChild.dataset.seq; }
+      if (atEnd || page.log.length === lines.childElementCount) lines.scrollTop = lines.scrollHeight;
+    } finally { loading = false; }
+  }
+
+  async function older() {
+    if (!previous || loading) return;
+    loading = true;
+    try {
+      const page = await api("GET", query(previous, 200));
+      previous = page.meta.previous_cursor || null;
+      const before = lines.scrollHeight;
+      lines.prepend(...page.log.map(line));
+      lines.scrollTop += lines.scrollHeight - before;
+      note.textContent = previous ? "" : "The oldest entry kept is shown.";
+    } catch (e) { error(e.message); } finally { loading = false; }
+  }
+
+  function reset() {
+    next = null; previous = null; note.textContent = "";
+    lines.replaceChildren();
+    poll().catch((e) => error(e.message));
+  }
+
+  filter.addEventListener("change", reset);
+  follow.addEventListener("click", () => {
+    following = !following;
+    follow.textContent = following ? "Pause" : "Follow";
+    follow.setAttribute("aria-pressed", String(following));
+    if (following) poll().catch((e) => error(e.message));
+  });
+  lines.addEventListener("scroll", () => { if (lines.scrollTop < 40) older(); });
+
+  return {
+    root: el("div", {}, el("div", { class: "toolbar" }, ...field("Replica", filter), follow, note), lines),
+    poll,
+    replicas(list) {
+      for (const r of list) {
+        if (![...filter.options].some((o) => o.value === r.id)) filter.append(el("option", { value: r.id }, r.id));
+      }
+    },
+  };
+}
