@@ -85,6 +85,9 @@ pub enum Isolation {
     Landlock,
     /// Nothing beyond the OS user Tandem runs as.
     None,
+    /// A container of its own (a Kubernetes pod): its own filesystem, user and network; the
+    /// instance's secrets readable by root alone, which it is not once Node-RED runs.
+    Container,
 }
 
 /// How a driver finds a replica that hangs: it checks each ready replica's admin API every

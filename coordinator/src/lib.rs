@@ -6,6 +6,8 @@
 //! - [`spec`]: what is wanted of an instance: [`spec::DesiredState`], the process spec (a change
 //!   needs new processes) and the flows (deployed live).
 //! - [`replica`]: a replica's id, phase and exit reason.
+//! - [`admin`]: a running replica's admin API: checks, deploys with their health gate, flow
+//!   state; shared by the drivers.
 //! - [`driver`]: the interface every driver implements: per instance, start, stop, fence,
 //!   deploy and start or stop flows, with a stream of replica events.
 //! - [`coordinator`]: desired state in, one worker per instance.
@@ -23,6 +25,7 @@
 
 pub use tandem_proxy as proxy;
 
+pub mod admin;
 pub mod coordinator;
 pub mod dataplane;
 pub mod driver;

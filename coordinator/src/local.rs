@@ -15,7 +15,7 @@
 //! adopted instead of started again; it is stale when it was started for another spec.
 //!
 //! Each replica listens on 127.0.0.1 only, serves flows at `/` and the editor and admin API at
-//! `/admin`, and accepts admin calls only with its secret in `x-tandem-token` ([`admin`]). It
+//! `/admin`, and accepts admin calls only with its secret in `x-tandem-token` ([`crate::admin`]). It
 //! runs in its own process group, so a stop or a fence reaches everything it started.
 //!
 //! Each started replica has a watcher task ([`watcher`]): it waits for readiness, then checks the
@@ -24,7 +24,6 @@
 //! replica's process group through rustix; a stop or fence holds once no process of the group
 //! runs.
 
-mod admin;
 mod install;
 mod process;
 mod settings;
@@ -39,7 +38,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::Method;
 use rustix::process::Signal;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -47,8 +45,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use install::{write_userconfig, NpmOptions, RegistryError, DEFAULT_REGISTRY};
-pub use settings::{legacy_spec_hash, settings_js, spec_hash, SECRETS_ON_STDIN};
+pub use settings::{
+    legacy_spec_hash, settings_js, spec_hash, Placement, POD_PORT, SECRETS_ON_STDIN,
+};
 
+use crate::admin;
 use crate::driver::{
     Driver, DriverError, Event, EventKind, Gate, InstanceDriver, Isolation, Liveness, Prepared,
     Running,
@@ -350,7 +351,7 @@ impl LocalInstance {
         install::link_modules(dir, spec, modules.as_deref()).await?;
         write(
             "settings.js",
-            settings_js(spec, id, port, dir, &self.driver.npm),
+            settings_js(spec, id, Placement::Process { port }, dir, &self.driver.npm),
         )
         .await?;
         // With Tandem's store, the replica reads its flows from there. Otherwise the flows are
@@ -638,103 +639,29 @@ impl InstanceDriver for LocalInstance {
 
     async fn check(&self, slot: u32) -> Result<(), DriverError> {
         let r = self.replica(slot)?;
-        admin::flow_state(r.addr, &r.secret, self.driver.liveness.hang_after)
-            .await
-            .map(drop)
-            .map_err(|reason| DriverError::Admin {
-                id: self.id(slot),
-                reason,
-            })
+        admin::check(
+            &self.id(slot),
+            r.addr,
+            &r.secret,
+            self.driver.liveness.hang_after,
+        )
+        .await
     }
 
     async fn deploy(&self, slot: u32, flows: &Flows, gate: &Gate) -> Result<(), DriverError> {
         let r = self.replica(slot)?;
         let id = self.id(slot);
-        let admin_error = |reason: String| DriverError::Admin {
-            id: id.clone(),
-            reason,
-        };
         // From here on, an error line of one of the flows' nodes fails the gate.
-        let mut lines = self.log.subscribe();
-        // API v2 takes the credentials as stored (`{"$": ...}`): the replica decrypts them with
-        // the instance's credential secret. A replica whose flows are stopped keeps them so.
-        // Flows that carry their credentials inline (as given at creation) go without.
-        let mut body = serde_json::json!({ "flows": &*flows.value });
-        if flows.credentials.as_object().is_none_or(|c| !c.is_empty()) {
-            body["credentials"] = (*flows.credentials).clone();
-        }
-        // Flows Node-RED itself refuses (not JSON it can take, larger than it accepts) are a
-        // refusal like the gate's: the deploy rolls back rather than tries again.
-        admin::deploy(r.addr, &r.secret, body.to_string())
-            .await
-            .map_err(|e| match e {
-                admin::DeployError::Refused(reason) => DriverError::Refused {
-                    id: id.clone(),
-                    reason,
-                },
-                admin::DeployError::Failed(reason) => admin_error(reason),
-            })?;
+        let lines = self.log.subscribe();
+        admin::push_flows(&id, r.addr, &r.secret, flows).await?;
         let dir = self.driver.user_dir(&id);
         let _ = tokio::fs::write(dir.join(".tandem-flows"), &flows.rev).await;
-        let refused = |reason: String| DriverError::Refused {
-            id: id.clone(),
-            reason,
-        };
-        let missing = admin::missing_types(r.addr, &r.secret, &flows.value)
-            .await
-            .map_err(admin_error)?;
-        if !missing.is_empty() {
-            return Err(refused(format!(
-                "unknown node type: {}",
-                missing.join(", ")
-            )));
-        }
-        if gate.flows_on {
-            admin::wait_started(r.addr, &r.secret, GATE_TIMEOUT)
-                .await
-                .map_err(refused)?;
-            // Nodes that fail as they start log an error within moments.
-            tokio::time::sleep(GATE_SETTLE).await;
-            let src = id.to_string();
-            while let Ok(line) = lines.try_recv() {
-                // Node-RED tags a node's own lines with its type and id.
-                if line.src == src && line.level == "error" && line.fields.contains_key("type") {
-                    return Err(refused(format!(
-                        "a node failed as the flows started: {}",
-                        line.msg
-                    )));
-                }
-            }
-        }
-        // A standby's flows are stopped: its routes answer nothing until it is promoted.
-        if let Some(probe) = gate.probe.as_ref().filter(|_| gate.flows_on) {
-            admin::probe(r.addr, probe, PROBE_TIMEOUT)
-                .await
-                .map_err(refused)?;
-        }
-        Ok(())
+        admin::gate(&id, r.addr, &r.secret, lines, flows, gate).await
     }
 
     async fn set_flows(&self, slot: u32, state: FlowState) -> Result<(), DriverError> {
         let r = self.replica(slot)?;
-        let state = match state {
-            FlowState::Started => "start",
-            FlowState::Stopped => "stop",
-        };
-        let body = serde_json::json!({ "state": state }).to_string();
-        admin::expect(
-            r.addr,
-            &r.secret,
-            Method::POST,
-            "/flows/state",
-            body,
-            &[200],
-        )
-        .await
-        .map_err(|reason| DriverError::Admin {
-            id: self.id(slot),
-            reason,
-        })
+        admin::set_flows(&self.id(slot), r.addr, &r.secret, state).await
     }
 
     async fn remove(&self) -> Result<(), DriverError> {
@@ -748,15 +675,6 @@ impl InstanceDriver for LocalInstance {
         }
     }
 }
-
-/// How long a deploy's health gate waits for the flows to start and a probe to answer.
-const GATE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a deploy's probe is tried until it answers as asked.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long after the flows started a deploy's gate looks for nodes logging errors.
-const GATE_SETTLE: Duration = Duration::from_millis(300);
 
 impl LocalInstance {
     fn watcher(&self, slot: u32, run: u64, replica: Replica) -> Watcher {

@@ -101,6 +101,8 @@ pub enum ExitReason {
     StartFailed(String),
     /// The platform reports it gone (a process that is not Tandem's child, a deleted pod).
     Gone(String),
+    /// The kernel ended it for using more memory than its limit (a pod's `OOMKilled`).
+    OutOfMemory,
 }
 
 impl ExitReason {
@@ -137,6 +139,9 @@ impl fmt::Display for ExitReason {
             ),
             Self::StartFailed(why) => write!(f, "did not start: {why}"),
             Self::Gone(why) => f.write_str(why),
+            Self::OutOfMemory => {
+                f.write_str("out of memory (OOMKilled): it used more than its memory limit")
+            }
         }
     }
 }

@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::process::{self, Record};
-use super::{admin, tail, Replica};
+use super::{tail, Replica};
+use crate::admin;
 use crate::driver::{Event, EventKind, Liveness, Running};
 use crate::replica::{ExitReason, ReplicaId};
 

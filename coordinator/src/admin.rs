@@ -1,4 +1,7 @@
-//! A replica's admin API, called with the instance's admin secret over hyper's HTTP/1 client.
+//! A replica's admin API, called with the instance's admin secret over hyper's HTTP/1 client:
+//! what every driver does to a running Node-RED, wherever it runs (a local process, a pod).
+//! [`check`], [`push_flows`] with its health [`gate`], and [`set_flows`] are the driver
+//! operations; the rest are the calls they are made of.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,6 +11,139 @@ use http::{header, Method, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tandem_proxy::credentials::ADMIN_TOKEN;
+use tokio::sync::broadcast;
+
+use crate::driver::{DriverError, Gate};
+use crate::logs::LogEntry;
+use crate::replica::{FlowState, ReplicaId};
+use crate::spec::Flows;
+
+/// How long a deploy's health gate waits for the flows to start and a probe to answer.
+const GATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a deploy's probe is tried until it answers as asked.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long after the flows started a deploy's gate looks for nodes logging errors.
+const GATE_SETTLE: Duration = Duration::from_millis(300);
+
+/// Checks once that the replica `id` at `addr` answers its admin API within `timeout`.
+pub async fn check(
+    id: &ReplicaId,
+    addr: SocketAddr,
+    secret: &str,
+    timeout: Duration,
+) -> Result<(), DriverError> {
+    flow_state(addr, secret, timeout)
+        .await
+        .map(drop)
+        .map_err(|reason| DriverError::Admin {
+            id: id.clone(),
+            reason,
+        })
+}
+
+/// Deploys `flows` to the replica (a full deploy; a replica whose flows are stopped keeps them
+/// stopped). Flows Node-RED itself refuses (not JSON it can take, larger than it accepts) are a
+/// refusal like the gate's: the deploy rolls back rather than tries again.
+pub async fn push_flows(
+    id: &ReplicaId,
+    addr: SocketAddr,
+    secret: &str,
+    flows: &Flows,
+) -> Result<(), DriverError> {
+    // API v2 takes the credentials as stored (`{"$": ...}`): the replica decrypts them with the
+    // instance's credential secret. Flows that carry their credentials inline (as given at
+    // creation) go without.
+    let mut body = serde_json::json!({ "flows": &*flows.value });
+    if flows.credentials.as_object().is_none_or(|c| !c.is_empty()) {
+        body["credentials"] = (*flows.credentials).clone();
+    }
+    deploy(addr, secret, body.to_string())
+        .await
+        .map_err(|e| match e {
+            DeployError::Refused(reason) => DriverError::Refused {
+                id: id.clone(),
+                reason,
+            },
+            DeployError::Failed(reason) => DriverError::Admin {
+                id: id.clone(),
+                reason,
+            },
+        })
+}
+
+/// The health gate of a deploy just pushed ([`push_flows`]): every node type is known; when the
+/// flows run, they started and no node logged an error since `lines` was subscribed (before the
+/// push); the probe answers as asked. A gate that fails is [`DriverError::Refused`].
+pub async fn gate(
+    id: &ReplicaId,
+    addr: SocketAddr,
+    secret: &str,
+    mut lines: broadcast::Receiver<LogEntry>,
+    flows: &Flows,
+    gate: &Gate,
+) -> Result<(), DriverError> {
+    let admin_error = |reason: String| DriverError::Admin {
+        id: id.clone(),
+        reason,
+    };
+    let refused = |reason: String| DriverError::Refused {
+        id: id.clone(),
+        reason,
+    };
+    let missing = missing_types(addr, secret, &flows.value)
+        .await
+        .map_err(admin_error)?;
+    if !missing.is_empty() {
+        return Err(refused(format!(
+            "unknown node type: {}",
+            missing.join(", ")
+        )));
+    }
+    if gate.flows_on {
+        wait_started(addr, secret, GATE_TIMEOUT)
+            .await
+            .map_err(refused)?;
+        // Nodes that fail as they start log an error within moments.
+        tokio::time::sleep(GATE_SETTLE).await;
+        let src = id.to_string();
+        while let Ok(line) = lines.try_recv() {
+            // Node-RED tags a node's own lines with its type and id.
+            if line.src == src && line.level == "error" && line.fields.contains_key("type") {
+                return Err(refused(format!(
+                    "a node failed as the flows started: {}",
+                    line.msg
+                )));
+            }
+        }
+    }
+    // A standby's flows are stopped: its routes answer nothing until it is promoted.
+    if let Some(p) = gate.probe.as_ref().filter(|_| gate.flows_on) {
+        probe(addr, p, PROBE_TIMEOUT).await.map_err(refused)?;
+    }
+    Ok(())
+}
+
+/// Starts or stops the replica's flows without restarting it.
+pub async fn set_flows(
+    id: &ReplicaId,
+    addr: SocketAddr,
+    secret: &str,
+    state: FlowState,
+) -> Result<(), DriverError> {
+    let state = match state {
+        FlowState::Started => "start",
+        FlowState::Stopped => "stop",
+    };
+    let body = serde_json::json!({ "state": state }).to_string();
+    expect(addr, secret, Method::POST, "/flows/state", body, &[200])
+        .await
+        .map_err(|reason| DriverError::Admin {
+            id: id.clone(),
+            reason,
+        })
+}
 
 /// Largest answer read from a replica's admin API.
 const MAX_ANSWER: usize = 1 << 20;
@@ -72,7 +208,7 @@ async fn send(
 }
 
 /// `GET /admin/flows/state`: the flow state (`start`, `stop`, `safe`) on a 200.
-pub(crate) async fn flow_state(
+pub async fn flow_state(
     addr: SocketAddr,
     secret: &str,
     timeout: Duration,
@@ -117,7 +253,7 @@ pub(crate) async fn expect(
 }
 
 /// Whether a reported flow state is the one a replica was started for.
-pub(crate) fn state_matches(state: &str, start_stopped: bool) -> bool {
+pub fn state_matches(state: &str, start_stopped: bool) -> bool {
     if start_stopped {
         state == "stop" || state == "safe"
     } else {
