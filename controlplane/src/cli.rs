@@ -20,7 +20,7 @@ pub struct Cli {
 pub enum Command {
     /// Run Tandem: the control plane's API and the ingress proxy, with embedded defaults
     /// (SQLite in the data directory, base domain `localhost`).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage users from the command line.
     #[command(subcommand)]
     User(UserCommand),
@@ -325,6 +325,24 @@ pub struct ServeArgs {
     /// replicas start unconfined with a warning in their log and `isolation: none` in the status.
     #[arg(long, env = "TANDEM_REQUIRE_ISOLATION", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub require_isolation: bool,
+    /// What runs the instances' replicas: `local` processes on this machine, or `kubernetes`
+    /// pods (the cluster of the in-cluster configuration, or of the kubeconfig).
+    #[arg(long, env = "TANDEM_DRIVER", value_enum, default_value_t = crate::drivers::DriverKind::Local)]
+    pub driver: crate::drivers::DriverKind,
+    /// With `--driver kubernetes`: the namespace of the instances' pods, their ConfigMaps and
+    /// Secrets; default the namespace of the pod Tandem runs in (`POD_NAMESPACE`), else that of
+    /// the kubeconfig's context.
+    #[arg(long, env = "TANDEM_KUBE_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+    /// With `--driver kubernetes`: the Node-RED image repository; a stack's Node-RED version is
+    /// its tag.
+    #[arg(long, env = "TANDEM_KUBE_IMAGE", default_value = "nodered/node-red")]
+    pub kube_image: String,
+    /// The base URL replicas reach Tandem's API at, for their flows' storage; default the API's
+    /// own address. Pods on a cluster reach it through its Service, e.g.
+    /// `http://tandem-api.tandem.svc:3000`.
+    #[arg(long, env = "TANDEM_STORAGE_URL")]
+    pub storage_url: Option<String>,
 }
 
 /// `tandem user ...`.
@@ -375,7 +393,7 @@ pub fn main() -> anyhow::Result<()> {
                 .block_on(crate::proxy_cmd::run(args))
         }
         Command::Serve(args) => {
-            tokio::runtime::Runtime::new()?.block_on(crate::serve_cmd::run(args))
+            tokio::runtime::Runtime::new()?.block_on(crate::serve_cmd::run(*args))
         }
         Command::Backup {
             to,

@@ -10,6 +10,10 @@
 //! time to live, less a margin, after the start of its last successful renewal, by its own
 //! monotonic clock. The database's expiry comes later than that, so two leaders never act at
 //! once, even when the old one wakes up from a stop on a stale term.
+//!
+//! On a Kubernetes cluster (`--driver kubernetes`) the lease is the cluster's `coordination.k8s.io`
+//! Lease instead ([`LeaseBackend::Kubernetes`], [`tandem_kube::lease`]), with the same rules for
+//! acting; the database still lists the control planes for `GET /api/v1/cluster`.
 
 use std::time::{Duration, Instant};
 
@@ -177,6 +181,15 @@ impl Default for LeaseConfig {
     }
 }
 
+/// Where the lease lives.
+#[derive(Clone)]
+pub enum LeaseBackend {
+    /// The `leases` row of the database.
+    Database,
+    /// The cluster's Lease `tandem-leader`.
+    Kubernetes(std::sync::Arc<tandem_kube::lease::KubeLease>),
+}
+
 /// The database's clock, in milliseconds: every control plane compares expiries with the same
 /// clock.
 async fn db_now(store: &Store) -> Result<i64, sqlx::Error> {
@@ -214,25 +227,38 @@ async fn attempt(
     .bind(take)
     .execute(&store.pool)
     .await?;
-    sqlx::query(
-        "INSERT INTO control_planes (id, address, started_at, last_seen) VALUES ($1, $2, $3, $3) \
-         ON CONFLICT (id) DO UPDATE SET address = $2, last_seen = $3",
-    )
-    .bind(id)
-    .bind(address)
-    .bind(now)
-    .execute(&store.pool)
-    .await?;
+    seen(store, id, address).await?;
     let row = sqlx::query("SELECT holder, address, term FROM leases WHERE name = $1")
         .bind(LEASE)
         .fetch_one(&store.pool)
         .await?;
     let (holder, leader_address, term): (String, String, i64) =
         (row.get(0), row.get(1), row.get(2));
-    Ok(if holder == id {
-        // Counted from before the renewal was sent, less a fifth: the database's expiry is
-        // later than this by its round trip and the margin. A SQLite store has no other control
-        // plane to yield to: its one leader never pauses for a late renewal (a busy machine).
+    Ok(role_of(
+        id,
+        holder,
+        leader_address,
+        term,
+        config,
+        started,
+        take,
+    ))
+}
+
+/// The role a holder's id leaves this control plane in. A leader's validity is counted from
+/// before the renewal was sent, less a fifth: the lease's expiry is later than this by the
+/// round trip and the margin. A SQLite store has no other control plane to yield to (`take`):
+/// its one leader never pauses for a late renewal (a busy machine).
+fn role_of(
+    id: &str,
+    holder: String,
+    address: String,
+    term: i64,
+    config: &LeaseConfig,
+    started: Instant,
+    take: bool,
+) -> Role {
+    if holder == id {
         let valid_until = if take {
             started + Duration::from_secs(100 * 365 * 24 * 3600)
         } else {
@@ -242,28 +268,81 @@ async fn attempt(
     } else {
         Role::Follower {
             leader: holder,
-            address: leader_address,
+            address,
             term,
         }
-    })
+    }
+}
+
+/// One attempt on the cluster's Lease; the database records this control plane as seen.
+async fn attempt_kubernetes(
+    lease: &tandem_kube::lease::KubeLease,
+    store: &Store,
+    id: &str,
+    address: &str,
+    config: &LeaseConfig,
+    started: Instant,
+) -> Result<Role, String> {
+    let holder = lease
+        .attempt(id, address, config.ttl)
+        .await
+        .map_err(|e| e.to_string())?;
+    seen(store, id, address).await.map_err(|e| e.to_string())?;
+    Ok(role_of(
+        id,
+        holder.id,
+        holder.address,
+        holder.term,
+        config,
+        started,
+        false,
+    ))
+}
+
+/// Records this control plane as seen now, for `GET /api/v1/cluster`.
+async fn seen(store: &Store, id: &str, address: &str) -> Result<(), sqlx::Error> {
+    let now = db_now(store).await?;
+    sqlx::query(
+        "INSERT INTO control_planes (id, address, started_at, last_seen) VALUES ($1, $2, $3, $3) \
+         ON CONFLICT (id) DO UPDATE SET address = $2, last_seen = $3",
+    )
+    .bind(id)
+    .bind(address)
+    .bind(now)
+    .execute(&store.pool)
+    .await?;
+    Ok(())
 }
 
 /// Takes or renews the lease every third of its time to live, for ever; returns the view the
 /// rest of the control plane reads. `address` is where this control plane's API listens, for
 /// the followers to forward to.
-pub fn elect(store: Store, id: String, address: String, config: LeaseConfig) -> Leadership {
+pub fn elect(
+    store: Store,
+    backend: LeaseBackend,
+    id: String,
+    address: String,
+    config: LeaseConfig,
+) -> Leadership {
     let (tx, role) = watch::channel(Role::Unknown);
     let me = id.clone();
-    let take = store.backend == Backend::Sqlite;
+    let take = store.backend == Backend::Sqlite && matches!(backend, LeaseBackend::Database);
     tokio::spawn(async move {
         loop {
             let started = Instant::now();
-            let role = match tokio::time::timeout(
-                config.ttl / 3,
-                attempt(&store, &me, &address, &config, started, take),
-            )
-            .await
-            {
+            let once = async {
+                match &backend {
+                    LeaseBackend::Database => {
+                        attempt(&store, &me, &address, &config, started, take)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    LeaseBackend::Kubernetes(lease) => {
+                        attempt_kubernetes(lease, &store, &me, &address, &config, started).await
+                    }
+                }
+            };
+            let role = match tokio::time::timeout(config.ttl / 3, once).await {
                 Ok(Ok(role)) => role,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot renew the coordinator's lease");
@@ -313,15 +392,13 @@ fn keep_until_lapsed(tx: &watch::Sender<Role>) -> Role {
     }
 }
 
-/// Every control plane seen in the last minute, with the lease's holder.
-pub async fn control_planes(store: &Store) -> Result<Vec<ControlPlaneRow>, sqlx::Error> {
+/// Every control plane seen in the last minute, marking `leader` (the lease's holder, as the
+/// control plane that answers knows it; none while nobody leads).
+pub async fn control_planes(
+    store: &Store,
+    leader: Option<&str>,
+) -> Result<Vec<ControlPlaneRow>, sqlx::Error> {
     let now = db_now(store).await?;
-    let holder: (String, i64) =
-        sqlx::query("SELECT holder, expires_at FROM leases WHERE name = $1")
-            .bind(LEASE)
-            .fetch_one(&store.pool)
-            .await
-            .map(|r| (r.get(0), r.get(1)))?;
     let rows = sqlx::query(
         "SELECT id, address, started_at, last_seen FROM control_planes WHERE last_seen > $1 ORDER BY id",
     )
@@ -333,7 +410,7 @@ pub async fn control_planes(store: &Store) -> Result<Vec<ControlPlaneRow>, sqlx:
         .map(|r| {
             let id: String = r.get(0);
             ControlPlaneRow {
-                leader: id == holder.0 && holder.1 > now,
+                leader: leader == Some(id.as_str()),
                 id,
                 address: r.get(1),
                 since: r.get(2),
@@ -366,7 +443,7 @@ pub struct Switch {
 }
 
 /// The coordinator of a term.
-type Leading = tandem_coordinator::Coordinator<tandem_coordinator::local::LocalDriver>;
+type Leading = tandem_coordinator::Coordinator<crate::drivers::AnyDriver>;
 
 impl Switch {
     /// Puts the coordinator of a new term in place, or none.

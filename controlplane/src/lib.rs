@@ -9,7 +9,8 @@
 //!   data plane in `tandem serve`.
 //! - [`backup`]: `tandem backup` and `tandem restore`: the store and the platform key in one
 //!   file.
-//! - [`console`]: the web console at `/`: a page, its script and stylesheet, embedded.
+//! - [`console`]: the web console at `/`: a page, its scripts and stylesheet, embedded.
+//! - [`drivers`]: the driver of `--driver`: local processes or Kubernetes pods.
 //! - [`api`]: the routes under `/api/v1`, one module per resource, and the OpenAPI document.
 //! - [`auth`]: passwords, tokens, sessions, the `Caller` extractor.
 //! - [`node_settings`], [`node_env`]: the Node-RED settings and environment variables users may
@@ -52,6 +53,7 @@ pub mod cli;
 pub mod console;
 pub mod deployments;
 pub mod desired;
+pub mod drivers;
 pub mod editor_gate;
 pub mod env_secrets;
 pub mod error;

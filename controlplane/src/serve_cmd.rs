@@ -10,6 +10,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use sqlx::Row;
 use tandem_coordinator::local::{LocalDriver, SandboxLauncher};
+
+use crate::drivers::{AnyDriver, DriverKind};
 use tandem_coordinator::logs::LogBook;
 use tandem_coordinator::restart::RestartPolicy;
 use tandem_coordinator::status::NotObserved;
@@ -202,10 +204,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .then_some(args.http_listen.port()),
         max_ha_replicas: args.max_ha_replicas,
         max_document_bytes: (args.max_document_mib as usize) << 20,
-        storage_base: Some(format!(
-            "http://{}",
-            std::net::SocketAddr::new(storage_ip, api_addr.port())
-        )),
+        storage_base: Some(match &args.storage_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!(
+                "http://{}",
+                std::net::SocketAddr::new(storage_ip, api_addr.port())
+            ),
+        }),
         ..ApiConfig::default()
     };
     let state = state_with_key(
@@ -238,24 +243,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     // The coordinator runs the instances' replicas and publishes them into the proxy's routes.
     let routes = Arc::new(Routes::new());
-    let mut driver = LocalDriver::new(&args.data_dir);
-    if let Some(dir) = &args.stacks_dir {
-        driver.stacks_dir = dir.clone();
-    }
-    // Every replica runs in a Landlock sandbox through `tandem sandbox-exec`.
-    let mut driver = driver.with_sandbox(SandboxLauncher {
-        exe: std::env::current_exe()
-            .context("cannot find the tandem binary to sandbox replicas with")?,
-        required: args.require_isolation,
-    });
-    driver.ready_timeout = std::time::Duration::from_millis(args.ready_timeout_ms.max(1));
-    driver.stop_grace = std::time::Duration::from_millis(args.stop_grace_ms);
-    driver.npm = npm_options(&args)?;
-    driver.liveness = tandem_coordinator::driver::Liveness {
-        interval: std::time::Duration::from_millis(args.liveness_check_ms.max(10)),
-        hang_after: std::time::Duration::from_millis(args.hang_after_ms.max(50)),
+    // On a cluster, the driver and the leader's Lease share one client.
+    let cluster = match args.driver {
+        DriverKind::Local => None,
+        DriverKind::Kubernetes => Some(kube_client(&args).await?),
     };
-    let driver = Arc::new(driver);
+    let driver = Arc::new(match &cluster {
+        None => AnyDriver::Local(local_driver(&args)?),
+        Some((client, namespace)) => {
+            AnyDriver::Kubernetes(kube_driver(&args, client.clone(), namespace)?)
+        }
+    });
     // The in-process proxy (unless `--no-proxy`) and the standalone proxies' route feed.
     let plane: Arc<dyn tandem_coordinator::dataplane::DataPlane> =
         Arc::new(crate::route_feed::FeedDataPlane {
@@ -286,8 +284,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| std::net::SocketAddr::new(storage_ip, api_addr.port()).to_string());
     let mut state = state;
+    let lease = match &cluster {
+        None => crate::leader::LeaseBackend::Database,
+        Some((client, namespace)) => crate::leader::LeaseBackend::Kubernetes(Arc::new(
+            tandem_kube::lease::KubeLease::new(client.clone(), namespace),
+        )),
+    };
     state.leadership = crate::leader::elect(
         state.store.clone(),
+        lease,
         id.clone(),
         advertise,
         crate::leader::LeaseConfig {
@@ -430,11 +435,65 @@ fn npm_options(args: &ServeArgs) -> anyhow::Result<tandem_coordinator::local::Np
     })
 }
 
+/// The local driver of `--driver local` (the default).
+fn local_driver(args: &ServeArgs) -> anyhow::Result<LocalDriver> {
+    let mut driver = LocalDriver::new(&args.data_dir);
+    if let Some(dir) = &args.stacks_dir {
+        driver.stacks_dir = dir.clone();
+    }
+    // Every replica runs in a Landlock sandbox through `tandem sandbox-exec`.
+    let mut driver = driver.with_sandbox(SandboxLauncher {
+        exe: std::env::current_exe()
+            .context("cannot find the tandem binary to sandbox replicas with")?,
+        required: args.require_isolation,
+    });
+    driver.ready_timeout = std::time::Duration::from_millis(args.ready_timeout_ms.max(1));
+    driver.stop_grace = std::time::Duration::from_millis(args.stop_grace_ms);
+    driver.npm = npm_options(args)?;
+    driver.liveness = tandem_coordinator::driver::Liveness {
+        interval: std::time::Duration::from_millis(args.liveness_check_ms.max(10)),
+        hang_after: std::time::Duration::from_millis(args.hang_after_ms.max(50)),
+    };
+    Ok(driver)
+}
+
+/// The cluster of `--driver kubernetes` (the in-cluster configuration, else the kubeconfig's)
+/// and the namespace Tandem works in.
+async fn kube_client(args: &ServeArgs) -> anyhow::Result<(kube::Client, String)> {
+    let config = kube::Config::infer()
+        .await
+        .context("--driver kubernetes: no in-cluster configuration and no usable kubeconfig")?;
+    let namespace = args
+        .kube_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = kube::Client::try_from(config).context("--driver kubernetes: a client")?;
+    Ok((client, namespace))
+}
+
+/// The Kubernetes driver of `--driver kubernetes`.
+fn kube_driver(
+    args: &ServeArgs,
+    client: kube::Client,
+    namespace: &str,
+) -> anyhow::Result<tandem_kube::KubeDriver> {
+    let mut driver = tandem_kube::KubeDriver::new(client, namespace);
+    driver.image = args.kube_image.clone();
+    driver.npm = npm_options(args)?;
+    if driver.npm.userconfig.is_some() {
+        anyhow::bail!(
+            "--npm-token-file is not taken into pods: with --driver kubernetes, modules come from a registry the pods reach without a token"
+        );
+    }
+    Ok(driver)
+}
+
 /// What a control plane needs to run the coordinator while it leads.
 struct Leading {
     state: AppState,
     switch: Arc<crate::leader::Switch>,
-    driver: Arc<LocalDriver>,
+    driver: Arc<AnyDriver>,
     plane: Arc<dyn tandem_coordinator::dataplane::DataPlane>,
     logbook: Arc<LogBook>,
     config: CoordinatorConfig,

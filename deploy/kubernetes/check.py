@@ -238,7 +238,8 @@ def check_serve(serve):
     c = serve["spec"]["template"]["spec"]["containers"][0]
     args = c.get("args", [])
     for name, value in (("--driver", "kubernetes"), ("--kube-image", "nodered/node-red"),
-                        ("--kube-namespace", "$(POD_NAMESPACE)")):
+                        ("--kube-namespace", "$(POD_NAMESPACE)"),
+                        ("--storage-url", "http://tandem-api:3000")):
         if flag(args, name) != value:
             fail(serve, f"needs {name} {value}")
     if "--no-proxy" not in args:

@@ -7,8 +7,10 @@
 //! - [`observe`]: what a pod's status says about its replica.
 //! - [`driver`]: the driver: starts, adopts, stops and fences pods; watches them; follows their
 //!   logs; calls their admin API.
+//! - [`lease`]: the leader's `coordination.k8s.io` Lease.
 
 pub mod driver;
+pub mod lease;
 pub mod objects;
 pub mod observe;
 

@@ -175,6 +175,7 @@ async fn answer(server: &Server, req: Request<Body>) -> Response<Body> {
     let q = query(&req);
     let rest = path
         .strip_prefix(&format!("/api/v1/namespaces/{NS}/"))
+        .or_else(|| path.strip_prefix(&format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/")))
         .unwrap_or_else(|| panic!("a request outside the namespace: {method} {path}"))
         .to_string();
     let body = http_body_util::BodyExt::collect(req.into_body())
@@ -242,6 +243,20 @@ async fn answer(server: &Server, req: Request<Body>) -> Response<Body> {
         }
         ("PUT", [kind, name]) => {
             server.store().requests.push(format!("PUT {kind}/{name}"));
+            // Optimistic concurrency: a write based on an older version is refused.
+            let current = server
+                .store()
+                .objects
+                .get(&format!("{kind}/{name}"))
+                .map(|o| o["metadata"]["resourceVersion"].clone());
+            let Some(current) = current else {
+                return status(404, "NotFound");
+            };
+            if !body["metadata"]["resourceVersion"].is_null()
+                && body["metadata"]["resourceVersion"] != current
+            {
+                return status(409, "Conflict");
+            }
             let mut obj = body;
             server.bump(&mut obj);
             server
@@ -842,4 +857,145 @@ async fn a_pod_deleted_by_someone_else_is_an_exit() {
             }
         }
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The leader's Lease.
+
+mod lease {
+    use super::*;
+    use tandem_kube::lease::{Holder, KubeLease};
+
+    const TTL: Duration = Duration::from_secs(5);
+
+    fn lease(server: &Arc<Server>) -> (KubeLease, tokio::task::JoinHandle<()>) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let task = tokio::spawn(serve(server.clone(), handle));
+        (KubeLease::new(kube::Client::new(service, NS), NS), task)
+    }
+
+    fn server() -> Arc<Server> {
+        Arc::new(Server {
+            store: Mutex::new(Store::default()),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Another control plane renews the Lease it holds (or takes it).
+    fn other_writes(server: &Server, holder: &str, transitions: i64) {
+        let mut lease = server
+            .store()
+            .objects
+            .get("leases/tandem-leader")
+            .cloned()
+            .unwrap();
+        lease["spec"]["holderIdentity"] = json!(holder);
+        lease["spec"]["leaseTransitions"] = json!(transitions);
+        lease["metadata"]["annotations"]["tandem.dev/address"] = json!(format!("{holder}:3000"));
+        server.bump(&mut lease);
+        server
+            .store()
+            .objects
+            .insert("leases/tandem-leader".into(), lease);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_control_plane_takes_the_lease_and_renews_it() {
+        let server = server();
+        let (a, _t) = lease(&server);
+        let held = a.attempt("cp-a", "10.0.0.1:3000", TTL).await.unwrap();
+        assert_eq!(
+            held,
+            Holder {
+                id: "cp-a".into(),
+                address: "10.0.0.1:3000".into(),
+                term: 1
+            }
+        );
+        let renewed = a.attempt("cp-a", "10.0.0.1:3000", TTL).await.unwrap();
+        assert_eq!(renewed, held);
+        assert_eq!(
+            server.store().requests,
+            [
+                "GET leases/tandem-leader",
+                "POST leases/tandem-leader",
+                "GET leases/tandem-leader",
+                "PUT leases/tandem-leader",
+            ]
+        );
+        let stored = server.store().objects["leases/tandem-leader"].clone();
+        assert_eq!(stored["spec"]["leaseDurationSeconds"], 5);
+        assert_eq!(
+            stored["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "tandem"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_lease_is_not_taken_until_it_has_not_changed_for_its_duration() {
+        let server = server();
+        let (a, _ta) = lease(&server);
+        let (b, _tb) = lease(&server);
+        a.attempt("cp-a", "a:3000", TTL).await.unwrap();
+        // B sees A's Lease: A holds it, renewed or not, until B has seen no change for 5 s.
+        for _ in 0..4 {
+            let seen = b.attempt("cp-b", "b:3000", TTL).await.unwrap();
+            assert_eq!(seen.id, "cp-a");
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // A renews: B's count starts again.
+        a.attempt("cp-a", "a:3000", TTL).await.unwrap();
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(b.attempt("cp-b", "b:3000", TTL).await.unwrap().id, "cp-a");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(b.attempt("cp-b", "b:3000", TTL).await.unwrap().id, "cp-a");
+        // A stopped renewing 8 s ago by B's clock, 4 s of it seen by B... then 5 s unchanged.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let taken = b.attempt("cp-b", "b:3000", TTL).await.unwrap();
+        assert_eq!(
+            taken,
+            Holder {
+                id: "cp-b".into(),
+                address: "b:3000".into(),
+                term: 2
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_is_seen_at_the_next_attempt_and_a_lost_race_is_not_an_error() {
+        let server = server();
+        let (a, _ta) = lease(&server);
+        a.attempt("cp-a", "a:3000", TTL).await.unwrap();
+        // Another control plane took it (A was stopped longer than the Lease lasts).
+        other_writes(&server, "cp-b", 1);
+        let now = a.attempt("cp-a", "a:3000", TTL).await.unwrap();
+        assert_eq!(now.id, "cp-b", "A still believes it leads");
+        assert_eq!(now.term, 2);
+        // A write that races another is refused by the API (409): the other one holds it.
+        server.store().requests.clear();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let racing = {
+            let server = server.clone();
+            async move {
+                // The other writer renews between A's read and A's write.
+                loop {
+                    let gets = server
+                        .store()
+                        .requests
+                        .iter()
+                        .filter(|r| r.starts_with("GET"))
+                        .count();
+                    if gets >= 1 {
+                        other_writes(&server, "cp-c", 2);
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        let (won, ()) = tokio::join!(a.attempt("cp-a", "a:3000", TTL), racing);
+        let won = won.unwrap();
+        assert_ne!(won.id, "cp-a", "{won:?}");
+    }
 }

@@ -56,7 +56,12 @@ pub struct Cluster {
     responses((status = 200, body = Cluster), (status = 403, body = crate::error::ErrorBody)))]
 async fn get_cluster(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Cluster>> {
     require_admin(&caller)?;
-    let control_planes = crate::leader::control_planes(&state.store).await?;
+    let leader = match state.leadership.role() {
+        _ if state.leadership.may_act() => Some(state.leadership.id.clone()),
+        crate::leader::Role::Follower { leader, .. } => Some(leader),
+        _ => None,
+    };
+    let control_planes = crate::leader::control_planes(&state.store, leader.as_deref()).await?;
     Ok(Json(Cluster {
         this: SelfView {
             id: state.leadership.id.clone(),
