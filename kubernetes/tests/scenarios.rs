@@ -64,6 +64,11 @@ impl Server {
         self.store.lock().unwrap()
     }
 
+    /// The requests made since the last call, in order.
+    fn requests_taken(&self) -> Vec<String> {
+        std::mem::take(&mut self.store().requests)
+    }
+
     /// A pod event, as the API server would record it.
     fn event(&self, kind: &'static str, pod: Value) {
         let mut s = self.store();
@@ -997,5 +1002,182 @@ mod lease {
         let (won, ()) = tokio::join!(a.attempt("cp-a", "a:3000", TTL), racing);
         let won = won.unwrap();
         assert_ne!(won.id, "cp-a", "{won:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The coordinator on the Kubernetes driver: the rollout's order and drains, and a leader whose
+// lease lapsed, as the API server sees them.
+
+mod coordinated {
+    use super::*;
+    use tandem_coordinator::fake::FakePlane;
+    use tandem_coordinator::replica::ReplicaId;
+    use tandem_coordinator::restart::RestartPolicy;
+    use tandem_coordinator::spec::{DesiredState, InstanceDesired};
+    use tandem_coordinator::{Coordinator, CoordinatorConfig};
+
+    fn desired(release: &str) -> InstanceDesired {
+        let mut process = spec();
+        process.env.insert("RELEASE".into(), release.into());
+        InstanceDesired {
+            id: "i1".into(),
+            hosts: vec!["orders.example.com".into()],
+            state: DesiredState::Running,
+            replicas: 3,
+            standby: false,
+            affinity: false,
+            process,
+            flows: flows(),
+            mqtt_urls: BTreeMap::new(),
+            probe: None,
+        }
+    }
+
+    struct World {
+        server: Arc<Server>,
+        plane: FakePlane,
+        coordinator: Arc<Coordinator<KubeDriver>>,
+    }
+
+    /// The coordinator on the driver on the mock API server, with a kubelet that makes every new
+    /// pod ready at once.
+    async fn world() -> World {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let server = Arc::new(Server {
+            store: Mutex::new(Store::default()),
+            changed: Notify::new(),
+        });
+        tokio::spawn(serve(server.clone(), handle));
+        let kubelet = server.clone();
+        tokio::spawn(async move {
+            loop {
+                let new: Vec<String> = kubelet
+                    .store()
+                    .objects
+                    .iter()
+                    .filter(|(k, v)| k.starts_with("pods/") && v["status"].is_null())
+                    .map(|(_, v)| v["metadata"]["name"].as_str().unwrap().to_string())
+                    .collect();
+                for name in new {
+                    kubelet.kubelet(&name, true, 0, None);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let (node_red, _) = node_red("start").await;
+        let mut driver = KubeDriver::new(kube::Client::new(service, NS), NS);
+        driver.port = node_red.port();
+        let plane = FakePlane::new();
+        let coordinator = Coordinator::new(
+            Arc::new(driver),
+            Arc::new(plane.clone()),
+            Arc::new(tandem_coordinator::logs::LogBook::default()),
+            CoordinatorConfig {
+                policy: RestartPolicy {
+                    base: Duration::from_millis(100),
+                    max: Duration::from_millis(400),
+                    stable_after: Duration::from_secs(60),
+                    max_quick_crashes: 5,
+                },
+                retry_after: Duration::from_millis(100),
+                ..CoordinatorConfig::default()
+            },
+        );
+        World {
+            server,
+            plane,
+            coordinator,
+        }
+    }
+
+    impl World {
+        async fn until(&self, what: &str, f: impl Fn(&World) -> bool) {
+            for _ in 0..1000 {
+                if f(self) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!(
+                "{what} never happened; requests: {:#?}",
+                self.server.store().requests
+            );
+        }
+
+        fn posted(&self, slot: u32) -> usize {
+            let pod = format!("POST pods/orders-r{slot}");
+            self.server
+                .store()
+                .requests
+                .iter()
+                .filter(|r| **r == pod)
+                .count()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rollout_drains_each_pod_before_deleting_it_and_waits_for_its_successor() {
+        let w = world().await;
+        w.coordinator.apply(vec![desired("1")]);
+        w.until("3 replicas in rotation", |w| {
+            w.plane.ready("orders").len() == 3
+        })
+        .await;
+        w.server.store().requests.clear();
+        // Every replica's drain is held until the test lets it go.
+        let drains: Vec<_> = (0..3)
+            .map(|slot| w.plane.hold(ReplicaId::new("orders", slot)))
+            .collect();
+        w.coordinator.apply(vec![desired("2")]);
+        for (slot, drain) in drains.iter().enumerate() {
+            let slot = slot as u32;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let deleted = format!("DELETE pods/orders-r{slot}");
+            assert!(
+                !w.server.store().requests.contains(&deleted),
+                "r{slot} was deleted before it was drained"
+            );
+            drain.notify_one();
+            w.until(&format!("r{slot} replaced and in rotation"), |w| {
+                w.posted(slot) == 1 && w.plane.ready("orders").contains(&slot)
+            })
+            .await;
+        }
+        w.until("3 in rotation", |w| w.plane.ready("orders").len() == 3)
+            .await;
+        let (requests, _) = without_logs(w.server.requests_taken());
+        let expected: Vec<String> = (0..3)
+            .flat_map(|slot| [deletes(slot, None), creates(slot)].concat())
+            .collect();
+        assert_eq!(requests, expected);
+        let pod = w.server.store().objects["pods/orders-r2"].clone();
+        assert!(pod.to_string().contains("\"RELEASE\""));
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_lease_lapsed_makes_no_request_until_it_leads_again() {
+        let w = world().await;
+        let leads = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let fence = leads.clone();
+        w.coordinator.set_fence(Arc::new(move || {
+            fence.load(std::sync::atomic::Ordering::SeqCst)
+        }));
+        w.coordinator.apply(vec![desired("1")]);
+        w.until("3 replicas in rotation", |w| {
+            w.plane.ready("orders").len() == 3
+        })
+        .await;
+        // The lease lapses; then someone deletes a pod. A leader would make it again.
+        leads.store(false, std::sync::atomic::Ordering::SeqCst);
+        w.server.store().requests.clear();
+        w.server.finish_delete("orders-r1");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (requests, _) = without_logs(w.server.requests_taken());
+        assert_eq!(requests, Vec::<String>::new(), "acted without the lease");
+        leads.store(true, std::sync::atomic::Ordering::SeqCst);
+        w.until("r1 made again", |w| w.posted(1) == 1).await;
+        w.until("3 in rotation", |w| w.plane.ready("orders").len() == 3)
+            .await;
     }
 }
