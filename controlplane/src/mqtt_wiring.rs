@@ -58,7 +58,8 @@ impl MqttWiring {
                         .insert(slot as u32, format!("mqtt://127.0.0.1:{port}"));
                     replicas.push(tandem_proxy::MqttReplica {
                         slot,
-                        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                        listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+                        token_sha256: None,
                     });
                 }
                 if d.state == DesiredState::Running {

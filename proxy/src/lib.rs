@@ -25,7 +25,8 @@
 //! - [`body`]: request and response bodies (streamed, size-limited).
 //! - [`tunnel`]: upgraded (WebSocket) connections.
 //! - [`server`]: the proxy and admin listeners, graceful shutdown.
-//! - [`mqtt`]: the MQTT proxy: per-replica listeners, client ids and shared subscriptions.
+//! - [`mqtt`]: the MQTT proxy: per-replica listeners and a shared one that knows replicas by
+//!   their credentials, client ids and shared subscriptions.
 //! - [`metrics`]: counters and the Prometheus text format.
 //! - [`config`]: proxy-wide settings.
 //! - [`net`]: small socket helpers shared with the coordinator and the tests.

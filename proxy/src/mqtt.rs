@@ -2,9 +2,10 @@
 //!
 //! Every replica of an instance runs the same flows, so its MQTT nodes connect with the same
 //! client id and subscribe to the same filters: the replicas would kick each other off the broker
-//! and each would process every message. The proxy fixes that below the flows. Each replica gets
-//! its own listener, so the proxy knows instance and slot of every connection, and each accepted
-//! connection gets its own connection to the upstream broker. On an HA instance:
+//! and each would process every message. The proxy fixes that below the flows. It knows the
+//! instance and slot of every connection from the listener it arrived on or from its
+//! credentials (see *Two kinds of listener*), and each accepted connection gets its own
+//! connection to the upstream broker. On an HA instance:
 //!
 //! - CONNECT: a non-empty client id becomes `<id>-r<slot>`. The slot is the replica's position,
 //!   stable across restarts, so a restarted replica resumes its session instead of leaving a stale
@@ -32,10 +33,30 @@
 //! closes, the replica's connection is closed at once, and the replica's reconnects get a new
 //! broker connection each.
 //!
+//! # Two kinds of listener
+//! - **A replica's own listener** ([`MqttReplica::listen`]): the port says which replica a
+//!   connection is, and the CONNECT passes with its credentials, if any, untouched. For
+//!   replicas that reach a port of their own on the proxy: the local driver, a sidecar.
+//! - **The shared listener** ([`MqttConfig::shared_listen`]): one port for every replica with an
+//!   MQTT token ([`MqttReplica::token_sha256`]); the CONNECT says which replica it is, username
+//!   `<instance>-r<slot>` ([`login::username`]), password the replica's token ([`login`]). It
+//!   exists for Kubernetes: pods reach the proxies through a Service, and a Service lists a
+//!   fixed set of ports, not ports that come and go with replicas; one port and credentials
+//!   work behind any Service or load balancer. Bad credentials get CONNACK "not authorized"
+//!   and never reach the broker. Username and password are removed before the CONNECT goes
+//!   upstream, so the broker never sees a token; it gets no credentials from these clients at
+//!   all, so it must let the proxies in without them (a listener only the proxies can reach).
+//!
+//! A connection the shared listener let in is handled exactly as one from the replica's own
+//! listener: client-id suffix, shared subscriptions, retained holder, the replica's counters.
+//! A replica may have both kinds, either, but not neither.
+//!
 //! # Layout
 //! - [`frame`]: fixed header and remaining length.
-//! - [`rewrite`]: CONNECT, SUBSCRIBE and UNSUBSCRIBE rewrites, topic filters.
+//! - [`rewrite`]: CONNECT, SUBSCRIBE and UNSUBSCRIBE rewrites, credentials removed, topic
+//!   filters.
 //! - [`conn`]: one replica connection, both directions.
+//! - [`login`]: the shared listener: credentials to replica, refusals.
 //! - [`tls`]: TLS to the broker.
 //! - This module: [`MqttProxy`], its listeners and their configuration.
 
@@ -54,8 +75,11 @@ use crate::routes::{validate_name, RouteError, MAX_REPLICAS};
 
 pub mod conn;
 pub mod frame;
+pub mod login;
 pub mod rewrite;
 pub mod tls;
+
+pub use login::{token_sha256, username};
 
 use rewrite::ShareRules;
 
@@ -77,6 +101,15 @@ pub struct MqttConfig {
     pub max_packet_bytes: usize,
     /// TLS to the broker; plain TCP when absent.
     pub tls: Option<tls::UpstreamTls>,
+    /// The shared listener, where replicas with a token connect and name themselves in their
+    /// credentials (see the module docs). Bound, moved or closed by the next
+    /// [`MqttProxy::set_instances`]; port 0 picks a free port (see
+    /// [`MqttProxy::shared_listener`]). Default `None`: no shared listener.
+    pub shared_listen: Option<SocketAddr>,
+    /// Time a client of the shared listener has to send its whole CONNECT; past it the
+    /// connection is closed. Until then the client is unknown and has no broker connection.
+    /// Default 10 s.
+    pub login_timeout: Duration,
 }
 
 impl MqttConfig {
@@ -87,6 +120,8 @@ impl MqttConfig {
             connect_timeout: Duration::from_secs(5),
             max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
             tls: None,
+            shared_listen: None,
+            login_timeout: Duration::from_secs(10),
         }
     }
 
@@ -100,6 +135,9 @@ impl MqttConfig {
         }
         if self.max_packet_bytes < 128 || self.max_packet_bytes > frame::MAX_REMAINING_LENGTH {
             return Err(MqttError::InvalidMaxPacket(self.max_packet_bytes));
+        }
+        if self.login_timeout.is_zero() {
+            return Err(MqttError::InvalidLoginTimeout);
         }
         Ok(())
     }
@@ -117,18 +155,24 @@ pub struct MqttInstance {
     /// every topic the subscription can match is matched by the entry: `replies/#` covers
     /// `replies/abc` and `replies/+/x`.
     pub exclude: Vec<String>,
-    /// The replicas and their listeners.
+    /// The replicas and how they reach the proxy.
     pub replicas: Vec<MqttReplica>,
 }
 
-/// One replica's listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How one replica reaches the proxy: its own listener, the shared listener, or both.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttReplica {
-    /// The replica's slot: `r<slot>` in metrics, `-r<slot>` on client ids. Stable across restarts.
+    /// The replica's slot: `r<slot>` in metrics, `-r<slot>` on client ids and in its shared
+    /// listener username. Stable across restarts.
     pub slot: usize,
-    /// Where the replica's MQTT nodes connect. Port 0 picks a free port; see
-    /// [`MqttProxy::listeners`].
-    pub listen: SocketAddr,
+    /// The replica's own listener, where its MQTT nodes connect. Port 0 picks a free port; see
+    /// [`MqttProxy::listeners`]. `None`: no listener of its own.
+    pub listen: Option<SocketAddr>,
+    /// Hex SHA-256 of the replica's MQTT token ([`token_sha256`]): the replica may connect
+    /// through the shared listener as `<instance>-r<slot>` with the token as password. The
+    /// proxy keeps only this hash. `None`: not through the shared listener. A new value closes
+    /// the connections made with the old token.
+    pub token_sha256: Option<String>,
 }
 
 /// Why MQTT settings were refused.
@@ -159,11 +203,30 @@ pub enum MqttError {
     DuplicateListener {
         /// The address.
         addr: SocketAddr,
-        /// `instance/r<slot>` that has it first.
+        /// `instance/r<slot>` (or `the shared listener`) that has it first.
         first: String,
         /// `instance/r<slot>` that has it again.
         second: String,
     },
+    /// A token hash is not a SHA-256 in hex.
+    #[error("MQTT: instance {instance:?}: token_sha256 of r{slot} is not 64 hex digits; give the hex SHA-256 of the replica's MQTT token")]
+    InvalidTokenHash {
+        /// The instance.
+        instance: String,
+        /// The slot.
+        slot: usize,
+    },
+    /// A replica with neither a listener nor a token could never connect.
+    #[error("MQTT: instance {instance:?}: r{slot} has neither a listener nor a token; give it listen, or token_sha256 to connect through the shared listener")]
+    Unreachable {
+        /// The instance.
+        instance: String,
+        /// The slot.
+        slot: usize,
+    },
+    /// The login timeout is zero.
+    #[error("MQTT login_timeout must be more than 0")]
+    InvalidLoginTimeout,
     /// An exclusion is not a valid topic filter.
     #[error("MQTT: instance {instance:?}: exclusion {filter:?} is not a valid topic filter (use '+' and '#' only as whole levels, '#' last)")]
     InvalidExclude {
@@ -197,12 +260,28 @@ pub enum MqttError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The shared listener could not be bound. The other listeners were applied.
+    #[error("MQTT: cannot listen on {addr} for the shared listener: {source}")]
+    BindShared {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// Checks a list of instances without applying it.
 pub fn validate(instances: &[MqttInstance]) -> Result<(), MqttError> {
+    validate_with(None, instances)
+}
+
+/// [`validate`], and that no replica listens on the shared listener's address.
+fn validate_with(shared: Option<SocketAddr>, instances: &[MqttInstance]) -> Result<(), MqttError> {
     let mut names = std::collections::HashSet::new();
     let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
+    if let Some(addr) = shared.filter(|a| a.port() != 0) {
+        addrs.insert(addr, "the shared listener".into());
+    }
     for i in instances {
         validate_name(&i.name)?;
         if !names.insert(i.name.as_str()) {
@@ -223,14 +302,29 @@ pub fn validate(instances: &[MqttInstance]) -> Result<(), MqttError> {
                 });
             }
             let who = format!("{}/r{}", i.name, r.slot);
-            if r.listen.port() != 0 {
-                if let Some(first) = addrs.insert(r.listen, who.clone()) {
+            if let Some(listen) = r.listen.filter(|a| a.port() != 0) {
+                if let Some(first) = addrs.insert(listen, who.clone()) {
                     return Err(MqttError::DuplicateListener {
-                        addr: r.listen,
+                        addr: listen,
                         first,
                         second: who,
                     });
                 }
+            }
+            match &r.token_sha256 {
+                Some(hex) if login::parse_sha256(hex).is_none() => {
+                    return Err(MqttError::InvalidTokenHash {
+                        instance: i.name.clone(),
+                        slot: r.slot,
+                    });
+                }
+                None if r.listen.is_none() => {
+                    return Err(MqttError::Unreachable {
+                        instance: i.name.clone(),
+                        slot: r.slot,
+                    });
+                }
+                _ => {}
             }
         }
     }
@@ -293,35 +387,66 @@ impl InstanceState {
     }
 }
 
-/// A bound listener of one replica.
+/// A bound listener: a replica's own, or the shared one.
 struct Listener {
     requested: SocketAddr,
     local: SocketAddr,
-    stats: Arc<MqttReplicaStats>,
     task: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Stops accepting and drops the connections it accepted; returns once its socket is
+    /// closed, so its address can be bound again right away.
+    async fn close(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// A listed replica.
+struct Replica {
+    /// Its counters, kept while it is listed, whichever listeners it has.
+    stats: Arc<MqttReplicaStats>,
+    /// Its own listener, once bound.
+    listener: Option<Listener>,
+    /// Its token for the shared listener.
+    token: Option<HeldToken>,
+}
+
+/// A replica's token as [`MqttProxy::set_instances`] holds it.
+struct HeldToken {
+    digest: [u8; 32],
+    /// Never sent on: dropping it ends the connections made with this token.
+    open: tokio::sync::watch::Sender<()>,
 }
 
 #[derive(Default)]
 struct Inner {
     instances: HashMap<String, Arc<InstanceState>>,
-    listeners: HashMap<(String, usize), Listener>,
+    replicas: HashMap<(String, usize), Replica>,
+    shared: Option<Listener>,
 }
 
-/// The MQTT proxy: one listener per replica, bound and closed by [`MqttProxy::set_instances`].
+/// The MQTT proxy: a listener per replica and a shared one (see the module docs), bound and
+/// closed by [`MqttProxy::set_instances`].
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), tandem_proxy::mqtt::MqttError> {
 /// use std::sync::Arc;
-/// use tandem_proxy::mqtt::{MqttConfig, MqttInstance, MqttProxy, MqttReplica};
+/// use tandem_proxy::mqtt::{token_sha256, MqttConfig, MqttInstance, MqttProxy, MqttReplica};
 /// let stats = Arc::new(tandem_proxy::ProxyStats::default()); // the HTTP proxy's, for /metrics
-/// let mqtt = MqttProxy::new(MqttConfig::new("127.0.0.1:1883"), stats)?;
+/// let mut config = MqttConfig::new("127.0.0.1:1883");
+/// config.shared_listen = Some("0.0.0.0:1883".parse().unwrap());
+/// let mqtt = MqttProxy::new(config, stats)?;
 /// mqtt.set_instances(&[MqttInstance {
 ///     name: "orders".into(),
 ///     ha: true,
 ///     exclude: vec!["replies/#".into()],
 ///     replicas: vec![
-///         MqttReplica { slot: 0, listen: "127.0.0.1:0".parse().unwrap() },
-///         MqttReplica { slot: 1, listen: "127.0.0.1:0".parse().unwrap() },
+///         // Its own listener.
+///         MqttReplica { slot: 0, listen: Some("127.0.0.1:0".parse().unwrap()), token_sha256: None },
+///         // The shared listener, as user "orders-r1" with password "token-of-r1".
+///         MqttReplica { slot: 1, listen: None, token_sha256: Some(token_sha256(b"token-of-r1")) },
 ///     ],
 /// }])
 /// .await?;
@@ -335,6 +460,10 @@ pub struct MqttProxy {
     stats: Arc<ProxyStats>,
     inner: tokio::sync::Mutex<Inner>,
     next_conn: Arc<AtomicU64>,
+    /// Who may log in on the shared listener; replaced whole by `set_instances`.
+    logins: Arc<ArcSwap<login::Logins>>,
+    /// Connections the shared listener closed before they reached a replica.
+    rejected: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for MqttProxy {
@@ -357,10 +486,13 @@ impl MqttProxy {
             stats,
             inner: tokio::sync::Mutex::default(),
             next_conn: Arc::new(AtomicU64::new(1)),
+            logins: Arc::new(ArcSwap::from_pointee(login::Logins::default())),
+            rejected: Arc::new(AtomicU64::new(0)),
         })
     }
 
-    /// Replaces the settings; connections accepted from now on use them.
+    /// Replaces the settings; connections accepted from now on use them. A changed
+    /// [`MqttConfig::shared_listen`] applies at the next [`MqttProxy::set_instances`].
     pub fn set_config(&self, config: MqttConfig) -> Result<(), MqttError> {
         config.validate()?;
         self.config.store(Arc::new(config));
@@ -372,39 +504,53 @@ impl MqttProxy {
         self.config.load_full()
     }
 
-    /// Makes the listeners those of `instances`. A replica whose instance, slot and requested
-    /// address are unchanged keeps its listener, its open connections and its counters (a
-    /// changed `ha` or `exclude` applies to its next connections). Listeners no longer wanted are
-    /// closed together with their connections, then new ones bound. The list is validated
-    /// first and refused whole when invalid; a bind failure is returned after the other
-    /// listeners were applied.
+    /// Makes the listeners those of `instances`, and the shared listener that of the settings
+    /// ([`MqttConfig::shared_listen`]). A replica keeps its counters while it is listed. One
+    /// whose requested address is unchanged keeps its listener and its open connections (a
+    /// changed `ha` or `exclude` applies to its next connections); one whose token is
+    /// unchanged keeps its connections through the shared listener, and a changed or removed
+    /// token closes them. Listeners no longer wanted are closed together with their
+    /// connections, then new ones bound. The list is validated first and refused whole when
+    /// invalid; a bind failure is returned after the other listeners were applied.
     pub async fn set_instances(&self, instances: &[MqttInstance]) -> Result<(), MqttError> {
-        validate(instances)?;
+        self.apply(instances, true).await
+    }
+
+    async fn apply(&self, instances: &[MqttInstance], shared: bool) -> Result<(), MqttError> {
+        let shared_addr = self.config.load().shared_listen.filter(|_| shared);
+        validate_with(shared_addr, instances)?;
         let mut inner = self.inner.lock().await;
-        let wanted: HashMap<(String, usize), (SocketAddr, &MqttInstance)> = instances
+        let wanted: HashMap<(String, usize), &MqttReplica> = instances
             .iter()
             .flat_map(|i| {
                 i.replicas
                     .iter()
-                    .map(move |r| ((i.name.clone(), r.slot), (r.listen, i)))
+                    .map(move |r| ((i.name.clone(), r.slot), r))
             })
             .collect();
 
         // Close what is gone or moved, and wait until its socket is closed, so its address
         // can be bound again right away.
-        let gone: Vec<(String, usize)> = inner
-            .listeners
+        let moved: Vec<(String, usize)> = inner
+            .replicas
             .iter()
-            .filter(|(k, l)| wanted.get(*k).map(|(a, _)| *a) != Some(l.requested))
+            .filter(|(k, r)| {
+                r.listener
+                    .as_ref()
+                    .is_some_and(|l| wanted.get(*k).and_then(|r| r.listen) != Some(l.requested))
+            })
             .map(|(k, _)| k.clone())
             .collect();
-        for key in gone {
-            if let Some(l) = inner.listeners.remove(&key) {
-                l.task.abort();
-                let _ = l.task.await;
-                tracing::info!(instance = %key.0, replica = key.1, listen = %l.local, "MQTT listener closed");
+        for key in moved {
+            let listener = inner.replicas.get_mut(&key).and_then(|r| r.listener.take());
+            if let Some(l) = listener {
+                let local = l.local;
+                l.close().await;
+                tracing::info!(instance = %key.0, replica = key.1, listen = %local, "MQTT listener closed");
             }
         }
+        // Replicas no longer listed: dropping their tokens ends their shared connections.
+        inner.replicas.retain(|k, _| wanted.contains_key(k));
         inner
             .instances
             .retain(|name, _| instances.iter().any(|i| &i.name == name));
@@ -419,23 +565,69 @@ impl MqttProxy {
             }
         }
 
-        let mut first_error = None;
         let mut keys: Vec<_> = wanted.keys().cloned().collect();
         keys.sort();
+        for key in &keys {
+            let (Some(state), Some(r)) = (inner.instances.get(&key.0).cloned(), wanted.get(key))
+            else {
+                continue;
+            };
+            let replica = inner
+                .replicas
+                .entry(key.clone())
+                .or_insert_with(|| Replica {
+                    stats: Arc::new(MqttReplicaStats::new(state.name.clone(), key.1)),
+                    listener: None,
+                    token: None,
+                });
+            let digest = r.token_sha256.as_deref().and_then(login::parse_sha256);
+            if replica.token.as_ref().map(|t| t.digest) != digest {
+                if replica.token.is_some() {
+                    tracing::info!(instance = %key.0, replica = key.1, "MQTT token replaced or removed: its shared-listener connections close");
+                }
+                replica.token = digest.map(|digest| HeldToken {
+                    digest,
+                    open: tokio::sync::watch::channel(()).0,
+                });
+            }
+        }
+        // The list the shared listener checks logins against, before any listener is bound.
+        let mut logins = login::Logins::default();
+        for ((name, slot), r) in &inner.replicas {
+            if let Some(instance) = inner.instances.get(name) {
+                logins.insert(login::Replica {
+                    instance: instance.clone(),
+                    slot: *slot,
+                    stats: r.stats.clone(),
+                    token: r.token.as_ref().map(|t| login::Token {
+                        digest: t.digest,
+                        open: t.open.subscribe(),
+                    }),
+                });
+            }
+        }
+        self.logins.store(Arc::new(logins));
+
+        let mut first_error = None;
         for key in keys {
-            if inner.listeners.contains_key(&key) {
+            let Some(addr) = wanted.get(&key).and_then(|r| r.listen) else {
+                continue;
+            };
+            let (Some(state), Some(replica)) = (
+                inner.instances.get(&key.0).cloned(),
+                inner.replicas.get(&key),
+            ) else {
+                continue;
+            };
+            if replica.listener.is_some() {
                 continue;
             }
-            let Some(&(addr, _)) = wanted.get(&key) else {
-                continue;
-            };
-            let Some(state) = inner.instances.get(&key.0).cloned() else {
-                continue;
-            };
-            match self.bind(state, key.1, addr).await {
+            match self.bind(state, key.1, replica.stats.clone(), addr).await {
                 Ok(l) => {
                     tracing::info!(instance = %key.0, replica = key.1, listen = %l.local, "MQTT listener bound");
-                    inner.listeners.insert(key, l);
+                    if let Some(replica) = inner.replicas.get_mut(&key) {
+                        replica.listener = Some(l);
+                    }
                 }
                 Err(source) => {
                     tracing::error!(instance = %key.0, replica = key.1, %addr, error = %source, "cannot bind MQTT listener");
@@ -448,17 +640,41 @@ impl MqttProxy {
                 }
             }
         }
+
+        if inner
+            .shared
+            .as_ref()
+            .is_some_and(|l| Some(l.requested) != shared_addr)
+        {
+            if let Some(l) = inner.shared.take() {
+                let local = l.local;
+                l.close().await;
+                tracing::info!(listen = %local, "MQTT shared listener closed");
+            }
+        }
+        if let (None, Some(addr)) = (&inner.shared, shared_addr) {
+            match self.bind_shared(addr).await {
+                Ok(l) => {
+                    tracing::info!(listen = %l.local, "MQTT shared listener bound");
+                    inner.shared = Some(l);
+                }
+                Err(source) => {
+                    tracing::error!(%addr, error = %source, "cannot bind the MQTT shared listener");
+                    first_error.get_or_insert(MqttError::BindShared { addr, source });
+                }
+            }
+        }
         self.publish_stats(&inner);
         first_error.map_or(Ok(()), Err)
     }
 
-    /// The bound listeners as (instance, slot, local address), sorted.
+    /// The bound listeners of replicas as (instance, slot, local address), sorted.
     pub async fn listeners(&self) -> Vec<(String, usize, SocketAddr)> {
         let inner = self.inner.lock().await;
         let mut v: Vec<_> = inner
-            .listeners
+            .replicas
             .iter()
-            .map(|((name, slot), l)| (name.clone(), *slot, l.local))
+            .filter_map(|((name, slot), r)| Some((name.clone(), *slot, r.listener.as_ref()?.local)))
             .collect();
         v.sort();
         v
@@ -468,43 +684,72 @@ impl MqttProxy {
     pub async fn listener(&self, instance: &str, slot: usize) -> Option<SocketAddr> {
         let inner = self.inner.lock().await;
         inner
-            .listeners
+            .replicas
             .get(&(instance.to_string(), slot))
+            .and_then(|r| r.listener.as_ref())
             .map(|l| l.local)
     }
 
-    /// Closes every listener and every connection.
+    /// The local address of the shared listener, while it is bound.
+    pub async fn shared_listener(&self) -> Option<SocketAddr> {
+        self.inner.lock().await.shared.as_ref().map(|l| l.local)
+    }
+
+    /// Connections the shared listener closed before they reached a replica (bad or missing
+    /// credentials, no CONNECT in time, not MQTT), since the proxy started. A refusal that
+    /// names a listed replica is also counted in that replica's errors, kind `protocol`.
+    pub fn shared_rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Closes every listener, the shared one included, and every connection.
     pub async fn shutdown(&self) {
-        let _ = self.set_instances(&[]).await;
+        let _ = self.apply(&[], false).await;
     }
 
     async fn bind(
         &self,
         instance: Arc<InstanceState>,
         slot: usize,
+        stats: Arc<MqttReplicaStats>,
         addr: SocketAddr,
     ) -> std::io::Result<Listener> {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
-        let stats = Arc::new(MqttReplicaStats::new(instance.name.clone(), slot));
         let task = tokio::spawn(accept_loop(
             listener,
             instance,
             slot,
-            stats.clone(),
+            stats,
             self.config.clone(),
             self.next_conn.clone(),
         ));
         Ok(Listener {
             requested: addr,
             local,
-            stats,
+            task,
+        })
+    }
+
+    async fn bind_shared(&self, addr: SocketAddr) -> std::io::Result<Listener> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let task = tokio::spawn(login::accept_loop(
+            listener,
+            self.logins.clone(),
+            self.config.clone(),
+            self.next_conn.clone(),
+            self.rejected.clone(),
+        ));
+        Ok(Listener {
+            requested: addr,
+            local,
             task,
         })
     }
 
     fn publish_stats(&self, inner: &Inner) {
-        let mut v: Vec<_> = inner.listeners.values().map(|l| l.stats.clone()).collect();
+        let mut v: Vec<_> = inner.replicas.values().map(|r| r.stats.clone()).collect();
         v.sort_by(|a, b| (&a.instance, a.slot).cmp(&(&b.instance, b.slot)));
         self.stats.mqtt.store(Arc::new(v));
     }
@@ -513,7 +758,8 @@ impl MqttProxy {
 impl Drop for MqttProxy {
     fn drop(&mut self) {
         if let Ok(inner) = self.inner.try_lock() {
-            for l in inner.listeners.values() {
+            let own = inner.replicas.values().filter_map(|r| r.listener.as_ref());
+            for l in own.chain(&inner.shared) {
                 l.task.abort();
             }
         }
@@ -547,7 +793,7 @@ async fn accept_loop(
                     config: config.load_full(),
                     id: next_conn.fetch_add(1, Ordering::Relaxed),
                 };
-                conns.spawn(conn::serve(stream, peer, cx));
+                conns.spawn(conn::serve(stream, peer, cx, bytes::BytesMut::new()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }

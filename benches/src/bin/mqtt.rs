@@ -112,11 +112,13 @@ fn start_proxy(upstream: SocketAddr) -> (SocketAddr, SocketAddr) {
                 replicas: vec![
                     MqttReplica {
                         slot: 0,
-                        listen: any,
+                        listen: Some(any),
+                        token_sha256: None,
                     },
                     MqttReplica {
                         slot: 1,
-                        listen: any,
+                        listen: Some(any),
+                        token_sha256: None,
                     },
                 ],
             }])

@@ -9,6 +9,10 @@
 //!
 //! When one side closes cleanly, the other side's write half is shut down and the other pump
 //! gets [`LINGER`] to finish; any error closes both sockets at once.
+//!
+//! A connection is the same whichever listener accepted it: one from the shared listener
+//! arrives with its CONNECT already read and its credentials already removed
+//! ([`super::login`]), and is processed from there as if it had just arrived.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -120,13 +124,15 @@ struct Shared {
     dropped_qos2: HashSet<u16>,
 }
 
-/// Serves one accepted client connection until either side closes.
-pub async fn serve(client: TcpStream, peer: SocketAddr, cx: Context) {
+/// Serves one accepted client connection until either side closes. `read` holds what was
+/// already read from the client, processed before anything else it sends: empty on a
+/// replica's own listener, the CONNECT without credentials on the shared one.
+pub async fn serve(client: TcpStream, peer: SocketAddr, cx: Context, read: BytesMut) {
     let stats = cx.stats.clone();
     stats.connections.fetch_add(1, Ordering::Relaxed);
     stats.open.fetch_add(1, Ordering::Relaxed);
     let _open = Open(stats.clone(), cx.instance.clone(), cx.id);
-    match run(client, &cx).await {
+    match run(client, &cx, read).await {
         Ok(()) => tracing::debug!(
             instance = %cx.instance.name, replica = cx.slot, %peer, "MQTT connection closed"
         ),
@@ -150,7 +156,7 @@ impl Drop for Open {
     }
 }
 
-async fn run(client: TcpStream, cx: &Context) -> Result<(), ConnError> {
+async fn run(client: TcpStream, cx: &Context, read: BytesMut) -> Result<(), ConnError> {
     let upstream = cx.config.upstream.as_str();
     let broker =
         match tokio::time::timeout(cx.config.connect_timeout, TcpStream::connect(upstream)).await {
@@ -174,7 +180,7 @@ async fn run(client: TcpStream, cx: &Context) -> Result<(), ConnError> {
     match &cx.config.tls {
         None => {
             let (broker_rd, broker_wr) = broker.into_split();
-            pump(client_rd, client_wr, broker_rd, broker_wr, cx).await
+            pump(client_rd, client_wr, read, broker_rd, broker_wr, cx).await
         }
         Some(tls) => {
             let handshake = tls.connect(upstream, broker);
@@ -194,7 +200,7 @@ async fn run(client: TcpStream, cx: &Context) -> Result<(), ConnError> {
                 }
             };
             let (broker_rd, broker_wr) = tokio::io::split(broker);
-            pump(client_rd, client_wr, broker_rd, broker_wr, cx).await
+            pump(client_rd, client_wr, read, broker_rd, broker_wr, cx).await
         }
     }
 }
@@ -203,6 +209,7 @@ async fn run(client: TcpStream, cx: &Context) -> Result<(), ConnError> {
 async fn pump<R, W>(
     client_rd: OwnedReadHalf,
     client_wr: OwnedWriteHalf,
+    read: BytesMut,
     broker_rd: R,
     broker_wr: W,
     cx: &Context,
@@ -214,7 +221,7 @@ where
     let broker_wr = tokio::sync::Mutex::new(broker_wr);
     let shared = Mutex::new(Shared::default());
 
-    let up = to_broker(client_rd, &broker_wr, &shared, cx);
+    let up = to_broker(client_rd, read, &broker_wr, &shared, cx);
     let down = to_client(broker_rd, client_wr, &broker_wr, &shared, cx);
     tokio::pin!(up, down);
     tokio::select! {
@@ -237,7 +244,7 @@ async fn finish(
 }
 
 /// Reads until `buf` holds at least one whole packet. `Ok(false)`: clean end of stream.
-async fn fill<R: AsyncRead + Unpin>(
+pub(crate) async fn fill<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     max: usize,
@@ -292,12 +299,13 @@ impl Batch {
 /// rewritten on HA, everything else as is.
 async fn to_broker<W: AsyncWrite + Unpin>(
     mut rd: OwnedReadHalf,
+    mut buf: BytesMut,
     wr: &tokio::sync::Mutex<W>,
     shared: &Mutex<Shared>,
     cx: &Context,
 ) -> Result<(), ConnError> {
     let max = cx.config.max_packet_bytes;
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    buf.reserve(READ_CHUNK);
     let mut protocol: Option<Protocol> = None;
     let mut batch = Batch::default();
     let suffix = format!("-r{}", cx.slot);

@@ -1,5 +1,7 @@
 //! The three packets the MQTT proxy changes on HA instances: CONNECT (client id), SUBSCRIBE and
-//! UNSUBSCRIBE (filters into `$share/<instance>/...`), and the topic-filter logic behind them.
+//! UNSUBSCRIBE (filters into `$share/<instance>/...`), and the topic-filter logic behind them;
+//! and, on every instance, the credentials the shared listener takes out of a CONNECT
+//! ([`strip_credentials`]).
 //!
 //! SUBSCRIBE and UNSUBSCRIBE are decoded and re-encoded with rumqttc's codec (`v4` for MQTT 3.1
 //! and 3.1.1, whose SUBSCRIBE is the same, `v5` for MQTT 5), and only when a filter changes:
@@ -10,7 +12,10 @@
 //! decoder (measured in `shared/notes/mqtt-shared-subscriptions.md`). The client id is the one
 //! field the proxy changes, so it is spliced into the packet as sent: the header up to the
 //! client id is parsed with bounds checks, the id is replaced, the remaining length fixed. Every
-//! other byte (flags, properties, will, credentials) stays as the client wrote it.
+//! other byte (flags, properties, will, credentials) stays as the client wrote it. The
+//! credentials are removed the same way: username and password are the last fields of a
+//! CONNECT in every version, so the packet is cut where they begin, their two flags cleared and
+//! the remaining length fixed.
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
@@ -59,6 +64,9 @@ pub enum PacketError {
     /// The client id is not UTF-8.
     #[error("CONNECT client id is not UTF-8")]
     ClientIdNotUtf8,
+    /// Bytes after the last field a packet announces.
+    #[error("{0} has bytes after its last field")]
+    TrailingBytes(&'static str),
     /// The rewritten packet would not fit MQTT's limits.
     #[error("{0} would be too long after the rewrite")]
     TooLong(&'static str),
@@ -89,38 +97,8 @@ pub struct Connect {
 /// is not empty, appends `suffix` to the client id.
 pub fn connect(frame: &[u8], h: &Header, suffix: Option<&str>) -> Result<Connect, PacketError> {
     const P: &str = "CONNECT";
-    if h.byte1 != 0x10 {
-        return Err(PacketError::BadFlags {
-            packet: P,
-            byte1: h.byte1,
-        });
-    }
-    let mut r = Reader {
-        buf: frame,
-        pos: h.header_len,
-        what: P,
-    };
-    let name = r.string()?;
-    let level = r.u8()?;
-    let protocol = match (name, level) {
-        (b"MQTT", 4) => Protocol::V311,
-        (b"MQTT", 5) => Protocol::V5,
-        (b"MQIsdp", 3) => Protocol::V31,
-        _ => {
-            return Err(PacketError::UnsupportedProtocol {
-                name: String::from_utf8_lossy(name).into_owned(),
-                level,
-            })
-        }
-    };
-    if r.u8()? & 0x01 != 0 {
-        return Err(PacketError::ReservedConnectFlag);
-    }
-    r.skip(2)?; // keep alive
-    if protocol == Protocol::V5 {
-        let len = r.varint()?;
-        r.skip(len)?;
-    }
+    let head = ConnectHead::read(frame, h)?;
+    let mut r = head.reader;
     let id_start = r.pos;
     let id = std::str::from_utf8(r.string()?).map_err(|_| PacketError::ClientIdNotUtf8)?;
     let id_end = r.pos;
@@ -144,10 +122,141 @@ pub fn connect(frame: &[u8], h: &Header, suffix: Option<&str>) -> Result<Connect
         _ => None,
     };
     Ok(Connect {
-        protocol,
+        protocol: head.protocol,
         client_id: id.to_owned(),
         rewritten,
     })
+}
+
+/// CONNECT flag: a username follows.
+const USERNAME_FLAG: u8 = 0x80;
+/// CONNECT flag: a password follows.
+const PASSWORD_FLAG: u8 = 0x40;
+/// CONNECT flag: a will (properties in MQTT 5, topic, payload) follows the client id.
+const WILL_FLAG: u8 = 0x04;
+
+/// A CONNECT's credentials, and the packet without them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials<'a> {
+    /// The protocol version.
+    pub protocol: Protocol,
+    /// The username as sent (MQTT says UTF-8; not checked, it is only compared).
+    pub username: Option<&'a [u8]>,
+    /// The password as sent (binary in MQTT 3.1.1 and 5).
+    pub password: Option<&'a [u8]>,
+    /// The CONNECT without username and password: both flags cleared, both fields cut off, the
+    /// remaining length fixed, every other byte (client id, properties, will) as sent. The
+    /// packet as sent when it carries neither.
+    pub stripped: Bytes,
+}
+
+/// Reads the credentials of a CONNECT (`frame` is the whole packet) and cuts them out of it.
+///
+/// Username and password are the last fields of a CONNECT in MQTT 3.1, 3.1.1 and 5, so
+/// everything before them is kept byte for byte: the packet is read up to them with bounds
+/// checks (properties, client id and will skipped), and a packet with bytes after them is
+/// refused, so nothing the client sent is dropped unseen.
+pub fn strip_credentials<'a>(frame: &'a [u8], h: &Header) -> Result<Credentials<'a>, PacketError> {
+    const P: &str = "CONNECT";
+    let head = ConnectHead::read(frame, h)?;
+    let mut r = head.reader;
+    r.string()?; // client id
+    if head.flags & WILL_FLAG != 0 {
+        if head.protocol == Protocol::V5 {
+            let len = r.varint()?;
+            r.skip(len)?;
+        }
+        r.string()?; // will topic
+        r.string()?; // will payload: binary, same length prefix
+    }
+    let cut = r.pos;
+    let username = match head.flags & USERNAME_FLAG {
+        0 => None,
+        _ => Some(r.string()?),
+    };
+    let password = match head.flags & PASSWORD_FLAG {
+        0 => None,
+        _ => Some(r.string()?),
+    };
+    if r.pos != frame.len() {
+        return Err(PacketError::TrailingBytes(P));
+    }
+    let stripped = match (username, password) {
+        (None, None) => Bytes::copy_from_slice(frame),
+        _ => {
+            let remaining = cut - h.header_len;
+            let mut out = Vec::with_capacity(5 + remaining);
+            out.push(h.byte1);
+            put_remaining_length(&mut out, remaining);
+            out.extend_from_slice(&frame[h.header_len..head.flags_pos]);
+            out.push(head.flags & !(USERNAME_FLAG | PASSWORD_FLAG));
+            out.extend_from_slice(&frame[head.flags_pos + 1..cut]);
+            Bytes::from(out)
+        }
+    };
+    Ok(Credentials {
+        protocol: head.protocol,
+        username,
+        password,
+        stripped,
+    })
+}
+
+/// The part of a CONNECT before its payload, read with bounds checks.
+struct ConnectHead<'a> {
+    protocol: Protocol,
+    /// The connect flags.
+    flags: u8,
+    /// Where the connect flags are in the frame.
+    flags_pos: usize,
+    /// Positioned at the client id, the first field of the payload.
+    reader: Reader<'a>,
+}
+
+impl<'a> ConnectHead<'a> {
+    fn read(frame: &'a [u8], h: &Header) -> Result<Self, PacketError> {
+        const P: &str = "CONNECT";
+        if h.byte1 != 0x10 {
+            return Err(PacketError::BadFlags {
+                packet: P,
+                byte1: h.byte1,
+            });
+        }
+        let mut r = Reader {
+            buf: frame,
+            pos: h.header_len,
+            what: P,
+        };
+        let name = r.string()?;
+        let level = r.u8()?;
+        let protocol = match (name, level) {
+            (b"MQTT", 4) => Protocol::V311,
+            (b"MQTT", 5) => Protocol::V5,
+            (b"MQIsdp", 3) => Protocol::V31,
+            _ => {
+                return Err(PacketError::UnsupportedProtocol {
+                    name: String::from_utf8_lossy(name).into_owned(),
+                    level,
+                })
+            }
+        };
+        let flags_pos = r.pos;
+        let flags = r.u8()?;
+        if flags & 0x01 != 0 {
+            return Err(PacketError::ReservedConnectFlag);
+        }
+        r.skip(2)?; // keep alive
+        if protocol == Protocol::V5 {
+            let len = r.varint()?;
+            r.skip(len)?;
+        }
+        Ok(Self {
+            protocol,
+            flags,
+            flags_pos,
+            reader: r,
+        })
+    }
 }
 
 /// Bounds-checked reads over one packet.

@@ -246,7 +246,8 @@ pub fn parse_file(text: &str) -> Result<RoutesFile, String> {
                 .enumerate()
                 .map(|(slot, listen)| MqttReplica {
                     slot,
-                    listen: *listen,
+                    listen: Some(*listen),
+                    token_sha256: None,
                 })
                 .collect(),
         })

@@ -328,7 +328,10 @@ fn routes_file_mqtt_section_and_listeners() {
     assert_eq!((m.name.as_str(), m.ha), ("orders", true));
     assert_eq!(m.exclude, ["replies/#"]);
     assert_eq!(m.replicas[1].slot, 1);
-    assert_eq!(m.replicas[1].listen, "127.0.0.1:11884".parse().unwrap());
+    assert_eq!(
+        m.replicas[1].listen,
+        Some("127.0.0.1:11884".parse().unwrap())
+    );
 
     let invalid = |text: &str| {
         file::parse_file(text)

@@ -10,6 +10,7 @@ mod errors;
 mod failover;
 mod metrics;
 mod mqtt;
+mod mqtt_shared;
 mod policy;
 mod reload;
 mod routing;

@@ -144,7 +144,8 @@ async fn client_controlled_mqtt_values_add_no_series() {
             replicas: (0..2)
                 .map(|slot| MqttReplica {
                     slot,
-                    listen: "127.0.0.1:0".parse().unwrap(),
+                    listen: Some("127.0.0.1:0".parse().unwrap()),
+                    token_sha256: None,
                 })
                 .collect(),
         })

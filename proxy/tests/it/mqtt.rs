@@ -18,12 +18,12 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 
 /// The value of one series, named with its labels as rendered.
-fn metric(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
 // === Mosquitto ===
 
@@ -142,7 +142,8 @@ impl Setup {
                 replicas: (0..*n)
                     .map(|slot| MqttReplica {
                         slot,
-                        listen: "127.0.0.1:0".parse().unwrap(),
+                        listen: Some("127.0.0.1:0".parse().unwrap()),
+                        token_sha256: None,
                     })
                     .collect(),
             })
@@ -164,42 +165,44 @@ impl Setup {
 // === Clients ===
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum V {
+pub(crate) enum V {
     V311,
     V5,
 }
 
 #[derive(Debug, Clone)]
-struct Msg {
-    topic: String,
-    payload: String,
-    retain: bool,
+pub(crate) struct Msg {
+    pub(crate) topic: String,
+    pub(crate) payload: String,
+    pub(crate) retain: bool,
 }
 
 #[derive(Debug, Default)]
-struct Seen {
-    connects: usize,
-    subacks: usize,
-    msgs: Vec<Msg>,
-    errors: Vec<String>,
+pub(crate) struct Seen {
+    pub(crate) connects: usize,
+    pub(crate) subacks: usize,
+    pub(crate) msgs: Vec<Msg>,
+    pub(crate) errors: Vec<String>,
 }
 
 /// A real MQTT client (rumqttc) that subscribes to `filters` (QoS 1) on every CONNACK and
 /// records what it gets. Stops on the first error unless `reconnect`; after `stop_after`
 /// messages it drops its connection without DISCONNECT, like a killed process.
-struct Client {
+pub(crate) struct Client {
     seen: Arc<Mutex<Seen>>,
     task: JoinHandle<()>,
 }
 
-struct ClientOpts {
-    v: V,
-    reconnect: bool,
-    stop_after: Option<usize>,
+pub(crate) struct ClientOpts {
+    pub(crate) v: V,
+    pub(crate) reconnect: bool,
+    pub(crate) stop_after: Option<usize>,
+    /// Username and password of the CONNECT (the shared listener's replica and token).
+    pub(crate) login: Option<(String, String)>,
 }
 
 impl Client {
-    fn start(addr: SocketAddr, id: &str, filters: &[&str], o: ClientOpts) -> Self {
+    pub(crate) fn start(addr: SocketAddr, id: &str, filters: &[&str], o: ClientOpts) -> Self {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let s = seen.clone();
         let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
@@ -211,6 +214,9 @@ impl Client {
                     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
                     let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
                     opts.set_keep_alive(Duration::from_secs(30));
+                    if let Some((user, pass)) = &o.login {
+                        opts.set_credentials(user, pass);
+                    }
                     let (client, mut el) = AsyncClient::new(opts, 100);
                     loop {
                         match el.poll().await {
@@ -251,6 +257,9 @@ impl Client {
                     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
                     let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
                     opts.set_keep_alive(Duration::from_secs(30));
+                    if let Some((user, pass)) = &o.login {
+                        opts.set_credentials(user, pass);
+                    }
                     let (client, mut el) = AsyncClient::new(opts, 100);
                     loop {
                         match el.poll().await {
@@ -290,7 +299,7 @@ impl Client {
         Self { seen, task }
     }
 
-    fn plain(v: V, addr: SocketAddr, id: &str, filters: &[&str]) -> Self {
+    pub(crate) fn plain(v: V, addr: SocketAddr, id: &str, filters: &[&str]) -> Self {
         Self::start(
             addr,
             id,
@@ -299,16 +308,17 @@ impl Client {
                 v,
                 reconnect: false,
                 stop_after: None,
+                login: None,
             },
         )
     }
 
-    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+    pub(crate) fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
         self.seen.lock().unwrap()
     }
 
     /// Waits (bounded) until `f` holds for what this client has seen.
-    async fn until(&self, what: &str, f: impl Fn(&Seen) -> bool) {
+    pub(crate) async fn until(&self, what: &str, f: impl Fn(&Seen) -> bool) {
         let deadline = Instant::now() + WAIT;
         loop {
             if f(&self.seen()) {
@@ -328,7 +338,7 @@ impl Client {
         }
     }
 
-    fn count(&self, topic_prefix: &str) -> usize {
+    pub(crate) fn count(&self, topic_prefix: &str) -> usize {
         self.seen()
             .msgs
             .iter()
@@ -344,7 +354,7 @@ impl Drop for Client {
 }
 
 /// Publishes `payloads` to `topic` straight to the broker and waits for every PUBACK (QoS 1).
-async fn publish(broker: SocketAddr, topic: &str, payloads: Vec<String>, retain: bool) {
+pub(crate) async fn publish(broker: SocketAddr, topic: &str, payloads: Vec<String>, retain: bool) {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let opts = MqttOptions::new(
         format!("pub-{}", fastrand::u32(..)),
@@ -378,11 +388,11 @@ async fn publish(broker: SocketAddr, topic: &str, payloads: Vec<String>, retain:
     let _ = timeout(Duration::from_secs(1), el.poll()).await;
 }
 
-fn seq(prefix: &str, n: usize) -> Vec<String> {
+pub(crate) fn seq(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
 
-fn payloads(c: &Client, topic_prefix: &str) -> Vec<String> {
+pub(crate) fn payloads(c: &Client, topic_prefix: &str) -> Vec<String> {
     c.seen()
         .msgs
         .iter()
@@ -626,6 +636,7 @@ async fn mqtt_killed_replica_the_other_keeps_receiving() {
             v: V::V311,
             reconnect: false,
             stop_after: Some(200),
+            login: None,
         },
     );
     let r1 = Client::plain(
@@ -663,7 +674,7 @@ async fn mqtt_killed_replica_the_other_keeps_receiving() {
 }
 
 /// Reads until the proxy closes the connection (EOF or reset), within a bounded wait.
-async fn closed(mut c: TcpStream) {
+pub(crate) async fn closed(mut c: TcpStream) {
     let mut buf = [0u8; 1024];
     let r = timeout(WAIT, async {
         loop {
@@ -765,6 +776,7 @@ async fn mqtt_broker_restart_closes_connections_and_reconnects_work() {
             v: V::V311,
             reconnect: true,
             stop_after: None,
+            login: None,
         },
     );
     c.until("SUBACK", |s| s.subacks == 1).await;
@@ -793,7 +805,7 @@ async fn mqtt_broker_restart_closes_connections_and_reconnects_work() {
 
 /// A TCP upstream that records what it receives and answers with `reply` once it has
 /// received `expect` bytes.
-async fn recorder(expect: usize, reply: Vec<u8>) -> (SocketAddr, JoinHandle<Vec<u8>>) {
+pub(crate) async fn recorder(expect: usize, reply: Vec<u8>) -> (SocketAddr, JoinHandle<Vec<u8>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -826,7 +838,7 @@ fn v5_session() -> Vec<u8> {
 }
 
 /// What the broker sends back: CONNACK, SUBACK, a retained PUBLISH, DISCONNECT 0x8e.
-fn v5_replies() -> Vec<u8> {
+pub(crate) fn v5_replies() -> Vec<u8> {
     [
         &[0x20, 3, 0, 0, 0][..],
         &[0x90, 4, 0, 1, 0, 1],
@@ -836,7 +848,7 @@ fn v5_replies() -> Vec<u8> {
     .concat()
 }
 
-async fn through(proxy_addr: SocketAddr, session: &[u8]) -> Vec<u8> {
+pub(crate) async fn through(proxy_addr: SocketAddr, session: &[u8]) -> Vec<u8> {
     let mut c = TcpStream::connect(proxy_addr).await.unwrap();
     c.write_all(session).await.unwrap();
     let mut got = Vec::new();
@@ -1063,7 +1075,8 @@ async fn mqtt_tls_to_the_broker_checks_its_certificate() {
         let replicas = (0..2)
             .map(|slot| MqttReplica {
                 slot,
-                listen: "127.0.0.1:0".parse().unwrap(),
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+                token_sha256: None,
             })
             .collect();
         mqtt.set_instances(&[MqttInstance {

@@ -247,6 +247,19 @@ proptest! {
                 prop_assert!(unsubscribe(&frame, &h, protocol, &rules).is_err());
             }
         }
+        if let Ok(c) = strip_credentials(&frame, &h) {
+            // The stripped CONNECT has no credentials left, reads again with the same client
+            // id, and is no longer than the input.
+            let h2 = header_of(&c.stripped);
+            let again = strip_credentials(&c.stripped, &h2).unwrap();
+            prop_assert_eq!((again.username, again.password), (None, None));
+            prop_assert_eq!(&again.stripped, &c.stripped);
+            prop_assert_eq!(
+                connect(&c.stripped, &h2, None).map(|c| c.client_id),
+                connect(&frame, &h, None).map(|c| c.client_id)
+            );
+            prop_assert!(c.stripped.len() <= frame.len());
+        }
         let _ = publish_topic(&frame, &h);
         let _ = packet_id(&frame, &h, "PUBREL");
     }

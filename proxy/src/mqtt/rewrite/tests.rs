@@ -247,6 +247,244 @@ fn bad_connects_are_refused_with_a_reason() {
     );
 }
 
+// === Credentials ===
+
+#[test]
+fn v311_credentials_are_cut_and_the_rest_is_what_rumqttc_writes_without_them() {
+    let mut c = v4::Connect::new("nodered");
+    c.keep_alive = 45;
+    c.clean_session = false;
+    c.last_will = Some(v4::LastWill::new(
+        "status/orders",
+        "offline",
+        Q4::ExactlyOnce,
+        true,
+    ));
+    let mut with = c.clone();
+    with.set_login("orders-r1", "token-1");
+    let input = v4_bytes(v4::Packet::Connect(with));
+    let out = strip_credentials(&input, &header(&input)).unwrap();
+    assert_eq!(out.protocol, Protocol::V311);
+    assert_eq!(out.username, Some(&b"orders-r1"[..]));
+    assert_eq!(out.password, Some(&b"token-1"[..]));
+    // Byte for byte the CONNECT rumqttc writes without a login: flags 0x80 and 0x40 cleared,
+    // both fields gone, the length fixed; keep alive, clean session and will as sent.
+    assert_eq!(
+        out.stripped.as_ref(),
+        &v4_bytes(v4::Packet::Connect(c.clone()))[..]
+    );
+    assert_eq!(v4_read(&out.stripped), v4::Packet::Connect(c));
+    // And the client id still reads, for the suffix that follows on HA instances.
+    let again = connect(&out.stripped, &header(&out.stripped), Some("-r1")).unwrap();
+    assert_eq!(again.client_id, "nodered");
+}
+
+#[test]
+fn v5_credentials_are_cut_with_properties_and_will_properties_kept() {
+    let c = v5::Connect {
+        keep_alive: 45,
+        client_id: "nodered".into(),
+        clean_start: false,
+        properties: Some(v5::ConnectProperties {
+            session_expiry_interval: Some(120),
+            receive_maximum: Some(20),
+            max_packet_size: Some(1 << 20),
+            topic_alias_max: Some(10),
+            request_response_info: Some(1),
+            request_problem_info: Some(0),
+            user_properties: vec![("k".into(), "v".into())],
+            authentication_method: Some("none".into()),
+            authentication_data: Some(bytes::Bytes::from_static(b"\x00\x01")),
+        }),
+    };
+    let will = v5::LastWill {
+        topic: "status/orders".into(),
+        message: "bye".into(),
+        qos: Q5::AtLeastOnce,
+        retain: true,
+        properties: Some(v5::LastWillProperties {
+            delay_interval: Some(5),
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(60),
+            content_type: Some("text/plain".into()),
+            response_topic: Some("r".into()),
+            correlation_data: Some(bytes::Bytes::from_static(b"c")),
+            user_properties: vec![("w".into(), "x".into())],
+        }),
+    };
+    let login = v5::Login {
+        username: "orders-r0".into(),
+        password: "token-0".into(),
+    };
+    let input = v5_bytes(v5::Packet::Connect(
+        c.clone(),
+        Some(will.clone()),
+        Some(login),
+    ));
+    let out = strip_credentials(&input, &header(&input)).unwrap();
+    assert_eq!(out.protocol, Protocol::V5);
+    assert_eq!(out.username, Some(&b"orders-r0"[..]));
+    assert_eq!(out.password, Some(&b"token-0"[..]));
+    let expected = v5_bytes(v5::Packet::Connect(c.clone(), Some(will.clone()), None));
+    assert_eq!(out.stripped.as_ref(), &expected[..]);
+    assert_eq!(
+        v5_read(&out.stripped),
+        v5::Packet::Connect(c, Some(will), None)
+    );
+}
+
+#[test]
+fn v31_and_odd_credentials_are_cut_by_hand_checked_bytes() {
+    // MQTT 3.1 (MQIsdp, level 3; rumqttc cannot read it): flags c2 (username, password, clean
+    // session), client id "nr", username "orders-r2", password "t".
+    let input: Vec<u8> = [
+        &[0x10, 30, 0, 6][..],
+        b"MQIsdp",
+        &[3, 0xc2, 0, 30, 0, 2, b'n', b'r'],
+        &[0, 9],
+        b"orders-r2",
+        &[0, 1, b't'],
+    ]
+    .concat();
+    let out = strip_credentials(&input, &header(&input)).unwrap();
+    assert_eq!(out.protocol, Protocol::V31);
+    assert_eq!(
+        (out.username, out.password),
+        (Some(&b"orders-r2"[..]), Some(&b"t"[..]))
+    );
+    let expected: Vec<u8> = [
+        &[0x10, 16, 0, 6][..],
+        b"MQIsdp",
+        &[3, 0x02, 0, 30, 0, 2, b'n', b'r'],
+    ]
+    .concat();
+    assert_eq!(out.stripped.as_ref(), &expected[..]);
+
+    // MQTT 3.1.1 with a will and a username with an empty password (flags e6: username,
+    // password, will retain, will QoS 0, will, clean session), which rumqttc re-encodes wrong.
+    let input: Vec<u8> = [
+        &[0x10, 27, 0, 4][..],
+        b"MQTT",
+        &[4, 0xe6, 0, 60, 0, 2, b'i', b'd'],
+        &[0, 1, b'w', 0, 3, b'b', b'y', b'e'],
+        &[0, 1, b'u'],
+        &[0, 0],
+    ]
+    .concat();
+    let out = strip_credentials(&input, &header(&input)).unwrap();
+    assert_eq!(
+        (out.username, out.password),
+        (Some(&b"u"[..]), Some(&b""[..]))
+    );
+    let expected: Vec<u8> = [
+        &[0x10, 22, 0, 4][..],
+        b"MQTT",
+        &[4, 0x26, 0, 60, 0, 2, b'i', b'd'],
+        &[0, 1, b'w', 0, 3, b'b', b'y', b'e'],
+    ]
+    .concat();
+    assert_eq!(out.stripped.as_ref(), &expected[..]);
+
+    // MQTT 5 with a password and no username (allowed in 5): the password is cut too.
+    let input: Vec<u8> = [
+        &[0x10, 20, 0, 4][..],
+        b"MQTT",
+        &[5, 0x42, 0, 60, 0, 0, 2, b'i', b'd'],
+        &[0, 3, b'p', b'w', b'd'],
+    ]
+    .concat();
+    let out = strip_credentials(&input, &header(&input)).unwrap();
+    assert_eq!((out.username, out.password), (None, Some(&b"pwd"[..])));
+    let expected: Vec<u8> = [
+        &[0x10, 15, 0, 4][..],
+        b"MQTT",
+        &[5, 0x02, 0, 60, 0, 0, 2, b'i', b'd'],
+    ]
+    .concat();
+    assert_eq!(out.stripped.as_ref(), &expected[..]);
+}
+
+#[test]
+fn a_connect_without_credentials_is_kept_as_sent() {
+    for input in [
+        v4_bytes(v4::Packet::Connect(v4::Connect::new("nodered"))),
+        v5_bytes(v5::Packet::Connect(
+            v5::Connect {
+                keep_alive: 10,
+                client_id: "".into(),
+                clean_start: true,
+                properties: None,
+            },
+            None,
+            None,
+        )),
+    ] {
+        let out = strip_credentials(&input, &header(&input)).unwrap();
+        assert_eq!((out.username, out.password), (None, None));
+        assert_eq!(out.stripped.as_ref(), &input[..]);
+    }
+}
+
+#[test]
+fn connects_whose_credentials_cannot_be_cut_are_refused() {
+    let mut with = v4::Connect::new("nodered");
+    with.set_login("orders-r1", "token-1");
+    let good = v4_bytes(v4::Packet::Connect(with));
+    let cases: Vec<(Vec<u8>, PacketError)> = vec![
+        (
+            // a byte after the password
+            {
+                let mut b = good.clone();
+                b[1] += 1;
+                b.push(0);
+                b
+            },
+            PacketError::TrailingBytes("CONNECT"),
+        ),
+        (
+            // the password runs past the packet
+            {
+                let mut b = good.clone();
+                b[1] -= 1;
+                b.pop();
+                b
+            },
+            PacketError::Truncated("CONNECT"),
+        ),
+        (
+            // will flag set, no will fields
+            [
+                &[0x10, 14, 0, 4][..],
+                b"MQTT",
+                &[4, 0x06, 0, 60, 0, 2, b'i', b'd'],
+            ]
+            .concat(),
+            PacketError::Truncated("CONNECT"),
+        ),
+        (
+            [&[0x11], &good[1..]].concat(),
+            PacketError::BadFlags {
+                packet: "CONNECT",
+                byte1: 0x11,
+            },
+        ),
+        (
+            [&[0x10, 12, 0, 4][..], b"MQTT", &[6, 2, 0, 60, 0, 0]].concat(),
+            PacketError::UnsupportedProtocol {
+                name: "MQTT".into(),
+                level: 6,
+            },
+        ),
+    ];
+    for (input, err) in cases {
+        assert_eq!(
+            strip_credentials(&input, &header(&input)),
+            Err(err),
+            "{input:02x?}"
+        );
+    }
+}
+
 // === SUBSCRIBE / UNSUBSCRIBE ===
 
 #[test]
