@@ -59,6 +59,8 @@ export async function adminPage() {
           form({ class: "inline" }, [reset, el("button", { type: "submit" }, "Reset password")], async () => {
             await api("PUT", "/api/v1/users/" + enc(u.id), { password: reset.value });
             reset.value = "";
+            // Said where it was asked: the password is set and the user's sessions ended.
+            reset.placeholder = "reset; " + u.username + " was signed out";
           }),
           button(u.disabled ? "Enable" : "Disable", async () => {
             await api("PUT", "/api/v1/users/" + enc(u.id), { disabled: !u.disabled });

@@ -52,10 +52,13 @@ async function route() {
 }
 
 async function tick() {
-  if (!current || !current.refresh) return;
+  const page = current;
+  if (!page || !page.refresh) return;
   try {
-    await current.refresh();
+    await page.refresh();
   } catch (e) {
+    // A page left meanwhile (an instance just deleted) says nothing on the next page.
+    if (page !== current) return;
     if (e.status === 401) return signedOut();
     if (!e.offline) error(e.message);
   }

@@ -171,6 +171,8 @@ export async function instancePage(id) {
       const v = el("input", { value: stored ? "" : value, "aria-label": "Value", placeholder: stored ? "unchanged (secret)" : "", type: secret ? "password" : "text" });
       const s = el("input", { type: "checkbox", "aria-label": "Secret" });
       s.checked = secret;
+      // A secret is typed as a password: not shown on the screen either.
+      s.addEventListener("change", () => { v.type = s.checked ? "password" : "text"; });
       const tr = el("tr", { class: "env-row" }, el("td", {}, n), el("td", {}, v), el("td", {}, s), el("td", {}, button("Remove", async () => tr.remove())));
       tr.read = () => {
         const name = n.value.trim();
@@ -319,42 +321,65 @@ function logView(path) {
   const lines = el("div", { id: "log", class: "log", role: "log", tabindex: "0", "aria-label": "Log" });
   const note = el("span", { class: "muted", id: "log-note" });
   let next = null, previous = null, following = true, loading = false;
+  // `epoch` counts the filter's changes: a page asked for before the last one is dropped.
+  // `olderWanted`: the top was reached while a page was loading; older entries come after it.
+  let epoch = 0, olderWanted = false;
+  // Whether the view keeps to the newest line: until the user scrolls up from the end.
+  let pinned = true;
 
   const line = (e) => el("div", { class: "line level-" + e.level, "data-src": e.src, "data-seq": String(e.seq) },
     el("span", { class: "ts" }, new Date(e.ts).toLocaleTimeString()), el("span", { class: "src" }, e.src), String(e.msg));
   const query = (cursor, limit) => path + "/logs?limit=" + limit + (filter.value ? "&replica=" + enc(filter.value) : "") + (cursor ? "&cursor=" + enc(cursor) : "");
 
-  async function poll() {
-    if (!following || loading) return;
+  // New entries while following; `first` loads the first page even when paused (a new filter).
+  async function poll(first) {
+    if ((!following && !first) || loading) return;
+    const mine = epoch;
     loading = true;
     try {
       const page = await api("GET", query(next, next ? 500 : 200));
+      // Paused or filtered meanwhile: not shown, and `next` stays, so Follow brings them.
+      if (mine !== epoch || (!following && !first)) return;
       if (next === null) previous = page.meta.previous_cursor || null;
       next = page.meta.next_cursor;
-      const atEnd = lines.scrollTop + lines.clientHeight >= lines.scrollHeight - 4;
       lines.append(...page.log.map(line));
       while (lines.childElementCount > 5000) { lines.firstChild.remove(); previous = "b" + lines.firstChild.dataset.seq; }
-      if (atEnd || page.log.length === lines.childElementCount) lines.scrollTop = lines.scrollHeight;
-    } finally { loading = false; }
+      if (pinned) lines.scrollTop = lines.scrollHeight;
+    } finally {
+      if (mine === epoch) done();
+    }
+  }
+
+  // Ends a load; a scroll to the top that came during it is served now (at the top, no scroll
+  // event would come again).
+  function done() {
+    loading = false;
+    if (olderWanted) { olderWanted = false; older(); }
   }
 
   async function older() {
-    if (!previous || loading) return;
+    if (!previous) return;
+    if (loading) { olderWanted = true; return; }
+    const mine = epoch;
     loading = true;
     try {
       const page = await api("GET", query(previous, 200));
+      if (mine !== epoch) return;
       previous = page.meta.previous_cursor || null;
       const before = lines.scrollHeight;
       lines.prepend(...page.log.map(line));
       lines.scrollTop += lines.scrollHeight - before;
       note.textContent = previous ? "" : "The oldest entry kept is shown.";
-    } catch (e) { error(e.message); } finally { loading = false; }
+    } catch (e) { error(e.message); } finally {
+      if (mine === epoch) done();
+    }
   }
 
   function reset() {
-    next = null; previous = null; note.textContent = "";
+    epoch++;
+    next = null; previous = null; loading = false; olderWanted = false; pinned = true; note.textContent = "";
     lines.replaceChildren();
-    poll().catch((e) => error(e.message));
+    poll(true).catch((e) => error(e.message));
   }
 
   filter.addEventListener("change", reset);
@@ -364,7 +389,13 @@ function logView(path) {
     follow.setAttribute("aria-pressed", String(following));
     if (following) poll().catch((e) => error(e.message));
   });
-  lines.addEventListener("scroll", () => { if (lines.scrollTop < 40) older(); });
+  lines.addEventListener("scroll", () => {
+    pinned = lines.scrollTop + lines.clientHeight >= lines.scrollHeight - 4;
+    if (lines.scrollTop < 40) older();
+  });
+  // The first page arrives before the page is on the screen, where nothing scrolls: the view
+  // goes to the end once it has a size (and keeps there when the window is resized).
+  new ResizeObserver(() => { if (pinned) lines.scrollTop = lines.scrollHeight; }).observe(lines);
 
   return {
     root: el("div", {}, el("div", { class: "toolbar" }, ...field("Replica", filter), follow, note), lines),

@@ -26,7 +26,7 @@ pub enum Command {
     User(UserCommand),
     /// Run the ingress proxy alone, serving the instances of a routes file (reloaded when it
     /// changes and on SIGHUP).
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Write the store and the platform key to one file (SQLite stores; consistent while
     /// Tandem runs).
     Backup {
@@ -189,6 +189,20 @@ pub struct ProxyArgs {
     /// How often the routes file is checked for changes, in milliseconds.
     #[arg(long, env = "TANDEM_RELOAD_POLL_MS", default_value_t = 1_000)]
     pub reload_poll_ms: u64,
+    /// With --control-plane: the MQTT proxy's shared listener (`host:port`), where replicas log
+    /// in with their own token (`tandem serve --mqtt-proxy-address`); the tokens' hashes come
+    /// with the route feed. Needs --mqtt-upstream.
+    #[arg(long, env = "TANDEM_MQTT_LISTEN", requires_all = ["control_plane", "mqtt_upstream"])]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// With --mqtt-listen: the MQTT broker (`host:port`).
+    #[arg(long, env = "TANDEM_MQTT_UPSTREAM", requires = "mqtt_listen")]
+    pub mqtt_upstream: Option<String>,
+    /// Connect to the MQTT broker with TLS.
+    #[arg(long, env = "TANDEM_MQTT_TLS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", requires = "mqtt_upstream")]
+    pub mqtt_tls: bool,
+    /// With --mqtt-tls: PEM file of the CA certificates to trust (default: Mozilla's roots).
+    #[arg(long, env = "TANDEM_MQTT_CA_FILE", requires = "mqtt_tls")]
+    pub mqtt_ca_file: Option<PathBuf>,
 }
 
 /// Where `tandem proxy` and `tandem serve` serve their metrics unless told otherwise.
@@ -314,6 +328,17 @@ pub struct ServeArgs {
     /// With --mqtt-tls: PEM file of the CA certificates to trust (default: Mozilla's roots).
     #[arg(long, env = "TANDEM_MQTT_CA_FILE")]
     pub mqtt_ca_file: Option<PathBuf>,
+    /// With --mqtt-upstream: one shared MQTT listener at this address (`host:port`) instead of
+    /// one per replica; each replica logs in with its own token, which its `TANDEM_MQTT_URL`
+    /// carries. Give a fixed port: the URLs name it, and adopted replicas keep theirs.
+    #[arg(long, env = "TANDEM_MQTT_LISTEN")]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// The MQTT listener of the standalone proxies (`tandem proxy --mqtt-listen`), as replicas
+    /// reach it (`host:port`, e.g. the proxies' Service `tandem-proxy:1883`): replicas log in
+    /// there with their own token, whose hash the proxies get in the route feed. Instead of
+    /// --mqtt-upstream, which the proxies take then.
+    #[arg(long, env = "TANDEM_MQTT_PROXY_ADDRESS", conflicts_with_all = ["mqtt_upstream", "mqtt_listen"])]
+    pub mqtt_proxy_address: Option<String>,
     /// Where Node-RED stacks are installed (npm); default `<data-dir>/stacks`.
     #[arg(long, env = "TANDEM_STACKS_DIR")]
     pub stacks_dir: Option<PathBuf>,
@@ -390,7 +415,7 @@ pub fn main() -> anyhow::Result<()> {
             };
             rt.enable_all()
                 .build()?
-                .block_on(crate::proxy_cmd::run(args))
+                .block_on(crate::proxy_cmd::run(*args))
         }
         Command::Serve(args) => {
             tokio::runtime::Runtime::new()?.block_on(crate::serve_cmd::run(*args))

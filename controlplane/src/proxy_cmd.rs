@@ -41,8 +41,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
 
 /// `tandem proxy --control-plane URL --token-file F`: the routes come from the control plane's
 /// feed (the cache file first, if there is one, so a proxy started during an outage serves); the
-/// editor of non-HA instances is opened through the control plane's gate. No MQTT listener: the
-/// MQTT proxy stays with `tandem serve`.
+/// editor of non-HA instances is opened through the control plane's gate. With `--mqtt-listen`,
+/// the MQTT proxy's shared listener takes the replicas' logins, their token hashes coming with
+/// the feed (`tandem serve --mqtt-proxy-address`).
 async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result<()> {
     let token_file = args
         .token_file
@@ -90,7 +91,7 @@ async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result
         }
     }
     let proxy = Arc::new(
-        Proxy::new(routes, args.config(), stats).with_editor_gate(Arc::new(
+        Proxy::new(routes, args.config(), stats.clone()).with_editor_gate(Arc::new(
             tandem_proxy::control::RemoteEditorGate::new(link.clone()),
         )),
     );
@@ -99,6 +100,25 @@ async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result
         .await
         .with_context(|| format!("cannot listen on {metrics_addr} (metrics)"))?;
     tracing::info!(listen = %address, metrics = %metrics.local_addr()?, control_plane = %url, id = %id, "tandem proxy serving");
+    let mqtt = match (&args.mqtt_listen, &args.mqtt_upstream) {
+        (Some(listen), Some(upstream)) => {
+            let config = crate::mqtt_wiring::mqtt_config(
+                upstream,
+                args.mqtt_tls,
+                args.mqtt_ca_file.as_deref(),
+                Some(*listen),
+            )?;
+            let mqtt = Arc::new(MqttProxy::new(config, stats.clone())?);
+            // Bound now, so that a listener that cannot be had fails the start.
+            mqtt.set_instances(&[]).await?;
+            tracing::info!(mqtt_listen = ?mqtt.shared_listener().await, %upstream, "MQTT proxy: shared listener");
+            Some(mqtt)
+        }
+        _ => None,
+    };
+    let mqtt_follow = mqtt
+        .clone()
+        .map(|m| tokio::spawn(link.clone().follow_mqtt(m)));
     let feed = tokio::spawn(link.clone().follow());
     let reports = tokio::spawn(link.report());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -116,6 +136,12 @@ async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result
     let _ = metrics.await;
     feed.abort();
     reports.abort();
+    if let Some(task) = mqtt_follow {
+        task.abort();
+    }
+    if let Some(mqtt) = mqtt {
+        mqtt.shutdown().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

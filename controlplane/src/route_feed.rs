@@ -59,6 +59,7 @@ impl RouteFeed {
             table: watch::channel(Arc::new(FeedTable {
                 generation: start,
                 instances: Vec::new(),
+                mqtt: Vec::new(),
             }))
             .0,
             proxies: Mutex::default(),
@@ -89,6 +90,23 @@ impl RouteFeed {
             *t = Arc::new(FeedTable {
                 generation: t.generation + 1,
                 instances,
+                mqtt: t.mqtt.clone(),
+            });
+            true
+        });
+    }
+
+    /// Publishes the MQTT identities of the running instances' replicas (for the proxies'
+    /// shared MQTT listeners): a new generation when they changed.
+    pub fn set_mqtt(&self, mqtt: Vec<tandem_proxy::routes::feed::FeedMqtt>) {
+        self.table.send_if_modified(|t| {
+            if t.mqtt == mqtt {
+                return false;
+            }
+            *t = Arc::new(FeedTable {
+                generation: t.generation + 1,
+                instances: t.instances.clone(),
+                mqtt,
             });
             true
         });

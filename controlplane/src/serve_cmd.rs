@@ -325,18 +325,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
     let mqtt_config = match &args.mqtt_upstream {
-        Some(upstream) => {
-            let mut config = tandem_proxy::MqttConfig::new(upstream.as_str());
-            if args.mqtt_tls {
-                config.tls = Some(
-                    tandem_proxy::mqtt::tls::UpstreamTls::new(args.mqtt_ca_file.clone())
-                        .map_err(|e| anyhow::anyhow!("--mqtt-tls: {e}"))?,
-                );
-            } else if args.mqtt_ca_file.is_some() {
-                anyhow::bail!("--mqtt-ca-file needs --mqtt-tls");
-            }
-            Some(config)
-        }
+        Some(upstream) => Some(crate::mqtt_wiring::mqtt_config(
+            upstream,
+            args.mqtt_tls,
+            args.mqtt_ca_file.as_deref(),
+            args.mqtt_listen,
+        )?),
+        None if args.mqtt_listen.is_some() => anyhow::bail!("--mqtt-listen needs --mqtt-upstream"),
         None => None,
     };
     let lead_task = tokio::spawn(lead(
@@ -348,6 +343,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             logbook,
             config: coordinator_config,
             mqtt: mqtt_config,
+            mqtt_proxy_address: args.mqtt_proxy_address.clone(),
             data_dir: args.data_dir.clone(),
             stats: stats.clone(),
             routes: (!args.no_proxy).then(|| routes.clone()),
@@ -498,6 +494,8 @@ struct Leading {
     logbook: Arc<LogBook>,
     config: CoordinatorConfig,
     mqtt: Option<tandem_proxy::MqttConfig>,
+    /// `--mqtt-proxy-address`: the standalone proxies run the MQTT proxy.
+    mqtt_proxy_address: Option<String>,
     data_dir: std::path::PathBuf,
     stats: Arc<ProxyStats>,
     /// The in-process proxy's routes; `None` with `--no-proxy`.
@@ -585,20 +583,31 @@ async fn lead(l: Leading, mut stop: tokio::sync::watch::Receiver<bool>) {
         if let Err(e) = crate::deployments::recover(&l.state).await {
             tracing::error!(error = %e, "cannot recover the deploys under way");
         }
-        let mqtt = match &l.mqtt {
-            Some(config) => {
-                match crate::mqtt_wiring::MqttWiring::new(
-                    &l.data_dir,
-                    config.clone(),
-                    l.stats.clone(),
-                ) {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot set up the MQTT proxy");
-                        None
-                    }
-                }
+        let mode = match (&l.mqtt_proxy_address, &l.mqtt) {
+            (Some(address), _) => Some(crate::mqtt_wiring::MqttMode::Feed {
+                address: address.clone(),
+                feed: l.state.feed.clone(),
+            }),
+            (None, Some(c)) if c.shared_listen.is_some() => {
+                Some(crate::mqtt_wiring::MqttMode::Shared)
             }
+            (None, Some(_)) => Some(crate::mqtt_wiring::MqttMode::Listeners),
+            (None, None) => None,
+        };
+        let mqtt = match mode {
+            Some(mode) => match crate::mqtt_wiring::MqttWiring::new(
+                mode,
+                l.mqtt.clone(),
+                l.stats.clone(),
+                l.state.key.clone(),
+                &l.data_dir,
+            ) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot set up the MQTT proxy");
+                    None
+                }
+            },
             None => None,
         };
         let (end_tx, end_rx) = tokio::sync::watch::channel(false);

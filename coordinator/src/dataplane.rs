@@ -121,6 +121,7 @@ impl DataPlane for InProcess {
         let specs = FeedTable {
             generation: 0,
             instances: feed_instances(instances),
+            mqtt: Vec::new(),
         }
         .specs();
         if let Err(e) = self.0.publish(&specs) {

@@ -229,6 +229,8 @@ pub struct ControlPlane {
     stats: Arc<ProxyStats>,
     cache: Option<PathBuf>,
     generation: watch::Sender<u64>,
+    /// The MQTT identities of the last table served, for [`ControlPlane::follow_mqtt`].
+    mqtt: watch::Sender<Arc<Vec<crate::mqtt::MqttInstance>>>,
 }
 
 impl ControlPlane {
@@ -260,7 +262,23 @@ impl ControlPlane {
             stats,
             cache,
             generation: watch::channel(0).0,
+            mqtt: watch::channel(Arc::new(Vec::new())).0,
         })
+    }
+
+    /// Applies the MQTT identities of every table served to `proxy`'s shared listener, for ever,
+    /// the newest first: a table that comes while the last one is applied replaces it.
+    pub async fn follow_mqtt(self: Arc<Self>, proxy: Arc<crate::mqtt::MqttProxy>) {
+        let mut tables = self.mqtt.subscribe();
+        loop {
+            let instances = tables.borrow_and_update().clone();
+            if let Err(e) = proxy.set_instances(&instances).await {
+                tracing::error!(error = %e, "the control plane sent MQTT identities the MQTT proxy cannot use");
+            }
+            if tables.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Serves the table of the cache file, if there is one: a proxy started while its control
@@ -337,6 +355,14 @@ impl ControlPlane {
                 self.stats.record_reload(true);
                 self.stats.record_feed_generation(table.generation);
                 self.generation.send_replace(table.generation);
+                let mqtt = table.mqtt_instances();
+                self.mqtt.send_if_modified(|m| {
+                    let changed = **m != mqtt;
+                    if changed {
+                        *m = Arc::new(mqtt);
+                    }
+                    changed
+                });
                 true
             }
             Err(e) => {
@@ -684,6 +710,7 @@ mod tests {
         let table = FeedTable {
             generation: 3,
             instances: Vec::new(),
+            mqtt: Vec::new(),
         };
         let event = format!(
             "event: table\nid: 3\ndata: {}\n\n",

@@ -132,6 +132,8 @@ pub struct ProxyStats {
     /// Counters of the MQTT proxy's listeners, one per replica, published by
     /// [`MqttProxy`](crate::mqtt::MqttProxy) whenever its listeners change.
     pub(crate) mqtt: ArcSwap<Vec<Arc<MqttReplicaStats>>>,
+    /// Connections the MQTT proxy's shared listener closed before they reached a replica.
+    pub(crate) mqtt_shared_rejected: Arc<AtomicU64>,
 }
 
 impl ProxyStats {
@@ -643,5 +645,16 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
         load(&stats.bad_requests)
     );
     render_mqtt(&mut out, stats);
+    header(
+        &mut out,
+        "tandem_proxy_mqtt_shared_rejected_total",
+        "counter",
+        "Connections the MQTT proxy's shared listener closed before they reached a replica: bad or missing credentials, no CONNECT in time, not MQTT.",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_mqtt_shared_rejected_total {}",
+        load(&stats.mqtt_shared_rejected)
+    );
     out
 }

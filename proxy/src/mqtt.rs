@@ -483,11 +483,11 @@ impl MqttProxy {
         config.validate()?;
         Ok(Self {
             config: Arc::new(ArcSwap::from_pointee(config)),
-            stats,
             inner: tokio::sync::Mutex::default(),
             next_conn: Arc::new(AtomicU64::new(1)),
             logins: Arc::new(ArcSwap::from_pointee(login::Logins::default())),
-            rejected: Arc::new(AtomicU64::new(0)),
+            rejected: stats.mqtt_shared_rejected.clone(),
+            stats,
         })
     }
 
@@ -696,7 +696,8 @@ impl MqttProxy {
     }
 
     /// Connections the shared listener closed before they reached a replica (bad or missing
-    /// credentials, no CONNECT in time, not MQTT), since the proxy started. A refusal that
+    /// credentials, no CONNECT in time, not MQTT), since the proxy started; on `/metrics` as
+    /// `tandem_proxy_mqtt_shared_rejected_total`. A refusal that
     /// names a listed replica is also counted in that replica's errors, kind `protocol`.
     pub fn shared_rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)

@@ -1,11 +1,15 @@
-//! Issue 9, finding 4: one instance's bad `TANDEM_MQTT_EXCLUDE` (stored before the API checked
-//! it) must not stop the MQTT listeners of every other instance.
+//! How replicas reach the MQTT proxy. Issue 9, finding 4: one instance's bad
+//! `TANDEM_MQTT_EXCLUDE` (stored before the API checked it) must not stop the MQTT listeners of
+//! every other instance. Issue 15: with the standalone proxies' shared listener, each replica
+//! gets a URL with its own token, and the feed carries only the tokens' hashes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::json;
-use tandem_controlplane::mqtt_wiring::MqttWiring;
+use tandem_controlplane::mqtt_wiring::{MqttMode, MqttWiring};
+use tandem_controlplane::route_feed::RouteFeed;
+use tandem_controlplane::secrets::PlatformKey;
 use tandem_coordinator::spec::{DesiredState, Flows, InstanceDesired, ProcessSpec};
 
 fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
@@ -46,9 +50,11 @@ async fn a_bad_exclusion_of_one_instance_leaves_every_other_listener_working() {
         .tempdir()
         .unwrap();
     let mut wiring = MqttWiring::new(
-        dir.path(),
-        tandem_proxy::MqttConfig::new("127.0.0.1:1"),
+        MqttMode::Listeners,
+        Some(tandem_proxy::MqttConfig::new("127.0.0.1:1")),
         Arc::new(tandem_proxy::ProxyStats::default()),
+        PlatformKey::from_bytes([7; 32]),
+        dir.path(),
     )
     .unwrap();
     let mut list = vec![
@@ -88,4 +94,65 @@ async fn a_bad_exclusion_of_one_instance_leaves_every_other_listener_working() {
         }
     }
     wiring.shutdown().await;
+}
+
+#[tokio::test]
+async fn through_the_proxies_each_replica_logs_in_with_its_own_token_and_the_feed_has_only_hashes()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let feed = Arc::new(RouteFeed::new());
+    let wiring = |key: u8| {
+        MqttWiring::new(
+            MqttMode::Feed {
+                address: "tandem-proxy:1883".into(),
+                feed: feed.clone(),
+            },
+            None,
+            Arc::new(tandem_proxy::ProxyStats::default()),
+            PlatformKey::from_bytes([key; 32]),
+            dir.path(),
+        )
+        .unwrap()
+    };
+    let mut stopped = desired("resting", &[]);
+    stopped.state = DesiredState::Stopped;
+    let mut list = vec![
+        desired("orders", &[("TANDEM_MQTT_EXCLUDE", "replies/#")]),
+        stopped,
+    ];
+    let before = feed.generation();
+    wiring(7).apply(&mut list).await;
+    let table = feed.subscribe().borrow().clone();
+    assert!(table.generation > before, "no new table for the proxies");
+    // The running instance only, with each replica's hash and its exclusions.
+    assert_eq!(table.mqtt.len(), 1, "{:?}", table.mqtt);
+    let m = &table.mqtt[0];
+    assert_eq!((m.name.as_str(), m.ha), ("orders", true));
+    assert_eq!(m.exclude, ["replies/#"]);
+    let text = serde_json::to_string(&*table).unwrap();
+    let mut tokens = Vec::new();
+    for slot in 0..2u32 {
+        let url = &list[0].mqtt_urls[&slot];
+        let rest = url.strip_prefix("mqtt://orders-r").unwrap();
+        let (user_slot, rest) = rest.split_once(':').unwrap();
+        assert_eq!(user_slot, slot.to_string());
+        let (token, address) = rest.split_once('@').unwrap();
+        assert_eq!(address, "tandem-proxy:1883");
+        assert_eq!(token.len(), 64);
+        assert_eq!(
+            m.replicas[slot as usize].token_sha256,
+            tandem_proxy::mqtt::token_sha256(token.as_bytes())
+        );
+        assert!(!text.contains(token), "a token in the route feed");
+        tokens.push(token.to_string());
+    }
+    assert_ne!(tokens[0], tokens[1], "two replicas share a token");
+    // A restarted Tandem (same key) gives the same URLs: adopted replicas keep theirs. Another
+    // platform key gives others.
+    let mut again = vec![desired("orders", &[("TANDEM_MQTT_EXCLUDE", "replies/#")])];
+    wiring(7).apply(&mut again).await;
+    assert_eq!(again[0].mqtt_urls, list[0].mqtt_urls);
+    let mut other = vec![desired("orders", &[])];
+    wiring(8).apply(&mut other).await;
+    assert_ne!(other[0].mqtt_urls, list[0].mqtt_urls);
 }

@@ -128,6 +128,9 @@ module.exports = Object.assign({{ apiMaxLength: "1gb" }}, user, {{
                     const line = Object.assign({{}}, msg, {{ ts: msg.timestamp, level: levelName(msg.level) }});
                     delete line.timestamp;
                     if (line.msg instanceof Error || (line.msg && line.msg.stack)) {{ line.msg = String(line.msg.stack || line.msg); }}
+                    // A URL's password is not for the log: Node-RED logs the broker URL when an
+                    // MQTT node connects, and Tandem's MQTT URLs carry the replica's token.
+                    if (typeof line.msg === "string") {{ line.msg = line.msg.replace(/([a-z][a-z0-9+.-]*:\/\/[^\s:@\/]+:)[^\s@\/]+@/gi, "$1***@"); }}
                     try {{ process.stdout.write(JSON.stringify(line) + "\n"); }} catch (e) {{ process.stdout.write(String(msg.msg) + "\n"); }}
                 }};
             }},

@@ -24,6 +24,35 @@ pub struct FeedTable {
     pub generation: u64,
     /// Every instance.
     pub instances: Vec<FeedInstance>,
+    /// The MQTT identities of the running instances' replicas, for the proxy's shared MQTT
+    /// listener (`tandem proxy --mqtt-listen`). Left out when empty, so proxies that predate it
+    /// keep reading tables of control planes without MQTT.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mqtt: Vec<FeedMqtt>,
+}
+
+/// One instance's MQTT: how the MQTT proxy treats its replicas' connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedMqtt {
+    /// Its name.
+    pub name: String,
+    /// HA: client ids and subscriptions are rewritten.
+    pub ha: bool,
+    /// Topic filters whose subscriptions stay unshared.
+    pub exclude: Vec<String>,
+    /// Its replicas, by slot, each with the SHA-256 of its MQTT token (never the token).
+    pub replicas: Vec<FeedMqttReplica>,
+}
+
+/// One replica's MQTT identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedMqttReplica {
+    /// Its slot.
+    pub slot: usize,
+    /// Hex SHA-256 of its MQTT token.
+    pub token_sha256: String,
 }
 
 /// One instance.
@@ -71,6 +100,27 @@ pub enum Serving {
 }
 
 impl FeedTable {
+    /// What the MQTT proxy's shared listener takes: every replica reachable by its token only.
+    pub fn mqtt_instances(&self) -> Vec<crate::mqtt::MqttInstance> {
+        self.mqtt
+            .iter()
+            .map(|m| crate::mqtt::MqttInstance {
+                name: m.name.clone(),
+                ha: m.ha,
+                exclude: m.exclude.clone(),
+                replicas: m
+                    .replicas
+                    .iter()
+                    .map(|r| crate::mqtt::MqttReplica {
+                        slot: r.slot,
+                        listen: None,
+                        token_sha256: Some(r.token_sha256.clone()),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// The specs to publish into [`super::Routes`].
     pub fn specs(&self) -> Vec<InstanceSpec> {
         self.instances
@@ -165,6 +215,7 @@ mod tests {
                     serving: Serving::Draining,
                 }],
             }],
+            mqtt: Vec::new(),
         };
         table.save(&path).unwrap();
         table.save(&path).unwrap();

@@ -299,6 +299,7 @@ async fn mqtt_shared_listener_refuses_bad_credentials_before_the_broker() {
     // Counted: every one in the shared listener's count; those that name a listed replica
     // also in that replica's errors.
     assert_eq!(s.mqtt.shared_rejected(), 8);
+    assert_eq!(s.metric("tandem_proxy_mqtt_shared_rejected_total"), 8);
     assert_eq!(s.errors("orders", "r0", "protocol"), 3);
     assert_eq!(s.errors("orders", "r1", "protocol"), 1);
     assert_eq!(s.errors("plain", "r0", "protocol"), 1);

@@ -15,7 +15,7 @@ use crate::harness::{hello_flows, http, Tandem};
 use crate::webdriver::{screenshot_dir, Chromedriver, Session};
 
 /// Waits until `script` (a function body) returns true in the page.
-async fn until(page: &Session, what: &str, script: &str) {
+pub(crate) async fn until(page: &Session, what: &str, script: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if page.execute(script).await == Value::Bool(true) {
@@ -123,7 +123,7 @@ async fn the_console_sets_the_admins_password_shows_instances_live_and_signs_out
 }
 
 /// Gives the first start's admin the password `admin-password`, as the first run does.
-async fn admin_password(t: &Tandem) {
+pub(crate) async fn admin_password(t: &Tandem) {
     let r = t
         .api(
             "PUT",
@@ -135,7 +135,7 @@ async fn admin_password(t: &Tandem) {
 }
 
 /// Signs `page` in with the console's form.
-async fn sign_in(page: &Session, base: &str, username: &str, password: &str) {
+pub(crate) async fn sign_in(page: &Session, base: &str, username: &str, password: &str) {
     page.goto(&format!("{base}/")).await;
     until(
         page,
@@ -160,7 +160,7 @@ async fn sign_in(page: &Session, base: &str, username: &str, password: &str) {
 }
 
 /// Sets the value of the control `selector` as typing would (an `input` event follows).
-async fn fill(page: &Session, selector: &str, value: &str) {
+pub(crate) async fn fill(page: &Session, selector: &str, value: &str) {
     let found = format!("return !!document.querySelector({});", json!(selector));
     until(page, selector, &found).await;
     page.execute(&format!(
@@ -173,7 +173,7 @@ async fn fill(page: &Session, selector: &str, value: &str) {
 }
 
 /// Submits the form `selector` once it is on the page.
-async fn submit(page: &Session, selector: &str) {
+pub(crate) async fn submit(page: &Session, selector: &str) {
     let form = format!("document.querySelector({})", json!(selector));
     until(page, selector, &format!("return !!{form};")).await;
     page.execute(&format!("{form}.requestSubmit(); return true;"))
@@ -181,7 +181,7 @@ async fn submit(page: &Session, selector: &str) {
 }
 
 /// Opens the page of instance `name` from the list.
-async fn open_instance(page: &Session, name: &str) {
+pub(crate) async fn open_instance(page: &Session, name: &str) {
     let button = format!(
         "document.querySelector('tr[data-instance={}] a[data-open]')",
         json!(name)

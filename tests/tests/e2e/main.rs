@@ -7,6 +7,7 @@
 mod access;
 mod backup;
 mod console;
+mod console_pages;
 mod dashboard;
 mod deploys;
 mod editor_ticket;

@@ -68,6 +68,64 @@ async fn ha_replicas_share_mqtt_messages_through_tandem() {
     let broker = Mosquitto::start();
     let upstream = broker.addr.to_string();
     let t = Tandem::start_with("mqtt", &["--mqtt-upstream", &upstream]).await;
+    let id = replicas_share_jobs(&t, &broker).await;
+    // Each replica reaches its own listener: a loopback port, no credentials.
+    let logs = t.logs(&id, "limit=1000").await;
+    let url = connected_to(&logs, "mq-r1");
+    assert!(url.starts_with("mqtt://127.0.0.1:"), "{url}");
+    // The proxy's counters name the instance.
+    let m = t.metrics().await;
+    assert!(
+        m.contains("tandem_proxy_mqtt_connections{instance=\"mq\""),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_replicas_log_in_to_the_shared_listener_and_their_tokens_stay_out_of_the_log() {
+    let broker = Mosquitto::start();
+    let upstream = broker.addr.to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let t = Tandem::start_with(
+        "mqtt-shared",
+        &["--mqtt-upstream", &upstream, "--mqtt-listen", &listen],
+    )
+    .await;
+    let id = replicas_share_jobs(&t, &broker).await;
+    // Each replica logged in on the one listener as itself; Node-RED logged the broker's URL
+    // with the token masked.
+    let logs = t.logs(&id, "limit=1000").await;
+    for src in ["mq-r0", "mq-r1"] {
+        assert_eq!(
+            connected_to(&logs, src),
+            format!("mqtt://{src}:***@{listen}")
+        );
+    }
+    let m = t.metrics().await;
+    assert!(
+        m.contains("tandem_proxy_mqtt_connections{instance=\"mq\",replica=\"r1\"}"),
+        "{m}"
+    );
+}
+
+/// The broker URL `src` logged when it connected (`Connected to broker: <client id>@<url>`).
+pub(crate) fn connected_to(logs: &[serde_json::Value], src: &str) -> String {
+    let line = logs
+        .iter()
+        .filter(|e| e["src"] == src)
+        .filter_map(|e| e["msg"].as_str())
+        .find_map(|m| m.split_once("Connected to broker: ").map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("{src} never connected: {logs:?}"));
+    line.split_once('@')
+        .map_or(line, |(_client_id, url)| url)
+        .trim()
+        .to_string()
+}
+
+/// An HA instance `mq` of 2 replicas whose unmodified flows (one broker config from the
+/// environment, one client id, one subscription) reach `broker` through Tandem: 200 jobs
+/// published to its topic are processed once each, shared between the replicas. Its id.
+pub(crate) async fn replicas_share_jobs(t: &Tandem, broker: &Mosquitto) -> String {
     let (app, _) = t.team_and_app("Mqtt").await;
     // Unmodified flows: one broker config (from the environment), one client id, one
     // subscription, the same on every replica.
@@ -168,12 +226,7 @@ async fn ha_replicas_share_mqtt_messages_through_tandem() {
         (connected(&logs, "mq-r0"), connected(&logs, "mq-r1")),
         (1, 1)
     );
-    // The proxy's counters name the instance.
-    let m = t.metrics().await;
-    assert!(
-        m.contains("tandem_proxy_mqtt_connections{instance=\"mq\""),
-        "{m}"
-    );
+    id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

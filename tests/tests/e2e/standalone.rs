@@ -22,6 +22,18 @@ struct Standalone {
 
 impl Standalone {
     fn start(t: &Tandem, id: &str, token_file: &Path, cache: &Path, port: u16) -> Self {
+        Self::start_with(t, id, token_file, cache, port, &[])
+    }
+
+    /// [`Standalone::start`] with more flags.
+    fn start_with(
+        t: &Tandem,
+        id: &str,
+        token_file: &Path,
+        cache: &Path,
+        port: u16,
+        extra: &[&str],
+    ) -> Self {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = std::fs::OpenOptions::new()
@@ -39,6 +51,7 @@ impl Standalone {
             .args(["--proxy-id", id])
             .args(["--listen", &addr.to_string()])
             .args(["--metrics-listen", &metrics.to_string()])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -354,4 +367,51 @@ async fn standalone_proxies_serve_through_a_control_plane_crash_and_hold_drains_
     drop(t3);
     drop(t2);
     drop(t);
+}
+
+/// The MQTT path of a cluster (`--driver kubernetes`, where a Service cannot list a port per
+/// replica): `tandem serve --no-proxy --mqtt-proxy-address` gives each replica a URL with its own
+/// token on the standalone proxies' MQTT listener, and the proxies learn the tokens' hashes from
+/// the route feed. An HA instance's replicas log in there and share the jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_log_in_to_the_standalone_proxys_mqtt_listener_with_tokens_from_the_feed() {
+    let broker = crate::mqtt::Mosquitto::start();
+    let mqtt = format!("127.0.0.1:{}", free_port());
+    let t = Tandem::start_with(
+        "standalone-mqtt",
+        &["--no-proxy", "--mqtt-proxy-address", &mqtt],
+    )
+    .await;
+    let token = proxy_token(&t).await;
+    let upstream = broker.addr.to_string();
+    let proxy = Standalone::start_with(
+        &t,
+        "edge-mqtt",
+        &token,
+        &t.dir.join("edge-mqtt.json"),
+        free_port(),
+        &["--mqtt-listen", &mqtt, "--mqtt-upstream", &upstream],
+    );
+    proxy.connected().await;
+    let id = crate::mqtt::replicas_share_jobs(&t, &broker).await;
+    let logs = t.logs(&id, "limit=1000").await;
+    for src in ["mq-r0", "mq-r1"] {
+        assert_eq!(
+            crate::mqtt::connected_to(&logs, src),
+            format!("mqtt://{src}:***@{mqtt}")
+        );
+    }
+    // The proxy counts the replicas' connections, and refused nobody.
+    assert_eq!(
+        proxy
+            .metric("tandem_proxy_mqtt_connections{instance=\"mq\",replica=\"r0\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        proxy
+            .metric("tandem_proxy_mqtt_shared_rejected_total")
+            .await,
+        Some(0.0)
+    );
 }
