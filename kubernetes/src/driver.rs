@@ -377,6 +377,9 @@ impl Inner {
                     .get(&name)
                     .await
                     .map_err(|e| self.api_error(slot, &format!("reading the {kind}"), e))?;
+                if !objects::owned(&old) {
+                    return Err(self.not_ours(slot, &kind, &name));
+                }
                 obj.meta_mut().resource_version = old.resource_version();
                 api.replace(&name, &pp, &obj)
                     .await
@@ -384,6 +387,21 @@ impl Inner {
                     .map_err(|e| self.api_error(slot, &format!("replacing the {kind}"), e))
             }
             Err(e) => Err(self.api_error(slot, &format!("creating the {kind}"), e)),
+        }
+    }
+}
+
+impl Inner {
+    /// An object with a replica's name that Tandem did not make: never touched.
+    fn not_ours(&self, slot: u32, kind: &str, name: &str) -> DriverError {
+        DriverError::Admin {
+            id: self.id(slot),
+            reason: format!(
+                "a {kind} named {name} exists in namespace {} and is not Tandem's (no label {}={}): Tandem does not touch it; rename or remove it",
+                self.driver.namespace,
+                objects::MANAGED_BY.0,
+                objects::MANAGED_BY.1
+            ),
         }
     }
 }
@@ -536,6 +554,11 @@ impl InstanceDriver for KubeInstance {
             }
             other => other,
         };
+        // Only Tandem's own pods are adopted; a pod of that name that is not Tandem's is left
+        // alone, and the replica cannot start until it is renamed or removed.
+        if let Some(p) = found.as_ref().filter(|p| !objects::owned(*p)) {
+            return Err(inner.not_ours(slot, "Pod", &p.name_any()));
+        }
         let adopted = found.is_some();
         let (stale, flows_rev) = match &found {
             Some(p) => (

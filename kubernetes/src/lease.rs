@@ -47,8 +47,14 @@ pub struct KubeLease {
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]
-#[error("the leader's Lease: {0}")]
-pub struct LeaseError(#[from] kube::Error);
+pub enum LeaseError {
+    /// The API server refused or could not be reached.
+    #[error("the leader's Lease: {0}")]
+    Api(#[from] kube::Error),
+    /// A Lease of that name exists and is not Tandem's: it is left alone.
+    #[error("a Lease named {LEASE_NAME} exists and is not Tandem's (no label {}={}); rename or remove it", MANAGED_BY.0, MANAGED_BY.1)]
+    NotOurs,
+}
 
 impl KubeLease {
     /// The Lease [`LEASE_NAME`] in `namespace`.
@@ -77,6 +83,9 @@ impl KubeLease {
                 Err(e) => Err(e.into()),
             };
         };
+        if !crate::objects::owned(&current) {
+            return Err(LeaseError::NotOurs);
+        }
         let spec = current.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let transitions = spec.lease_transitions.unwrap_or(0);

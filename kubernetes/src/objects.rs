@@ -74,6 +74,15 @@ pub fn name(id: &ReplicaId) -> String {
     id.to_string()
 }
 
+/// Whether Tandem made `obj` (it carries [`MANAGED_BY`]).
+pub fn owned<K: kube::Resource>(obj: &K) -> bool {
+    obj.meta()
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY.0))
+        .is_some_and(|v| v == MANAGED_BY.1)
+}
+
 /// The label selector of an instance's objects.
 pub fn selector(instance: &str) -> String {
     format!("{}={},{INSTANCE}={instance}", MANAGED_BY.0, MANAGED_BY.1)

@@ -864,6 +864,55 @@ async fn a_pod_deleted_by_someone_else_is_an_exit() {
     );
 }
 
+#[tokio::test]
+async fn objects_that_are_not_tandems_are_never_touched() {
+    let foreign = |kind: &str| {
+        json!({ "apiVersion": "v1", "kind": kind,
+            "metadata": { "name": "orders-r0", "namespace": NS, "uid": "theirs", "resourceVersion": "1",
+                "labels": { "app": "someone-else" } } })
+    };
+    // A pod of that name: the replica does not start, and nothing is written or deleted.
+    let s = Scenario::start(|st| {
+        st.objects.insert("pods/orders-r0".into(), foreign("Pod"));
+    })
+    .await;
+    s.watching().await;
+    let e = s
+        .instance
+        .start(0, 1, &spec(), &flows())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not Tandem's"), "{e}");
+    assert_eq!(s.take_requests(), ["GET pods/orders-r0"]);
+    // A ConfigMap of that name: not replaced, no pod made.
+    let s = Scenario::start(|st| {
+        st.objects
+            .insert("configmaps/orders-r0".into(), foreign("ConfigMap"));
+    })
+    .await;
+    s.watching().await;
+    let e = s
+        .instance
+        .start(0, 1, &spec(), &flows())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ConfigMap named orders-r0"), "{e}");
+    assert_eq!(
+        s.take_requests(),
+        [
+            "GET pods/orders-r0",
+            "POST configmaps/orders-r0",
+            "GET configmaps/orders-r0"
+        ]
+    );
+    assert_eq!(
+        s.server.store().objects["configmaps/orders-r0"]["metadata"]["uid"],
+        "theirs"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The leader's Lease.
 
@@ -902,6 +951,21 @@ mod lease {
             .store()
             .objects
             .insert("leases/tandem-leader".into(), lease);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_of_that_name_that_is_not_tandems_is_left_alone() {
+        let server = server();
+        server.store().objects.insert(
+            "leases/tandem-leader".into(),
+            json!({ "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": { "name": "tandem-leader", "resourceVersion": "1" },
+                "spec": { "holderIdentity": "someone" } }),
+        );
+        let (a, _t) = lease(&server);
+        let e = a.attempt("cp-a", "a:3000", TTL).await.unwrap_err();
+        assert!(e.to_string().contains("not Tandem's"), "{e}");
+        assert_eq!(server.store().requests, ["GET leases/tandem-leader"]);
     }
 
     #[tokio::test(start_paused = true)]
