@@ -18,6 +18,7 @@ pub mod applications;
 pub mod audit_log;
 pub mod cluster;
 pub mod editor_tickets;
+pub mod http_auth;
 pub mod instance_names;
 pub mod instances;
 pub mod logs;
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .merge(applications::router())
         .merge(instances::router())
         .merge(editor_tickets::router())
+        .merge(http_auth::router())
         .merge(instance_names::router())
         .merge(logs::router())
         .merge(stacks::router())

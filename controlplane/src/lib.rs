@@ -27,6 +27,8 @@
 //! - [`env_secrets`]: secret environment variables, sealed in the store and never shown.
 //! - [`mqtt_wiring`]: the MQTT proxy's per-replica listeners in `tandem serve`.
 //! - [`editor_gate`]: who may open an instance's editor through the proxy.
+//! - [`http_auth`]: who may call an instance's flows' HTTP endpoints: its mode and the check of
+//!   its `tdh_` tokens, for the proxy.
 //! - [`leader`]: one leader among control planes on one database: the coordinator's lease, and
 //!   the followers' forwarding of the API to the leader.
 //! - [`roles`]: roles and the permission table.
@@ -57,6 +59,7 @@ pub mod drivers;
 pub mod editor_gate;
 pub mod env_secrets;
 pub mod error;
+pub mod http_auth;
 pub mod leader;
 pub mod metrics;
 pub mod mqtt_wiring;

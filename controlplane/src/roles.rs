@@ -83,6 +83,8 @@ pub enum Action {
     ManagePipelines,
     /// Deploy a pipeline's stage to the next.
     RunPipeline,
+    /// Set who may call an instance's flows' HTTP endpoints, create and revoke its HTTP tokens.
+    ManageHttpAuth,
 }
 
 /// The permission table: the lowest role allowed to do `action`. Platform admins may do all.
@@ -94,6 +96,6 @@ pub fn required(action: Action) -> Role {
         | TakeSnapshot | Deploy => Role::Member,
         EditTeam | DeleteTeam | ManageMembers | ReadTeamAudit | ManageApplications
         | CreateInstance | DeleteInstance | ManageHa | ProtectInstance | DeployProtected
-        | DeleteSnapshot | ManagePipelines | RunPipeline => Role::Owner,
+        | DeleteSnapshot | ManagePipelines | RunPipeline | ManageHttpAuth => Role::Owner,
     }
 }

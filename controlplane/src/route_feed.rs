@@ -224,6 +224,7 @@ mod tests {
             ha: true,
             affinity: true,
             editor_secret: "s".into(),
+            http_auth: Default::default(),
             hold: false,
             replicas: vec![tandem_coordinator::dataplane::RouteReplica {
                 id: ReplicaId::new("a", 0),

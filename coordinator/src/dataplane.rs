@@ -49,6 +49,8 @@ pub struct InstanceRoutes {
     pub affinity: bool,
     /// The admin secret, which the proxy adds to editor requests it lets through.
     pub editor_secret: String,
+    /// Who may call its own endpoints.
+    pub http_auth: crate::proxy::HttpAuth,
     /// It should serve, and a replica is expected to be ready whenever none is (a takeover, a
     /// deploy's switch, a start): the proxy holds requests for a while rather than answer 503.
     pub hold: bool,
@@ -99,6 +101,7 @@ pub fn feed_instances(instances: &[InstanceRoutes]) -> Vec<FeedInstance> {
             affinity: i.affinity,
             hold: i.hold,
             editor_secret: i.editor_secret.clone(),
+            http_auth: i.http_auth,
             replicas: i
                 .replicas
                 .iter()

@@ -22,6 +22,7 @@ pub(crate) struct InstanceView {
     pub ha: bool,
     pub standby: bool,
     pub affinity: bool,
+    pub http_auth: crate::proxy::HttpAuth,
     pub desired: DesiredState,
     /// Replicas wanted (0 unless running).
     pub want: u32,
@@ -297,6 +298,7 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
         hosts: o.hosts.clone(),
         ha: o.ha,
         affinity: o.affinity,
+        http_auth: o.http_auth,
         editor_secret: o.secret.clone(),
         hold,
         replicas,

@@ -165,6 +165,8 @@ pub struct InstanceDesired {
     pub standby: bool,
     /// The proxy keeps each client on one replica with a cookie (balanced mode).
     pub affinity: bool,
+    /// Who may call its own endpoints (checked by the proxies).
+    pub http_auth: crate::proxy::HttpAuth,
     /// What each replica's process runs.
     pub process: ProcessSpec,
     /// The flows every replica should run.

@@ -803,6 +803,7 @@ impl<I: InstanceDriver> Worker<I> {
             ha: d.process.ha,
             standby: d.standby,
             affinity: d.affinity,
+            http_auth: d.http_auth,
             desired: d.state,
             want: if d.state == DesiredState::Running && !self.gone {
                 d.replicas

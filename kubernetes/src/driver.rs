@@ -329,14 +329,8 @@ impl Inner {
         };
         match self.pods.delete(&name, &params).await {
             Ok(either) => {
-                let uid = either.left().and_then(|p| p.uid());
-                if let Some(uid) = uid {
-                    await_condition(self.pods.clone(), &name, conditions::is_deleted(&uid))
-                        .await
-                        .map_err(|e| DriverError::Admin {
-                            id: self.id(slot),
-                            reason: format!("waiting for pod {name} to be deleted: {e}"),
-                        })?;
+                if let Some(pod) = either.left() {
+                    self.gone(slot, &pod).await?;
                 }
             }
             Err(e) if not_found(&e) => {}
@@ -355,6 +349,20 @@ impl Inner {
         }
         self.state().seen.remove(&slot);
         Ok(())
+    }
+
+    /// Waits until the API reports `pod` deleted (gone, or replaced by another of its name).
+    async fn gone(&self, slot: u32, pod: &Pod) -> Result<(), DriverError> {
+        let (Some(uid), name) = (pod.uid(), pod.name_any()) else {
+            return Ok(());
+        };
+        await_condition(self.pods.clone(), &name, conditions::is_deleted(&uid))
+            .await
+            .map(drop)
+            .map_err(|e| DriverError::Admin {
+                id: self.id(slot),
+                reason: format!("waiting for pod {name} to be deleted: {e}"),
+            })
     }
 
     /// Creates `obj`, or replaces the one of that name left from before.
@@ -542,14 +550,7 @@ impl InstanceDriver for KubeInstance {
         // A pod on its way out cannot be adopted: wait for it to go, then start anew.
         let found = match found {
             Some(p) if p.metadata.deletion_timestamp.is_some() => {
-                if let Some(uid) = p.uid() {
-                    await_condition(inner.pods.clone(), &name, conditions::is_deleted(&uid))
-                        .await
-                        .map_err(|e| DriverError::Admin {
-                            id: id.clone(),
-                            reason: format!("waiting for pod {name} to be deleted: {e}"),
-                        })?;
-                }
+                inner.gone(slot, &p).await?;
                 None
             }
             other => other,

@@ -1091,6 +1091,7 @@ mod coordinated {
             replicas: 3,
             standby: false,
             affinity: false,
+            http_auth: Default::default(),
             process,
             flows: flows(),
             mqtt_urls: BTreeMap::new(),

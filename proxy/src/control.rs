@@ -83,6 +83,10 @@ pub struct EditorCheck {
     pub origin: Option<String>,
     /// See `authorization`.
     pub sec_fetch_site: Option<String>,
+    /// A request to the instance's own endpoints, protected by this mode; absent for the
+    /// editor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<crate::HttpAuth>,
 }
 
 /// The control plane's answer to an [`EditorCheck`].
@@ -444,27 +448,7 @@ impl ControlPlane {
 
     /// Asks the control plane whether a request may open an instance's editor.
     pub async fn editor_check(&self, check: &EditorCheck) -> Result<EditorDecision, LinkError> {
-        let body = serde_json::to_vec(check).map_err(|e| LinkError::Protocol(e.to_string()))?;
-        let res = tokio::time::timeout(
-            CALL_TIMEOUT,
-            self.call(
-                http::Method::POST,
-                "/api/v1/routes/editor-check",
-                Some(body),
-                None,
-            ),
-        )
-        .await
-        .map_err(|_| LinkError::Connect(self.authority.clone(), "timed out".into()))??;
-        let res = expect_ok(res).await?;
-        let bytes = res
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| LinkError::Protocol(e.to_string()))?
-            .to_bytes();
-        let answer: EditorAnswer =
-            serde_json::from_slice(&bytes).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let answer: EditorAnswer = self.post_json("/api/v1/routes/editor-check", check).await?;
         Ok(answer.into())
     }
 
@@ -474,15 +458,23 @@ impl ControlPlane {
         &self,
         exchange: &TicketExchange,
     ) -> Result<TicketDecision, LinkError> {
-        let body = serde_json::to_vec(exchange).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let answer: TicketAnswer = self
+            .post_json("/api/v1/routes/editor-ticket", exchange)
+            .await?;
+        Ok(answer.into())
+    }
+
+    /// One JSON call to the control plane (`POST path`), within [`CALL_TIMEOUT`], and its JSON
+    /// answer.
+    async fn post_json<T: serde::Serialize, A: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<A, LinkError> {
+        let body = serde_json::to_vec(body).map_err(|e| LinkError::Protocol(e.to_string()))?;
         let res = tokio::time::timeout(
             CALL_TIMEOUT,
-            self.call(
-                http::Method::POST,
-                "/api/v1/routes/editor-ticket",
-                Some(body),
-                None,
-            ),
+            self.call(http::Method::POST, path, Some(body), None),
         )
         .await
         .map_err(|_| LinkError::Connect(self.authority.clone(), "timed out".into()))??;
@@ -493,9 +485,7 @@ impl ControlPlane {
             .await
             .map_err(|e| LinkError::Protocol(e.to_string()))?
             .to_bytes();
-        let answer: TicketAnswer =
-            serde_json::from_slice(&bytes).map_err(|e| LinkError::Protocol(e.to_string()))?;
-        Ok(answer.into())
+        serde_json::from_slice(&bytes).map_err(|e| LinkError::Protocol(e.to_string()))
     }
 
     async fn call(
@@ -584,8 +574,9 @@ fn parse_event(event: &[u8]) -> Result<Option<FeedTable>, LinkError> {
         .map_err(|e| LinkError::Protocol(format!("a table that is not one: {e}")))
 }
 
-/// Credentials and origin of a request, as the gate's answer depends on them.
+/// What a request asks for, its credentials and origin, as the gate's answer depends on them.
 type GateKey = (
+    Option<crate::HttpAuth>,
     String,
     String,
     Option<String>,
@@ -621,6 +612,7 @@ impl EditorGate for RemoteEditorGate {
     fn check<'a>(
         &'a self,
         instance: &'a str,
+        access: crate::Access,
         method: &'a http::Method,
         headers: &'a http::HeaderMap,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = EditorDecision> + Send + 'a>> {
@@ -638,8 +630,13 @@ impl EditorGate for RemoteEditorGate {
                 cookie: header(http::header::COOKIE),
                 origin: header(http::header::ORIGIN),
                 sec_fetch_site: header(http::header::HeaderName::from_static("sec-fetch-site")),
+                flows: match access {
+                    crate::Access::Editor => None,
+                    crate::Access::Flows(mode) => Some(mode),
+                },
             };
             let key: GateKey = (
+                check.flows,
                 check.instance.clone(),
                 check.method.clone(),
                 check.authorization.clone(),
@@ -658,9 +655,13 @@ impl EditorGate for RemoteEditorGate {
             let decision = match self.link.editor_check(&check).await {
                 Ok(d) => d,
                 Err(e) => {
+                    let what = match access {
+                        crate::Access::Editor => "the editor of",
+                        crate::Access::Flows(_) => "",
+                    };
                     return EditorDecision::Deny(format!(
-                        "cannot check access to the editor of {instance}: {e}\n"
-                    ))
+                        "cannot check access to {what} {instance}: {e}\n"
+                    ));
                 }
             };
             if let Ok(mut answers) = self.answers.lock() {

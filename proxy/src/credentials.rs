@@ -4,7 +4,8 @@
 //! so what the API accepts and what the proxy strips cannot drift apart.
 //!
 //! What a flow must never see:
-//! - personal access tokens (`tdm_…`), in any `Authorization` header, whatever the whitespace
+//! - personal access tokens (`tdm_…`) and instances' HTTP tokens (`tdh_…`, see
+//!   [`crate::HttpAuth`]), in any `Authorization` header, whatever the whitespace
 //!   after the `Bearer` scheme and however the scheme is spelt, and also where the API would
 //!   not take them (a list, another scheme): a flow that reads the header can replay the token;
 //! - the session cookie `tandem_session`, in any `Cookie` header;
@@ -15,6 +16,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Prefix of Tandem's personal access tokens.
 pub const TOKEN_PREFIX: &str = "tdm_";
+
+/// Prefix of the HTTP tokens of an instance's own endpoints ([`crate::HttpAuth::Tokens`]).
+pub const HTTP_TOKEN_PREFIX: &str = "tdh_";
 
 /// Name of Tandem's session cookie (the control plane's sign-in).
 pub const SESSION_COOKIE: &str = "tandem_session";
@@ -61,15 +65,17 @@ pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Whether an `Authorization` value carries a Tandem token anywhere a flow could take it
-/// from: a word (after the start, whitespace, or one of `,;="'`) that starts with `tdm_`.
-/// Every token [`bearer_token`] returns with that prefix is such a word. Works on bytes: a
-/// value that is not text still carries the token.
+/// from: a word (after the start, whitespace, or one of `,;="'`) that starts with `tdm_` or
+/// `tdh_`. Every token [`bearer_token`] returns with such a prefix is such a word. Works on
+/// bytes: a value that is not text still carries the token.
 pub fn carries_tandem_token(value: &[u8]) -> bool {
-    let prefix = TOKEN_PREFIX.as_bytes();
-    value
-        .windows(prefix.len())
-        .enumerate()
-        .any(|(i, w)| w == prefix && (i == 0 || is_word_break(value[i - 1])))
+    [TOKEN_PREFIX, HTTP_TOKEN_PREFIX].iter().any(|prefix| {
+        let prefix = prefix.as_bytes();
+        value
+            .windows(prefix.len())
+            .enumerate()
+            .any(|(i, w)| w == prefix && (i == 0 || is_word_break(value[i - 1])))
+    })
 }
 
 fn is_word_break(b: u8) -> bool {

@@ -503,6 +503,7 @@ mod tests {
         let routes = Routes::new();
         let spec = InstanceSpec {
             editor_secret: None,
+            http_auth: Default::default(),
             name: "orders".into(),
             hosts: vec!["orders.localhost".into()],
             ha: false,

@@ -58,6 +58,43 @@ fn first_segment(canonical: &[u8]) -> &[u8] {
         .unwrap_or_default()
 }
 
+/// Who may call an instance's own HTTP endpoints (its flows' routes and dashboards; `/admin`
+/// keeps its own rules): checked at the proxy, before Node-RED sees the request.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpAuth {
+    /// Anyone.
+    #[default]
+    None,
+    /// Requests with `Authorization: Bearer tdh_…`, a token of the instance's.
+    Tokens,
+    /// Anyone in the instance's team, viewers included, signed in (session cookie) or with a
+    /// user token.
+    Members,
+}
+
+impl HttpAuth {
+    /// Its name in the API and the route feed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Tokens => "tokens",
+            Self::Members => "members",
+        }
+    }
+}
+
+/// What a request to an instance asks the gate for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// The editor and its admin API (`/admin`) of a non-HA instance.
+    Editor,
+    /// The instance's own endpoints, protected by this mode (never [`HttpAuth::None`]).
+    Flows(HttpAuth),
+}
+
 /// What the gate says about a request for an instance's editor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EditorDecision {
@@ -94,10 +131,11 @@ impl std::fmt::Debug for TicketDecision {
 /// cookie, bearer token), and exchanges editor tickets for sessions. `tandem serve` implements
 /// it with the control plane's users and teams; a standalone proxy asks its control plane.
 pub trait EditorGate: Send + Sync + 'static {
-    /// The decision for a request to `instance`'s editor.
+    /// The decision for a request to `instance`'s editor, or to its own endpoints (`access`).
     fn check<'a>(
         &'a self,
         instance: &'a str,
+        access: Access,
         method: &'a http::Method,
         headers: &'a http::HeaderMap,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = EditorDecision> + Send + 'a>>;

@@ -171,12 +171,39 @@ impl Proxy {
                 local(StatusCode::FORBIDDEN, policy::EDITOR_BLOCKED),
             );
         }
+        // The instance's own endpoints, when they are protected: asked before anything is
+        // stripped (the credentials are what is asked about).
+        if !editor && instance.http_auth != policy::HttpAuth::None {
+            let decision = match &self.gate {
+                Some(gate) => {
+                    gate.check(
+                        &instance.name,
+                        policy::Access::Flows(instance.http_auth),
+                        req.method(),
+                        req.headers(),
+                    )
+                    .await
+                }
+                None => policy::EditorDecision::SignIn(
+                    "This instance's endpoints are protected, and no gate checks them here.\n"
+                        .into(),
+                ),
+            };
+            if let Some(resp) = http_auth_refusal(&instance, decision) {
+                return self.finish_local(&instance, &req, start, resp);
+            }
+        }
         if let Some(secret) = &instance.editor_secret {
             if editor {
                 let decision = match &self.gate {
                     Some(gate) => {
-                        gate.check(&instance.name, req.method(), req.headers())
-                            .await
+                        gate.check(
+                            &instance.name,
+                            policy::Access::Editor,
+                            req.method(),
+                            req.headers(),
+                        )
+                        .await
                     }
                     None => policy::EditorDecision::SignIn(
                         "The editor of this instance is not open here.\n".into(),
@@ -768,4 +795,27 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+/// The answer to a refused request for a protected instance's own endpoints: 401 with
+/// `WWW-Authenticate` (no credentials, or not valid ones), or 403 (valid credentials of someone
+/// outside the instance's team); `None` when it may pass.
+fn http_auth_refusal(
+    instance: &Instance,
+    decision: policy::EditorDecision,
+) -> Option<Response<ResponseBody>> {
+    let (status, msg) = match decision {
+        policy::EditorDecision::Allow => return None,
+        policy::EditorDecision::SignIn(msg) => (StatusCode::UNAUTHORIZED, msg),
+        policy::EditorDecision::Deny(msg) => (StatusCode::FORBIDDEN, msg),
+    };
+    let mut resp = local(status, msg);
+    if status == StatusCode::UNAUTHORIZED {
+        // Tokens are bearer tokens; members sign in, and a user token is a bearer token too.
+        let challenge = format!("Bearer realm=\"{}\"", instance.name);
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
+    Some(resp)
 }

@@ -42,6 +42,10 @@ pub struct InstanceSpec {
     /// `tdm_` bearer tokens) are removed from every request to the instance. When unset
     /// (`tandem proxy` with a routes file), `/admin` of a non-HA instance passes through as is.
     pub editor_secret: Option<String>,
+    /// Who may call the instance's own endpoints (not `/admin`); checked through the
+    /// [`crate::EditorGate`]. Without a gate, anything but [`crate::HttpAuth::None`] refuses
+    /// every request.
+    pub http_auth: crate::HttpAuth,
     /// Pin clients to a replica with a cookie (consistent hashing), for WebSocket and dashboards.
     pub affinity: bool,
     /// A replica is expected to be ready soon whenever none is (a standby taking over, a deploy
@@ -143,6 +147,8 @@ pub struct Instance {
     pub ha: bool,
     /// The admin secret added to editor requests that the gate lets through.
     pub editor_secret: Option<http::HeaderValue>,
+    /// Who may call its own endpoints.
+    pub http_auth: crate::HttpAuth,
     /// Cookie affinity on.
     pub affinity: bool,
     /// Requests wait for a ready replica when none is (see [`InstanceSpec::hold`]).
@@ -381,6 +387,7 @@ impl RouteTable {
                         v.set_sensitive(true);
                         v
                     }),
+                http_auth: spec.http_auth,
                 affinity: spec.affinity,
                 hold: spec.hold,
                 replicas,

@@ -96,6 +96,7 @@ fn specs(n: usize) -> Vec<InstanceSpec> {
     (0..n)
         .map(|i| InstanceSpec {
             editor_secret: None,
+            http_auth: Default::default(),
             name: format!("inst-{i}"),
             hosts: vec![format!("inst-{i}.bench.local")],
             ha: false,

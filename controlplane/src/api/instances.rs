@@ -139,6 +139,9 @@ pub struct Instance {
     pub desired_state: DesiredState,
     /// Only the team's owners deploy flows to it (its editor is read-only for members).
     pub protected: bool,
+    /// Who may call its flows' HTTP endpoints: `none`, `tokens` or `members`
+    /// (`/instances/{id}/http-auth`).
+    pub http_auth: crate::http_auth::HttpAuthMode,
     /// Creation time, epoch ms.
     pub created_at: i64,
     /// Last change, epoch ms.
@@ -257,7 +260,7 @@ fn check_ha(state: &AppState, ha: &Ha, field: &str) -> ApiResult<()> {
     Ok(())
 }
 
-pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected, ha_affinity";
+pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected, ha_affinity, http_auth";
 
 /// Where instance `name` is served: `http://<name>.<base domain>`, with the port when it is not
 /// the scheme's own.
@@ -331,6 +334,7 @@ pub(crate) async fn view(
         created_at: r.get(11),
         updated_at: r.get(12),
         protected: r.get::<i64, _>(13) != 0,
+        http_auth: crate::http_auth::HttpAuthMode::from_stored(&r.get::<String, _>(15)),
         env_stored,
         env_revealed,
     })

@@ -354,6 +354,11 @@ pub struct EditorCheckBody {
     pub origin: Option<String>,
     /// Its `Sec-Fetch-Site` header.
     pub sec_fetch_site: Option<String>,
+    /// A request to the instance's own endpoints under this mode (`tokens`, `members`), not to
+    /// its editor.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub flows: Option<tandem_proxy::HttpAuth>,
 }
 
 /// The gate's answer.
@@ -392,8 +397,12 @@ async fn editor_check(
             headers.insert(name, v);
         }
     }
+    let access = match body.flows {
+        Some(mode) => tandem_proxy::Access::Flows(mode),
+        None => tandem_proxy::Access::Editor,
+    };
     let decision = crate::editor_gate::TeamEditorGate(state)
-        .check(&body.instance, &method, &headers)
+        .check(&body.instance, access, &method, &headers)
         .await;
     let answer = EditorAnswer::from(decision);
     Ok(Json(EditorCheckAnswer {

@@ -91,8 +91,13 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
     assert_eq!(templates, ["{}"]);
     // Migrations 6 and 7: no proxy token yet, and no platform key checked yet (the first
     // `tandem serve` of the new version records its key's check). Migration 10: no editor
-    // ticket yet.
-    for table in ["proxy_tokens", "platform_meta", "editor_tickets"] {
+    // ticket yet. Migration 11: no HTTP token yet.
+    for table in [
+        "proxy_tokens",
+        "platform_meta",
+        "editor_tickets",
+        "http_tokens",
+    ] {
         let n: i64 = sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
             .fetch_one(&mut *c)
             .await
@@ -100,6 +105,9 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
             .get(0);
         assert_eq!(n, 0, "{table}");
     }
+    // Migration 11: every instance's HTTP endpoints open, as before.
+    let http_auth: Vec<String> = column(&mut c, "SELECT http_auth FROM instances").await;
+    assert_eq!(http_auth, ["none", "none"]);
     // Migration 9: every user enabled.
     let disabled: Vec<i64> = column(&mut c, "SELECT disabled FROM users").await;
     assert!(
@@ -165,6 +173,19 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
     .execute(&store.pool)
     .await
     .unwrap();
+    // Migration 11: so does an HTTP token of that instance.
+    sqlx::query(
+        "INSERT INTO http_tokens (id, instance_id, name, hash, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind("0193a1b2c3d4ffff000000ff")
+    .bind(instance)
+    .bind("sensor")
+    .bind("http-token-hash")
+    .bind(1_733_000_000_000_i64)
+    .bind(user)
+    .execute(&store.pool)
+    .await
+    .unwrap();
     sqlx::query("DELETE FROM instances WHERE id = $1")
         .bind(instance)
         .execute(&store.pool)
@@ -176,6 +197,15 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
         .unwrap()
         .get(0);
     assert_eq!(tickets, 0, "a deleted instance's tickets go with it");
+    let http_tokens: i64 = sqlx::query("SELECT COUNT(*) FROM http_tokens")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        http_tokens, 0,
+        "a deleted instance's HTTP tokens go with it"
+    );
 }
 
 /// After adoption, a migration past the last one runs (and is recorded), and a binary without
@@ -475,10 +505,11 @@ async fn recorded(c: &mut AnyConnection) -> Vec<Recorded> {
 }
 
 /// Tables the migrations after 0.1 added.
-const LATER_TABLES: [&str; 10] = [
+const LATER_TABLES: [&str; 11] = [
     "control_planes",
     "deployments",
     "editor_tickets",
+    "http_tokens",
     "leases",
     "library_entries",
     "pipeline_stages",

@@ -20,6 +20,7 @@ fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
         replicas: 2,
         standby: false,
         affinity: false,
+        http_auth: Default::default(),
         process: ProcessSpec {
             instance: name.into(),
             nodered_version: "4.1.2".into(),

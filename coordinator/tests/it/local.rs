@@ -383,6 +383,7 @@ async fn the_proxy_routes_to_a_real_replica() {
     routes
         .publish(&[InstanceSpec {
             editor_secret: None,
+            http_auth: Default::default(),
             name: name.into(),
             hosts: vec![format!("{name}.localhost")],
             ha: true,
@@ -482,6 +483,7 @@ async fn a_killed_replica_is_restarted_and_serves_again() {
         replicas: 1,
         standby: false,
         affinity: false,
+        http_auth: Default::default(),
         process: spec(name, 0, false, false),
         flows: Flows::new(hello_flows()),
         mqtt_urls: BTreeMap::new(),

@@ -22,6 +22,7 @@ fn desired(name: &str, replicas: u32, standby: bool) -> InstanceDesired {
         replicas,
         standby,
         affinity: false,
+        http_auth: Default::default(),
         process: ProcessSpec {
             instance: name.into(),
             nodered_version: "4.1.2".into(),

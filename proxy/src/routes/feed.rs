@@ -71,8 +71,16 @@ pub struct FeedInstance {
     pub hold: bool,
     /// The admin secret the proxy adds to editor requests its gate lets through.
     pub editor_secret: String,
+    /// Who may call its own endpoints; left out when anyone may (and so understood by proxies
+    /// that predate it).
+    #[serde(default, skip_serializing_if = "is_open")]
+    pub http_auth: crate::HttpAuth,
     /// Its replicas with an address, in slot order.
     pub replicas: Vec<FeedReplica>,
+}
+
+fn is_open(h: &crate::HttpAuth) -> bool {
+    *h == crate::HttpAuth::None
 }
 
 /// One replica.
@@ -130,6 +138,7 @@ impl FeedTable {
                 hosts: i.hosts.clone(),
                 ha: i.ha,
                 editor_secret: Some(i.editor_secret.clone()),
+                http_auth: i.http_auth,
                 affinity: i.affinity,
                 hold: i.hold,
                 replicas: i
@@ -209,6 +218,7 @@ mod tests {
                 affinity: true,
                 hold: false,
                 editor_secret: "s".into(),
+                http_auth: crate::HttpAuth::Tokens,
                 replicas: vec![FeedReplica {
                     id: "a-r0".into(),
                     addr: "127.0.0.1:1880".parse().unwrap(),

@@ -257,6 +257,7 @@ pub fn parse_file(text: &str) -> Result<RoutesFile, String> {
         .into_iter()
         .map(|i| InstanceSpec {
             editor_secret: None,
+            http_auth: Default::default(),
             health: i.health_check.then(|| HealthConfig {
                 path: i.health_path.unwrap_or_else(|| "/".into()),
                 interval: Duration::from_millis(h.interval_ms),

@@ -3,6 +3,7 @@ use super::*;
 fn spec(name: &str, hosts: &[&str], replicas: &[(&str, u16)]) -> InstanceSpec {
     InstanceSpec {
         editor_secret: None,
+        http_auth: Default::default(),
         name: name.into(),
         hosts: hosts.iter().map(|h| h.to_string()).collect(),
         ha: false,

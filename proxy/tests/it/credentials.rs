@@ -71,6 +71,7 @@ impl EditorGate for AllowAll {
     fn check<'a>(
         &'a self,
         _instance: &'a str,
+        _access: tandem_proxy::Access,
         _method: &'a http::Method,
         _headers: &'a http::HeaderMap,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = EditorDecision> + Send + 'a>> {
@@ -239,4 +240,115 @@ async fn no_form_of_a_tandem_credential_reaches_a_flow() {
         assert_eq!(values(&s, "authorization"), ["Bearer flow-token"], "{s:?}");
         assert_eq!(values(&s, "cookie"), ["theme=dark; lang=en"], "{s:?}");
     }
+}
+
+/// A gate that knows one HTTP token (`tdh_good`) and one member (`Bearer tdm_member`), and
+/// lets the editor through.
+struct Flows;
+
+impl EditorGate for Flows {
+    fn check<'a>(
+        &'a self,
+        _instance: &'a str,
+        access: tandem_proxy::Access,
+        _method: &'a http::Method,
+        headers: &'a http::HeaderMap,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = EditorDecision> + Send + 'a>> {
+        let bearer = tandem_proxy::credentials::bearer(headers).map(str::to_owned);
+        Box::pin(async move {
+            use tandem_proxy::{Access, HttpAuth};
+            match (access, bearer.as_deref()) {
+                (Access::Editor, _) => EditorDecision::Allow,
+                (Access::Flows(HttpAuth::Tokens), Some("tdh_good")) => EditorDecision::Allow,
+                (Access::Flows(HttpAuth::Members), Some("tdm_member")) => EditorDecision::Allow,
+                (Access::Flows(HttpAuth::Members), Some("tdm_stranger")) => {
+                    EditorDecision::Deny("not in the team\n".into())
+                }
+                _ => EditorDecision::SignIn("who are you?\n".into()),
+            }
+        })
+    }
+
+    fn exchange<'a>(
+        &'a self,
+        _instance: &'a str,
+        _ticket: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = TicketDecision> + Send + 'a>> {
+        Box::pin(async { TicketDecision::Refused("no tickets here\n".into()) })
+    }
+}
+
+#[tokio::test]
+async fn protected_endpoints_need_the_gates_yes_and_the_credential_never_reaches_the_flow() {
+    use tandem_proxy::HttpAuth;
+    let echo = HeaderEcho::start().await;
+    let mut specs = Vec::new();
+    for (name, mode, ha) in [
+        ("tokens", HttpAuth::Tokens, false),
+        ("members", HttpAuth::Members, true),
+        ("open", HttpAuth::None, false),
+    ] {
+        let mut i = instance(name, &[echo.addr]);
+        i.editor_secret = Some(SECRET.into());
+        i.http_auth = mode;
+        i.ha = ha;
+        specs.push(i);
+    }
+    let routes = Arc::new(Routes::new());
+    routes.publish(&specs).unwrap();
+    let proxy = Arc::new(
+        Proxy::new(routes, test_config(), Arc::new(ProxyStats::default()))
+            .with_editor_gate(Arc::new(Flows)),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _task = tokio::spawn(tandem_proxy::server::serve(
+        listener,
+        proxy,
+        std::future::pending(),
+    ));
+    let call = |host: &'static str, auth: Option<&'static str>| async move {
+        let mut b = Request::builder().uri("/api/orders").header("host", host);
+        if let Some(a) = auth {
+            b = b.header("authorization", a);
+        }
+        send(addr, b.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap()
+    };
+    // No credential, or a wrong one: 401 with a challenge, and nothing reaches the flow.
+    for (host, auth) in [
+        ("tokens.localhost", None),
+        ("tokens.localhost", Some("Bearer tdh_wrong")),
+        ("tokens.localhost", Some("Bearer tdm_member")),
+        ("members.localhost", None),
+    ] {
+        let r = call(host, auth).await;
+        assert_eq!(r.status, 401, "{host} {auth:?}: {}", r.body);
+        assert_eq!(
+            r.headers.get("www-authenticate").unwrap(),
+            &format!("Bearer realm=\"{}\"", host.trim_end_matches(".localhost")),
+        );
+        assert!(!r.body.contains("authorization:"), "{}", r.body);
+    }
+    // Someone outside the team: 403.
+    let r = call("members.localhost", Some("Bearer tdm_stranger")).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    // The right credential passes, and the flow does not see it.
+    for (host, auth) in [
+        ("tokens.localhost", "Bearer tdh_good"),
+        ("members.localhost", "Bearer tdm_member"),
+    ] {
+        let r = call(host, Some(auth)).await;
+        assert_eq!(r.status, 200, "{host}: {}", r.body);
+        assert!(r.body.contains("host: "), "{}", r.body);
+        assert!(!r.body.contains("authorization"), "{host}: {}", r.body);
+    }
+    // An open instance asks nobody; an HTTP token is Tandem's and never reaches a flow.
+    let r = call("open.localhost", Some("Bearer tdh_good")).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.body.contains("authorization"), "{}", r.body);
+    // The editor keeps its own rules (here, the gate lets it in).
+    let s = seen(addr, "tokens.localhost", "/admin/flows", &[]).await;
+    assert_eq!(values(&s, "x-tandem-token"), [SECRET]);
 }

@@ -339,6 +339,7 @@ pub fn test_config() -> ProxyConfig {
 pub fn instance(name: &str, replicas: &[SocketAddr]) -> InstanceSpec {
     InstanceSpec {
         editor_secret: None,
+        http_auth: Default::default(),
         name: name.into(),
         hosts: vec![format!("{name}.localhost")],
         ha: false,

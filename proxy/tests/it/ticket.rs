@@ -21,6 +21,7 @@ impl EditorGate for OneTicket {
     fn check<'a>(
         &'a self,
         _instance: &'a str,
+        _access: tandem_proxy::Access,
         _method: &'a http::Method,
         _headers: &'a http::HeaderMap,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = EditorDecision> + Send + 'a>> {

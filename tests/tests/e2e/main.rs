@@ -14,6 +14,7 @@ mod editor_ticket;
 mod ha;
 mod hang;
 mod harness;
+mod http_auth;
 mod leader;
 mod lifecycle;
 mod modules;

@@ -415,3 +415,70 @@ async fn replicas_log_in_to_the_standalone_proxys_mqtt_listener_with_tokens_from
         Some(0.0)
     );
 }
+
+/// HTTP auth of flows' endpoints through a standalone proxy: the mode comes with the route
+/// feed, and the proxy asks the control plane about each new credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_proxy_keeps_an_instances_endpoints_to_its_tokens() {
+    let t = Tandem::start("standalone-http-auth").await;
+    let token_file = proxy_token(&t).await;
+    let proxy = Standalone::start(
+        &t,
+        "edge-auth",
+        &token_file,
+        &t.dir.join("edge-auth.json"),
+        free_port(),
+    );
+    proxy.connected().await;
+    let (app, _) = t.team_and_app("Edge").await;
+    let id = t.instance(&app, "walled", flows(), 1).await;
+    t.wait_running(&id, 1).await;
+    proxy.serves("walled", "/hello", "hello").await;
+    let path = format!("/api/v1/instances/{id}");
+    let r = t
+        .api(
+            "PUT",
+            &format!("{path}/http-auth"),
+            json!({ "mode": "tokens" }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t
+        .api(
+            "POST",
+            &format!("{path}/http-tokens"),
+            json!({ "name": "edge" }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let token = r.json()["token_value"].as_str().unwrap().to_string();
+    let call = |auth: Option<String>| {
+        let addr = proxy.addr;
+        async move {
+            let headers: Vec<(&str, &str)> = auth
+                .as_deref()
+                .map(|a| ("Authorization", a))
+                .into_iter()
+                .collect();
+            http(addr, "GET", "walled.localhost", "/hello", &headers, "")
+                .await
+                .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(None).await.status != 401 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never protected walled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = call(Some("Bearer tdh_wrong".into())).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"walled\"")
+    );
+    let r = call(Some(format!("Bearer {token}"))).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "hello"));
+}

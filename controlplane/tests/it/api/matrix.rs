@@ -145,6 +145,21 @@ const MATRIX: &[Row] = &[
         with_ok(TEAM_MEMBER, 202),
     ),
     row("PUT", "/api/v1/instances/{id}/protection", TEAM_OWNER),
+    // Flows' HTTP endpoints: viewers read the mode and the tokens (never their values); owners
+    // set the mode, create and revoke tokens.
+    row("GET", "/api/v1/instances/{id}/http-auth", TEAM_READ),
+    row("PUT", "/api/v1/instances/{id}/http-auth", TEAM_OWNER),
+    row("GET", "/api/v1/instances/{id}/http-tokens", TEAM_READ),
+    row(
+        "POST",
+        "/api/v1/instances/{id}/http-tokens",
+        with_ok(TEAM_OWNER, 201),
+    ),
+    row(
+        "DELETE",
+        "/api/v1/instances/{id}/http-tokens/{token_id}",
+        with_ok(TEAM_OWNER, 204),
+    ),
     // Snapshots, flows and deploys: viewers read metadata; members take, read flows, export,
     // import, deploy and roll back; owners delete.
     row(
@@ -476,6 +491,25 @@ impl World {
                 format!("/api/v1/instances/{inst}/protection"),
                 Some(json!({ "protected": true })),
             ),
+            ("PUT", "/api/v1/instances/{id}/http-auth") => (
+                format!("/api/v1/instances/{inst}/http-auth"),
+                Some(json!({ "mode": "tokens" })),
+            ),
+            ("POST", "/api/v1/instances/{id}/http-tokens") => (
+                format!("/api/v1/instances/{inst}/http-tokens"),
+                Some(json!({ "name": unique("http-token") })),
+            ),
+            ("DELETE", "/api/v1/instances/{id}/http-tokens/{token_id}") => {
+                let t = s
+                    .post(
+                        &format!("/api/v1/instances/{inst}/http-tokens"),
+                        &self.owner.auth,
+                        json!({ "name": "doomed" }),
+                    )
+                    .await;
+                let id = t.ok(201)["id"].as_str().unwrap().to_string();
+                (format!("/api/v1/instances/{inst}/http-tokens/{id}"), None)
+            }
             ("DELETE", "/api/v1/instances/{id}/ha") => {
                 let doomed = s
                     .instance(&self.owner.auth, app, json!({ "ha": { "replicas": 2 } }))

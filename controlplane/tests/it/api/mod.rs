@@ -11,6 +11,7 @@ mod auth;
 mod auth_attacks;
 mod config_rules;
 mod editor_tickets;
+mod http_auth;
 mod instances;
 mod lists;
 mod matrix;
