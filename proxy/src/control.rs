@@ -168,6 +168,9 @@ pub struct TicketAnswer {
     /// The new session's secret, for the host-only session cookie; with `session` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Where the ticket leads (`editor` when absent).
+    #[serde(default)]
+    pub home: crate::TicketHome,
     /// Why, with `refused`.
     #[serde(default)]
     pub message: String,
@@ -196,14 +199,16 @@ pub enum TicketVerdict {
 impl From<TicketDecision> for TicketAnswer {
     fn from(d: TicketDecision) -> Self {
         match d {
-            TicketDecision::Session(secret) => Self {
+            TicketDecision::Session { secret, home } => Self {
                 decision: TicketVerdict::Session,
                 session: Some(secret),
+                home,
                 message: String::new(),
             },
             TicketDecision::Refused(m) => Self {
                 decision: TicketVerdict::Refused,
                 session: None,
+                home: crate::TicketHome::default(),
                 message: m,
             },
         }
@@ -213,7 +218,10 @@ impl From<TicketDecision> for TicketAnswer {
 impl From<TicketAnswer> for TicketDecision {
     fn from(a: TicketAnswer) -> Self {
         match (a.decision, a.session) {
-            (TicketVerdict::Session, Some(secret)) => Self::Session(secret),
+            (TicketVerdict::Session, Some(secret)) => Self::Session {
+                secret,
+                home: a.home,
+            },
             (TicketVerdict::Session, None) => Self::Refused(
                 "the control plane accepted the ticket but sent no session; open the editor from the console again\n".into(),
             ),
@@ -726,7 +734,14 @@ mod tests {
     #[test]
     fn ticket_answers_cross_the_wire_and_a_session_without_a_secret_is_refused() {
         for d in [
-            TicketDecision::Session("abc".into()),
+            TicketDecision::Session {
+                secret: "abc".into(),
+                home: crate::TicketHome::Editor,
+            },
+            TicketDecision::Session {
+                secret: "abc".into(),
+                home: crate::TicketHome::Flows,
+            },
             TicketDecision::Refused("used\n".into()),
         ] {
             let wire = serde_json::to_string(&TicketAnswer::from(d.clone())).unwrap();

@@ -52,6 +52,6 @@ pub use config::ProxyConfig;
 pub use health::{EjectionPolicy, HealthConfig};
 pub use metrics::ProxyStats;
 pub use mqtt::{MqttConfig, MqttInstance, MqttProxy, MqttReplica};
-pub use policy::{Access, EditorDecision, EditorGate, HttpAuth, TicketDecision};
+pub use policy::{Access, EditorDecision, EditorGate, HttpAuth, TicketDecision, TicketHome};
 pub use proxy::Proxy;
 pub use routes::{InstanceSpec, ReplicaSpec, RouteError, RouteTable, Routes};

@@ -106,12 +106,39 @@ pub enum EditorDecision {
     Deny(String),
 }
 
-/// What the gate says about an editor ticket (see [`crate::ticket`]).
+/// What a ticket opens, and so where the proxy sends the browser with its new session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketHome {
+    /// The editor, `/admin/` (the console's "Open editor").
+    #[default]
+    Editor,
+    /// The instance's own endpoints, `/`, protected by [`HttpAuth::Members`].
+    Flows,
+}
+
+impl TicketHome {
+    /// The path the browser is sent to.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Editor => "/admin/",
+            Self::Flows => "/",
+        }
+    }
+}
+
+/// What the gate says about a ticket (see [`crate::ticket`]).
 #[derive(Clone, PartialEq, Eq)]
 pub enum TicketDecision {
-    /// The ticket was good and is now spent: a new session of its user, which the proxy sets
-    /// as the host-only session cookie of the instance's host.
-    Session(String),
+    /// The ticket was good and is now spent: a new session of its user (`secret`), which the
+    /// proxy sets as the host-only session cookie of the instance's host, sending the browser
+    /// to `home`.
+    Session {
+        /// The session's secret.
+        secret: String,
+        /// Where the ticket leads.
+        home: TicketHome,
+    },
     /// 403 with this message (expired, already used, for another instance, the user may no
     /// longer open the editor, or the gate could not ask).
     Refused(String),
@@ -121,7 +148,7 @@ pub enum TicketDecision {
 impl std::fmt::Debug for TicketDecision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Session(_) => f.write_str("Session(..)"),
+            Self::Session { home, .. } => write!(f, "Session {{ home: {home:?}, .. }}"),
             Self::Refused(m) => f.debug_tuple("Refused").field(m).finish(),
         }
     }

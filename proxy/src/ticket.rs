@@ -8,7 +8,8 @@
 //! `GET /_tandem/editor-ticket?ticket=<value>` on the instance's host. The proxy answers that
 //! path itself, on every instance with an admin secret, and never forwards it: the query holds
 //! the ticket, which no flow may see. It asks the [`EditorGate`] to exchange the ticket and, on
-//! success, answers `303 See Other` to the editor ([`EDITOR_HOME`]) with the new session as a
+//! success, answers `303 See Other` to where the ticket leads ([`TicketHome`]: the editor, or
+//! the instance's own endpoints when they are for its team's members) with the new session as a
 //! host-only cookie (no `Domain`), which the gate then accepts on that host like any other
 //! session. The proxy strips that cookie from every request before a replica sees it.
 
@@ -17,7 +18,7 @@ use http::{Method, Response, StatusCode};
 
 use crate::body::ResponseBody;
 use crate::credentials::SESSION_COOKIE;
-use crate::policy::{self, EditorGate, TicketDecision};
+use crate::policy::{self, EditorGate, TicketDecision, TicketHome};
 use crate::proxy::local;
 use crate::routes::Instance;
 
@@ -26,9 +27,6 @@ pub const TICKET_PATH: &str = "/_tandem/editor-ticket";
 
 /// The query parameter that holds the ticket.
 pub const TICKET_PARAM: &str = "ticket";
-
-/// Where a browser goes once its ticket is exchanged: the editor (`httpAdminRoot`).
-pub const EDITOR_HOME: &str = "/admin/";
 
 /// Longest ticket the proxy passes on to its gate (tickets are 64 hex digits).
 const MAX_TICKET_LEN: usize = 256;
@@ -106,9 +104,6 @@ async fn decide(
             .insert(header::ALLOW, HeaderValue::from_static("GET"));
         return resp;
     }
-    if instance.ha {
-        return local(StatusCode::FORBIDDEN, policy::EDITOR_BLOCKED);
-    }
     let Some(gate) = gate else {
         return local(
             StatusCode::FORBIDDEN,
@@ -123,7 +118,12 @@ async fn decide(
     };
     match gate.exchange(&instance.name, ticket).await {
         TicketDecision::Refused(msg) => local(StatusCode::FORBIDDEN, msg),
-        TicketDecision::Session(secret) => session_redirect(&instance.name, &secret),
+        // An HA instance's editor is blocked: only a ticket to its endpoints leads anywhere.
+        TicketDecision::Session {
+            home: TicketHome::Editor,
+            ..
+        } if instance.ha => local(StatusCode::FORBIDDEN, policy::EDITOR_BLOCKED),
+        TicketDecision::Session { secret, home } => session_redirect(&instance.name, &secret, home),
     }
 }
 
@@ -131,7 +131,7 @@ async fn decide(
 /// on this instance's host; `HttpOnly`, so the editor's pages cannot read it; `SameSite=Lax`,
 /// so other sites cannot make the browser send it with their writes; no `Max-Age`, so it ends
 /// with the browser session (the control plane ends the session itself at its expiry).
-fn session_redirect(instance: &str, secret: &str) -> Response<ResponseBody> {
+fn session_redirect(instance: &str, secret: &str, home: TicketHome) -> Response<ResponseBody> {
     // The gate's secret goes into a header: a control plane that sent anything but a plain
     // token gets no cookie made of it.
     let cookie = secret
@@ -148,7 +148,7 @@ fn session_redirect(instance: &str, secret: &str) -> Response<ResponseBody> {
     };
     let mut resp = local(StatusCode::SEE_OTHER, "Opening the editor.\n");
     let headers = resp.headers_mut();
-    headers.insert(header::LOCATION, HeaderValue::from_static(EDITOR_HOME));
+    headers.insert(header::LOCATION, HeaderValue::from_static(home.path()));
     headers.insert(header::SET_COOKIE, cookie);
     resp
 }
@@ -204,16 +204,18 @@ mod tests {
 
     #[test]
     fn a_session_becomes_a_host_only_cookie_and_a_redirect_to_the_editor() {
-        let r = session_redirect("orders", "abc123");
+        let r = session_redirect("orders", "abc123", TicketHome::Editor);
         assert_eq!(r.status(), StatusCode::SEE_OTHER);
-        assert_eq!(r.headers()[header::LOCATION], EDITOR_HOME);
+        assert_eq!(r.headers()[header::LOCATION], "/admin/");
+        let r = session_redirect("orders", "abc123", TicketHome::Flows);
+        assert_eq!(r.headers()[header::LOCATION], "/");
         assert_eq!(
             r.headers()[header::SET_COOKIE],
             "tandem_session=abc123; Path=/; HttpOnly; SameSite=Lax"
         );
         for bad in ["", "a;b", "a b", "a\r\nSet-Cookie: x=y"] {
             assert_eq!(
-                session_redirect("orders", bad).status(),
+                session_redirect("orders", bad, TicketHome::Editor).status(),
                 StatusCode::BAD_GATEWAY,
                 "{bad:?}"
             );
@@ -222,7 +224,13 @@ mod tests {
 
     #[test]
     fn a_decision_shows_no_session_in_debug() {
-        let d = format!("{:?}", TicketDecision::Session("secret".into()));
+        let d = format!(
+            "{:?}",
+            TicketDecision::Session {
+                secret: "secret".into(),
+                home: TicketHome::Flows
+            }
+        );
         assert!(!d.contains("secret"), "{d}");
     }
 }

@@ -15,6 +15,10 @@
 //!    `POST /api/v1/routes/editor-ticket` (`api::proxies`).
 //! 3. On success the proxy sets the new session as a host-only `tandem_session` cookie and
 //!    sends the browser to the editor, where the gate takes that cookie as any other session.
+//!
+//! `POST /api/v1/instances/{id}/access-ticket` does the same for an instance whose own
+//! endpoints are for its team's members (HTTP auth `members`, HA or not): viewers included, and
+//! the browser lands on `/`. A ticket records where it leads (`home`).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -22,7 +26,7 @@ use serde::Serialize;
 use serde_json::json;
 use sqlx::Row;
 use tandem_proxy::ticket::{TICKET_PARAM, TICKET_PATH};
-use tandem_proxy::TicketDecision;
+use tandem_proxy::{TicketDecision, TicketHome};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -30,6 +34,7 @@ use super::{authorize, instances};
 use crate::audit::{self, Subject};
 use crate::auth::{self, Caller, Credential};
 use crate::error::{ApiError, ApiResult, Json};
+use crate::http_auth::HttpAuthMode;
 use crate::roles::Action;
 use crate::state::AppState;
 use crate::store::now_ms;
@@ -39,7 +44,9 @@ use crate::store::now_ms;
 pub const TICKET_TTL_MS: i64 = 60_000;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(create_editor_ticket))
+    OpenApiRouter::new()
+        .routes(routes!(create_editor_ticket))
+        .routes(routes!(create_access_ticket))
 }
 
 /// A new editor ticket.
@@ -72,6 +79,40 @@ async fn create_editor_ticket(
             instance.name
         )));
     }
+    issue(&state, &caller, &instance, TicketHome::Editor).await
+}
+
+/// A ticket that opens an instance's own endpoints in a browser, when they are for its team's
+/// members (HTTP auth `members`; 409 otherwise): anyone in the team, viewers included, HA or
+/// not. Follow `url` within a minute; it lands on the instance's `/` with a session of the
+/// caller on that host only.
+#[utoipa::path(post, path = "/api/v1/instances/{id}/access-ticket", tag = "instances",
+    params(("id" = String, Path, description = "Instance id")),
+    responses((status = 201, body = EditorTicket), (status = 404, body = crate::error::ErrorBody),
+        (status = 409, description = "The instance's endpoints are not for its members (its HTTP auth is not `members`)", body = crate::error::ErrorBody)))]
+async fn create_access_ticket(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<EditorTicket>)> {
+    let instance = instances::load_for(&state, &caller, &id, Action::Read).await?;
+    if instance.http_auth != HttpAuthMode::Members {
+        return Err(ApiError::Conflict(format!(
+            "{}'s endpoints are not for its team's members (its HTTP auth is {}): an access ticket opens nothing there",
+            instance.name,
+            instance.http_auth.as_str()
+        )));
+    }
+    issue(&state, &caller, &instance, TicketHome::Flows).await
+}
+
+/// Records a new ticket of `caller` for `instance`, leading to `home`, and answers it.
+async fn issue(
+    state: &AppState,
+    caller: &Caller,
+    instance: &instances::Instance,
+    home: TicketHome,
+) -> ApiResult<(StatusCode, Json<EditorTicket>)> {
     let ticket = auth::random_secret()?;
     let now = now_ms();
     let expires_at = now + TICKET_TTL_MS;
@@ -82,20 +123,21 @@ async fn create_editor_ticket(
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "INSERT INTO editor_tickets (hash, user_id, instance_id, expires_at) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO editor_tickets (hash, user_id, instance_id, expires_at, home) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(auth::hash_secret(&ticket))
     .bind(&caller.id)
-    .bind(&id)
+    .bind(&instance.id)
     .bind(expires_at)
+    .bind(home_name(home))
     .execute(&mut *tx)
     .await?;
     audit::record(
         &mut tx,
-        Some(&caller),
+        Some(caller),
         "instance.editor-ticket",
-        Subject::instance(&instance.team_id, &id),
-        json!({ "expires_at": expires_at }),
+        Subject::instance(&instance.team_id, &instance.id),
+        json!({ "expires_at": expires_at, "home": home_name(home) }),
     )
     .await?;
     tx.commit().await?;
@@ -106,6 +148,14 @@ async fn create_editor_ticket(
             expires_at,
         }),
     ))
+}
+
+/// A ticket's `home` as stored.
+fn home_name(home: TicketHome) -> &'static str {
+    match home {
+        TicketHome::Editor => "editor",
+        TicketHome::Flows => "flows",
+    }
 }
 
 /// Spends `ticket`, brought to `instance`'s host (the instance's name): a new session of the
@@ -131,7 +181,7 @@ async fn try_exchange(state: &AppState, instance: &str, ticket: &str) -> ApiResu
     // Read and deleted in one statement: of two proxies racing with one ticket, one gets the
     // row and the other nothing, on SQLite and on PostgreSQL alike.
     let row = sqlx::query(
-        "DELETE FROM editor_tickets WHERE hash = $1 RETURNING user_id, instance_id, expires_at",
+        "DELETE FROM editor_tickets WHERE hash = $1 RETURNING user_id, instance_id, expires_at, home",
     )
     .bind(auth::hash_secret(ticket))
     .fetch_optional(&state.store.pool)
@@ -143,22 +193,37 @@ async fn try_exchange(state: &AppState, instance: &str, ticket: &str) -> ApiResu
     };
     let (user_id, instance_id, expires_at): (String, String, i64) =
         (row.get(0), row.get(1), row.get(2));
+    let home = match row.get::<String, _>(3).as_str() {
+        "flows" => TicketHome::Flows,
+        _ => TicketHome::Editor,
+    };
     if expires_at <= now_ms() {
         return refused(format!(
             "This editor ticket has expired (tickets are good for {} s)",
             TICKET_TTL_MS / 1000
         ));
     }
-    let found: Option<(String, String, Option<i64>)> =
-        sqlx::query("SELECT id, team_id, ha_replicas FROM instances WHERE name = $1")
+    let found: Option<(String, String, Option<i64>, String)> =
+        sqlx::query("SELECT id, team_id, ha_replicas, http_auth FROM instances WHERE name = $1")
             .bind(instance)
             .fetch_optional(&state.store.pool)
             .await?
-            .map(|r| (r.get(0), r.get(1), r.get(2)));
-    let Some((_, team, ha)) = found.filter(|(id, _, _)| *id == instance_id) else {
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)));
+    let Some((_, team, ha, http_auth)) = found.filter(|(id, ..)| *id == instance_id) else {
         return refused(format!("This editor ticket is not for {instance}"));
     };
-    if ha.is_some() {
+    // A ticket to the endpoints needs them to be for members still; one to the editor needs
+    // an editor.
+    let action = match home {
+        TicketHome::Flows if HttpAuthMode::from_stored(&http_auth) != HttpAuthMode::Members => {
+            return refused(format!(
+                "{instance}'s endpoints are no longer for its team's members"
+            ))
+        }
+        TicketHome::Flows => Action::Read,
+        TicketHome::Editor => Action::OpenEditor,
+    };
+    if home == TicketHome::Editor && ha.is_some() {
         return refused(format!(
             "{instance} now runs in HA mode, where its editor is disabled"
         ));
@@ -181,17 +246,21 @@ async fn try_exchange(state: &AppState, instance: &str, ticket: &str) -> ApiResu
     if user.get::<i64, _>(2) != 0 {
         return refused(format!("{} is disabled", caller.username));
     }
-    match authorize(state, &caller, &team, Action::OpenEditor).await {
+    match authorize(state, &caller, &team, action).await {
         Ok(()) => {}
         Err(ApiError::Forbidden(_) | ApiError::NotFound(_)) => {
-            return refused(format!(
-                "{} may no longer open the editor of {instance}",
-                caller.username
-            ))
+            let what = match home {
+                TicketHome::Editor => format!("the editor of {instance}"),
+                TicketHome::Flows => format!("{instance}'s endpoints"),
+            };
+            return refused(format!("{} may no longer open {what}", caller.username));
         }
         Err(e) => return Err(e),
     }
     let session = auth::create_session(state, &caller.id).await?;
     tracing::info!(%instance, user = %caller.username, "editor ticket exchanged for a session");
-    Ok(TicketDecision::Session(session))
+    Ok(TicketDecision::Session {
+        secret: session,
+        home,
+    })
 }

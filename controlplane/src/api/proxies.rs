@@ -433,6 +433,8 @@ pub struct EditorTicketAnswer {
     /// The new session's secret, with `session` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Where the ticket leads: `editor` (`/admin/`) or `flows` (`/`).
+    pub home: String,
     /// Why, with `refused`.
     pub message: String,
 }
@@ -448,14 +450,19 @@ async fn editor_ticket(
 ) -> ApiResult<Json<EditorTicketAnswer>> {
     let answer =
         match crate::api::editor_tickets::exchange(&state, &body.instance, &body.ticket).await {
-            TicketDecision::Session(secret) => EditorTicketAnswer {
+            TicketDecision::Session { secret, home } => EditorTicketAnswer {
                 decision: "session".into(),
                 session: Some(secret),
+                home: match home {
+                    tandem_proxy::TicketHome::Editor => "editor".into(),
+                    tandem_proxy::TicketHome::Flows => "flows".into(),
+                },
                 message: String::new(),
             },
             TicketDecision::Refused(message) => EditorTicketAnswer {
                 decision: "refused".into(),
                 session: None,
+                home: "editor".into(),
                 message,
             },
         };

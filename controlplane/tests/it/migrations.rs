@@ -173,6 +173,14 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
     .execute(&store.pool)
     .await
     .unwrap();
+    // Migration 12: a ticket made before it leads to the editor.
+    let home: String = sqlx::query("SELECT home FROM editor_tickets WHERE hash = $1")
+        .bind("ticket-hash")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(home, "editor");
     // Migration 11: so does an HTTP token of that instance.
     sqlx::query(
         "INSERT INTO http_tokens (id, instance_id, name, hash, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6)",

@@ -38,8 +38,19 @@ impl EditorGate for OneTicket {
             let first = !asked.iter().any(|(_, t)| t == ticket);
             asked.push((instance.to_string(), ticket.to_string()));
             match (instance, ticket) {
-                ("gated", "good") if first => TicketDecision::Session("s3ssion".into()),
+                ("gated", "good") if first => TicketDecision::Session {
+                    secret: "s3ssion".into(),
+                    home: tandem_proxy::TicketHome::Editor,
+                },
                 ("gated", "good") => TicketDecision::Refused("this ticket was used\n".into()),
+                ("ha", "editor") => TicketDecision::Session {
+                    secret: "s3ssion".into(),
+                    home: tandem_proxy::TicketHome::Editor,
+                },
+                ("ha", "flows") => TicketDecision::Session {
+                    secret: "fl0ws".into(),
+                    home: tandem_proxy::TicketHome::Flows,
+                },
                 _ => TicketDecision::Refused("this ticket is not for this instance\n".into()),
             }
         })
@@ -138,10 +149,24 @@ async fn the_proxy_answers_editor_tickets_itself_and_sets_a_host_only_session() 
         assert_eq!(r.status, 405, "{method}: {r:?}");
         assert_eq!(r.header("allow"), Some("GET"), "{method}");
     }
-    // An HA instance has no editor to open.
-    let r = call("GET", "ha.localhost", "/_tandem/editor-ticket?ticket=good").await;
+    // An HA instance has no editor to open, whatever the gate says; a ticket to its endpoints
+    // (members mode) leads there.
+    let r = call(
+        "GET",
+        "ha.localhost",
+        "/_tandem/editor-ticket?ticket=editor",
+    )
+    .await;
     assert_eq!(r.status, 403, "{r:?}");
     assert!(r.body.contains("HA mode"), "{}", r.body);
+    assert!(r.header("set-cookie").is_none(), "{r:?}");
+    let r = call("GET", "ha.localhost", "/_tandem/editor-ticket?ticket=flows").await;
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location"), Some("/"));
+    assert_eq!(
+        r.header("set-cookie"),
+        Some("tandem_session=fl0ws; Path=/; HttpOnly; SameSite=Lax")
+    );
 
     let asked = gate.asked.lock().unwrap().clone();
     let pair = |i: &str, t: &str| (i.to_string(), t.to_string());
@@ -152,6 +177,8 @@ async fn the_proxy_answers_editor_tickets_itself_and_sets_a_host_only_session() 
             pair("gated", "good"),
             pair("other", "good"),
             pair("gated", "other"),
+            pair("ha", "editor"),
+            pair("ha", "flows"),
         ]
     );
     assert_eq!(u.hits(), 0, "no ticket request reached a replica");

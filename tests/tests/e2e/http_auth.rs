@@ -1,7 +1,7 @@
 //! Issue 16's HTTP auth of flows' endpoints through `tandem serve`'s proxy, with real Node-RED:
 //! an instance's own endpoints behind its HTTP tokens (none, wrong, revoked, expired, right)
-//! or behind its team's sign-in (a member, a viewer, someone outside, nobody), on a non-HA and
-//! an HA instance; the credential never reaches the flow.
+//! or behind its team's sign-in (a member, a viewer, someone outside, nobody; a browser through
+//! the access ticket), on a non-HA and an HA instance; the credential never reaches the flow.
 
 use std::time::Duration;
 
@@ -222,6 +222,47 @@ async fn an_instances_endpoints_take_its_tokens_or_its_team_and_the_flow_never_s
     }
     let (status, _, body) = echo(&t, "teamonly", Some(&format!("Bearer {outsider}"))).await;
     assert_eq!(status, 403, "{body}");
+    // A browser on the default base domain, where no cookie of the console reaches the
+    // instance's host: the viewer's access ticket, exchanged by the proxy for a session of that
+    // host, which then opens the endpoints; the flow sees no trace of it.
+    let r = http(
+        t.api,
+        "POST",
+        "api",
+        &format!("/api/v1/instances/{}/access-ticket", ids[1]),
+        &[("Authorization", &format!("Bearer {viewer}"))],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let url = r.json()["url"].as_str().unwrap().to_string();
+    let path = &url[url.find("/_tandem/").unwrap()..];
+    let r = t.request("teamonly", "GET", path, &[]).await.unwrap();
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.header("location"), Some("/"));
+    let cookie = r
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let r = t
+        .request(
+            "teamonly",
+            "GET",
+            "/echo",
+            &[("Cookie", &format!("theme=dark; {cookie}"))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(seen["cookie"], "theme=dark", "{seen}");
+    // Spent: the same link again opens nothing.
+    let r = t.request("teamonly", "GET", path, &[]).await.unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
     // And open again.
     let r = t
         .api(

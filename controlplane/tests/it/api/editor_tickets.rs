@@ -15,7 +15,58 @@ use super::support::{both_backends, now_ms, Auth, Backend, Server};
 both_backends!(
     members_get_tickets_that_are_stored_hashed_and_others_do_not,
     a_ticket_opens_one_session_once_on_its_own_instance,
+    the_team_gets_tickets_to_endpoints_for_members_and_only_while_they_are,
 );
+
+/// Issue 16: an access ticket leads a viewer of an HA instance to its endpoints, while they are
+/// for the team's members.
+async fn the_team_gets_tickets_to_endpoints_for_members_and_only_while_they_are(b: Backend) {
+    let s = Server::start(b).await;
+    let owner = s.user("owner").await;
+    let viewer = s.user("viewer").await;
+    let outsider = s.user("outsider").await;
+    let team = s.team(&owner.auth).await;
+    s.add_member(&owner.auth, &team, &viewer, "viewer").await;
+    let app = s.application(&owner.auth, &team).await;
+    let inst = s
+        .instance(&owner.auth, &app, json!({ "ha": { "replicas": 2 } }))
+        .await;
+    let (id, name) = (inst["id"].as_str().unwrap(), inst["name"].as_str().unwrap());
+    let path = format!("/api/v1/instances/{id}/access-ticket");
+    // Open endpoints: nothing to sign in to.
+    let r = s.post(&path, &viewer.auth, json!(null)).await;
+    assert!(r.err(409).contains("is none"), "{r}");
+    let mode = format!("/api/v1/instances/{id}/http-auth");
+    s.put(&mode, &owner.auth, json!({ "mode": "members" }))
+        .await
+        .ok(200);
+    s.post(&path, &outsider.auth, json!(null)).await.err(404);
+    // A viewer of an HA instance: a ticket to its endpoints, exchanged once for a session that
+    // lands on `/`.
+    let t = ticket_of(s.post(&path, &viewer.auth, json!(null)).await.ok(201));
+    match exchange(&s.state, name, &t).await {
+        TicketDecision::Session { secret, home } => {
+            assert_eq!(home, tandem_proxy::TicketHome::Flows);
+            assert_eq!(secret.len(), 64);
+        }
+        TicketDecision::Refused(m) => panic!("refused: {m}"),
+    }
+    // The mode changed since: a ticket made before opens nothing.
+    let t = ticket_of(s.post(&path, &viewer.auth, json!(null)).await.ok(201));
+    s.put(&mode, &owner.auth, json!({ "mode": "tokens" }))
+        .await
+        .ok(200);
+    let why = outcome(exchange(&s.state, name, &t).await).unwrap_err();
+    assert!(why.contains("no longer for its team"), "{why}");
+    // An editor ticket of this HA instance is still refused.
+    s.post(
+        &format!("/api/v1/instances/{id}/editor-ticket"),
+        &owner.auth,
+        json!(null),
+    )
+    .await
+    .err(409);
+}
 
 /// The ticket in a ticket URL.
 fn ticket_of(answer: &Value) -> String {
@@ -26,7 +77,7 @@ fn ticket_of(answer: &Value) -> String {
 /// What the exchange answered, as `Ok(session)` or `Err(message)`.
 fn outcome(d: TicketDecision) -> Result<String, String> {
     match d {
-        TicketDecision::Session(s) => Ok(s),
+        TicketDecision::Session { secret, .. } => Ok(secret),
         TicketDecision::Refused(m) => Err(m),
     }
 }

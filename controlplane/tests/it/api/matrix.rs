@@ -138,6 +138,12 @@ const MATRIX: &[Row] = &[
         "/api/v1/instances/{id}/editor-ticket",
         with_ok(TEAM_MEMBER, 201),
     ),
+    // The whole team gets one for endpoints that are for its members.
+    row(
+        "POST",
+        "/api/v1/instances/{id}/access-ticket",
+        with_ok(TEAM_READ, 201),
+    ),
     row("GET", "/api/v1/instances/{id}/modules", TEAM_READ),
     row(
         "PUT",
@@ -487,6 +493,19 @@ impl World {
                 ),
                 None,
             ),
+            // An instance whose endpoints are for its members.
+            ("POST", "/api/v1/instances/{id}/access-ticket") => {
+                let id = self.fresh_instance().await;
+                self.s
+                    .put(
+                        &format!("/api/v1/instances/{id}/http-auth"),
+                        &self.owner.auth,
+                        json!({ "mode": "members" }),
+                    )
+                    .await
+                    .ok(200);
+                (format!("/api/v1/instances/{id}/access-ticket"), None)
+            }
             ("PUT", "/api/v1/instances/{id}/protection") => (
                 format!("/api/v1/instances/{inst}/protection"),
                 Some(json!({ "protected": true })),
