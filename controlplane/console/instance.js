@@ -1,7 +1,8 @@
 // An instance's page: state, actions (start, stop, restart, suspend, delete with a
 // confirmation), "Open editor", HA, replicas, a live merged log, settings and environment (the
-// template's locked values shown locked), modules and affinity, snapshots, deploys and the
-// audit log. What a role may not do is not offered; the API decides either way.
+// template's locked values shown locked), modules and affinity, who may call the flows' HTTP
+// endpoints and the instance's HTTP tokens, snapshots, deploys and the audit log. What a role
+// may not do is not offered; the API decides either way.
 import { api, el, enc, error, session, mayOperate, owns, button, form, field, all, when, table, section, teams } from "./lib.js";
 
 // Draws `build()` into `container` only when `key` changed, so that controls keep their focus
@@ -12,6 +13,14 @@ function redraw(container, key, build) {
   container.dataset.key = k;
   container.replaceChildren(...[].concat(build()));
 }
+
+// Who may call an instance's flows' HTTP endpoints, as the API names the modes; `/admin` keeps
+// its own rules in every mode. Each: the mode, its choice in the form, what it means.
+const HTTP_MODES = [
+  ["none", "none — anyone", "anyone may call the flows' endpoints"],
+  ["tokens", "tokens — this instance's HTTP tokens", "each request needs one of this instance's HTTP tokens, as Authorization: Bearer <token>"],
+  ["members", "members — the team's members, signed in", "the team's members, viewers included, and platform admins, signed in"],
+];
 
 export async function instancePage(id) {
   const path = "/api/v1/instances/" + enc(id);
@@ -33,6 +42,9 @@ export async function instancePage(id) {
   const audit = el("div", { id: "audit" });
   const settings = el("div", { id: "settings" });
   const ha = el("div", { id: "ha" });
+  const httpMode = el("div", { id: "http-mode" });
+  const httpTokens = el("div", { id: "http-tokens" });
+  const httpShown = el("div", { id: "http-token-shown", role: "status" });
   const log = logView(path);
 
   const root = el("section", { id: "page-instance", "data-instance": instance.name },
@@ -43,6 +55,9 @@ export async function instancePage(id) {
       el("thead", {}, el("tr", {}, ...["Replica", "State", "Active", "Pid / port", "Restarts", "Last exit", "Since"].map((h) => el("th", {}, h)))),
       replicas)),
     section("High availability", ha),
+    section("HTTP access", el("div", { id: "http-access" }, httpMode,
+      el("p", { class: "muted" }, "With tokens, call the flows with the header Authorization: Bearer <token>, e.g. curl -H 'Authorization: Bearer <token>' " + instance.url + ". The editor, /admin, keeps its own rules in every mode."),
+      httpShown, httpTokens, owner ? httpTokenForm() : null)),
     section("Log", log.root),
     section("Deploys", deploys),
     section("Snapshots", snapshots),
@@ -122,6 +137,51 @@ export async function instancePage(id) {
       drawLinks();
       await refresh();
     }));
+  }
+
+  // --- HTTP access -------------------------------------------------------------------------
+  // The mode and the tokens follow the instance live; owners change the mode, create and
+  // revoke tokens, the others read. A new token's value is shown once, outside what is redrawn.
+  async function drawHttpAccess() {
+    const [auth, list] = await Promise.all([api("GET", path + "/http-auth"), all(path + "/http-tokens")]);
+    redraw(httpMode, auth.mode, () => {
+      const explained = (m) => (HTTP_MODES.find(([k]) => k === m) || [m, m, ""])[2];
+      const out = [el("p", { id: "http-auth-current", "data-mode": auth.mode }, "Mode: ", el("strong", {}, auth.mode), " — " + explained(auth.mode) + ".")];
+      if (owner) {
+        const select = el("select", { id: "http-auth-mode" }, ...HTTP_MODES.map(([k, choice]) => el("option", { value: k }, choice)));
+        select.value = auth.mode;
+        out.push(form({ id: "http-auth-form", class: "inline" }, [...field("Who may call the flows", select), el("button", { type: "submit" }, "Apply")], async () => {
+          await api("PUT", path + "/http-auth", { mode: select.value });
+          await drawHttpAccess();
+        }));
+      }
+      return out;
+    });
+    redraw(httpTokens, list, () => list.length ? table(["Token", "Created", "Expires", "Last used"].concat(owner ? [""] : []), list.map((t) =>
+      el("tr", { "data-http-token": t.name },
+        el("td", {}, t.name), el("td", {}, when(t.created_at)), el("td", {}, t.expires_at ? when(t.expires_at) : "never"),
+        el("td", {}, t.last_used_at ? when(t.last_used_at) : "never"),
+        owner ? el("td", {}, button("Revoke", async () => {
+          await api("DELETE", path + "/http-tokens/" + enc(t.id));
+          // A value still on the screen opens nothing any more: not left there.
+          if (httpShown.dataset.token === t.id) { httpShown.replaceChildren(); delete httpShown.dataset.token; }
+          await drawHttpAccess();
+        }, { "aria-label": "Revoke " + t.name })) : null)), { id: "http-tokens-table" }) : el("p", { class: "muted" }, "No HTTP token."));
+  }
+
+  function httpTokenForm() {
+    const name = el("input", { id: "http-token-name", required: true, maxlength: "100", autocomplete: "off" });
+    const days = el("input", { id: "http-token-days", type: "number", min: "1", placeholder: "never" });
+    return form({ id: "http-token-form", class: "inline" }, [...field("Token name", name), ...field("Expires in (days)", days),
+      el("button", { type: "submit" }, "Create an HTTP token")], async () => {
+      const body = { name: name.value };
+      if (days.value) body.expires_at = Date.now() + Number(days.value) * 86400000;
+      const t = await api("POST", path + "/http-tokens", body);
+      name.value = ""; days.value = "";
+      httpShown.dataset.token = t.id;
+      httpShown.replaceChildren(el("p", {}, "The HTTP token ", el("strong", {}, t.name), ", shown this once: ", el("code", { id: "http-token-value" }, t.token_value)));
+      await drawHttpAccess();
+    });
   }
 
   // --- Settings and environment ----------------------------------------------------------------
@@ -302,7 +362,7 @@ export async function instancePage(id) {
       el("td", {}, r.last_exit || ""),
       el("td", {}, when(r.since)))));
     log.replicas(status.replicas || []);
-    await Promise.all([log.poll(), drawDeploys(), drawModules(), drawAudit()]);
+    await Promise.all([log.poll(), drawDeploys(), drawModules(), drawAudit(), drawHttpAccess()]);
   }
 
   drawActions();

@@ -10,7 +10,10 @@
 //!   enabled; a non-admin gets no admin content;
 //! - an instance's module refused in the API's words, suspend, and delete through the typed
 //!   confirmation;
-//! - the live log: pause, follow, and older entries on scrolling to the top.
+//! - the live log: pause, follow, and older entries on scrolling to the top;
+//! - HTTP access: an owner puts the flows' endpoints behind tokens, creates a token (shown
+//!   once) that opens them through the proxy and revokes it; a viewer reads the mode and the
+//!   tokens and is offered nothing.
 //!
 //! No test installs an npm module: the module test checks a refusal, which the API gives before
 //! any install.
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::console::{admin_password, fill, open_instance, sign_in, submit, until};
-use crate::harness::{hello_flows, http, Tandem};
+use crate::harness::{hello_flows, http, Resp, Tandem};
 use crate::webdriver::{Chromedriver, Session};
 
 /// Clicks the element `selector` once it is on the page.
@@ -787,4 +790,153 @@ async fn the_log_pauses_follows_and_loads_older_entries_at_the_top() {
         seqs.windows(2).all(|w| w[0] < w[1]),
         "the lines are not in order after following: {seqs:?}"
     );
+}
+
+/// `GET /hello` of `instance` through the proxy with `token` (none: no credential), until it
+/// answers `want`; a change of mode or of tokens reaches the proxy with the next route table.
+async fn hello_answers(t: &Tandem, instance: &str, token: Option<&str>, want: u16) -> Resp {
+    let auth = token.map(|v| format!("Bearer {v}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = t.request(instance, "GET", "/hello", &headers).await.ok();
+        if let Some(r) = r.as_ref().filter(|r| r.status == want) {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{instance}/hello with {token:?} answers {r:?}, not {want}\n{}",
+            t.tail_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_guards_the_flows_with_a_token_made_and_revoked_in_the_page_and_a_viewer_only_reads(
+) {
+    let t = Tandem::start("console-http-access").await;
+    let base = format!("http://{}", t.api);
+    admin_password(&t).await;
+    let (app, team) = t.team_and_app("Gate").await;
+    user(&t, "vera", "vera-password").await;
+    join(&t, &team, "vera", "viewer").await;
+    let id = t.instance(&app, "gated", hello_flows(), 1).await;
+    let path = format!("/api/v1/instances/{id}");
+    serves(&t, "gated", "/hello", "hello").await;
+
+    // The admin, who owns every team, puts the endpoints behind tokens.
+    let driver = Chromedriver::start().await;
+    let page = driver.session().await;
+    sign_in(&page, &base, "admin", "admin-password").await;
+    open_instance(&page, "gated").await;
+    let mode_shown = |mode: &str| {
+        format!(
+            "const m = document.getElementById('http-auth-current'); return !!m && m.dataset.mode === '{mode}';"
+        )
+    };
+    until(&page, "the mode none", &mode_shown("none")).await;
+    fill(&page, "#http-auth-mode", "tokens").await;
+    submit(&page, "#http-auth-form").await;
+    until(&page, "the mode tokens", &mode_shown("tokens")).await;
+    let r = t
+        .api("GET", &format!("{path}/http-auth"), Value::Null)
+        .await;
+    assert_eq!((r.status, r.json()), (200, json!({ "mode": "tokens" })));
+    let r = hello_answers(&t, "gated", None, 401).await;
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"gated\""),
+        "{r:?}"
+    );
+
+    // A token made in the page, shown once, opens the endpoints.
+    fill(&page, "#http-token-name", "probe").await;
+    fill(&page, "#http-token-days", "7").await;
+    submit(&page, "#http-token-form").await;
+    until(
+        &page,
+        "the new token shown and listed",
+        "const v = document.getElementById('http-token-value');
+         return !!v && v.textContent.startsWith('tdh_') && !!document.querySelector('tr[data-http-token=\"probe\"]');",
+    )
+    .await;
+    let token = page
+        .execute("return document.getElementById('http-token-value').textContent;")
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tokens = t
+        .api("GET", &format!("{path}/http-tokens"), Value::Null)
+        .await
+        .json();
+    let items = tokens["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{tokens}");
+    assert_eq!(items[0]["name"], "probe", "{tokens}");
+    let week = items[0]["expires_at"].as_i64().unwrap() - items[0]["created_at"].as_i64().unwrap();
+    assert!(
+        (7 * 86_400_000 - 60_000..=7 * 86_400_000 + 60_000).contains(&week),
+        "not 7 days: {tokens}"
+    );
+    let r = hello_answers(&t, "gated", Some(&token), 200).await;
+    assert_eq!(r.body, "hello");
+    assert_eq!(
+        hello_answers(&t, "gated", Some("tdh_wrong"), 401)
+            .await
+            .status,
+        401
+    );
+
+    // Revoked in the page: gone from the list and from the screen, and it opens nothing.
+    click(&page, "tr[data-http-token=\"probe\"] button").await;
+    until(
+        &page,
+        "the token gone from the list and its value from the page",
+        "return !!document.getElementById('http-token-form') && !document.querySelector('tr[data-http-token=\"probe\"]')
+             && !document.getElementById('http-token-value');",
+    )
+    .await;
+    hello_answers(&t, "gated", Some(&token), 401).await;
+    assert!(no_error(&page).await, "{}", page.text().await);
+
+    // A viewer reads the mode and the tokens (one left), and is offered nothing to change.
+    let r = t
+        .api(
+            "POST",
+            &format!("{path}/http-tokens"),
+            json!({ "name": "kept" }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let kept = r.json()["token_value"].as_str().unwrap().to_string();
+    let viewer = driver.session().await;
+    sign_in(&viewer, &base, "vera", "vera-password").await;
+    open_instance(&viewer, "gated").await;
+    until(&viewer, "the mode tokens", &mode_shown("tokens")).await;
+    until(
+        &viewer,
+        "the token kept listed, never used",
+        "const r = document.querySelector('tr[data-http-token=\"kept\"]');
+         return !!r && [...r.children].map((c) => c.textContent).join('|').endsWith('|never|never');",
+    )
+    .await;
+    let offered = viewer
+        .execute(&format!(
+            "const s = document.getElementById('http-access');
+             return [...s.querySelectorAll('form, button, select, input, textarea')].map((e) => e.outerHTML)
+                 .concat(s.outerHTML.includes({}) ? ['the token value'] : []);",
+            json!(kept)
+        ))
+        .await;
+    assert_eq!(
+        offered,
+        json!([]),
+        "a viewer was offered to change HTTP access"
+    );
+    assert!(no_error(&viewer).await, "{}", viewer.text().await);
 }
