@@ -270,14 +270,12 @@ impl Inner {
             return;
         }
         if reading.running && s.logs.as_ref().map(|(r, _)| *r) != Some(reading.restarts) {
+            // An adopted pod's first stream reads back what ran before Tandem's restart.
+            let first_of_adopted = s.adopted && s.logs.is_none();
             if let Some((_, old)) = s.logs.take() {
                 old.abort();
             }
-            let follow = tokio::spawn(follow_log(
-                self.clone(),
-                slot,
-                s.adopted && s.logs.is_none(),
-            ));
+            let follow = tokio::spawn(follow_log(self.clone(), slot, first_of_adopted));
             s.logs = Some((reading.restarts, follow));
         }
         match (reading.ready, s.reported) {
