@@ -84,6 +84,20 @@ async fn echo(
     )
 }
 
+/// `GET /echo` of `instance` without credentials, once it answers `status` (the routes are
+/// published again after a change of mode: the proxies take a moment), for at most 5 s.
+async fn settled(t: &Tandem, instance: &str, status: u16) -> (u16, Option<String>, String) {
+    let mut got = echo(t, instance, None).await;
+    for _ in 0..50 {
+        if got.0 == status {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        got = echo(t, instance, None).await;
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instances_endpoints_take_its_tokens_or_its_team_and_the_flow_never_sees_them() {
     let t = Tandem::start("http-auth").await;
@@ -135,18 +149,8 @@ async fn an_instances_endpoints_take_its_tokens_or_its_team_and_the_flow_never_s
         }
     };
     let (token_id, token) = make(None).await;
-    let now = tandem_coordinator::logs::now_ms();
-    let (_, short) = make(Some(now + 2_000)).await;
     let bearer = format!("Bearer {token}");
-    // The routes are published again after the change: the first refusal may take a moment.
-    let mut refused = echo(&t, "tokened", None).await;
-    for _ in 0..50 {
-        if refused.0 == 401 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        refused = echo(&t, "tokened", None).await;
-    }
+    let refused = settled(&t, "tokened", 401).await;
     assert_eq!(refused.0, 401, "{}", refused.2);
     assert_eq!(refused.1.as_deref(), Some("Bearer realm=\"tokened\""));
     for wrong in ["Bearer tdh_0000", "Bearer nonsense", "Basic dXNlcjpwYXNz"] {
@@ -168,6 +172,8 @@ async fn an_instances_endpoints_take_its_tokens_or_its_team_and_the_flow_never_s
         401
     );
     // The short-lived token works, then expires.
+    let now = tandem_coordinator::logs::now_ms();
+    let (_, short) = make(Some(now + 2_000)).await;
     assert_eq!(
         echo(&t, "tokened", Some(&format!("Bearer {short}")))
             .await
@@ -203,14 +209,7 @@ async fn an_instances_endpoints_take_its_tokens_or_its_team_and_the_flow_never_s
     assert_eq!(r.status, 200, "{}", r.body);
     let viewer = user_token(&t, &team, "vic", Some("viewer")).await;
     let outsider = user_token(&t, &team, "otto", None).await;
-    let mut status = echo(&t, "teamonly", None).await.0;
-    for _ in 0..50 {
-        if status == 401 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        status = echo(&t, "teamonly", None).await.0;
-    }
+    let status = settled(&t, "teamonly", 401).await.0;
     assert_eq!(status, 401);
     for who in [&member, &viewer] {
         let (status, _, body) = echo(&t, "teamonly", Some(&format!("Bearer {who}"))).await;
@@ -272,13 +271,6 @@ async fn an_instances_endpoints_take_its_tokens_or_its_team_and_the_flow_never_s
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let mut status = echo(&t, "teamonly", None).await.0;
-    for _ in 0..50 {
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        status = echo(&t, "teamonly", None).await.0;
-    }
+    let status = settled(&t, "teamonly", 200).await.0;
     assert_eq!(status, 200);
 }
