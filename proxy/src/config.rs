@@ -25,7 +25,7 @@ pub struct ProxyConfig {
     pub max_attempts: u32,
     /// Add `X-Tandem-Replica: <replica id>` to responses. Default on.
     pub replica_header: bool,
-    /// Emit one `tandem::access` tracing event per request. Default on.
+    /// Write one access log line per request ([`crate::access_log`]). Default on.
     pub access_log: bool,
     /// Passive ejection backoff after connect failures.
     pub ejection: EjectionPolicy,

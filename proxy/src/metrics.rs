@@ -134,6 +134,8 @@ pub struct ProxyStats {
     pub(crate) mqtt: ArcSwap<Vec<Arc<MqttReplicaStats>>>,
     /// Connections the MQTT proxy's shared listener closed before they reached a replica.
     pub(crate) mqtt_shared_rejected: Arc<AtomicU64>,
+    /// Access log lines dropped because the log's writer was behind.
+    pub(crate) access_log_dropped: Arc<AtomicU64>,
 }
 
 impl ProxyStats {
@@ -645,6 +647,17 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
         load(&stats.bad_requests)
     );
     render_mqtt(&mut out, stats);
+    header(
+        &mut out,
+        "tandem_proxy_access_log_dropped_total",
+        "counter",
+        "Access log lines dropped because the log's writer was behind (a slow terminal or pipe).",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_access_log_dropped_total {}",
+        load(&stats.access_log_dropped)
+    );
     header(
         &mut out,
         "tandem_proxy_mqtt_shared_rejected_total",

@@ -11,6 +11,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::access_log::{AccessLog, Entry};
 use crate::body::{RequestBody, ResponseBody, Tail};
 use crate::credentials::{self, ADMIN_TOKEN};
 use crate::metrics::ProxyStats;
@@ -39,6 +40,8 @@ pub struct Proxy {
     stats: Arc<ProxyStats>,
     stop: tokio::sync::watch::Sender<bool>,
     gate: Option<Arc<dyn policy::EditorGate>>,
+    /// The access log, when [`ProxyConfig::access_log`] is on.
+    access: Option<AccessLog>,
 }
 
 impl std::fmt::Debug for dyn policy::EditorGate {
@@ -79,6 +82,9 @@ impl Proxy {
     /// A proxy serving `routes`.
     pub fn new(routes: Arc<Routes>, config: ProxyConfig, stats: Arc<ProxyStats>) -> Self {
         Self {
+            access: config
+                .access_log
+                .then(|| AccessLog::to_stderr(stats.access_log_dropped.clone())),
             routes,
             config,
             stats,
@@ -91,6 +97,14 @@ impl Proxy {
     /// editor answers 401 to everyone.
     pub fn with_editor_gate(mut self, gate: Arc<dyn policy::EditorGate>) -> Self {
         self.gate = Some(gate);
+        self
+    }
+
+    /// Writes the access log to `log` rather than standard error (when the access log is on).
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        if self.access.is_some() {
+            self.access = Some(log);
+        }
         self
     }
 
@@ -287,10 +301,16 @@ impl Proxy {
         };
         let elapsed = start.elapsed();
         instance.stats.observe(elapsed);
-        if self.config.access_log {
-            let replica = replica.as_deref().unwrap_or("none");
-            let path = path.as_deref().unwrap_or_default();
-            tracing::info!(target: "tandem::access", instance = %instance.name, %replica, %method, %path, status, micros = elapsed.as_micros() as u64, %client);
+        if let Some(log) = &self.access {
+            log.record(&Entry {
+                instance: &instance.name,
+                replica: replica.as_deref().unwrap_or("none"),
+                method: method.as_str(),
+                path: path.as_deref().unwrap_or_default(),
+                status,
+                micros: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                client: Some(client),
+            });
         }
         resp
     }
@@ -352,8 +372,16 @@ impl Proxy {
         instance.stats.record_local(status);
         let elapsed = start.elapsed();
         instance.stats.observe(elapsed);
-        if self.config.access_log {
-            tracing::info!(target: "tandem::access", instance = %instance.name, replica = "none", method = %req.method(), path = %req.uri().path(), status, micros = elapsed.as_micros() as u64);
+        if let Some(log) = &self.access {
+            log.record(&Entry {
+                instance: &instance.name,
+                replica: "none",
+                method: req.method().as_str(),
+                path: req.uri().path(),
+                status,
+                micros: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                client: None,
+            });
         }
         resp
     }

@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::*;
@@ -164,42 +165,67 @@ impl std::io::Write for Captured {
 }
 
 #[tokio::test]
-async fn every_access_log_event_names_instance_and_replica() {
-    let captured = Captured::default();
-    let sink = captured.clone();
+async fn every_access_log_line_names_instance_and_replica() {
+    // The access log follows the `tandem::access` target's filter, as `RUST_LOG` sets it.
     let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || sink.clone())
         .with_env_filter("tandem::access=info")
+        .with_writer(std::io::sink)
         .finish();
-    // The test runtime has one thread, so the proxy's tasks log through this subscriber.
     let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = Captured::default();
     let ups = [Upstream::start("u0").await, Upstream::start("u1").await];
     let mut config = test_config();
     config.access_log = true;
-    let proxy = TestProxy::start(&[instance("orders", &[ups[0].addr, ups[1].addr])], config).await;
+    let routes = Arc::new(tandem_proxy::Routes::new());
+    routes
+        .publish(&[instance("orders", &[ups[0].addr, ups[1].addr])])
+        .unwrap();
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let log =
+        tandem_proxy::access_log::AccessLog::to_writer(captured.clone(), 1024, dropped.clone());
+    let proxy = TestProxy::start_from(routes, |routes, stats| {
+        tandem_proxy::Proxy::new(routes, config, stats).with_access_log(log)
+    })
+    .await;
     let mut client = Client::connect(proxy.addr).await.unwrap();
     for _ in 0..20 {
         client.get("orders.localhost", "/path").await.unwrap();
     }
     get(proxy.addr, "nope.localhost", "/").await.unwrap();
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("tandem::access"))
-        .collect();
-    assert_eq!(lines.len(), 20, "one event per routed request:\n{text}");
+    // The writer runs on a thread of its own: its lines come a moment later.
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..200 {
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        lines = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        if lines.len() >= 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(lines.len(), 20, "one line per routed request: {lines:?}");
     for l in &lines {
+        assert_eq!(
+            (&l["target"], &l["instance"], &l["path"], &l["status"]),
+            (
+                &serde_json::json!("tandem::access"),
+                &serde_json::json!("orders"),
+                &serde_json::json!("/path"),
+                &serde_json::json!(200)
+            ),
+            "{l}"
+        );
         assert!(
-            l.contains("instance=orders") && l.contains("path=/path") && l.contains("status=200"),
+            l["client"].as_str().unwrap().starts_with("127.0.0.1:"),
             "{l}"
         );
     }
-    assert!(
-        lines.iter().any(|l| l.contains("replica=r0"))
-            && lines.iter().any(|l| l.contains("replica=r1")),
-        "{text}"
-    );
+    let replicas: std::collections::BTreeSet<&str> =
+        lines.iter().filter_map(|l| l["replica"].as_str()).collect();
+    assert_eq!(replicas, ["r0", "r1"].into_iter().collect(), "{lines:?}");
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
 /// A client whose replica leaves the rotation moves, gets a cookie for its new replica, and

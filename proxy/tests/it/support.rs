@@ -260,8 +260,16 @@ impl TestProxy {
     }
 
     pub async fn start_with(routes: Arc<Routes>, config: ProxyConfig) -> Self {
+        Self::start_from(routes, |routes, stats| Proxy::new(routes, config, stats)).await
+    }
+
+    /// A proxy made by `make` from the routes and the stats.
+    pub async fn start_from(
+        routes: Arc<Routes>,
+        make: impl FnOnce(Arc<Routes>, Arc<ProxyStats>) -> Proxy,
+    ) -> Self {
         let stats = Arc::new(ProxyStats::default());
-        let proxy = Arc::new(Proxy::new(routes.clone(), config, stats.clone()));
+        let proxy = Arc::new(make(routes.clone(), stats.clone()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -407,15 +407,17 @@ async fn pin(session: &Session, origin: &str, replica: &str) {
 fn socket_io_statuses(t: &Tandem, instance: &str) -> BTreeMap<u16, u64> {
     let text = std::fs::read_to_string(t.dir.join("tandem.log")).unwrap_or_default();
     let mut statuses = BTreeMap::new();
-    for line in text.lines().filter(|l| l.contains("tandem::access")) {
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+    // One JSON line per request.
+    for line in text.lines().filter(|l| l.contains("\"tandem::access\"")) {
+        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
         };
-        if field("instance") == Some(instance)
-            && field("path").is_some_and(|p| p.starts_with("/dashboard/socket.io"))
+        if entry["instance"] == instance
+            && entry["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/dashboard/socket.io"))
         {
-            if let Some(status) = field("status").and_then(|s| s.parse().ok()) {
+            if let Some(status) = entry["status"].as_u64().and_then(|s| u16::try_from(s).ok()) {
                 *statuses.entry(status).or_default() += 1;
             }
         }

@@ -1,0 +1,259 @@
+//! The access log: one JSON line per request, written to standard error by a thread of its own
+//! through a buffer, so that a request never waits for the terminal or a pipe.
+//!
+//! A request formats its line (no allocation beyond the line itself) and hands it over with a
+//! `try_send`: when the writer is behind by [`CAPACITY`] lines (a slow terminal, a full pipe,
+//! a stopped log reader), the line is dropped and counted
+//! (`tandem_proxy_access_log_dropped_total`) rather than held. The writer flushes whenever it
+//! has nothing more to write, so lines appear at once when the log keeps up.
+//!
+//! `RUST_LOG=tandem::access=off` still silences it: the filter of the `tandem::access` target is
+//! asked once per request, as the tracing event that wrote these lines before asked it.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+
+/// Lines the writer may be behind by before new ones are dropped.
+pub const CAPACITY: usize = 16 * 1024;
+
+/// One request, as logged.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    /// The instance's name.
+    pub instance: &'a str,
+    /// The replica that answered, or `none`.
+    pub replica: &'a str,
+    /// The method.
+    pub method: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The status sent.
+    pub status: u16,
+    /// Time from the request's head to the response's head, microseconds.
+    pub micros: u64,
+    /// The client's address, when known.
+    pub client: Option<SocketAddr>,
+}
+
+/// The sending side of the access log.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    lines: SyncSender<String>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AccessLog {
+    /// An access log written to standard error; drops are counted in `dropped`.
+    pub fn to_stderr(dropped: Arc<AtomicU64>) -> Self {
+        Self::to_writer(std::io::stderr(), CAPACITY, dropped)
+    }
+
+    /// An access log written to `out` by a thread of its own, at most `capacity` lines behind.
+    pub fn to_writer<W: Write + Send + 'static>(
+        out: W,
+        capacity: usize,
+        dropped: Arc<AtomicU64>,
+    ) -> Self {
+        let (lines, rx) = sync_channel(capacity);
+        // The thread ends when the last sender goes. A thread that cannot start leaves the
+        // log without a reader: every line is then dropped and counted.
+        let _ = std::thread::Builder::new()
+            .name("tandem-access-log".into())
+            .spawn(move || write_lines(rx, out));
+        Self { lines, dropped }
+    }
+
+    /// Logs `e`, unless the `tandem::access` target is filtered out.
+    pub fn record(&self, e: &Entry<'_>) {
+        if !tracing::enabled!(target: "tandem::access", tracing::Level::INFO) {
+            return;
+        }
+        match self.lines.try_send(format_line(e, now_ms())) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Writes lines as they come, flushing when none is waiting.
+fn write_lines<W: Write>(rx: Receiver<String>, out: W) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    while let Ok(line) = rx.recv() {
+        let _ = out.write_all(line.as_bytes());
+        while let Ok(line) = rx.try_recv() {
+            let _ = out.write_all(line.as_bytes());
+        }
+        let _ = out.flush();
+    }
+}
+
+/// `{"ts":…,"target":"tandem::access","instance":…,"replica":…,"method":…,"path":…,
+/// "status":…,"micros":…,"client":…}` and a newline.
+pub fn format_line(e: &Entry<'_>, ts_ms: u128) -> String {
+    let mut s = String::with_capacity(160 + e.path.len());
+    let _ = write!(
+        s,
+        "{{\"ts\":{ts_ms},\"target\":\"tandem::access\",\"instance\":"
+    );
+    json_str(&mut s, e.instance);
+    s.push_str(",\"replica\":");
+    json_str(&mut s, e.replica);
+    s.push_str(",\"method\":");
+    json_str(&mut s, e.method);
+    s.push_str(",\"path\":");
+    json_str(&mut s, e.path);
+    let _ = write!(s, ",\"status\":{},\"micros\":{}", e.status, e.micros);
+    if let Some(c) = e.client {
+        let _ = write!(s, ",\"client\":\"{c}\"");
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// `v` as a JSON string: quotes, backslashes and control characters escaped.
+fn json_str(s: &mut String, v: &str) {
+    s.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => s.push_str("\\\""),
+            '\\' => s.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(s, "\\u{:04x}", c as u32);
+            }
+            c => s.push(c),
+        }
+    }
+    s.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Condvar, Mutex};
+
+    fn entry(path: &str) -> Entry<'_> {
+        Entry {
+            instance: "orders",
+            replica: "orders-r1",
+            method: "GET",
+            path,
+            status: 200,
+            micros: 1234,
+            client: Some("10.0.0.7:5555".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_line_is_json_whatever_the_path() {
+        let line = format_line(&entry("/a\"b\\c\u{1}d"), 1_700_000_000_000);
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["path"], "/a\"b\\c\u{1}d");
+        assert_eq!(v["instance"], "orders");
+        assert_eq!(v["replica"], "orders-r1");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["micros"], 1234);
+        assert_eq!(v["client"], "10.0.0.7:5555");
+        assert_eq!(v["ts"], 1_700_000_000_000_u64);
+        assert!(line.ends_with("}\n"));
+    }
+
+    /// A writer that blocks until released, as a full pipe does, and keeps what it got.
+    #[derive(Clone, Default)]
+    struct Stuck(Arc<(Mutex<Held>, Condvar)>);
+
+    #[derive(Default)]
+    struct Held {
+        released: bool,
+        entered: bool,
+        got: Vec<u8>,
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (lock, cv) = &*self.0;
+            let mut g = lock.lock().unwrap();
+            g.entered = true;
+            cv.notify_all();
+            while !g.released {
+                g = cv.wait(g).unwrap();
+            }
+            g.got.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_log_drops_and_counts_lines_and_never_blocks_a_request() {
+        let _subscriber = tracing::subscriber::set_default(tracing_subscriber_stub::Everything);
+        let out = Stuck::default();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let log = AccessLog::to_writer(out.clone(), 4, dropped.clone());
+        // The writer takes the first line and is stuck writing it out.
+        log.record(&entry("/first"));
+        {
+            let (lock, cv) = &*out.0;
+            let mut g = lock.lock().unwrap();
+            while !g.entered {
+                g = cv.wait(g).unwrap();
+            }
+        }
+        // 4 more wait their turn; the other 96 are dropped and counted, and no call waits.
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            log.record(&entry("/x"));
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(dropped.load(Ordering::Relaxed), 96);
+        // Released: the kept lines are written, whole.
+        {
+            let (lock, cv) = &*out.0;
+            lock.lock().unwrap().released = true;
+            cv.notify_all();
+        }
+        drop(log);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let text = String::from_utf8(out.0 .0.lock().unwrap().got.clone()).unwrap();
+            if text.lines().count() == 5 {
+                assert!(text.lines().all(|l| l.starts_with('{') && l.ends_with('}')));
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "written: {text}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// A subscriber that enables everything, so that `record` logs in tests.
+    mod tracing_subscriber_stub {
+        pub struct Everything;
+        impl tracing::Subscriber for Everything {
+            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+                tracing::span::Id::from_u64(1)
+            }
+            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+            fn event(&self, _: &tracing::Event<'_>) {}
+            fn enter(&self, _: &tracing::span::Id) {}
+            fn exit(&self, _: &tracing::span::Id) {}
+        }
+    }
+}
