@@ -12,6 +12,9 @@
 #   CONNECTIONS   wrk connections (default 32)
 #   ROUTES_BENCH  1 (default) runs the route micro-benchmark at the end; 0 skips it
 #   KEEP_TMP      1 keeps the temporary directory (configs, logs, raw wrk output, perf data)
+#   ACCESS_LOG    1 runs the proxies with their access logs on, as users run them: nginx's
+#                 buffered to a file (`buffer=64k`), `tandem proxy`'s default (a JSON line per
+#                 request on stderr, here a file). 0 (default): both off
 #   PROFILE       1 profiles instead of benchmarking: user/system CPU per request of tandem and
 #                 the nginx proxy, then `perf record` of each under the same wrk load, summarized
 #                 by benches/perf_summary.py (perf is installed with apt if missing)
@@ -30,6 +33,7 @@ ROUTES_BENCH=${ROUTES_BENCH:-1}
 KEEP_TMP=${KEEP_TMP:-0}
 PROFILE=${PROFILE:-0}
 CALLGRAPH=${CALLGRAPH:-dwarf}
+ACCESS_LOG=${ACCESS_LOG:-0}
 HOST_HEADER="bench.local"
 TARGETS=(direct nginx haproxy tandem)
 
@@ -178,6 +182,7 @@ write_nginx_conf nginx "
     }
     server {
         listen 127.0.0.1:$NGINX_PORT;
+$([ "$ACCESS_LOG" != 1 ] || echo "        access_log $tmp/nginx.access.log combined buffer=64k;")
         location / {
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -234,9 +239,16 @@ haproxy -c -q -f "$tmp/haproxy.cfg" || die "haproxy rejects $tmp/haproxy.cfg"
 start upstream nginx -e "$tmp/upstream.error.log" -p "$tmp" -c "$tmp/upstream.conf"
 start nginx nginx -e "$tmp/nginx.error.log" -p "$tmp" -c "$tmp/nginx.conf"
 start haproxy haproxy -db -f "$tmp/haproxy.cfg"
-start tandem env RUST_LOG=warn "$TANDEM" proxy --routes "$tmp/routes.toml" \
+if [ "$ACCESS_LOG" = 1 ]; then
+    tandem_log=(env RUST_LOG=warn,tandem::access=info)
+    tandem_access=true
+else
+    tandem_log=(env RUST_LOG=warn)
+    tandem_access=false
+fi
+start tandem "${tandem_log[@]}" "$TANDEM" proxy --routes "$tmp/routes.toml" \
     --listen "127.0.0.1:$TANDEM_PORT" --metrics-listen "127.0.0.1:$TANDEM_METRICS_PORT" \
-    --threads 1 --access-log false
+    --threads 1 --access-log "$tandem_access"
 
 declare -A PORT=([direct]=$UP_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT [tandem]=$TANDEM_PORT)
 # The process(es) whose CPU time is charged to each target.
