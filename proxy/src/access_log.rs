@@ -1,11 +1,12 @@
-//! The access log: one JSON line per request, written to standard error by a thread of its own
-//! through a buffer, so that a request never waits for the terminal or a pipe.
+//! The access log: one JSON line per request, written to standard error by a thread of its own,
+//! so that a request never waits for the terminal or a pipe.
 //!
-//! A request formats its line (no allocation beyond the line itself) and hands it over with a
-//! `try_send`: when the writer is behind by [`CAPACITY`] lines (a slow terminal, a full pipe,
-//! a stopped log reader), the line is dropped and counted
-//! (`tandem_proxy_access_log_dropped_total`) rather than held. The writer flushes whenever it
-//! has nothing more to write, so lines appear at once when the log keeps up.
+//! A request formats its line and appends it to a shared buffer under a lock held for a copy;
+//! nobody is woken per line. The writer thread takes the whole buffer every [`FLUSH_EVERY`] and
+//! writes it out, so lines appear within that time and a busy proxy writes large blocks. When
+//! the buffer holds [`CAPACITY`] bytes the writer has not taken (a slow terminal, a full pipe, a
+//! stopped log reader), further lines are dropped and counted
+//! (`tandem_proxy_access_log_dropped_total`) rather than held.
 //!
 //! `RUST_LOG=tandem::access=off` still silences it: the filter of the `tandem::access` target is
 //! asked once per request, as the tracing event that wrote these lines before asked it.
@@ -14,11 +15,14 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-/// Lines the writer may be behind by before new ones are dropped.
-pub const CAPACITY: usize = 16 * 1024;
+/// Bytes of lines the writer may be behind by before new ones are dropped: 4 MiB.
+pub const CAPACITY: usize = 4 << 20;
+
+/// How often the writer takes what was logged.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 /// One request, as logged.
 #[derive(Debug, Clone, Copy)]
@@ -39,10 +43,18 @@ pub struct Entry<'a> {
     pub client: Option<SocketAddr>,
 }
 
-/// The sending side of the access log.
+/// The access log, shared by every request; clones share it.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    lines: SyncSender<String>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Lines not yet taken by the writer.
+    pending: Mutex<Vec<u8>>,
+    /// Bytes `pending` may hold.
+    capacity: usize,
     dropped: Arc<AtomicU64>,
 }
 
@@ -52,19 +64,24 @@ impl AccessLog {
         Self::to_writer(std::io::stderr(), CAPACITY, dropped)
     }
 
-    /// An access log written to `out` by a thread of its own, at most `capacity` lines behind.
+    /// An access log written to `out` by a thread of its own, at most `capacity` bytes behind.
     pub fn to_writer<W: Write + Send + 'static>(
         out: W,
         capacity: usize,
         dropped: Arc<AtomicU64>,
     ) -> Self {
-        let (lines, rx) = sync_channel(capacity);
-        // The thread ends when the last sender goes. A thread that cannot start leaves the
-        // log without a reader: every line is then dropped and counted.
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::new()),
+            capacity,
+            dropped,
+        });
+        let writer = shared.clone();
+        // A thread that cannot start leaves the log without a writer: once `capacity` is
+        // reached, every line is dropped and counted.
         let _ = std::thread::Builder::new()
             .name("tandem-access-log".into())
-            .spawn(move || write_lines(rx, out));
-        Self { lines, dropped }
+            .spawn(move || write_lines(&writer, out));
+        Self { shared }
     }
 
     /// Logs `e`, unless the `tandem::access` target is filtered out.
@@ -72,12 +89,23 @@ impl AccessLog {
         if !tracing::enabled!(target: "tandem::access", tracing::Level::INFO) {
             return;
         }
-        match self.lines.try_send(format_line(e, now_ms())) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        let line = format_line(e, now_ms());
+        let mut pending = self.shared.lock();
+        if pending.len() + line.len() > self.shared.capacity {
+            drop(pending);
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        pending.extend_from_slice(line.as_bytes());
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A panic while the lock was held leaves bytes behind, still writable.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -88,15 +116,23 @@ fn now_ms() -> u128 {
         .unwrap_or(0)
 }
 
-/// Writes lines as they come, flushing when none is waiting.
-fn write_lines<W: Write>(rx: Receiver<String>, out: W) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(line.as_bytes());
-        while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(line.as_bytes());
+/// Takes what was logged every [`FLUSH_EVERY`] and writes it out; ends once the log is
+/// dropped, after writing what was left.
+fn write_lines<W: Write>(shared: &Arc<Shared>, mut out: W) {
+    let mut block = Vec::new();
+    loop {
+        std::thread::sleep(FLUSH_EVERY);
+        // The log's last holder gone: this thread holds the only reference.
+        let last = Arc::strong_count(shared) == 1;
+        std::mem::swap(&mut *shared.lock(), &mut block);
+        if !block.is_empty() {
+            let _ = out.write_all(&block);
+            let _ = out.flush();
+            block.clear();
         }
-        let _ = out.flush();
+        if last {
+            return;
+        }
     }
 }
 
@@ -203,9 +239,11 @@ mod tests {
         let _subscriber = tracing::subscriber::set_default(tracing_subscriber_stub::Everything);
         let out = Stuck::default();
         let dropped = Arc::new(AtomicU64::new(0));
-        let log = AccessLog::to_writer(out.clone(), 4, dropped.clone());
+        // Room for 4 lines of `/x`.
+        let line = format_line(&entry("/x"), now_ms()).len();
+        let log = AccessLog::to_writer(out.clone(), 4 * line, dropped.clone());
         // The writer takes the first line and is stuck writing it out.
-        log.record(&entry("/first"));
+        log.record(&entry("/x"));
         {
             let (lock, cv) = &*out.0;
             let mut g = lock.lock().unwrap();
@@ -220,7 +258,7 @@ mod tests {
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         assert_eq!(dropped.load(Ordering::Relaxed), 96);
-        // Released: the kept lines are written, whole.
+        // Released: the kept lines are written, whole, and the writer ends with the log.
         {
             let (lock, cv) = &*out.0;
             lock.lock().unwrap().released = true;

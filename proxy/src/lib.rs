@@ -16,8 +16,8 @@
 //! - [`health`]: replica readiness, active probes, passive ejection with backoff.
 //! - [`balance`]: choosing a replica.
 //! - [`proxy`]: one request, phase by phase.
-//! - [`access_log`]: one JSON line per request, written by a thread of its own; dropped and
-//!   counted rather than waited for when the writer is behind.
+//! - [`access_log`]: one JSON line per request, buffered and written by a thread of its own
+//!   every 50 ms; dropped and counted rather than waited for when the writer is behind.
 //! - [`policy`]: the editor policy for HA instances, and the editor gate of the others.
 //! - [`ticket`]: the editor ticket handoff: a console's ticket exchanged for a host-only
 //!   session cookie on the instance's host (`GET /_tandem/editor-ticket`).

@@ -182,7 +182,7 @@ async fn every_access_log_line_names_instance_and_replica() {
         .unwrap();
     let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let log =
-        tandem_proxy::access_log::AccessLog::to_writer(captured.clone(), 1024, dropped.clone());
+        tandem_proxy::access_log::AccessLog::to_writer(captured.clone(), 1 << 20, dropped.clone());
     let proxy = TestProxy::start_from(routes, |routes, stats| {
         tandem_proxy::Proxy::new(routes, config, stats).with_access_log(log)
     })
