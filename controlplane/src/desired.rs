@@ -76,7 +76,7 @@ pub async fn desired_instances(
             replicas: i.ha.map_or(1, |h| h.replicas.clamp(1, 64) as u32),
             standby: i.ha.is_some_and(|h| h.mode == HaMode::Standby),
             affinity: i.ha.is_some_and(|h| h.affinity_on()),
-            http_auth: i.http_auth.into(),
+            http_auth: i.http_auth,
             process: ProcessSpec {
                 instance: i.name.clone(),
                 nodered_version: version.clone(),

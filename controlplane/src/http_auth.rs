@@ -1,11 +1,11 @@
 //! Access control for flows' HTTP endpoints: the mode each instance asks of the proxy, and the
 //! check of its `tdh_` bearer tokens. The API that sets them is [`crate::api::http_auth`]; the
-//! proxy asks [`mode_of`] and [`token_allows`] before Node-RED sees a request.
+//! proxy's gate (`editor_gate`) asks [`token_allows`] before Node-RED sees a request; the mode
+//! travels in the route table.
 //!
 //! Only the SHA-256 of a token is stored (`http_tokens.hash`), as for personal tokens: a copy of
 //! the database opens no instance.
 
-use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use crate::auth::hash_secret;
@@ -21,70 +21,10 @@ pub use tandem_proxy::credentials::HTTP_TOKEN_PREFIX;
 /// than the request.
 const LAST_USED_EVERY_MS: i64 = 60_000;
 
-/// Who may call an instance's HTTP endpoints (its flows' `http in` nodes, dashboards). `/admin`
-/// keeps its own rules whatever the mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum HttpAuthMode {
-    /// Anyone: the endpoints are open.
-    #[default]
-    None,
-    /// Requests need `Authorization: Bearer <token>` with one of the instance's HTTP tokens.
-    Tokens,
-    /// Members of the instance's team (viewers included) and platform admins, signed in.
-    Members,
-}
-
-impl HttpAuthMode {
-    /// The mode's name as stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Tokens => "tokens",
-            Self::Members => "members",
-        }
-    }
-
-    /// Parses a stored mode.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "none" => Some(Self::None),
-            "tokens" => Some(Self::Tokens),
-            "members" => Some(Self::Members),
-            _ => None,
-        }
-    }
-
-    /// A stored mode; one this version does not know is `members`, the strictest that still
-    /// lets the team in: a value written by a newer Tandem must not open the endpoints.
-    pub fn from_stored(s: &str) -> Self {
-        Self::parse(s).unwrap_or(Self::Members)
-    }
-}
-
-/// The proxy's name for the same modes: what the route table carries.
-impl From<HttpAuthMode> for tandem_proxy::HttpAuth {
-    fn from(m: HttpAuthMode) -> Self {
-        match m {
-            HttpAuthMode::None => Self::None,
-            HttpAuthMode::Tokens => Self::Tokens,
-            HttpAuthMode::Members => Self::Members,
-        }
-    }
-}
-
-/// The HTTP auth mode of the instance named `instance_name`; `None` when there is no such
-/// instance.
-pub async fn mode_of(
-    state: &AppState,
-    instance_name: &str,
-) -> Result<Option<HttpAuthMode>, sqlx::Error> {
-    let row = sqlx::query("SELECT http_auth FROM instances WHERE name = $1")
-        .bind(instance_name)
-        .fetch_optional(&state.store.pool)
-        .await?;
-    Ok(row.map(|r| HttpAuthMode::from_stored(&r.get::<String, _>(0))))
-}
+/// Who may call an instance's HTTP endpoints (its flows' `http in` nodes, dashboards): the
+/// proxy's own type, which the route table carries. `/admin` keeps its own rules whatever the
+/// mode.
+pub use tandem_proxy::HttpAuth as HttpAuthMode;
 
 /// Whether `token` (the bearer token of a request, without `Bearer `) is one of the HTTP tokens
 /// of the instance named `instance_name`, unrevoked and unexpired. Records the token's use at

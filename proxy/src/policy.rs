@@ -76,13 +76,29 @@ pub enum HttpAuth {
 }
 
 impl HttpAuth {
-    /// Its name in the API and the route feed.
+    /// Its name in the API, the store and the route feed.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::None => "none",
             Self::Tokens => "tokens",
             Self::Members => "members",
         }
+    }
+
+    /// The mode [`HttpAuth::as_str`] names.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "none" => Some(Self::None),
+            "tokens" => Some(Self::Tokens),
+            "members" => Some(Self::Members),
+            _ => None,
+        }
+    }
+
+    /// A stored mode; one this version does not know is `members`, the strictest that still
+    /// lets the team in: a value written by a newer Tandem must not open the endpoints.
+    pub fn from_stored(s: &str) -> Self {
+        Self::parse(s).unwrap_or(Self::Members)
     }
 }
 

@@ -38,6 +38,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 pub struct HttpAuth {
     /// `none` (open), `tokens` (`Authorization: Bearer <an HTTP token of the instance>`) or
     /// `members` (signed-in members of the instance's team, viewers included).
+    #[schema(value_type = String, example = "tokens")]
     pub mode: HttpAuthMode,
 }
 

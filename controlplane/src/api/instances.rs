@@ -141,6 +141,7 @@ pub struct Instance {
     pub protected: bool,
     /// Who may call its flows' HTTP endpoints: `none`, `tokens` or `members`
     /// (`/instances/{id}/http-auth`).
+    #[schema(value_type = String)]
     pub http_auth: crate::http_auth::HttpAuthMode,
     /// Creation time, epoch ms.
     pub created_at: i64,
