@@ -77,6 +77,7 @@ pub async fn desired_instances(
             standby: i.ha.is_some_and(|h| h.mode == HaMode::Standby),
             affinity: i.ha.is_some_and(|h| h.affinity_on()),
             http_auth: i.http_auth,
+            certificate: None,
             process: ProcessSpec {
                 instance: i.name.clone(),
                 nodered_version: version.clone(),

@@ -157,7 +157,7 @@ async fn run_with_file(path: std::path::PathBuf, args: &ProxyArgs) -> anyhow::Re
         MqttConfig::new("127.0.0.1:1883"),
         stats.clone(),
     )?);
-    let n = file::load_with_mqtt(&path, &routes, &mqtt).await?;
+    let n = file::load_with_mqtt(&path, &routes, &mqtt, None).await?;
     stats.record_reload(true);
     let mqtt_listeners = mqtt.listeners().await.len();
     let proxy = Arc::new(Proxy::new(routes.clone(), args.config(), stats.clone()));
@@ -177,6 +177,7 @@ async fn run_with_file(path: std::path::PathBuf, args: &ProxyArgs) -> anyhow::Re
         path,
         routes,
         mqtt.clone(),
+        None,
         stats,
         Duration::from_millis(args.reload_poll_ms.max(10)),
         stopped(),

@@ -225,6 +225,7 @@ mod tests {
             affinity: true,
             editor_secret: "s".into(),
             http_auth: Default::default(),
+            certificate: None,
             hold: false,
             replicas: vec![tandem_coordinator::dataplane::RouteReplica {
                 id: ReplicaId::new("a", 0),

@@ -51,6 +51,8 @@ pub struct InstanceRoutes {
     pub editor_secret: String,
     /// Who may call its own endpoints.
     pub http_auth: crate::proxy::HttpAuth,
+    /// Its own certificate (its custom hostname's), for HTTPS listeners.
+    pub certificate: Option<crate::proxy::tls::PemKeyPair>,
     /// It should serve, and a replica is expected to be ready whenever none is (a takeover, a
     /// deploy's switch, a start): the proxy holds requests for a while rather than answer 503.
     pub hold: bool,
@@ -102,6 +104,7 @@ pub fn feed_instances(instances: &[InstanceRoutes]) -> Vec<FeedInstance> {
             hold: i.hold,
             editor_secret: i.editor_secret.clone(),
             http_auth: i.http_auth,
+            certificate: i.certificate.clone(),
             replicas: i
                 .replicas
                 .iter()

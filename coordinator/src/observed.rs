@@ -23,6 +23,8 @@ pub(crate) struct InstanceView {
     pub standby: bool,
     pub affinity: bool,
     pub http_auth: crate::proxy::HttpAuth,
+    /// Its own certificate, for the proxies.
+    pub certificate: Option<crate::proxy::tls::PemKeyPair>,
     pub desired: DesiredState,
     /// Replicas wanted (0 unless running).
     pub want: u32,
@@ -299,6 +301,7 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
         ha: o.ha,
         affinity: o.affinity,
         http_auth: o.http_auth,
+        certificate: o.certificate.clone(),
         editor_secret: o.secret.clone(),
         hold,
         replicas,

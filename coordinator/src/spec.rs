@@ -167,6 +167,9 @@ pub struct InstanceDesired {
     pub affinity: bool,
     /// Who may call its own endpoints (checked by the proxies).
     pub http_auth: crate::proxy::HttpAuth,
+    /// Its own certificate and key, served by the proxies' HTTPS listeners for those of its
+    /// hosts it covers (a custom hostname).
+    pub certificate: Option<crate::proxy::tls::PemKeyPair>,
     /// What each replica's process runs.
     pub process: ProcessSpec,
     /// The flows every replica should run.

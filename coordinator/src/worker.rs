@@ -804,6 +804,7 @@ impl<I: InstanceDriver> Worker<I> {
             standby: d.standby,
             affinity: d.affinity,
             http_auth: d.http_auth,
+            certificate: d.certificate.clone(),
             desired: d.state,
             want: if d.state == DesiredState::Running && !self.gone {
                 d.replicas

@@ -1092,6 +1092,7 @@ mod coordinated {
             standby: false,
             affinity: false,
             http_auth: Default::default(),
+            certificate: None,
             process,
             flows: flows(),
             mqtt_urls: BTreeMap::new(),

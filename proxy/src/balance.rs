@@ -66,6 +66,7 @@ mod tests {
 
     fn spec(n: usize, affinity: bool) -> InstanceSpec {
         InstanceSpec {
+            certificate: None,
             editor_secret: None,
             http_auth: Default::default(),
             name: "orders".into(),

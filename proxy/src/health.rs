@@ -502,6 +502,7 @@ mod tests {
         let interval = Duration::from_secs(1);
         let routes = Routes::new();
         let spec = InstanceSpec {
+            certificate: None,
             editor_secret: None,
             http_auth: Default::default(),
             name: "orders".into(),

@@ -26,7 +26,10 @@
 //! - [`pool`]: upstream connections and their per-replica pool.
 //! - [`body`]: request and response bodies (streamed, size-limited).
 //! - [`tunnel`]: upgraded (WebSocket) connections.
-//! - [`server`]: the proxy and admin listeners, graceful shutdown.
+//! - [`server`]: the proxy listeners (plain HTTP, HTTPS with HTTP/1.1 and HTTP/2 by ALPN, or a
+//!   redirect to HTTPS) and the admin listener, graceful shutdown.
+//! - [`tls`]: TLS termination: certificates by SNI, from files reloaded when they change and
+//!   from instances' own (custom hostnames).
 //! - [`mqtt`]: the MQTT proxy: per-replica listeners and a shared one that knows replicas by
 //!   their credentials, client ids and shared subscriptions.
 //! - [`metrics`]: counters and the Prometheus text format.
@@ -49,6 +52,7 @@ pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod ticket;
+pub mod tls;
 pub(crate) mod tunnel;
 
 pub use config::ProxyConfig;

@@ -136,6 +136,8 @@ pub struct ProxyStats {
     pub(crate) mqtt_shared_rejected: Arc<AtomicU64>,
     /// Access log lines dropped because the log's writer was behind.
     pub(crate) access_log_dropped: Arc<AtomicU64>,
+    /// TLS handshakes that failed or timed out on the HTTPS listener.
+    pub(crate) tls_handshake_failures: AtomicU64,
 }
 
 impl ProxyStats {
@@ -645,6 +647,17 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
         out,
         "tandem_proxy_bad_requests_total {}",
         load(&stats.bad_requests)
+    );
+    header(
+        &mut out,
+        "tandem_proxy_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed or timed out on the HTTPS listener (no certificate for the name, a client that distrusts it, not TLS).",
+    );
+    let _ = writeln!(
+        out,
+        "tandem_proxy_tls_handshake_failures_total {}",
+        load(&stats.tls_handshake_failures)
     );
     render_mqtt(&mut out, stats);
     header(

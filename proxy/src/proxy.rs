@@ -128,11 +128,13 @@ impl Proxy {
         &self.config
     }
 
-    /// Answers one request from `client`. Never fails: every problem becomes a response.
+    /// Answers one request from `client`, which came over TLS when `tls` is set. Never fails:
+    /// every problem becomes a response.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        tls: bool,
     ) -> Response<ResponseBody> {
         let start = Instant::now();
 
@@ -171,6 +173,7 @@ impl Proxy {
                 &instance,
                 req.method(),
                 req.uri().query(),
+                tls,
             )
             .await;
             return self.finish_local(&instance, &req, start, resp);
@@ -266,7 +269,7 @@ impl Proxy {
         let method = req.method().clone();
         // Copied only for the access log: the request itself moves upstream.
         let path = self.config.access_log.then(|| req.uri().path().to_owned());
-        let upstream = self.upstream_request(req, &host, client, upgrade.is_some());
+        let upstream = self.upstream_request(req, &host, client, upgrade.is_some(), tls);
         let (instance, result) = self
             .forward(
                 instance,
@@ -394,12 +397,18 @@ impl Proxy {
         host: &str,
         client: SocketAddr,
         upgrade: bool,
+        tls: bool,
     ) -> Request<RequestBody> {
         let (mut parts, body) = req.into_parts();
+        // HTTP/2 names the host in the target's authority and sends no Host header.
         let original_host = parts
             .headers
             .get(header::HOST)
             .cloned()
+            .or_else(|| {
+                let authority = parts.uri.authority()?;
+                HeaderValue::from_str(authority.as_str()).ok()
+            })
             .or_else(|| HeaderValue::from_str(host).ok());
         if parts.uri.authority().is_some() {
             // Absolute-form target: the authority is the host; the replica gets origin-form.
@@ -439,9 +448,10 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(&xff) {
             parts.headers.insert(X_FORWARDED_FOR, v);
         }
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        parts.headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        );
         parts.version = Version::HTTP_11;
         Request::from_parts(parts, RequestBody::new(body, self.config.max_body_bytes))
     }
@@ -709,7 +719,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 /// The normalized host a request is for: the authority of an absolute-form target, else the one
 /// `Host` header. The error says what is wrong with it.
-fn request_host(req: &Request<Incoming>) -> Result<String, String> {
+pub(crate) fn request_host(req: &Request<Incoming>) -> Result<String, String> {
     if let Some(authority) = req.uri().authority() {
         return normalize_host(authority.as_str())
             .map(|h| h.into_owned())

@@ -56,6 +56,10 @@ pub struct InstanceSpec {
     pub replicas: Vec<ReplicaSpec>,
     /// Active health checking; `None` turns active probes off (passive ejection stays on).
     pub health: Option<HealthConfig>,
+    /// The instance's own certificate, served by TLS listeners for those of its hosts it covers
+    /// (a custom hostname); the proxy's files serve the others. One that does not parse is
+    /// logged and left out, and the table is still published.
+    pub certificate: Option<crate::tls::PemKeyPair>,
 }
 
 /// One replica of an instance.
@@ -157,8 +161,76 @@ pub struct Instance {
     pub replicas: Vec<Replica>,
     /// Active health check settings, if any.
     pub health: Option<HealthConfig>,
+    /// Its own certificate, parsed, and the hosts it covers.
+    pub(crate) certificate: Option<InstanceCertificate>,
     /// Counters that survive table swaps.
     pub(crate) stats: Arc<InstanceStats>,
+}
+
+/// An instance's own certificate, as its TLS listeners serve it.
+#[derive(Debug, Clone)]
+pub(crate) struct InstanceCertificate {
+    /// As published; a new table with the same pair reuses the parsed key.
+    pem: crate::tls::PemKeyPair,
+    key: Arc<tokio_rustls::rustls::sign::CertifiedKey>,
+    /// The instance's hosts the certificate is valid for.
+    covers: Vec<Box<str>>,
+}
+
+impl Instance {
+    /// The instance's own certificate, when it covers `host`.
+    pub(crate) fn certificate_for(
+        &self,
+        host: &str,
+    ) -> Option<Arc<tokio_rustls::rustls::sign::CertifiedKey>> {
+        let c = self.certificate.as_ref()?;
+        c.covers.iter().any(|h| **h == *host).then(|| c.key.clone())
+    }
+}
+
+/// An instance's certificate for `hosts`: the one `before` had when the pair is unchanged, else
+/// parsed; `None` (logged) when it does not parse or covers none of them.
+fn instance_certificate(
+    name: &str,
+    pem: &crate::tls::PemKeyPair,
+    hosts: &[Box<str>],
+    before: Option<&Instance>,
+) -> Option<InstanceCertificate> {
+    if let Some(c) = before.and_then(|b| b.certificate.as_ref()) {
+        if c.pem == *pem {
+            let covers = hosts
+                .iter()
+                .filter(|h| crate::tls::covers(&c.key, h))
+                .cloned()
+                .collect();
+            return Some(InstanceCertificate {
+                pem: c.pem.clone(),
+                key: c.key.clone(),
+                covers,
+            });
+        }
+    }
+    match crate::tls::key_pair(pem.certificate.as_bytes(), pem.key.as_bytes()) {
+        Ok(key) => {
+            let covers: Vec<Box<str>> = hosts
+                .iter()
+                .filter(|h| crate::tls::covers(&key, h))
+                .cloned()
+                .collect();
+            if covers.is_empty() {
+                tracing::warn!(instance = %name, "the instance's certificate covers none of its hosts; its hosts get the proxy's own");
+            }
+            Some(InstanceCertificate {
+                pem: pem.clone(),
+                key,
+                covers,
+            })
+        }
+        Err(error) => {
+            tracing::warn!(instance = %name, %error, "the instance's certificate is unusable; its hosts get the proxy's own");
+            None
+        }
+    }
 }
 
 /// A replica as the proxy sees it.
@@ -375,8 +447,12 @@ impl RouteTable {
                 normalized.push(n.into_owned().into_boxed_str());
             }
 
+            let certificate = spec.certificate.as_ref().and_then(|pem| {
+                instance_certificate(&spec.name, pem, &normalized, before.map(|b| &**b))
+            });
             let instance = Arc::new(Instance {
                 name: spec.name.as_str().into(),
+                certificate,
                 hosts: normalized,
                 ha: spec.ha,
                 editor_secret: spec

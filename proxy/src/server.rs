@@ -1,6 +1,11 @@
-//! Serving connections: the proxy listener and the admin listener (`/metrics`, `/healthz`).
+//! Serving connections: the proxy's listeners (plain HTTP, HTTPS, and plain HTTP redirecting to
+//! HTTPS) and the admin listener (`/metrics`, `/healthz`).
 //!
-//! Both take an already-bound listener and a shutdown future, so tests bind `127.0.0.1:0`.
+//! HTTPS speaks HTTP/2 to clients that offer it by ALPN and HTTP/1.1 to the others; replicas are
+//! always spoken to in HTTP/1.1. WebSocket upgrades need HTTP/1.1, which browsers use for them
+//! since the proxy does not offer HTTP/2's extended CONNECT.
+//!
+//! Each takes an already-bound listener and a shutdown future, so tests bind `127.0.0.1:0`.
 //! On shutdown the listener closes at once, open connections finish their current request
 //! (idle ones close), and whatever is still open after the grace period is closed.
 
@@ -13,36 +18,127 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::rustls::ServerConfig;
 
 use crate::body::ResponseBody;
 use crate::proxy::{local, Proxy};
 
-/// Serves the proxy on `listener` until `shutdown` completes, then drains.
+/// How a listener's connections are spoken to.
+#[derive(Clone)]
+enum Speech {
+    /// Plain HTTP/1.1.
+    Plain,
+    /// TLS, then HTTP/2 or HTTP/1.1 by ALPN.
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+/// Serves the proxy on `listener` in plain HTTP until `shutdown` completes, then drains.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
+    serve_as(listener, proxy, Speech::Plain, shutdown).await
+}
+
+/// Serves the proxy on `listener` in HTTPS (certificates and ALPN from `tls`, see
+/// [`crate::tls::Certificates::server_config`]) until `shutdown` completes, then drains.
+pub async fn serve_tls(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    tls: Arc<ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_as(listener, proxy, Speech::Tls(acceptor), shutdown).await
+}
+
+async fn serve_as(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    speech: Speech,
+    shutdown: impl Future<Output = ()>,
+) {
     let header_timeout = proxy.config().header_timeout;
     let grace = proxy.config().shutdown_grace;
     let stats = proxy.stats().clone();
     let tunnels = proxy.clone();
-    accept_loop(listener, shutdown, grace, header_timeout, move |peer| {
-        let proxy = proxy.clone();
-        let stats = stats.clone();
-        stats.open_connections.fetch_add(1, Ordering::Relaxed);
-        let guard = OpenConnection(stats);
-        service_fn(move |req: Request<Incoming>| {
+    let tls = matches!(speech, Speech::Tls(_));
+    let loop_stats = stats.clone();
+    accept_loop(
+        listener,
+        shutdown,
+        grace,
+        header_timeout,
+        speech,
+        loop_stats,
+        move |peer| {
             let proxy = proxy.clone();
-            let _ = &guard;
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-        })
-    })
+            let stats = stats.clone();
+            stats.open_connections.fetch_add(1, Ordering::Relaxed);
+            let guard = OpenConnection(stats);
+            service_fn(move |req: Request<Incoming>| {
+                let proxy = proxy.clone();
+                let _ = &guard;
+                async move { Ok::<_, Infallible>(proxy.handle(req, peer, tls).await) }
+            })
+        },
+    )
     .await;
     // Tunnels outlive their HTTP connection; close them too.
     tunnels.stop_tunnels();
+}
+
+/// Serves plain HTTP on `listener` by redirecting every request to the same host and path on
+/// HTTPS at `https_port` (308, so methods and bodies are kept), until `shutdown` completes.
+/// A request without a valid host gets 400.
+pub async fn serve_redirect(
+    listener: TcpListener,
+    https_port: u16,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let stats = Arc::new(crate::metrics::ProxyStats::default());
+    accept_loop(
+        listener,
+        shutdown,
+        Duration::from_secs(1),
+        header_timeout,
+        Speech::Plain,
+        stats,
+        move |_| {
+            service_fn(move |req: Request<Incoming>| async move {
+                Ok::<_, Infallible>(redirect(&req, https_port))
+            })
+        },
+    )
+    .await;
+}
+
+fn redirect(req: &Request<Incoming>, https_port: u16) -> Response<ResponseBody> {
+    let host = match crate::proxy::request_host(req) {
+        Ok(h) => h,
+        Err(msg) => return local(StatusCode::BAD_REQUEST, msg),
+    };
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = match https_port {
+        443 => format!("https://{host}{path}"),
+        port => format!("https://{host}:{port}{path}"),
+    };
+    let Ok(value) = HeaderValue::from_str(&location) else {
+        return local(
+            StatusCode::BAD_REQUEST,
+            "The request target is not valid.\n",
+        );
+    };
+    let mut resp = local(
+        StatusCode::PERMANENT_REDIRECT,
+        format!("This site is served on HTTPS: {location}\n"),
+    );
+    resp.headers_mut().insert(header::LOCATION, value);
+    resp
 }
 
 /// Serves `/metrics` (Prometheus text format) and `/healthz` until `shutdown` completes.
@@ -51,11 +147,14 @@ pub async fn serve_admin(
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let stats = proxy.stats().clone();
     accept_loop(
         listener,
         shutdown,
         Duration::from_secs(1),
         Duration::from_secs(10),
+        Speech::Plain,
+        stats,
         move |_| {
             let proxy = proxy.clone();
             service_fn(move |req: Request<Incoming>| {
@@ -104,11 +203,30 @@ impl Drop for OpenConnection {
     }
 }
 
+/// Runs one served connection to its end, or, once `drain` is set, lets it finish its current
+/// request (idle ones close at once).
+macro_rules! until_drained {
+    ($conn:expr, $drain:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = async { drop($drain.wait_for(|d| *d).await) } => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop<F, S>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     header_timeout: Duration,
+    speech: Speech,
+    stats: Arc<crate::metrics::ProxyStats>,
     make_service: F,
 ) where
     F: Fn(SocketAddr) -> S,
@@ -132,18 +250,43 @@ async fn accept_loop<F, S>(
                 let _ = stream.set_nodelay(true);
                 let service = make_service(peer);
                 let mut drain = drain_rx.clone();
+                let speech = speech.clone();
+                let stats = stats.clone();
                 connections.spawn(async move {
-                    let conn = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(header_timeout)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades();
-                    tokio::pin!(conn);
-                    let result = tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = async { drop(drain.wait_for(|d| *d).await) } => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
+                    let http1 = || {
+                        let mut b = http1::Builder::new();
+                        b.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+                        b
+                    };
+                    let result = match speech {
+                        Speech::Plain => until_drained!(
+                            http1().serve_connection(TokioIo::new(stream), service).with_upgrades(),
+                            drain
+                        ),
+                        Speech::Tls(acceptor) => {
+                            // The handshake is bounded like a request head.
+                            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(error)) => {
+                                    stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    stats.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
+                            let io = TokioIo::new(stream);
+                            if h2 {
+                                let mut b = http2::Builder::new(TokioExecutor::new());
+                                b.timer(TokioTimer::new());
+                                until_drained!(b.serve_connection(io, service), drain)
+                            } else {
+                                until_drained!(http1().serve_connection(io, service).with_upgrades(), drain)
+                            }
                         }
                     };
                     if let Err(error) = result {

@@ -67,14 +67,15 @@ pub fn ticket_param(query: Option<&str>) -> Option<&str> {
 /// The proxy's answer to a request for [`TICKET_PATH`] on `instance`'s host: 303 with the
 /// session cookie, or why not (405 for a method other than GET, 400 without a ticket, 403
 /// refused). Every answer is `Cache-Control: no-store` and `Referrer-Policy: no-referrer`, as
-/// the URL that led to it holds a ticket.
+/// the URL that led to it holds a ticket. Over TLS the cookie is `Secure`.
 pub(crate) async fn answer(
     gate: Option<&dyn EditorGate>,
     instance: &Instance,
     method: &Method,
     query: Option<&str>,
+    tls: bool,
 ) -> Response<ResponseBody> {
-    let mut resp = decide(gate, instance, method, query).await;
+    let mut resp = decide(gate, instance, method, query, tls).await;
     if resp.status() == StatusCode::FORBIDDEN {
         instance.stats.editor_blocked();
     }
@@ -92,6 +93,7 @@ async fn decide(
     instance: &Instance,
     method: &Method,
     query: Option<&str>,
+    tls: bool,
 ) -> Response<ResponseBody> {
     // GET only: HEAD and other methods would spend a ticket without a page to show (link
     // checkers and prefetchers send HEAD).
@@ -123,21 +125,30 @@ async fn decide(
             home: TicketHome::Editor,
             ..
         } if instance.ha => local(StatusCode::FORBIDDEN, policy::EDITOR_BLOCKED),
-        TicketDecision::Session { secret, home } => session_redirect(&instance.name, &secret, home),
+        TicketDecision::Session { secret, home } => {
+            session_redirect(&instance.name, &secret, home, tls)
+        }
     }
 }
 
 /// 303 to the editor with `secret` as the host-only session cookie: no `Domain`, so it stays
 /// on this instance's host; `HttpOnly`, so the editor's pages cannot read it; `SameSite=Lax`,
 /// so other sites cannot make the browser send it with their writes; no `Max-Age`, so it ends
-/// with the browser session (the control plane ends the session itself at its expiry).
-fn session_redirect(instance: &str, secret: &str, home: TicketHome) -> Response<ResponseBody> {
+/// with the browser session (the control plane ends the session itself at its expiry); `Secure`
+/// when it came over TLS, so the browser never sends it in clear.
+fn session_redirect(
+    instance: &str,
+    secret: &str,
+    home: TicketHome,
+    tls: bool,
+) -> Response<ResponseBody> {
+    let secure = if tls { "; Secure" } else { "" };
     // The gate's secret goes into a header: a control plane that sent anything but a plain
     // token gets no cookie made of it.
     let cookie = secret
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        .then(|| format!("{SESSION_COOKIE}={secret}; Path=/; HttpOnly; SameSite=Lax"))
+        .then(|| format!("{SESSION_COOKIE}={secret}; Path=/; HttpOnly; SameSite=Lax{secure}"))
         .and_then(|c| HeaderValue::from_str(&c).ok());
     let Some(cookie) = cookie.filter(|_| !secret.is_empty()) else {
         tracing::warn!(%instance, "the editor gate answered a session that is not a cookie value");
@@ -204,18 +215,23 @@ mod tests {
 
     #[test]
     fn a_session_becomes_a_host_only_cookie_and_a_redirect_to_the_editor() {
-        let r = session_redirect("orders", "abc123", TicketHome::Editor);
+        let r = session_redirect("orders", "abc123", TicketHome::Editor, false);
         assert_eq!(r.status(), StatusCode::SEE_OTHER);
         assert_eq!(r.headers()[header::LOCATION], "/admin/");
-        let r = session_redirect("orders", "abc123", TicketHome::Flows);
+        let r = session_redirect("orders", "abc123", TicketHome::Flows, false);
         assert_eq!(r.headers()[header::LOCATION], "/");
         assert_eq!(
             r.headers()[header::SET_COOKIE],
             "tandem_session=abc123; Path=/; HttpOnly; SameSite=Lax"
         );
+        let r = session_redirect("orders", "abc123", TicketHome::Flows, true);
+        assert_eq!(
+            r.headers()[header::SET_COOKIE],
+            "tandem_session=abc123; Path=/; HttpOnly; SameSite=Lax; Secure"
+        );
         for bad in ["", "a;b", "a b", "a\r\nSet-Cookie: x=y"] {
             assert_eq!(
-                session_redirect("orders", bad, TicketHome::Editor).status(),
+                session_redirect("orders", bad, TicketHome::Editor, false).status(),
                 StatusCode::BAD_GATEWAY,
                 "{bad:?}"
             );

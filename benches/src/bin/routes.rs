@@ -95,6 +95,7 @@ fn main() {
 fn specs(n: usize) -> Vec<InstanceSpec> {
     (0..n)
         .map(|i| InstanceSpec {
+            certificate: None,
             editor_secret: None,
             http_auth: Default::default(),
             name: format!("inst-{i}"),

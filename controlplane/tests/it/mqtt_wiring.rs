@@ -21,6 +21,7 @@ fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
         standby: false,
         affinity: false,
         http_auth: Default::default(),
+        certificate: None,
         process: ProcessSpec {
             instance: name.into(),
             nodered_version: "4.1.2".into(),

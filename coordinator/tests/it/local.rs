@@ -382,6 +382,7 @@ async fn the_proxy_routes_to_a_real_replica() {
     let routes = Arc::new(Routes::new());
     routes
         .publish(&[InstanceSpec {
+            certificate: None,
             editor_secret: None,
             http_auth: Default::default(),
             name: name.into(),
@@ -484,6 +485,7 @@ async fn a_killed_replica_is_restarted_and_serves_again() {
         standby: false,
         affinity: false,
         http_auth: Default::default(),
+        certificate: None,
         process: spec(name, 0, false, false),
         flows: Flows::new(hello_flows()),
         mqtt_urls: BTreeMap::new(),

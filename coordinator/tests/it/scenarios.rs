@@ -23,6 +23,7 @@ fn desired(name: &str, replicas: u32, standby: bool) -> InstanceDesired {
         standby,
         affinity: false,
         http_auth: Default::default(),
+        certificate: None,
         process: ProcessSpec {
             instance: name.into(),
             nodered_version: "4.1.2".into(),

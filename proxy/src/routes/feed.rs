@@ -75,6 +75,10 @@ pub struct FeedInstance {
     /// that predate it).
     #[serde(default, skip_serializing_if = "is_open")]
     pub http_auth: crate::HttpAuth,
+    /// Its own certificate and key (its custom hostname's), for the proxies' HTTPS listeners;
+    /// left out when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<crate::tls::PemKeyPair>,
     /// Its replicas with an address, in slot order.
     pub replicas: Vec<FeedReplica>,
 }
@@ -151,6 +155,7 @@ impl FeedTable {
                     })
                     .collect(),
                 health: Some(HealthConfig::default()),
+                certificate: i.certificate.clone(),
             })
             .collect()
     }
@@ -212,6 +217,7 @@ mod tests {
         let table = FeedTable {
             generation: 7,
             instances: vec![FeedInstance {
+                certificate: None,
                 name: "a".into(),
                 hosts: vec!["a.example.com".into()],
                 ha: true,

@@ -25,7 +25,19 @@
 //! connect_timeout_ms = 5000     # optional
 //! tls = false                   # optional: TLS to the broker
 //! ca_file = "/etc/ssl/broker-ca.pem"  # optional with tls: CAs to trust (default Mozilla's roots)
+//!
+//! [tls]                     # optional: certificates of the HTTPS listener (--https-listen)
+//! cert = "tls/wildcard.pem" # the default certificate, unless --tls-cert gives it
+//! key = "tls/wildcard.key"
+//!
+//! [[tls.certificate]]       # a certificate for named hosts, chosen by SNI
+//! hosts = ["flows.customer.org"]   # or "*.customer.org"
+//! cert = "tls/customer.pem"
+//! key = "tls/customer.key"
 //! ```
+//!
+//! Relative certificate paths are relative to the routes file's directory. Certificate files
+//! are checked for changes every few seconds as well, and reloaded.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,6 +50,7 @@ use super::{InstanceSpec, ReplicaSpec, RouteError, Routes};
 use crate::health::HealthConfig;
 use crate::metrics::ProxyStats;
 use crate::mqtt::{self, MqttConfig, MqttError, MqttInstance, MqttProxy, MqttReplica};
+use crate::tls::{Certificates, FilePair, HostFiles, TlsFiles};
 
 /// Why a routes file was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +87,50 @@ pub enum FileError {
         /// What is wrong.
         source: MqttError,
     },
+    /// The `[tls]` section is invalid, or a certificate in it does not load.
+    #[error("routes file {path}: [tls]: {message}")]
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where a routes file's `[tls]` section goes: the HTTPS listener's certificates, and the
+/// default certificate the command line gave (`--tls-cert`, `--tls-key`), if any.
+#[derive(Debug)]
+pub struct FileTls {
+    /// The HTTPS listener's certificates.
+    pub certificates: Arc<Certificates>,
+    /// The command line's default certificate.
+    pub default: Option<FilePair>,
+}
+
+impl FileTls {
+    /// The files to serve: the command line's default and the file's section, which may give
+    /// the default only when the command line does not.
+    fn merge(&self, file: &TlsFiles) -> Result<TlsFiles, String> {
+        let default = match (&self.default, &file.default) {
+            (Some(_), Some(_)) => return Err(
+                "the default certificate is given twice, by --tls-cert and by [tls] cert; keep one"
+                    .into(),
+            ),
+            (a, b) => a.clone().or_else(|| b.clone()),
+        };
+        Ok(TlsFiles {
+            default,
+            hosts: file.hosts.clone(),
+        })
+    }
+
+    /// Applies the file's section; the current certificates stay on error.
+    fn apply(&self, file: &TlsFiles) -> Result<(), String> {
+        let files = self.merge(file)?;
+        self.certificates
+            .set_files(files)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Everything a routes file describes.
@@ -85,6 +142,8 @@ pub struct RoutesFile {
     pub mqtt: Option<MqttConfig>,
     /// Instances with `mqtt_listeners`.
     pub mqtt_instances: Vec<MqttInstance>,
+    /// The `[tls]` section (empty without one), its paths as written.
+    pub tls: TlsFiles,
 }
 
 impl RoutesFile {
@@ -124,6 +183,27 @@ struct RawFile {
     instances: Vec<RawInstance>,
     #[serde(default)]
     mqtt: Option<RawMqtt>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
+    #[serde(default, rename = "certificate")]
+    certificates: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    hosts: Vec<String>,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,10 +332,40 @@ pub fn parse_file(text: &str) -> Result<RoutesFile, String> {
                 .collect(),
         })
         .collect();
+    let tls = match raw.tls {
+        None => TlsFiles::default(),
+        Some(t) => TlsFiles {
+            default: match (t.cert, t.key) {
+                (Some(cert), Some(key)) => Some(FilePair { cert, key }),
+                (None, None) => None,
+                _ => return Err("[tls] cert and key go together; give both or neither".into()),
+            },
+            hosts: t
+                .certificates
+                .into_iter()
+                .map(|c| {
+                    if c.hosts.is_empty() {
+                        return Err(format!(
+                            "[[tls.certificate]] {} names no hosts",
+                            c.cert.display()
+                        ));
+                    }
+                    Ok(HostFiles {
+                        hosts: c.hosts,
+                        files: FilePair {
+                            cert: c.cert,
+                            key: c.key,
+                        },
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+        },
+    };
     let instances = raw
         .instances
         .into_iter()
         .map(|i| InstanceSpec {
+            certificate: None,
             editor_secret: None,
             http_auth: Default::default(),
             health: i.health_check.then(|| HealthConfig {
@@ -286,7 +396,23 @@ pub fn parse_file(text: &str) -> Result<RoutesFile, String> {
         instances,
         mqtt,
         mqtt_instances,
+        tls,
     })
+}
+
+/// `files` with relative paths made relative to `dir`.
+fn relative_to(dir: &Path, mut files: TlsFiles) -> TlsFiles {
+    let fix = |p: &mut FilePair| {
+        p.cert = dir.join(&p.cert);
+        p.key = dir.join(&p.key);
+    };
+    if let Some(d) = files.default.as_mut() {
+        fix(d);
+    }
+    for h in &mut files.hosts {
+        fix(&mut h.files);
+    }
+    files
 }
 
 /// Reads, parses and publishes `path`. On error the current table stays.
@@ -308,13 +434,15 @@ pub fn load(path: &Path, routes: &Routes) -> Result<usize, FileError> {
         .map(|t| t.instances().len())
 }
 
-/// Reads, parses and applies `path`: publishes the HTTP routes and makes `mqtt`'s settings
-/// and listeners those of the file (none when it has no `[mqtt]` section). An invalid file
-/// changes nothing; a listener that cannot be bound is reported after the rest was applied.
+/// Reads, parses and applies `path`: publishes the HTTP routes, makes `mqtt`'s settings
+/// and listeners those of the file (none when it has no `[mqtt]` section), and, with `tls`,
+/// serves the certificates of its `[tls]` section. An invalid file changes nothing; a listener
+/// that cannot be bound is reported after the rest was applied.
 pub async fn load_with_mqtt(
     path: &Path,
     routes: &Routes,
     mqtt: &MqttProxy,
+    tls: Option<&FileTls>,
 ) -> Result<usize, FileError> {
     let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
         path: path.to_owned(),
@@ -329,6 +457,24 @@ pub async fn load_with_mqtt(
         source,
     };
     file.validate_mqtt().map_err(mqtt_error)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    match tls {
+        Some(t) => t
+            .apply(&relative_to(dir, file.tls))
+            .map_err(|message| FileError::Tls {
+                path: path.to_owned(),
+                message,
+            })?,
+        None if file.tls != TlsFiles::default() => {
+            return Err(FileError::Tls {
+                path: path.to_owned(),
+                message:
+                    "certificates are given but there is no HTTPS listener; add --https-listen"
+                        .into(),
+            })
+        }
+        None => {}
+    }
     let n = routes
         .publish(&file.instances)
         .map_err(|source| FileError::Invalid {
@@ -363,23 +509,25 @@ pub fn watch(
     watch_from(path, routes, None, stats, poll, shutdown, last)
 }
 
-/// [`watch`], applying the MQTT part of the file to `mqtt` too (see [`load_with_mqtt`]).
+/// [`watch`], applying the MQTT part of the file to `mqtt` too, and its `[tls]` section to
+/// `tls` (see [`load_with_mqtt`]).
 pub fn watch_with_mqtt(
     path: PathBuf,
     routes: Arc<Routes>,
     mqtt: Arc<MqttProxy>,
+    tls: Option<Arc<FileTls>>,
     stats: Arc<ProxyStats>,
     poll: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> impl std::future::Future<Output = ()> {
     let last = std::fs::read(&path).ok();
-    watch_from(path, routes, Some(mqtt), stats, poll, shutdown, last)
+    watch_from(path, routes, Some((mqtt, tls)), stats, poll, shutdown, last)
 }
 
 async fn watch_from(
     path: PathBuf,
     routes: Arc<Routes>,
-    mqtt: Option<Arc<MqttProxy>>,
+    mqtt: Option<(Arc<MqttProxy>, Option<Arc<FileTls>>)>,
     stats: Arc<ProxyStats>,
     poll: Duration,
     shutdown: impl std::future::Future<Output = ()>,
@@ -411,7 +559,7 @@ async fn watch_from(
         }
         last = current;
         let loaded = match &mqtt {
-            Some(m) => load_with_mqtt(&path, &routes, m).await,
+            Some((m, tls)) => load_with_mqtt(&path, &routes, m, tls.as_deref()).await,
             None => load(&path, &routes),
         };
         match loaded {

@@ -15,4 +15,5 @@ mod policy;
 mod reload;
 mod routing;
 mod ticket;
+mod tls;
 mod transport;

@@ -921,7 +921,7 @@ async fn mqtt_listeners_follow_the_routes_file() {
     let routes = Routes::new();
     let stats = Arc::new(ProxyStats::default());
     let mqtt = MqttProxy::new(MqttConfig::new("127.0.0.1:1883"), stats).unwrap();
-    tandem_proxy::routes::file::load_with_mqtt(&path, &routes, &mqtt)
+    tandem_proxy::routes::file::load_with_mqtt(&path, &routes, &mqtt, None)
         .await
         .unwrap();
     assert_eq!(
@@ -934,7 +934,7 @@ async fn mqtt_listeners_follow_the_routes_file() {
 
     // One listener for two replicas: refused whole, the listeners stay.
     std::fs::write(&path, file(&format!("\"{l0}\""))).unwrap();
-    let err = tandem_proxy::routes::file::load_with_mqtt(&path, &routes, &mqtt)
+    let err = tandem_proxy::routes::file::load_with_mqtt(&path, &routes, &mqtt, None)
         .await
         .unwrap_err()
         .to_string();
@@ -947,7 +947,7 @@ async fn mqtt_listeners_follow_the_routes_file() {
         "[[instance]]\nname = \"orders\"\nhosts = [\"orders.localhost\"]\nreplicas = [\"127.0.0.1:1\"]\n",
     )
     .unwrap();
-    tandem_proxy::routes::file::load_with_mqtt(&path, &routes, &mqtt)
+    tandem_proxy::routes::file::load_with_mqtt(&path, &routes, &mqtt, None)
         .await
         .unwrap();
     assert!(mqtt.listeners().await.is_empty());

@@ -128,6 +128,7 @@ async fn the_route_feed_takes_proxy_tokens_only_and_sends_the_table_on_connect_a
             affinity: false,
             editor_secret: "secret".into(),
             http_auth: Default::default(),
+            certificate: None,
             hold: false,
             replicas: Vec::new(),
         }]);

@@ -1,0 +1,84 @@
+//! A certificate authority for tests (feature `test-ca`): certificates for any names, signed by
+//! a CA a test client trusts, made in memory.
+#![allow(clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use tokio_rustls::rustls;
+
+use super::PemKeyPair;
+
+/// A CA and its certificate.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestCa {
+    /// A new CA with a fresh key.
+    pub fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Tandem test CA");
+        let key = KeyPair::generate().expect("CA key");
+        let pem = params.self_signed(&key).expect("CA certificate").pem();
+        Self {
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    /// The CA's certificate, PEM.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A certificate for `names` (host names or `*.<domain>`), with its own key.
+    pub fn issue(&self, names: &[&str]) -> PemKeyPair {
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("leaf certificate");
+        PemKeyPair {
+            certificate: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    /// A client configuration trusting this CA only, offering `alpn`.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.pem.as_bytes()).expect("CA PEM"))
+            .expect("CA root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+}
+
+/// Whether `pair`'s certificate is the leaf of `chain`: how tests tell which certificate a
+/// server presented.
+pub fn is_leaf_of(pair: &PemKeyPair, chain: &[CertificateDer<'_>]) -> bool {
+    let ours = CertificateDer::from_pem_slice(pair.certificate.as_bytes()).expect("our PEM");
+    chain.first().is_some_and(|c| c.as_ref() == ours.as_ref())
+}
