@@ -1,7 +1,8 @@
 // An instance's page: state, actions (start, stop, restart, suspend, delete with a
 // confirmation), "Open editor", HA, replicas, a live merged log, settings and environment (the
 // template's locked values shown locked), modules and affinity, who may call the flows' HTTP
-// endpoints and the instance's HTTP tokens, snapshots, deploys and the audit log. What a role
+// endpoints and the instance's HTTP tokens, its custom hostname and certificate, snapshots,
+// deploys and the audit log. What a role
 // may not do is not offered; the API decides either way.
 import { api, el, enc, error, session, mayOperate, owns, button, form, field, all, when, table, section, teams } from "./lib.js";
 
@@ -45,6 +46,7 @@ export async function instancePage(id) {
   const httpMode = el("div", { id: "http-mode" });
   const httpTokens = el("div", { id: "http-tokens" });
   const httpShown = el("div", { id: "http-token-shown", role: "status" });
+  const customHost = el("div", { id: "custom-hostname" });
   const log = logView(path);
 
   const root = el("section", { id: "page-instance", "data-instance": instance.name },
@@ -58,6 +60,7 @@ export async function instancePage(id) {
     section("HTTP access", el("div", { id: "http-access" }, httpMode,
       el("p", { class: "muted" }, "With tokens, call the flows with the header Authorization: Bearer <token>, e.g. curl -H 'Authorization: Bearer <token>' " + instance.url + ". The editor, /admin, keeps its own rules in every mode."),
       httpShown, httpTokens, owner ? httpTokenForm() : null)),
+    section("Custom hostname", customHost),
     section("Log", log.root),
     section("Deploys", deploys),
     section("Snapshots", snapshots),
@@ -181,6 +184,60 @@ export async function instancePage(id) {
       httpShown.dataset.token = t.id;
       httpShown.replaceChildren(el("p", {}, "The HTTP token ", el("strong", {}, t.name), ", shown this once: ", el("code", { id: "http-token-value" }, t.token_value)));
       await drawHttpAccess();
+    });
+  }
+
+  // --- Custom hostname ---------------------------------------------------------------------
+  // A host of the team's own domain, routed like the instance's own, with a certificate the
+  // proxies serve for it over HTTPS when one is uploaded. Read where the instance's view names
+  // one (no request that answers 404); owners set and remove it, the others read it. The key
+  // goes to the API and is never shown back: its field always starts empty.
+  async function drawCustomHostname() {
+    let current = null;
+    if (instance.custom_hostname) {
+      try { current = await api("GET", path + "/custom-hostname"); } catch (e) { if (e.status !== 404) throw e; }
+    }
+    showCustomHostname(current);
+  }
+
+  function showCustomHostname(current) {
+    instance.custom_hostname = current ? current.hostname : null;
+    redraw(customHost, current, () => {
+      const out = [current
+        ? el("p", { id: "custom-hostname-current", "data-hostname": current.hostname, "data-certificate": String(current.has_certificate) },
+          el("a", { href: current.url, target: "_blank", rel: "noopener", id: "custom-hostname-url" }, current.url), " — ",
+          current.has_certificate ? "with its own certificate for HTTPS." : "no certificate of its own: over HTTPS the proxies serve theirs, which do not cover it.")
+        : el("p", { id: "custom-hostname-current", class: "muted" }, "None: the instance is served at " + instance.url + " only.")];
+      if (current) out.push(el("p", { class: "muted" }, "Point the hostname's DNS at the proxies, as for " + instance.url + "."));
+      if (owner) out.push(customHostnameForm(current));
+      return out;
+    });
+  }
+
+  function customHostnameForm(current) {
+    const hostname = el("input", { id: "custom-hostname-input", required: true, maxlength: "253", autocomplete: "off", spellcheck: "false", placeholder: "flows.example.org" });
+    hostname.value = current ? current.hostname : "";
+    const certificate = el("textarea", { id: "custom-hostname-certificate", rows: "4", spellcheck: "false", placeholder: "-----BEGIN CERTIFICATE-----" });
+    const key = el("textarea", { id: "custom-hostname-key", rows: "4", spellcheck: "false", autocomplete: "off", placeholder: "-----BEGIN PRIVATE KEY-----" });
+    return form({ id: "custom-hostname-form" }, [
+      ...field("Hostname", hostname),
+      ...field("Certificate (PEM chain, leaf first; optional, with its key)", certificate),
+      ...field("Private key (PEM; stored encrypted, never shown again)", key),
+      el("p", { class: "muted" }, "Without a certificate, the same hostname keeps the one it has, and a new hostname has none."),
+      el("div", { class: "actions" },
+        el("button", { type: "submit" }, "Save"),
+        current ? button("Remove", async () => {
+          await api("DELETE", path + "/custom-hostname");
+          showCustomHostname(null);
+        }, { id: "custom-hostname-remove", class: "danger" }) : null)], async () => {
+      const body = { hostname: hostname.value.trim() };
+      // Each only when given, so that the API names the one missing.
+      if (certificate.value.trim()) body.certificate = certificate.value;
+      if (key.value.trim()) body.key = key.value;
+      const saved = await api("PUT", path + "/custom-hostname", body);
+      certificate.value = "";
+      key.value = "";
+      showCustomHostname(saved);
     });
   }
 
@@ -369,7 +426,7 @@ export async function instancePage(id) {
   drawLinks();
   drawHa();
   drawSettings();
-  await Promise.all([refresh(), drawSnapshots()]);
+  await Promise.all([refresh(), drawSnapshots(), drawCustomHostname()]);
   return { root, refresh, leave: () => {} };
 }
 

@@ -17,6 +17,7 @@ use crate::state::AppState;
 pub mod applications;
 pub mod audit_log;
 pub mod cluster;
+pub mod custom_hostname;
 pub mod editor_tickets;
 pub mod http_auth;
 pub mod instance_names;
@@ -74,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .merge(instances::router())
         .merge(editor_tickets::router())
         .merge(http_auth::router())
+        .merge(custom_hostname::router())
         .merge(instance_names::router())
         .merge(logs::router())
         .merge(stacks::router())

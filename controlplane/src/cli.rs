@@ -203,6 +203,52 @@ pub struct ProxyArgs {
     /// With --mqtt-tls: PEM file of the CA certificates to trust (default: Mozilla's roots).
     #[arg(long, env = "TANDEM_MQTT_CA_FILE", requires = "mqtt_tls")]
     pub mqtt_ca_file: Option<PathBuf>,
+    /// HTTPS. With a routes file, its `[tls]` section may give the certificates instead.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// HTTPS flags, the same for `tandem proxy` and `tandem serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// Address of the HTTPS listener (HTTP/2 and HTTP/1.1 by ALPN); default 127.0.0.1:8443 when
+    /// a certificate is given.
+    #[arg(long, env = "TANDEM_HTTPS_LISTEN")]
+    pub https_listen: Option<SocketAddr>,
+    /// The default certificate (PEM chain, leaf first) of the HTTPS listener, typically
+    /// `*.<base-domain>`; served to clients that ask for a name no other certificate covers.
+    /// Checked for changes every few seconds and reloaded (a broken rewrite keeps the previous
+    /// one serving).
+    #[arg(long, env = "TANDEM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Answer every request on the plain HTTP listener with a redirect (308) to the same URL on
+    /// HTTPS.
+    #[arg(long, env = "TANDEM_HTTPS_REDIRECT", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub https_redirect: bool,
+}
+
+/// Where the HTTPS listener listens when a certificate is given without `--https-listen`.
+pub const DEFAULT_HTTPS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8443);
+
+impl TlsArgs {
+    /// The HTTPS listener's address: `--https-listen`, else [`DEFAULT_HTTPS_LISTEN`] when a
+    /// certificate is given; `None` without HTTPS.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_listen
+            .or(self.tls_cert.is_some().then_some(DEFAULT_HTTPS_LISTEN))
+    }
+
+    /// The default certificate's files.
+    pub fn default_files(&self) -> Option<tandem_proxy::tls::FilePair> {
+        Some(tandem_proxy::tls::FilePair {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+        })
+    }
 }
 
 /// Where `tandem proxy` and `tandem serve` serve their metrics unless told otherwise.
@@ -368,6 +414,10 @@ pub struct ServeArgs {
     /// `http://tandem-api.tandem.svc:3000`.
     #[arg(long, env = "TANDEM_STORAGE_URL")]
     pub storage_url: Option<String>,
+    /// HTTPS for the instances (`https://<name>.<base-domain>:<port>`), with custom hostnames'
+    /// own certificates. Needs the in-process proxy.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// `tandem user ...`.

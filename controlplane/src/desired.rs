@@ -46,6 +46,7 @@ pub async fn desired_instances(
     })
     .collect();
     let probes = crate::deployments::running_probes(state).await?;
+    let mut custom = crate::custom_hostname::load_all(state).await?;
     let rows = sqlx::query(&format!(
         "SELECT {} FROM instances ORDER BY id",
         instances::COLUMNS
@@ -70,14 +71,20 @@ pub async fn desired_instances(
                 items: i.not_applied.clone(),
             });
         }
+        let mut hosts = vec![format!("{}.{}", i.name, state.config.base_domain)];
+        let mut certificate = None;
+        if let Some(c) = custom.remove(&i.id) {
+            hosts.push(c.hostname);
+            certificate = c.certificate;
+        }
         out.push(InstanceDesired {
-            hosts: vec![format!("{}.{}", i.name, state.config.base_domain)],
+            hosts,
             state: i.desired_state,
             replicas: i.ha.map_or(1, |h| h.replicas.clamp(1, 64) as u32),
             standby: i.ha.is_some_and(|h| h.mode == HaMode::Standby),
             affinity: i.ha.is_some_and(|h| h.affinity_on()),
             http_auth: i.http_auth,
-            certificate: None,
+            certificate,
             process: ProcessSpec {
                 instance: i.name.clone(),
                 nodered_version: version.clone(),

@@ -3,7 +3,7 @@
 //! and given to the replicas like any other variable.
 //!
 //! A secret is sealed with XChaCha20-Poly1305 under a key derived from the platform key and
-//! the instance id ([`PlatformKey::derive_bytes`]), with the variable's name as associated
+//! the instance id ([`PlatformKey::seal`]), with the variable's name as associated
 //! data: a sealed value copied into another variable or instance does not open. Stored as
 //! `{"secret": true, "sealed": "<hex of nonce and ciphertext>"}` in the instance's `env` column,
 //! next to plain variables stored as strings, so rows written before secrets existed read as
@@ -11,12 +11,10 @@
 
 use std::collections::BTreeMap;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
-use crate::secrets::{decode_hex, PlatformKey};
+use crate::secrets::PlatformKey;
 
 /// The purpose secret variables' keys are derived for.
 const PURPOSE: &str = "env-secrets";
@@ -76,47 +74,16 @@ pub fn parse_stored(text: &str) -> BTreeMap<String, EnvStored> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
-fn cipher(key: &PlatformKey, instance_id: &str) -> XChaCha20Poly1305 {
-    XChaCha20Poly1305::new(Key::from_slice(&key.derive_bytes(PURPOSE, instance_id)))
-}
-
 /// Seals `value` of variable `name` of instance `instance_id`.
 pub fn seal(key: &PlatformKey, instance_id: &str, name: &str, value: &str) -> ApiResult<String> {
-    let mut nonce = [0u8; 24];
-    getrandom::fill(&mut nonce)
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("no randomness: {e}")))?;
-    let sealed = cipher(key, instance_id)
-        .encrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: value.as_bytes(),
-                aad: name.as_bytes(),
-            },
-        )
-        .map_err(|_| ApiError::Internal(anyhow::anyhow!("cannot seal env.{name}")))?;
-    let mut out = nonce.to_vec();
-    out.extend_from_slice(&sealed);
-    Ok(crate::store::hex(&out))
+    key.seal(PURPOSE, instance_id, name, value)
+        .map_err(|e| ApiError::Internal(e.context(format!("cannot seal env.{name}"))))
 }
 
 /// Opens a sealed value; `None` when it does not open (another instance's, another name's, or
 /// damaged).
 pub fn open(key: &PlatformKey, instance_id: &str, name: &str, sealed: &str) -> Option<String> {
-    let bytes = decode_hex(sealed)?;
-    if bytes.len() < 24 {
-        return None;
-    }
-    let (nonce, ciphertext) = bytes.split_at(24);
-    let plain = cipher(key, instance_id)
-        .decrypt(
-            XNonce::from_slice(nonce),
-            Payload {
-                msg: ciphertext,
-                aad: name.as_bytes(),
-            },
-        )
-        .ok()?;
-    String::from_utf8(plain).ok()
+    key.open(PURPOSE, instance_id, name, sealed)
 }
 
 /// The variables to store for `input`, given what is stored now: values of new secrets are

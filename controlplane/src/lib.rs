@@ -29,6 +29,8 @@
 //! - [`editor_gate`]: who may open an instance's editor through the proxy.
 //! - [`http_auth`]: who may call an instance's flows' HTTP endpoints: its mode and the check of
 //!   its `tdh_` tokens, for the proxy.
+//! - [`custom_hostname`]: instances' custom hostnames: the rules a hostname follows, the sealing
+//!   of its certificate's key, and what the desired state takes of them.
 //! - [`leader`]: one leader among control planes on one database: the coordinator's lease, and
 //!   the followers' forwarding of the API to the leader.
 //! - [`roles`]: roles and the permission table.
@@ -53,6 +55,7 @@ pub mod auth;
 pub mod backup;
 pub mod cli;
 pub mod console;
+pub mod custom_hostname;
 pub mod deployments;
 pub mod desired;
 pub mod drivers;

@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tandem_proxy::control::ControlPlane;
 use tandem_proxy::routes::file;
+use tandem_proxy::tls::{Certificates, TlsFiles};
 use tandem_proxy::{MqttConfig, MqttProxy, Proxy, ProxyConfig, ProxyStats, Routes};
 
-use crate::cli::ProxyArgs;
+use crate::cli::{ProxyArgs, TlsArgs};
 
 impl ProxyArgs {
     /// The proxy settings these flags describe.
@@ -65,6 +66,8 @@ async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let https = Https::bind(&args.tls, &routes).await?;
+    let redirect = redirect_port(&args.tls, https.as_ref())?;
     let address = listener.local_addr()?.to_string();
     let id = args.proxy_id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -99,7 +102,8 @@ async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result
     let metrics = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {metrics_addr} (metrics)"))?;
-    tracing::info!(listen = %address, metrics = %metrics.local_addr()?, control_plane = %url, id = %id, "tandem proxy serving");
+    let https_addr = Https::address(https.as_ref());
+    tracing::info!(listen = %address, https = %https_addr, https_redirect = redirect.is_some(), metrics = %metrics.local_addr()?, control_plane = %url, id = %id, "tandem proxy serving");
     let mqtt = match (&args.mqtt_listen, &args.mqtt_upstream) {
         (Some(listen), Some(upstream)) => {
             let config = crate::mqtt_wiring::mqtt_config(
@@ -128,11 +132,26 @@ async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result
         proxy.clone(),
         stopped(),
     ));
-    let server = tokio::spawn(tandem_proxy::server::serve(listener, proxy, stopped()));
+    let https = https
+        .map(|h| {
+            let poll = Duration::from_millis(args.reload_poll_ms.max(10));
+            h.spawn(
+                proxy.clone(),
+                poll,
+                std::future::ready(()),
+                stopped(),
+                stopped(),
+            )
+        })
+        .transpose()?;
+    let server = spawn_plain(listener, proxy, redirect, stopped());
     crate::shutdown_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(h) = https {
+        let _ = h.await;
+    }
     let _ = metrics.await;
     feed.abort();
     reports.abort();
@@ -157,7 +176,14 @@ async fn run_with_file(path: std::path::PathBuf, args: &ProxyArgs) -> anyhow::Re
         MqttConfig::new("127.0.0.1:1883"),
         stats.clone(),
     )?);
-    let n = file::load_with_mqtt(&path, &routes, &mqtt, None).await?;
+    let https = Https::bind(&args.tls, &routes).await?;
+    let file_tls = https.as_ref().map(|h| {
+        Arc::new(file::FileTls {
+            certificates: h.certificates.clone(),
+            default: args.tls.default_files(),
+        })
+    });
+    let n = file::load_with_mqtt(&path, &routes, &mqtt, file_tls.as_deref()).await?;
     stats.record_reload(true);
     let mqtt_listeners = mqtt.listeners().await.len();
     let proxy = Arc::new(Proxy::new(routes.clone(), args.config(), stats.clone()));
@@ -165,11 +191,13 @@ async fn run_with_file(path: std::path::PathBuf, args: &ProxyArgs) -> anyhow::Re
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let redirect = redirect_port(&args.tls, https.as_ref())?;
     let metrics_addr = args.metrics_addr();
     let metrics = tokio::net::TcpListener::bind(metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {metrics_addr} (metrics)"))?;
-    tracing::info!(listen = %listener.local_addr()?, metrics = %metrics.local_addr()?, routes = %path.display(), instances = n, mqtt_listeners, "tandem proxy serving");
+    let https_addr = Https::address(https.as_ref());
+    tracing::info!(listen = %listener.local_addr()?, https = %https_addr, https_redirect = redirect.is_some(), metrics = %metrics.local_addr()?, routes = %path.display(), instances = n, mqtt_listeners, "tandem proxy serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
@@ -177,7 +205,7 @@ async fn run_with_file(path: std::path::PathBuf, args: &ProxyArgs) -> anyhow::Re
         path,
         routes,
         mqtt.clone(),
-        None,
+        file_tls,
         stats,
         Duration::from_millis(args.reload_poll_ms.max(10)),
         stopped(),
@@ -187,16 +215,122 @@ async fn run_with_file(path: std::path::PathBuf, args: &ProxyArgs) -> anyhow::Re
         proxy.clone(),
         stopped(),
     ));
-    let server = tokio::spawn(tandem_proxy::server::serve(listener, proxy, stopped()));
+    let https = https
+        .map(|h| {
+            let poll = Duration::from_millis(args.reload_poll_ms.max(10));
+            h.spawn(
+                proxy.clone(),
+                poll,
+                std::future::ready(()),
+                stopped(),
+                stopped(),
+            )
+        })
+        .transpose()?;
+    let server = spawn_plain(listener, proxy, redirect, stopped());
 
     crate::shutdown_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(h) = https {
+        let _ = h.await;
+    }
     let _ = metrics.await;
     let _ = watcher.await;
     // MQTT connections are long-lived: close them, the replicas reconnect.
     mqtt.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A proxy's HTTPS listener, bound, with the certificates it serves.
+pub(crate) struct Https {
+    /// The listener.
+    pub listener: tokio::net::TcpListener,
+    /// The certificates, by SNI: the files' and the instances' own.
+    pub certificates: Arc<Certificates>,
+}
+
+impl Https {
+    /// Binds the HTTPS listener when `tls` asks for one, with the default certificate of the
+    /// flags (more may come from a routes file's `[tls]`, applied later).
+    pub(crate) async fn bind(tls: &TlsArgs, routes: &Arc<Routes>) -> anyhow::Result<Option<Self>> {
+        let Some(addr) = tls.https_addr() else {
+            return Ok(None);
+        };
+        let files = TlsFiles {
+            default: tls.default_files(),
+            hosts: Vec::new(),
+        };
+        let certificates = Arc::new(Certificates::new(files, Some(routes.clone()))?);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (HTTPS)"))?;
+        Ok(Some(Self {
+            listener,
+            certificates,
+        }))
+    }
+
+    /// The listener's address for the start-up log line, `none` without HTTPS.
+    pub(crate) fn address(https: Option<&Self>) -> String {
+        https
+            .and_then(|h| h.listener.local_addr().ok())
+            .map_or_else(|| "none".into(), |a| a.to_string())
+    }
+
+    /// Serves `proxy` on HTTPS once `start` resolves and until `stopped`, checking the
+    /// certificate files every `poll`. Fails at once when no certificate file was given at all.
+    pub(crate) fn spawn(
+        self,
+        proxy: Arc<Proxy>,
+        poll: Duration,
+        start: impl std::future::Future<Output = ()> + Send + 'static,
+        stopped: impl std::future::Future<Output = ()> + Send + 'static,
+        watcher_stopped: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        if !self.certificates.has_files() {
+            anyhow::bail!("the HTTPS listener has no certificate: give --tls-cert and --tls-key (or, with --routes, a [tls] section)");
+        }
+        let config = self.certificates.server_config()?;
+        tokio::spawn(self.certificates.watch(poll, watcher_stopped));
+        Ok(tokio::spawn(async move {
+            start.await;
+            tandem_proxy::server::serve_tls(self.listener, proxy, config, stopped).await
+        }))
+    }
+}
+
+/// Serves the plain listener: the proxy, or with `--https-redirect` a redirect to the HTTPS
+/// listener's port.
+pub(crate) fn spawn_plain(
+    listener: tokio::net::TcpListener,
+    proxy: Arc<Proxy>,
+    https_redirect: Option<u16>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    match https_redirect {
+        Some(port) => {
+            let header_timeout = proxy.config().header_timeout;
+            tokio::spawn(tandem_proxy::server::serve_redirect(
+                listener,
+                port,
+                header_timeout,
+                stopped,
+            ))
+        }
+        None => tokio::spawn(tandem_proxy::server::serve(listener, proxy, stopped)),
+    }
+}
+
+/// The HTTPS port the plain listener redirects to, with `--https-redirect`.
+pub(crate) fn redirect_port(tls: &TlsArgs, https: Option<&Https>) -> anyhow::Result<Option<u16>> {
+    match (tls.https_redirect, https) {
+        (false, _) => Ok(None),
+        (true, None) => anyhow::bail!(
+            "--https-redirect needs HTTPS: give --tls-cert and --tls-key, or --https-listen"
+        ),
+        (true, Some(h)) => Ok(Some(h.listener.local_addr()?.port())),
+    }
 }

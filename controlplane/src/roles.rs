@@ -85,6 +85,8 @@ pub enum Action {
     RunPipeline,
     /// Set who may call an instance's flows' HTTP endpoints, create and revoke its HTTP tokens.
     ManageHttpAuth,
+    /// Set or remove an instance's custom hostname and upload its certificate.
+    ManageCustomHostname,
 }
 
 /// The permission table: the lowest role allowed to do `action`. Platform admins may do all.
@@ -96,6 +98,7 @@ pub fn required(action: Action) -> Role {
         | TakeSnapshot | Deploy => Role::Member,
         EditTeam | DeleteTeam | ManageMembers | ReadTeamAudit | ManageApplications
         | CreateInstance | DeleteInstance | ManageHa | ProtectInstance | DeployProtected
-        | DeleteSnapshot | ManagePipelines | RunPipeline | ManageHttpAuth => Role::Owner,
+        | DeleteSnapshot | ManagePipelines | RunPipeline | ManageHttpAuth
+        | ManageCustomHostname => Role::Owner,
     }
 }

@@ -3,10 +3,15 @@
 //! `<data-dir>/secret-key` (32 random bytes, created at first start, mode 0600) and the instance
 //! id. A restart or an upgrade of Tandem derives the same ones, so running replicas are adopted
 //! and their credentials still decrypt.
+//!
+//! What must be stored but never shown (secret variables, custom hostnames' private keys) is
+//! sealed with a key derived the same way ([`PlatformKey::seal`]).
 
 use std::path::Path;
 
 use anyhow::Context;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use sha2::{Digest, Sha256};
 
 /// The key instance secrets are derived from.
@@ -100,6 +105,53 @@ impl PlatformKey {
         h.update([0]);
         h.update(id.as_bytes());
         h.finalize().into()
+    }
+
+    /// Seals `value` for `purpose` of instance `id`, bound to `aad` (what it is the value of):
+    /// XChaCha20-Poly1305 under [`PlatformKey::derive_bytes`]`(purpose, id)` with a fresh
+    /// 24-byte nonce. Returns the hex of nonce and ciphertext. A sealed value opens only for the
+    /// same purpose, instance and `aad`.
+    pub fn seal(&self, purpose: &str, id: &str, aad: &str, value: &str) -> anyhow::Result<String> {
+        let mut nonce = [0u8; 24];
+        getrandom::fill(&mut nonce).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        let sealed = self
+            .cipher(purpose, id)
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: value.as_bytes(),
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| anyhow::anyhow!("cannot seal {aad} of {id}"))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        Ok(crate::store::hex(&out))
+    }
+
+    /// Opens what [`PlatformKey::seal`] sealed; `None` when it does not open (another purpose's,
+    /// instance's or `aad`'s, another key's, or damaged).
+    pub fn open(&self, purpose: &str, id: &str, aad: &str, sealed: &str) -> Option<String> {
+        let bytes = decode_hex(sealed)?;
+        if bytes.len() < 24 {
+            return None;
+        }
+        let (nonce, ciphertext) = bytes.split_at(24);
+        let plain = self
+            .cipher(purpose, id)
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .ok()?;
+        String::from_utf8(plain).ok()
+    }
+
+    fn cipher(&self, purpose: &str, id: &str) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(Key::from_slice(&self.derive_bytes(purpose, id)))
     }
 }
 

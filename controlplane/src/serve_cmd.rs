@@ -198,10 +198,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = ApiConfig {
         base_domain: args.base_domain.clone(),
-        // Instances' URLs (and the console's editor links) name the in-process proxy's port;
-        // with `--no-proxy` the standalone proxies' is not known here.
-        instances_port: (!args.no_proxy && args.http_listen.port() != 0)
-            .then_some(args.http_listen.port()),
+        // Instances' URLs (and the console's editor links) name the in-process proxy's port,
+        // its HTTPS one when it serves HTTPS; with `--no-proxy` the standalone proxies' is not
+        // known here.
+        instances_port: match args.tls.https_addr() {
+            Some(https) => (!args.no_proxy && https.port() != 0).then_some(https.port()),
+            None => {
+                (!args.no_proxy && args.http_listen.port() != 0).then_some(args.http_listen.port())
+            }
+        },
+        instances_https: !args.no_proxy && args.tls.https_addr().is_some(),
         max_ha_replicas: args.max_ha_replicas,
         max_document_bytes: (args.max_document_mib as usize) << 20,
         storage_base: Some(match &args.storage_url {
@@ -223,6 +229,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = bootstrap(&state, &args.data_dir).await? {
         tracing::info!(path = %path.display(), "first start: created user admin; its API token is in this file (read it once, keep it safe)");
     }
+    if args.no_proxy && (args.tls.https_addr().is_some() || args.tls.https_redirect) {
+        anyhow::bail!("HTTPS is served by the in-process proxy, which --no-proxy turns off; give the standalone proxies (tandem proxy) --tls-cert and --tls-key instead");
+    }
+    // The coordinator runs the instances' replicas and publishes them into the proxy's routes.
+    let routes = Arc::new(Routes::new());
     // With `--no-proxy`, standalone proxies serve the instances.
     let http = match args.no_proxy {
         true => None,
@@ -235,14 +246,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
         .with_context(|| format!("cannot listen on {} (metrics)", args.metrics_listen))?;
+    let https = crate::proxy_cmd::Https::bind(&args.tls, &routes).await?;
+    let redirect = crate::proxy_cmd::redirect_port(&args.tls, https.as_ref())?;
     let http_addr = match &http {
         Some(h) => h.local_addr()?.to_string(),
         None => "none (--no-proxy)".into(),
     };
-    tracing::info!(api = %api.local_addr()?, http = %http_addr, metrics = %metrics.local_addr()?, data_dir = %args.data_dir.display(), base_domain = %args.base_domain, "tandem serving");
+    let https_addr = crate::proxy_cmd::Https::address(https.as_ref());
+    tracing::info!(api = %api.local_addr()?, http = %http_addr, metrics = %metrics.local_addr()?, data_dir = %args.data_dir.display(), base_domain = %args.base_domain, https = %https_addr, https_redirect = redirect.is_some(), "tandem serving");
 
-    // The coordinator runs the instances' replicas and publishes them into the proxy's routes.
-    let routes = Arc::new(Routes::new());
     // On a cluster, the driver and the leader's Lease share one client.
     let cluster = match args.driver {
         DriverKind::Local => None,
@@ -355,17 +367,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // a few seconds, for a platform with no instance): meanwhile connections wait in the
     // listener's queue rather than get 404 for hosts the table does not have yet.
     let mut first_table = routes.swaps();
+    let https_proxy = proxy.clone();
     let proxy_task = http.map(|http| {
         let stop = stopped();
+        let mut first_table = first_table.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
                 first_table.wait_for(|n| *n > 0),
             )
             .await;
-            tandem_proxy::server::serve(http, proxy, stop).await
+            let _ = crate::proxy_cmd::spawn_plain(http, proxy, redirect, stop).await;
         })
     });
+    let https_task = match https {
+        Some(https) => Some(https.spawn(
+            https_proxy,
+            std::time::Duration::from_secs(2),
+            async move {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    first_table.wait_for(|n| *n > 0),
+                )
+                .await;
+            },
+            stopped(),
+            stopped(),
+        )?),
+        None => None,
+    };
     let metrics_task = tokio::spawn({
         let (stop, app) = (stopped(), crate::metrics_app(state.clone()));
         async move { axum::serve(metrics, app).with_graceful_shutdown(stop).await }
@@ -389,6 +419,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     feed.close();
     let _ = lead_task.await;
     if let Some(task) = proxy_task {
+        let _ = task.await;
+    }
+    if let Some(task) = https_task {
         let _ = task.await;
     }
     // Other long requests (log streams, requests forwarded to the leader) get a while, not

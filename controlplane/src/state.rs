@@ -17,6 +17,9 @@ pub struct ApiConfig {
     /// proxy's (`--http-listen`) in `tandem serve`. `None` (the default, and with `--no-proxy`)
     /// for the scheme's own, 80, as behind a load balancer.
     pub instances_port: Option<u16>,
+    /// Instances are served on HTTPS (`tandem serve --tls-cert`): their URLs say `https`, and
+    /// `instances_port` is the HTTPS listener's.
+    pub instances_https: bool,
     /// Largest HA replica count a user may ask for.
     pub max_ha_replicas: u32,
     /// Lifetime of a sign-in session, in milliseconds.
@@ -39,6 +42,7 @@ impl Default for ApiConfig {
         Self {
             base_domain: "localhost".into(),
             instances_port: None,
+            instances_https: false,
             max_ha_replicas: 8,
             session_ttl_ms: 7 * 24 * 3600 * 1000,
             login_limits: LoginLimits::default(),

@@ -281,8 +281,13 @@ async fn accept_loop<F, S>(
                             let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
                             let io = TokioIo::new(stream);
                             if h2 {
+                                // Pings find dead peers; streams per connection are bounded
+                                // like nginx's default (128).
                                 let mut b = http2::Builder::new(TokioExecutor::new());
-                                b.timer(TokioTimer::new());
+                                b.timer(TokioTimer::new())
+                                    .keep_alive_interval(Some(header_timeout))
+                                    .keep_alive_timeout(header_timeout)
+                                    .max_concurrent_streams(128);
                                 until_drained!(b.serve_connection(io, service), drain)
                             } else {
                                 until_drained!(http1().serve_connection(io, service).with_upgrades(), drain)

@@ -253,6 +253,12 @@ impl Certificates {
         })
     }
 
+    /// Whether the files give any certificate (the instances' own aside).
+    pub fn has_files(&self) -> bool {
+        let l = self.loaded.load();
+        l.default.is_some() || !l.exact.is_empty() || !l.wildcard.is_empty()
+    }
+
     /// Serves `files` from now on, if they all load; otherwise the current ones stay.
     pub fn set_files(&self, files: TlsFiles) -> Result<(), TlsError> {
         if self.loaded.load().files == files && !self.loaded.load().changed() {

@@ -143,6 +143,9 @@ pub struct Instance {
     /// (`/instances/{id}/http-auth`).
     #[schema(value_type = String)]
     pub http_auth: crate::http_auth::HttpAuthMode,
+    /// Its custom hostname, routed like its own host (`/instances/{id}/custom-hostname`).
+    #[schema(example = "flows.example.org")]
+    pub custom_hostname: Option<String>,
     /// Creation time, epoch ms.
     pub created_at: i64,
     /// Last change, epoch ms.
@@ -261,14 +264,26 @@ fn check_ha(state: &AppState, ha: &Ha, field: &str) -> ApiResult<()> {
     Ok(())
 }
 
-pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected, ha_affinity, http_auth";
+pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected, ha_affinity, http_auth, \
+    (SELECT hostname FROM custom_hostnames WHERE custom_hostnames.instance_id = instances.id)";
 
-/// Where instance `name` is served: `http://<name>.<base domain>`, with the port when it is not
-/// the scheme's own.
+/// Where instance `name` is served: `http(s)://<name>.<base domain>`, with the port when it is
+/// not the scheme's own.
 pub(crate) fn instance_url(config: &crate::state::ApiConfig, name: &str) -> String {
+    host_url(config, &format!("{name}.{}", config.base_domain))
+}
+
+/// The URL of `host` on the proxies: HTTPS when they serve it, with the port when it is not
+/// the scheme's own.
+pub(crate) fn host_url(config: &crate::state::ApiConfig, host: &str) -> String {
+    let (scheme, own) = if config.instances_https {
+        ("https", 443)
+    } else {
+        ("http", 80)
+    };
     match config.instances_port {
-        Some(port) if port != 80 => format!("http://{name}.{}:{port}", config.base_domain),
-        _ => format!("http://{name}.{}", config.base_domain),
+        Some(port) if port != own => format!("{scheme}://{host}:{port}"),
+        _ => format!("{scheme}://{host}"),
     }
 }
 
@@ -336,6 +351,7 @@ pub(crate) async fn view(
         updated_at: r.get(12),
         protected: r.get::<i64, _>(13) != 0,
         http_auth: crate::http_auth::HttpAuthMode::from_stored(&r.get::<String, _>(15)),
+        custom_hostname: r.get(16),
         env_stored,
         env_revealed,
     })

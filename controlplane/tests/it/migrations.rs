@@ -23,6 +23,9 @@ const V0_1_SCHEMA: &str = include_str!("migrations/v0.1-schema.sql");
 /// A row or more in every table of that schema.
 const V0_1_ROWS: &str = include_str!("migrations/v0.1-rows.sql");
 
+/// Rows in every table migrations 2 to 12 added, over [`V0_1_ROWS`].
+const V12_ROWS: &str = include_str!("migrations/v12-rows.sql");
+
 /// Migration 1, whose checksum an adopted database must hold.
 const MIGRATION_1: &str = include_str!("../../migrations/0001_initial_schema.sql");
 
@@ -46,6 +49,7 @@ both_backends!(
     v0_1_database_keeps_every_row,
     later_migration_runs_after_adoption,
     fresh_database_runs_every_migration,
+    migration_13_keeps_every_row,
 );
 
 /// Made by 0.1 with rows everywhere, then opened by this store, twice: every row is still there,
@@ -91,12 +95,13 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
     assert_eq!(templates, ["{}"]);
     // Migrations 6 and 7: no proxy token yet, and no platform key checked yet (the first
     // `tandem serve` of the new version records its key's check). Migration 10: no editor
-    // ticket yet. Migration 11: no HTTP token yet.
+    // ticket yet. Migration 11: no HTTP token yet. Migration 13: no custom hostname yet.
     for table in [
         "proxy_tokens",
         "platform_meta",
         "editor_tickets",
         "http_tokens",
+        "custom_hostnames",
     ] {
         let n: i64 = sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
             .fetch_one(&mut *c)
@@ -309,6 +314,106 @@ async fn fresh_database_runs_every_migration(backend: Backend) {
     assert_eq!(schema(&mut c, backend).await, fresh_schema);
 }
 
+/// Migration 13 (custom hostnames) on a database at migration 12 with rows in every table:
+/// every row is kept, and the new table holds one hostname per instance, unique on the
+/// platform, gone with its instance.
+async fn migration_13_keeps_every_row(backend: Backend) {
+    let db = Db::new(backend).await;
+    make_v0_1(&db).await;
+    // This binary's migrations up to 12.
+    let dir = TempDir::new("tandem-migrations");
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for entry in std::fs::read_dir(&ours).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name.as_str() < "0013" {
+            std::fs::copy(&path, dir.path().join(name)).unwrap();
+        }
+    }
+    let migrator = Migrator::new(dir.path().to_path_buf()).await.unwrap();
+    assert_eq!(migrator.iter().map(|m| m.version).max(), Some(12));
+    let store = Store::open_with_migrations(db.dir.path(), db.url.as_deref(), &migrator)
+        .await
+        .unwrap();
+    drop(store);
+    let (names, before) = {
+        let mut c = db.connect().await;
+        sqlx::raw_sql(V12_ROWS).execute(&mut c).await.unwrap();
+        let names: Vec<String> = tables(&mut c, backend)
+            .await
+            .into_iter()
+            .filter(|t| t != "_sqlx_migrations")
+            .collect();
+        assert!(!names.contains(&"custom_hostnames".to_string()));
+        let before = dump_all(&mut c, &names).await;
+        c.close().await.unwrap();
+        (names, before)
+    };
+    for (table, rows) in &before {
+        assert!(!rows.is_empty(), "the fixture fills {table}");
+    }
+
+    let store = db.open().await;
+    let mut c = store.pool.acquire().await.unwrap();
+    assert_eq!(
+        dump_all(&mut c, &names).await,
+        before,
+        "rows after the upgrade"
+    );
+    assert_eq!(
+        recorded(&mut c)
+            .await
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>(),
+        MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>()
+    );
+    assert_eq!(tables(&mut c, backend).await, all_tables());
+    drop(c);
+
+    // One hostname per instance, unique on the platform, gone with its instance.
+    let (orders, line_2) = ("0193a1b2c3d40009a1b2c3dd", "0193a1b2c3d4000aa1b2c3de");
+    let insert = |instance: &'static str, hostname: &'static str| {
+        sqlx::query(
+            "INSERT INTO custom_hostnames (instance_id, hostname, certificate, key_sealed, created_at, updated_at) VALUES ($1, $2, NULL, NULL, $3, $3)",
+        )
+        .bind(instance)
+        .bind(hostname)
+        .bind(1_734_000_000_000_i64)
+    };
+    insert(line_2, "flows.example.org")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    insert(orders, "orders.example.org")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    for (instance, hostname) in [(orders, "flows.example.org"), (line_2, "other.example.org")] {
+        let err = insert(instance, hostname)
+            .execute(&store.pool)
+            .await
+            .expect_err("one hostname per instance, unique on the platform");
+        let unique = err
+            .as_database_error()
+            .is_some_and(|e| e.is_unique_violation());
+        assert!(unique, "{err}");
+    }
+    sqlx::query("DELETE FROM instances WHERE id = $1")
+        .bind(line_2)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    let left: Vec<String> = sqlx::query("SELECT hostname FROM custom_hostnames")
+        .fetch_all(&store.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["orders.example.org"]);
+}
+
 /// Control planes of a cluster start together on one PostgreSQL database: on a fresh one and on
 /// one made by 0.1, each migrates or adopts once, and every one of them starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,6 +558,23 @@ async fn dump(c: &mut AnyConnection, skip: &[&str]) -> Vec<(&'static str, Vec<Ve
     out
 }
 
+/// Every row of each of `tables`, sorted, by table.
+async fn dump_all(c: &mut AnyConnection, tables: &[String]) -> Vec<(String, Vec<Vec<Val>>)> {
+    let mut out = Vec::new();
+    for table in tables {
+        let mut rows: Vec<Vec<Val>> = sqlx::query(&format!("SELECT * FROM {table}"))
+            .fetch_all(&mut *c)
+            .await
+            .unwrap()
+            .iter()
+            .map(vals)
+            .collect();
+        rows.sort();
+        out.push((table.clone(), rows));
+    }
+    out
+}
+
 /// `after` cut to the columns of `before`'s rows: later migrations add columns at the end of
 /// a table, so what 0.1 wrote is each row's beginning.
 fn v0_1_part(
@@ -513,8 +635,9 @@ async fn recorded(c: &mut AnyConnection) -> Vec<Recorded> {
 }
 
 /// Tables the migrations after 0.1 added.
-const LATER_TABLES: [&str; 11] = [
+const LATER_TABLES: [&str; 12] = [
     "control_planes",
+    "custom_hostnames",
     "deployments",
     "editor_tickets",
     "http_tokens",

@@ -71,6 +71,8 @@ struct Tandem {
     child: Child,
     listen: SocketAddr,
     metrics: SocketAddr,
+    /// The HTTPS listener, if any.
+    https: Option<SocketAddr>,
     lines: mpsc::Receiver<String>,
 }
 
@@ -115,13 +117,14 @@ impl Tandem {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => {
                     if line.contains("tandem proxy serving") {
-                        let field = |k: &str| -> SocketAddr {
-                            let rest = &line[line.find(&format!("{k}=")).unwrap() + k.len() + 1..];
-                            rest.split_whitespace().next().unwrap().parse().unwrap()
+                        let field = |k: &str| -> Option<SocketAddr> {
+                            let rest = &line[line.find(&format!(" {k}="))? + k.len() + 2..];
+                            rest.split_whitespace().next()?.parse().ok()
                         };
                         return Ok(Self {
-                            listen: field("listen"),
-                            metrics: field("metrics"),
+                            listen: field("listen").unwrap(),
+                            metrics: field("metrics").unwrap(),
+                            https: field("https"),
                             child,
                             lines: rx,
                         });
@@ -447,4 +450,124 @@ fn help_documents_every_flag_its_environment_variable_and_its_aliases() {
             "{command} {id} was not checked: {checked:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn https_from_the_routes_file_by_sni_with_h2_a_redirect_and_reloads() {
+    use tandem_proxy::tls::test_ca::{is_leaf_of, TestCa};
+    let ca = TestCa::new();
+    let a = upstream("a").await;
+    let (dir, path) = temp_routes();
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    let save = |name: &str, pair: &tandem_proxy::tls::PemKeyPair| {
+        std::fs::write(
+            dir.path().join(format!("tls/{name}.pem")),
+            &pair.certificate,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(format!("tls/{name}.key")), &pair.key).unwrap();
+    };
+    let wildcard = ca.issue(&["*.example.test"]);
+    let customer = ca.issue(&["flows.customer.org"]);
+    save("wildcard", &wildcard);
+    save("customer", &customer);
+    let instance = format!(
+        "[[instance]]\nname = \"orders\"\nhosts = [\"orders.example.test\", \"flows.customer.org\", \"api.customer.org\"]\nreplicas = [\"{a}\"]\nhealth_check = false\n\n"
+    );
+    // Relative paths: from the routes file's directory.
+    let tls = "[tls]\ncert = \"tls/wildcard.pem\"\nkey = \"tls/wildcard.key\"\n\n[[tls.certificate]]\nhosts = [\"flows.customer.org\"]\ncert = \"tls/customer.pem\"\nkey = \"tls/customer.key\"\n";
+    std::fs::write(&path, format!("{instance}{tls}")).unwrap();
+    let tandem = Tandem::start(
+        &path,
+        &["--https-listen", "127.0.0.1:0", "--https-redirect"],
+    )
+    .unwrap();
+    let https = tandem
+        .https
+        .expect("the HTTPS listener in the start-up line");
+    {
+        let stream = TcpStream::connect(tandem.listen).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(
+                hyper::Request::post("/api/x?a=1")
+                    .header("host", "orders.example.test")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 308, "the plain listener redirects");
+        let location = resp.headers()["location"].to_str().unwrap().to_owned();
+        let port: u16 = location
+            .strip_prefix("https://orders.example.test:")
+            .and_then(|r| r.strip_suffix("/api/x?a=1"))
+            .unwrap_or_else(|| panic!("{location}"))
+            .parse()
+            .unwrap();
+        assert_eq!(port, https.port(), "to the HTTPS listener's port");
+    }
+
+    let seen = ca
+        .get(https, "orders.example.test", &[b"h2"], "/")
+        .await
+        .unwrap();
+    assert!(is_leaf_of(&wildcard, &seen.chain));
+    assert_eq!(
+        (seen.version, seen.status, seen.body.as_str()),
+        (http::Version::HTTP_2, 200, "a")
+    );
+    let seen = ca
+        .get(https, "flows.customer.org", &[b"http/1.1"], "/")
+        .await
+        .unwrap();
+    assert!(is_leaf_of(&customer, &seen.chain));
+    assert_eq!((seen.status, seen.body.as_str()), (200, "a"));
+    // No certificate covers api.customer.org yet: the client refuses the default one.
+    assert!(ca
+        .get(https, "api.customer.org", &[b"h2"], "/")
+        .await
+        .is_err());
+
+    // The routes file gains a certificate: served after the reload, no restart.
+    let api = ca.issue(&["api.customer.org"]);
+    save("api", &api);
+    std::fs::write(
+        &path,
+        format!("{instance}{tls}\n[[tls.certificate]]\nhosts = [\"api.customer.org\"]\ncert = \"tls/api.pem\"\nkey = \"tls/api.key\"\n"),
+    )
+    .unwrap();
+    assert!(tandem.wait_for_line("routes reloaded", Duration::from_secs(5)));
+    let seen = ca
+        .get(https, "api.customer.org", &[b"h2"], "/")
+        .await
+        .unwrap();
+    assert!(is_leaf_of(&api, &seen.chain));
+
+    // The default certificate renewed on disk: served without a reload of the routes.
+    let renewed = ca.issue(&["*.example.test"]);
+    save("wildcard", &renewed);
+    assert!(tandem.wait_for_line("TLS certificates reloaded", Duration::from_secs(5)));
+    let seen = ca
+        .get(https, "orders.example.test", &[b"h2"], "/")
+        .await
+        .unwrap();
+    assert!(is_leaf_of(&renewed, &seen.chain));
+
+    // A [tls] section without an HTTPS listener is refused at start, and says why.
+    let (_dir2, plain) = temp_routes();
+    std::fs::write(
+        &plain,
+        format!(
+            "{instance}[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            dir.path().join("tls/api.pem").display(),
+            dir.path().join("tls/api.key").display()
+        ),
+    )
+    .unwrap();
+    let e = Tandem::start(&plain, &[]).err().unwrap();
+    assert!(e.contains("--https-listen"), "{e}");
 }

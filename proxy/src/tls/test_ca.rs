@@ -2,7 +2,13 @@
 //! a CA a test client trusts, made in memory.
 #![allow(clippy::expect_used, missing_docs)]
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls_pki_types::pem::PemObject;
@@ -73,6 +79,71 @@ impl TestCa {
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(config)
+    }
+}
+
+/// What an HTTPS request saw.
+#[derive(Debug)]
+pub struct Seen {
+    /// The certificates the server presented, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The HTTP version ALPN chose.
+    pub version: http::Version,
+    /// The answer's status.
+    pub status: u16,
+    /// Its headers.
+    pub headers: http::HeaderMap,
+    /// Its body, as text.
+    pub body: String,
+}
+
+impl TestCa {
+    /// One GET of `path` over TLS to `addr`, asking for `sni`, trusting this CA only and
+    /// offering `alpn` (HTTP/2 when the server picks `h2`).
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        sni: &str,
+        alpn: &[&[u8]],
+        path: &str,
+    ) -> Result<Seen, Box<dyn std::error::Error + Send + Sync>> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(self.client_config(alpn));
+        let tls = connector
+            .connect(ServerName::try_from(sni.to_owned())?, tcp)
+            .await?;
+        let chain = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .to_vec();
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(super::ALPN_H2);
+        let io = TokioIo::new(tls);
+        let resp = if h2 {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            let req =
+                http::Request::get(format!("https://{sni}{path}")).body(Empty::<Bytes>::new())?;
+            sender.send_request(req).await?
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            let req = http::Request::get(path)
+                .header("host", sni)
+                .body(Empty::<Bytes>::new())?;
+            sender.send_request(req).await?
+        };
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Seen {
+            chain,
+            version: parts.version,
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
     }
 }
 

@@ -6,73 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Version};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::{CertificateDer, ServerName};
+use http::Version;
 use tandem_proxy::tls::test_ca::{is_leaf_of, TestCa};
 use tandem_proxy::tls::{Certificates, FilePair, PemKeyPair, TlsFiles};
 use tandem_proxy::{Proxy, ProxyStats, Routes};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::support::*;
-
-/// What an HTTPS request saw.
-struct Seen {
-    chain: Vec<CertificateDer<'static>>,
-    version: Version,
-    status: u16,
-    body: String,
-}
-
-/// One GET over TLS to `addr`, asking for `sni` and offering `alpn`.
-async fn https_get(
-    addr: SocketAddr,
-    ca: &TestCa,
-    sni: &str,
-    alpn: &[&[u8]],
-    path: &str,
-) -> Result<Seen, Error> {
-    let tcp = TcpStream::connect(addr).await?;
-    let connector = tokio_rustls::TlsConnector::from(ca.client_config(alpn));
-    let tls = connector
-        .connect(ServerName::try_from(sni.to_owned())?, tcp)
-        .await?;
-    let chain = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .unwrap_or_default()
-        .to_vec();
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-    let io = TokioIo::new(tls);
-    let resp = if h2 {
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .uri(format!("https://{sni}{path}"))
-            .body(Empty::<Bytes>::new())?;
-        sender.send_request(req).await?
-    } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .uri(path)
-            .header("host", sni)
-            .body(Empty::<Bytes>::new())?;
-        sender.send_request(req).await?
-    };
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await?.to_bytes();
-    Ok(Seen {
-        chain,
-        version: parts.version,
-        status: parts.status.as_u16(),
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
 
 fn write(dir: &std::path::Path, name: &str, pair: &PemKeyPair) -> FilePair {
     let cert = dir.join(format!("{name}.pem"));
@@ -125,7 +65,8 @@ async fn sni_chooses_the_certificate_and_alpn_h2_reaches_the_instance() {
     .await;
 
     // The instance's own host: the default (wildcard) certificate, HTTP/2 by ALPN.
-    let seen = https_get(addr, &ca, "orders.example.com", &[b"h2", b"http/1.1"], "/")
+    let seen = ca
+        .get(addr, "orders.example.com", &[b"h2", b"http/1.1"], "/")
         .await
         .unwrap();
     assert!(is_leaf_of(&wildcard, &seen.chain));
@@ -133,7 +74,8 @@ async fn sni_chooses_the_certificate_and_alpn_h2_reaches_the_instance() {
     assert_eq!((seen.status, seen.body.as_str()), (200, "orders-r0"));
 
     // Its custom hostname: its own certificate; the replica hears https and the host asked for.
-    let seen = https_get(addr, &ca, "flows.customer.org", &[b"h2"], "/headers")
+    let seen = ca
+        .get(addr, "flows.customer.org", &[b"h2"], "/headers")
         .await
         .unwrap();
     assert!(is_leaf_of(&custom, &seen.chain));
@@ -146,20 +88,23 @@ async fn sni_chooses_the_certificate_and_alpn_h2_reaches_the_instance() {
     assert!(seen.body.contains("xfp=https\n"), "{}", seen.body);
 
     // A client without h2 gets HTTP/1.1.
-    let seen = https_get(addr, &ca, "flows.customer.org", &[b"http/1.1"], "/headers")
+    let seen = ca
+        .get(addr, "flows.customer.org", &[b"http/1.1"], "/headers")
         .await
         .unwrap();
     assert_eq!(seen.version, Version::HTTP_11);
     assert!(seen.body.contains("xfp=https\n"), "{}", seen.body);
 
     // An unknown host gets the default certificate, then the proxy's 404.
-    let seen = https_get(addr, &ca, "nobody.example.com", &[b"h2"], "/")
+    let seen = ca
+        .get(addr, "nobody.example.com", &[b"h2"], "/")
         .await
         .unwrap();
     assert!(is_leaf_of(&wildcard, &seen.chain));
     assert_eq!(seen.status, 404);
     // A name no certificate covers fails the client's verification, not the proxy.
-    assert!(https_get(addr, &ca, "other.example.net", &[b"h2"], "/")
+    assert!(ca
+        .get(addr, "other.example.net", &[b"h2"], "/")
         .await
         .is_err());
 }
@@ -179,7 +124,8 @@ async fn a_certificate_rewritten_on_disk_is_served_without_a_restart() {
         hosts: vec![],
     };
     let addr = https_proxy(routes, files).await;
-    let seen = https_get(addr, &ca, "orders.example.com", &[b"h2"], "/")
+    let seen = ca
+        .get(addr, "orders.example.com", &[b"h2"], "/")
         .await
         .unwrap();
     assert!(is_leaf_of(&first, &seen.chain));
@@ -187,7 +133,7 @@ async fn a_certificate_rewritten_on_disk_is_served_without_a_restart() {
     let renewed = ca.issue(&["*.example.com"]);
     write(dir.path(), "site", &renewed);
     let served = eventually(Duration::from_secs(5), || async {
-        https_get(addr, &ca, "orders.example.com", &[b"h2"], "/")
+        ca.get(addr, "orders.example.com", &[b"h2"], "/")
             .await
             .is_ok_and(|s| is_leaf_of(&renewed, &s.chain) && s.status == 200)
     })
@@ -197,7 +143,8 @@ async fn a_certificate_rewritten_on_disk_is_served_without_a_restart() {
     // A broken rewrite: the renewed one keeps serving.
     std::fs::write(dir.path().join("site.key"), "not a key").unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let seen = https_get(addr, &ca, "orders.example.com", &[b"h2"], "/")
+    let seen = ca
+        .get(addr, "orders.example.com", &[b"h2"], "/")
         .await
         .unwrap();
     assert!(is_leaf_of(&renewed, &seen.chain));

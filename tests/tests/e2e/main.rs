@@ -22,4 +22,5 @@ mod monitoring;
 mod mqtt;
 mod security;
 mod standalone;
+mod tls;
 mod webdriver;

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::harness::{free_port, http, Tandem};
 
 /// A running `tandem proxy --control-plane`.
-struct Standalone {
+pub(crate) struct Standalone {
     child: Option<Child>,
     addr: std::net::SocketAddr,
     metrics: std::net::SocketAddr,
@@ -26,7 +26,7 @@ impl Standalone {
     }
 
     /// [`Standalone::start`] with more flags.
-    fn start_with(
+    pub(crate) fn start_with(
         t: &Tandem,
         id: &str,
         token_file: &Path,
@@ -114,7 +114,7 @@ impl Standalone {
             .and_then(|v| v.trim().parse().ok())
     }
 
-    async fn connected(&self) {
+    pub(crate) async fn connected(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.metric("tandem_proxy_control_plane_connected").await != Some(1.0) {
             assert!(Instant::now() < deadline, "{} never connected", self.addr);
@@ -201,7 +201,7 @@ impl Load {
     }
 }
 
-async fn proxy_token(t: &Tandem) -> PathBuf {
+pub(crate) async fn proxy_token(t: &Tandem) -> PathBuf {
     let r = t
         .api("POST", "/api/v1/proxy-tokens", json!({ "name": "edge" }))
         .await;

@@ -166,6 +166,14 @@ const MATRIX: &[Row] = &[
         "/api/v1/instances/{id}/http-tokens/{token_id}",
         with_ok(TEAM_OWNER, 204),
     ),
+    // Custom hostnames: viewers read, owners set and remove.
+    row("GET", "/api/v1/instances/{id}/custom-hostname", TEAM_READ),
+    row("PUT", "/api/v1/instances/{id}/custom-hostname", TEAM_OWNER),
+    row(
+        "DELETE",
+        "/api/v1/instances/{id}/custom-hostname",
+        with_ok(TEAM_OWNER, 204),
+    ),
     // Snapshots, flows and deploys: viewers read metadata; members take, read flows, export,
     // import, deploy and roll back; owners delete.
     row(
@@ -260,6 +268,9 @@ const MATRIX: &[Row] = &[
     row("GET", "/api/v1/audit-log", ADMIN_ONLY),
 ];
 
+/// The custom hostname of the world's instance.
+const MATRIX_HOSTNAME: &str = "flows.matrix.example.org";
+
 /// Everything the rows need: the callers and a team (created by `owner`, so the admin is no
 /// member of it and passes as admin) with an application, an HA instance, a stack and a template.
 struct World {
@@ -320,6 +331,13 @@ impl World {
             .as_str()
             .unwrap()
             .to_string();
+        s.put(
+            &format!("/api/v1/instances/{instance}/custom-hostname"),
+            &owner.auth,
+            json!({ "hostname": MATRIX_HOSTNAME }),
+        )
+        .await
+        .ok(200);
         let pipeline = new_pipeline(&s, &owner.auth, &app).await;
         let stage = s
             .post(
@@ -528,6 +546,23 @@ impl World {
                     .await;
                 let id = t.ok(201)["id"].as_str().unwrap().to_string();
                 (format!("/api/v1/instances/{inst}/http-tokens/{id}"), None)
+            }
+            // The hostname this world's instance has: a PUT of it changes nothing.
+            ("PUT", "/api/v1/instances/{id}/custom-hostname") => (
+                format!("/api/v1/instances/{inst}/custom-hostname"),
+                Some(json!({ "hostname": MATRIX_HOSTNAME })),
+            ),
+            ("DELETE", "/api/v1/instances/{id}/custom-hostname") => {
+                let doomed = self.fresh_instance().await;
+                let path = format!("/api/v1/instances/{doomed}/custom-hostname");
+                s.put(
+                    &path,
+                    &self.owner.auth,
+                    json!({ "hostname": format!("{}.example.org", unique("gone")) }),
+                )
+                .await
+                .ok(200);
+                (path, None)
             }
             ("DELETE", "/api/v1/instances/{id}/ha") => {
                 let doomed = s

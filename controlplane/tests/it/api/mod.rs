@@ -10,6 +10,7 @@ mod audit;
 mod auth;
 mod auth_attacks;
 mod config_rules;
+mod custom_hostname;
 mod editor_tickets;
 mod http_auth;
 mod instances;
