@@ -13,7 +13,10 @@
 //! - the live log: pause, follow, and older entries on scrolling to the top;
 //! - HTTP access: an owner puts the flows' endpoints behind tokens, creates a token (shown
 //!   once) that opens them through the proxy and revokes it; a viewer reads the mode and the
-//!   tokens and is offered nothing.
+//!   tokens and is offered nothing;
+//! - a custom hostname: a name the API refuses is refused in its words and nothing stored; one
+//!   saved with its certificate and key is shown with its certificate, the key never shown
+//!   again, then removed; a viewer reads it and is offered no form.
 //!
 //! No test installs an npm module: the module test checks a refusal, which the API gives before
 //! any install.
@@ -937,6 +940,114 @@ async fn an_owner_guards_the_flows_with_a_token_made_and_revoked_in_the_page_and
         offered,
         json!([]),
         "a viewer was offered to change HTTP access"
+    );
+    assert!(no_error(&viewer).await, "{}", viewer.text().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_sets_a_custom_hostname_with_its_certificate_and_removes_it_and_a_viewer_only_reads(
+) {
+    let t = Tandem::start("console-custom-hostname").await;
+    let base = format!("http://{}", t.api);
+    admin_password(&t).await;
+    let (app, team) = t.team_and_app("Own").await;
+    user(&t, "vera", "vera-password").await;
+    join(&t, &team, "vera", "viewer").await;
+    let id = t.instance(&app, "owned", hello_flows(), 1).await;
+    let api_path = format!("/api/v1/instances/{id}/custom-hostname");
+    // The hostname the section shows; none: it says "None".
+    let shown = |host: Option<&str>| {
+        format!(
+            "const c = document.getElementById('custom-hostname-current');
+             return !!c && (c.dataset.hostname || null) === {} && (!!c.dataset.hostname || c.textContent.startsWith('None'));",
+            json!(host)
+        )
+    };
+
+    // The admin, who owns every team: none yet.
+    let driver = Chromedriver::start().await;
+    let page = driver.session().await;
+    sign_in(&page, &base, "admin", "admin-password").await;
+    open_instance(&page, "owned").await;
+    until(&page, "no custom hostname", &shown(None)).await;
+
+    // A name the API refuses: its words, and nothing stored.
+    fill(&page, "#custom-hostname-input", "orders.localhost").await;
+    submit(&page, "#custom-hostname-form").await;
+    error_says(&page, "hostname: is localhost or under it").await;
+    assert_eq!(t.api("GET", &api_path, Value::Null).await.status, 404);
+    assert_eq!(page.execute(&shown(None)).await, json!(true));
+
+    // One of the customer's domain, with its certificate and key: shown with the certificate,
+    // the key gone from the form and shown nowhere.
+    let pair = tandem_proxy::tls::test_ca::TestCa::new().issue(&["flows.customer.org"]);
+    let key_line = pair.key.lines().nth(1).unwrap();
+    fill(&page, "#custom-hostname-input", "flows.customer.org").await;
+    fill(&page, "#custom-hostname-certificate", &pair.certificate).await;
+    fill(&page, "#custom-hostname-key", &pair.key).await;
+    submit(&page, "#custom-hostname-form").await;
+    until(
+        &page,
+        "the hostname saved",
+        &shown(Some("flows.customer.org")),
+    )
+    .await;
+    let r = t.api("GET", &api_path, Value::Null).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let saved = r.json();
+    assert_eq!(
+        (saved["hostname"].clone(), saved["has_certificate"].clone()),
+        (json!("flows.customer.org"), json!(true)),
+        "{saved}"
+    );
+    let on_page = page
+        .execute(&format!(
+            "const c = document.getElementById('custom-hostname-current');
+             const value = (id) => document.getElementById(id).value;
+             return [c.dataset.certificate, document.getElementById('custom-hostname-url').getAttribute('href'),
+                 value('custom-hostname-key'), value('custom-hostname-certificate'),
+                 document.body.innerText.includes('PRIVATE KEY') || document.getElementById('custom-hostname').innerText.includes('PRIVATE KEY'),
+                 document.documentElement.outerHTML.includes({0})
+                     || [...document.querySelectorAll('input, textarea')].some((e) => e.value.includes({0}))];",
+            json!(key_line)
+        ))
+        .await;
+    assert_eq!(
+        on_page,
+        json!(["true", saved["url"], "", "", false, false]),
+        "[certificate, url, key, certificate field, PRIVATE KEY shown, key held]"
+    );
+    assert!(no_error(&page).await, "{}", page.text().await);
+
+    // Removed: none again.
+    click(&page, "#custom-hostname-remove").await;
+    until(&page, "the hostname removed", &shown(None)).await;
+    assert_eq!(t.api("GET", &api_path, Value::Null).await.status, 404);
+    assert!(no_error(&page).await, "{}", page.text().await);
+
+    // A viewer reads the hostname and is offered nothing to change.
+    let r = t
+        .api(
+            "PUT",
+            &api_path,
+            json!({ "hostname": "flows.customer.org" }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let viewer = driver.session().await;
+    sign_in(&viewer, &base, "vera", "vera-password").await;
+    open_instance(&viewer, "owned").await;
+    until(&viewer, "the hostname", &shown(Some("flows.customer.org"))).await;
+    let offered = viewer
+        .execute(
+            "return [...document.querySelectorAll('#custom-hostname-form, #custom-hostname form, #custom-hostname button, #custom-hostname input, #custom-hostname textarea')]
+                 .map((e) => e.outerHTML);",
+        )
+        .await;
+    assert_eq!(
+        offered,
+        json!([]),
+        "a viewer was offered to change the hostname"
     );
     assert!(no_error(&viewer).await, "{}", viewer.text().await);
 }
