@@ -414,6 +414,11 @@ pub struct ServeArgs {
     /// `http://tandem-api.tandem.svc:3000`.
     #[arg(long, env = "TANDEM_STORAGE_URL")]
     pub storage_url: Option<String>,
+    /// Warm Node-RED runtimes kept ready per stack in use (local driver): a new replica whose
+    /// instance has no settings or modules of its own starts its flows on one in tens of
+    /// milliseconds instead of booting Node-RED. 0 turns the pool off.
+    #[arg(long, env = "TANDEM_WARM_RUNTIMES", default_value_t = 1)]
+    pub warm_runtimes: usize,
     /// HTTPS for the instances (`https://<name>.<base-domain>:<port>`), with custom hostnames'
     /// own certificates. Needs the in-process proxy.
     #[command(flatten)]

@@ -261,7 +261,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         DriverKind::Kubernetes => Some(kube_client(&args).await?),
     };
     let driver = Arc::new(match &cluster {
-        None => AnyDriver::Local(local_driver(&args)?),
+        None => AnyDriver::Local(local_driver(&args)?.with_warm_runtimes(args.warm_runtimes)),
         Some((client, namespace)) => {
             AnyDriver::Kubernetes(kube_driver(&args, client.clone(), namespace)?)
         }
@@ -350,7 +350,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Leading {
             state: state.clone(),
             switch: switch.clone(),
-            driver,
+            driver: driver.clone(),
             plane,
             logbook,
             config: coordinator_config,
@@ -418,6 +418,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Route feeds are endless: they end now, the proxies reconnect to the next Tandem.
     feed.close();
     let _ = lead_task.await;
+    // Warm runtimes given to no instance end with Tandem; replicas keep running.
+    if let AnyDriver::Local(local) = &*driver {
+        local.close_warm_runtimes();
+    }
     if let Some(task) = proxy_task {
         let _ = task.await;
     }

@@ -207,6 +207,38 @@ async fn send(
         .map_err(|_| format!("no answer within {timeout:?}"))?
 }
 
+/// Whether Node-RED serves at `addr`: its admin API's sign-in description, which needs no token
+/// and reveals nothing, answers 200.
+pub(crate) async fn serves(addr: SocketAddr, timeout: Duration) -> bool {
+    let Ok(request) = Request::builder()
+        .uri("/admin/auth/login")
+        .header(header::HOST, addr.to_string())
+        .body(Full::new(Bytes::new()))
+    else {
+        return false;
+    };
+    matches!(send(addr, request, timeout).await, Ok((200, _)))
+}
+
+/// `POST /admin/flows` as a `reload` deploy: Node-RED loads the flows from its storage again
+/// and starts them (how a warm runtime starts its instance's flows).
+pub(crate) async fn reload(
+    addr: SocketAddr,
+    secret: &str,
+    timeout: Duration,
+) -> Result<u16, String> {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/admin/flows")
+        .header(header::HOST, addr.to_string())
+        .header(ADMIN_TOKEN, secret)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("node-red-deployment-type", "reload")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .map_err(|e| e.to_string())?;
+    send(addr, request, timeout).await.map(|(status, _)| status)
+}
+
 /// `GET /admin/flows/state`: the flow state (`start`, `stop`, `safe`) on a 200.
 pub async fn flow_state(
     addr: SocketAddr,

@@ -74,6 +74,22 @@ pub struct Running {
     pub stale: bool,
     /// What confines the replica's process.
     pub isolation: Isolation,
+    /// How its process came to be, when the driver knows (not for an adopted one).
+    pub start: Option<Start>,
+}
+
+/// How a replica's process came to be (issue 17).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Start {
+    /// A Node-RED process started for it (a cold start).
+    Cold {
+        /// Why no warm runtime served it, when the driver keeps a pool of them.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A warm runtime of the driver's pool, given to it.
+    Warm,
 }
 
 /// What confines a replica's process to its own files.
@@ -168,6 +184,9 @@ pub enum DriverError {
         /// What failed, e.g. `unknown node type: foo-bar`.
         reason: String,
     },
+    /// A warm runtime could not be booted or given an instance (issue 17).
+    #[error("warm runtime: {0}")]
+    Warm(String),
     /// An operating-system error.
     #[error("{context}: {source}")]
     Io {

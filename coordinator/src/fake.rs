@@ -250,6 +250,7 @@ fn running(id: &ReplicaId, r: &Replica, adopted: bool, stale: bool) -> Running {
         flows_rev: Some(r.flows_rev.clone()),
         stale,
         isolation: Isolation::None,
+        start: Some(crate::driver::Start::Cold { reason: None }),
     }
 }
 

@@ -8,6 +8,8 @@
 //!   and `replica.json` (pid, port and spec hash, for adoption; [`process`]).
 //! - `instances/<instance>/logs/r<slot>.log`: the replica's stdout and stderr, appended; rotated
 //!   to `r<slot>.log.1` past [`LocalDriver::max_log_bytes`] ([`tail`]).
+//! - `pool/rt-<n>/`: a warm runtime's userDir ([`pool`]); once given to a replica,
+//!   `instances/<instance>/r<slot>` is a link to it.
 //!
 //! Node-RED writes its output to that file, not to a pipe, so it keeps running when Tandem
 //! restarts; Tandem tails the file into the instance's log. On start, a replica still running
@@ -25,6 +27,7 @@
 //! runs.
 
 mod install;
+mod pool;
 mod process;
 mod settings;
 mod tail;
@@ -52,7 +55,7 @@ pub use settings::{
 use crate::admin;
 use crate::driver::{
     Driver, DriverError, Event, EventKind, Gate, InstanceDriver, Isolation, Liveness, Prepared,
-    Running,
+    Running, Start,
 };
 use crate::logs::InstanceLog;
 use crate::replica::{ExitReason, FlowState, ReplicaId};
@@ -89,6 +92,8 @@ pub struct LocalDriver {
     /// How replicas are sandboxed; `None` runs them as plain processes (the coordinator's own
     /// tests, which have no `tandem` binary).
     sandbox: Option<(SandboxLauncher, Isolation)>,
+    /// Warm runtimes ([`LocalDriver::with_warm_runtimes`]); `None` starts every replica cold.
+    warm: Option<Arc<pool::WarmPool>>,
 }
 
 impl LocalDriver {
@@ -106,6 +111,40 @@ impl LocalDriver {
             liveness: Liveness::default(),
             npm: install::NpmOptions::default(),
             sandbox: None,
+            warm: None,
+        }
+    }
+
+    /// Keeps `size` warm runtimes ready per stack in use (issue 17, [`pool`]); 0 turns the pool
+    /// off. Stops the warm runtimes an earlier Tandem left in `<data dir>/pool`. Set the
+    /// sandbox first: warm runtimes are sandboxed as replicas are.
+    pub fn with_warm_runtimes(mut self, size: usize) -> Self {
+        self.warm =
+            (size > 0).then(|| Arc::new(pool::WarmPool::open(self.data_dir.join("pool"), size)));
+        self
+    }
+
+    /// Stops the warm runtimes not given to any instance (when Tandem exits: replicas keep
+    /// running for the next Tandem to adopt, warm runtimes do not).
+    pub fn close_warm_runtimes(&self) {
+        if let Some(p) = &self.warm {
+            p.close();
+        }
+    }
+
+    /// Warm runtimes ready to serve `spec` now (0 without a pool or when none can serve it).
+    pub fn warm_ready(&self, spec: &ProcessSpec) -> usize {
+        match (&self.warm, pool::servable(spec)) {
+            (Some(p), Ok(key)) => p.ready_count(&key),
+            _ => 0,
+        }
+    }
+
+    /// Boots warm runtimes for `spec` in the background until the pool's size is ready (no-op
+    /// without a pool or when none can serve it).
+    pub fn warm_up(&self, spec: &ProcessSpec) {
+        if let (Some(p), Ok(key)) = (&self.warm, pool::servable(spec)) {
+            p.refill(self, &key);
         }
     }
 
@@ -175,6 +214,98 @@ impl LocalDriver {
         self.instance_dir(&id.instance)
             .join("logs")
             .join(format!("r{}.log", id.slot))
+    }
+
+    /// Whether `id` would run unconfined (a kernel without Landlock, where the driver
+    /// sandboxes); an error when confinement is required.
+    fn unconfined(&self, id: &ReplicaId) -> Result<bool, DriverError> {
+        match &self.sandbox {
+            Some((launcher, Isolation::None)) if launcher.required => {
+                Err(DriverError::Unconfined { id: id.clone() })
+            }
+            Some((_, Isolation::None)) => Ok(true),
+            _ => Ok(false),
+        }
+    }
+
+    /// The command that runs Node-RED (`red`, on `node`) with `dir` as its userDir, working
+    /// directory and home, sandboxed to it when the driver sandboxes, its output appended to
+    /// `log_path`, standard input a pipe (for its secrets); and the log's length before it.
+    #[allow(clippy::too_many_arguments)]
+    fn node_command(
+        &self,
+        dir: &Path,
+        red: &Path,
+        node: &Path,
+        modules: Option<&Path>,
+        memory_mb: u32,
+        env: &std::collections::BTreeMap<String, String>,
+        log_path: &Path,
+    ) -> Result<(Command, u64), DriverError> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(DriverError::io(format!(
+                "cannot open {}",
+                log_path.display()
+            )))?;
+        let offset = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let err = out.try_clone().map_err(DriverError::io("cannot dup"))?;
+        // A private temporary directory: the sandbox leaves the system's /tmp out.
+        let tmp = dir.join(".tmp");
+        std::fs::create_dir_all(&tmp)
+            .map_err(DriverError::io(format!("cannot create {}", tmp.display())))?;
+        let mut cmd = match &self.sandbox {
+            Some((launcher, _)) => {
+                let rules = self.sandbox_rules(dir, red, node, modules);
+                let mut c = Command::new(&launcher.exe);
+                c.arg("sandbox-exec").args(rules.to_args());
+                if launcher.required {
+                    c.arg("--require");
+                }
+                c.arg("--").arg(node);
+                c
+            }
+            None => Command::new(node),
+        };
+        cmd.arg(format!(
+            "--max-old-space-size={}",
+            (memory_mb * 3 / 4).max(64)
+        ))
+        .arg(red)
+        .args(["--settings"])
+        .arg(dir.join("settings.js"))
+        .args(["--userDir"])
+        .arg(dir)
+        // Only what Node.js needs of Tandem's own environment (which may hold a database
+        // URL with its password), then the instance's variables (checked by the control
+        // plane). `NODE_EXTRA_CA_CERTS` is the machine's trust (a path, no secret): flows'
+        // and the palette's HTTPS calls need it where a proxy re-signs TLS.
+        .env_clear()
+        .envs(
+            [
+                "PATH",
+                "LANG",
+                "LC_ALL",
+                "LC_CTYPE",
+                "TZ",
+                "NODE_EXTRA_CA_CERTS",
+            ]
+            .into_iter()
+            .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
+        )
+        .env("HOME", dir)
+        .env("TMPDIR", &tmp)
+        .envs(env)
+        .env("NODE_RED_DISABLE_TELEMETRY", "true")
+        .current_dir(dir)
+        // The secrets: written once to this pipe, read by settings.js.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0);
+        Ok((cmd, offset))
     }
 
     /// What a replica may touch: its userDir read-write; the stack, the Node.js runtime, its
@@ -315,6 +446,7 @@ impl LocalInstance {
             } else {
                 self.driver.isolation()
             },
+            start: None,
         };
         Some((replica, running))
     }
@@ -375,85 +507,25 @@ impl LocalInstance {
             serde_json::json!({ "runtimeFlowState": state }).to_string(),
         )
         .await?;
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .map_err(DriverError::io(format!(
-                "cannot open {}",
-                log_path.display()
-            )))?;
-        let offset = out.metadata().map(|m| m.len()).unwrap_or(0);
-        let err = out.try_clone().map_err(DriverError::io("cannot dup"))?;
-        // A private temporary directory: the sandbox leaves the system's /tmp out.
-        let tmp = dir.join(".tmp");
-        tokio::fs::create_dir_all(&tmp)
-            .await
-            .map_err(DriverError::io(format!("cannot create {}", tmp.display())))?;
-        let mut cmd = match &self.driver.sandbox {
-            Some((launcher, isolation)) => {
-                if *isolation == Isolation::None {
-                    if launcher.required {
-                        return Err(DriverError::Unconfined { id: id.clone() });
-                    }
-                    self.log.note(
-                        "warn",
-                        format!("replica {id} runs without a sandbox: this kernel has no Landlock, so its flows can read whatever Tandem's OS user can"),
-                    );
-                }
-                let rules = self
-                    .driver
-                    .sandbox_rules(dir, &red, &node, modules.as_deref());
-                let mut c = Command::new(&launcher.exe);
-                c.arg("sandbox-exec").args(rules.to_args());
-                if launcher.required {
-                    c.arg("--require");
-                }
-                c.arg("--").arg(&node);
-                c
-            }
-            None => Command::new(&node),
-        };
-        cmd.arg(format!(
-            "--max-old-space-size={}",
-            (spec.memory_mb * 3 / 4).max(64)
-        ))
-        .arg(&red)
-        .args(["--settings"])
-        .arg(dir.join("settings.js"))
-        .args(["--userDir"])
-        .arg(dir)
-        // Only what Node.js needs of Tandem's own environment (which may hold a database URL
-        // with its password), then the instance's variables (checked by the control plane).
-        // `NODE_EXTRA_CA_CERTS` is the machine's trust (a path, no secret): flows' and the
-        // palette's HTTPS calls need it where a proxy re-signs TLS.
-        .env_clear()
-        .envs(
-            [
-                "PATH",
-                "LANG",
-                "LC_ALL",
-                "LC_CTYPE",
-                "TZ",
-                "NODE_EXTRA_CA_CERTS",
-            ]
-            .into_iter()
-            .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
-        )
-        .env("HOME", dir)
-        .env("TMPDIR", &tmp)
-        .envs(&spec.env)
-        .env("NODE_RED_DISABLE_TELEMETRY", "true")
+        if self.driver.unconfined(id)? {
+            self.log.note(
+                "warn",
+                format!("replica {id} runs without a sandbox: this kernel has no Landlock, so its flows can read whatever Tandem's OS user can"),
+            );
+        }
+        let (mut cmd, offset) = self.driver.node_command(
+            dir,
+            &red,
+            &node,
+            modules.as_deref(),
+            spec.memory_mb,
+            &spec.env,
+            log_path,
+        )?;
         // The persisted runtime state alone did not always hold on a fresh userDir (flows were
         // started in about one boot in five); safe mode is Node-RED's own "load, do not start",
         // left by `POST /admin/flows/state {"state":"start"}`.
-        .args(spec.start_stopped.then_some("--safe"))
-        .current_dir(dir)
-        // The secrets: written once to this pipe, read once by settings.js.
-        .stdin(Stdio::piped())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .process_group(0);
+        cmd.args(spec.start_stopped.then_some("--safe"));
         let mut child = cmd.spawn().map_err(DriverError::io("cannot start node"))?;
         if let Some(mut stdin) = child.stdin.take() {
             let secrets = serde_json::json!({
@@ -496,7 +568,11 @@ impl InstanceDriver for LocalInstance {
         let id = self.id(slot);
         let dir = self.driver.user_dir(&id);
         let log_path = self.driver.log_file(&id);
-        for d in [Some(dir.as_path()), log_path.parent()]
+        // The userDir may be a link to a warm runtime's directory (made at its assignment).
+        let linked = tokio::fs::symlink_metadata(&dir)
+            .await
+            .is_ok_and(|m| m.file_type().is_symlink());
+        for d in [(!linked).then_some(dir.as_path()), log_path.parent()]
             .into_iter()
             .flatten()
         {
@@ -540,6 +616,32 @@ impl InstanceDriver for LocalInstance {
             return Ok(());
         }
 
+        // A warm runtime when the pool has one for this spec; the pool refills either way.
+        let cold = match (&self.driver.warm, pool::servable(spec)) {
+            (None, _) => None,
+            (Some(_), Err(why)) => Some(why),
+            (Some(p), Ok(key)) => {
+                let taken = p.take(&key);
+                p.refill(&self.driver, &key);
+                match taken {
+                    None => Some("no warm runtime was ready".to_owned()),
+                    Some(warm) => match self.assign(slot, run, spec, flows, warm).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) => Some(format!("the warm runtime failed ({e})")),
+                    },
+                }
+            }
+        };
+        if let Some(why) = &cold {
+            self.log
+                .note("info", format!("replica {id} starts cold: {why}"));
+        }
+        // A link to a warm runtime's directory that served this slot before: a cold start gets
+        // a directory of its own again.
+        self.unlink_warm_dir(&dir).await;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(DriverError::io(format!("cannot create {}", dir.display())))?;
         let hash = spec_hash(spec, slot, self.driver.sandbox.is_some());
         let (child, port, offset) = self.spawn(&id, spec, flows, &dir, &log_path).await?;
         let pid = child.id().unwrap_or_default();
@@ -594,6 +696,7 @@ impl InstanceDriver for LocalInstance {
             flows_rev: Some(flows.rev.clone()),
             stale: false,
             isolation: self.driver.isolation(),
+            start: Some(Start::Cold { reason: cold }),
         };
         tokio::spawn(watch_replica(
             self.watcher(slot, run, replica),
@@ -666,6 +769,12 @@ impl InstanceDriver for LocalInstance {
 
     async fn remove(&self) -> Result<(), DriverError> {
         let dir = self.driver.instance_dir(&self.name);
+        // The warm runtimes' directories its replicas' userDirs link to go with it.
+        if let Ok(mut entries) = tokio::fs::read_dir(&dir).await {
+            while let Ok(Some(entry)) = entries.next_entry().await {
+                self.unlink_warm_dir(&entry.path()).await;
+            }
+        }
         match tokio::fs::remove_dir_all(&dir).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DriverError::Io {
                 context: format!("cannot remove {}", dir.display()),
@@ -677,6 +786,178 @@ impl InstanceDriver for LocalInstance {
 }
 
 impl LocalInstance {
+    /// Removes `path` when it is a link to a warm runtime's directory, and that directory.
+    async fn unlink_warm_dir(&self, path: &Path) {
+        let Ok(target) = tokio::fs::read_link(path).await else {
+            return;
+        };
+        let _ = tokio::fs::remove_file(path).await;
+        if let Some(pool) = &self.driver.warm {
+            if target.starts_with(pool.dir()) {
+                let _ = tokio::fs::remove_dir_all(&target).await;
+            }
+        }
+    }
+
+    /// Gives `warm` to replica `slot` (see [`pool`]): its directory becomes the replica's
+    /// userDir and its output the replica's log, it gets the instance's secrets, storage and
+    /// variables, then loads and starts the flows from the store. On error the runtime is
+    /// stopped and the replica's files are as a cold start expects them.
+    async fn assign(
+        &self,
+        slot: u32,
+        run: u64,
+        spec: &ProcessSpec,
+        flows: &Flows,
+        mut warm: pool::Warm,
+    ) -> Result<(), DriverError> {
+        let id = self.id(slot);
+        let dir = self.driver.user_dir(&id);
+        let log_path = self.driver.log_file(&id);
+        let io = |what: &str, p: &Path| DriverError::io(format!("cannot {what} {}", p.display()));
+        // The slot's directory from before: a link to an earlier runtime, or a cold start's
+        // (the flows are in the store; what is left is the editor's per-user settings).
+        self.unlink_warm_dir(&dir).await;
+        if tokio::fs::symlink_metadata(&dir).await.is_ok() {
+            if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                warm.discard();
+                return Err(io("remove", &dir)(e));
+            }
+        }
+        let linked = async {
+            tokio::fs::symlink(&warm.dir, &dir)
+                .await
+                .map_err(io("link", &dir))?;
+            // The runtime's output becomes the replica's log, the earlier one its rotation.
+            if tokio::fs::metadata(&log_path).await.is_ok() {
+                let old = log_path.with_extension("log.1");
+                tokio::fs::rename(&log_path, &old)
+                    .await
+                    .map_err(io("rotate", &log_path))?;
+            }
+            tokio::fs::rename(&warm.log, &log_path)
+                .await
+                .map_err(io("move", &warm.log))?;
+            tokio::fs::write(dir.join(".tandem-flows"), &flows.rev)
+                .await
+                .map_err(io("write", &dir))?;
+            // Given out: a later Tandem does not stop it as a leftover of the pool.
+            let _ = tokio::fs::remove_file(warm.dir.with_extension("pid")).await;
+            Ok::<u64, DriverError>(
+                tokio::fs::metadata(&log_path)
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(0),
+            )
+        };
+        let offset = match linked.await {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&dir).await;
+                warm.discard();
+                return Err(e);
+            }
+        };
+        let storage = spec.storage.as_ref().map(
+            |s| serde_json::json!({ "url": s.url, "token": s.token, "replica": id.to_string() }),
+        );
+        let message = serde_json::json!({
+            "secrets": { "admin": spec.admin_secret, "credentials": spec.credential_secret },
+            "storage": storage,
+            "env": spec.env,
+        });
+        let written = warm
+            .stdin
+            .write_all(
+                format!(
+                    "{message}
+"
+                )
+                .as_bytes(),
+            )
+            .await;
+        let _ = warm.stdin.shutdown().await;
+        let seen = Arc::new(tail::Seen::default());
+        let fail = |warm: pool::Warm, why: String| {
+            warm.discard();
+            DriverError::Warm(why)
+        };
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&dir).await;
+            return Err(fail(warm, format!("cannot write its instance: {e}")));
+        }
+        // The runtime reads its instance as soon as it can; until then its admin API refuses
+        // the instance's secret.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match admin::reload(warm.addr(), &spec.admin_secret, Duration::from_secs(5)).await {
+                Ok(s) if (200..300).contains(&s) => break,
+                Ok(401) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                other => {
+                    let _ = tokio::fs::remove_file(&dir).await;
+                    return Err(fail(warm, format!("loading the flows: {other:?}")));
+                }
+            }
+        }
+        tail::tail(
+            log_path,
+            offset,
+            id.to_string(),
+            self.log.clone(),
+            warm.exit.clone(),
+            self.driver.max_log_bytes,
+            seen.clone(),
+        )
+        .await;
+        let (pid, port) = (warm.pid, warm.port);
+        self.log.note(
+            "info",
+            format!("starting replica {id} on a warm runtime (pid {pid})"),
+        );
+        let addr = warm.addr();
+        let replica = Replica {
+            run,
+            pid,
+            addr,
+            secret: spec.admin_secret.clone(),
+            exit: warm.exit.clone(),
+            ending: Arc::default(),
+            reaped: Arc::default(),
+        };
+        if let Ok(mut m) = self.replicas.lock() {
+            m.insert(slot, replica.clone());
+        }
+        let boot = Boot {
+            start_stopped: false,
+            seen,
+            deadline: Instant::now() + self.driver.ready_timeout,
+            record_at: dir.join("replica.json"),
+            record: Record {
+                pid,
+                port,
+                spec: spec_hash(spec, slot, self.driver.sandbox.is_some()),
+            },
+        };
+        let running = Running {
+            addr,
+            pid: Some(pid),
+            adopted: false,
+            flows: FlowState::Started,
+            flows_rev: Some(flows.rev.clone()),
+            stale: false,
+            isolation: self.driver.isolation(),
+            start: Some(Start::Warm),
+        };
+        tokio::spawn(watch_replica(
+            self.watcher(slot, run, replica),
+            Some(boot),
+            running,
+        ));
+        Ok(())
+    }
+
     fn watcher(&self, slot: u32, run: u64, replica: Replica) -> Watcher {
         Watcher {
             id: self.id(slot),

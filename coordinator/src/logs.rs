@@ -113,7 +113,7 @@ struct Ring {
 }
 
 impl InstanceLog {
-    fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
             ring: Mutex::new(Ring {
                 entries: VecDeque::new(),

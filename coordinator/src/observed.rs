@@ -57,6 +57,8 @@ pub(crate) struct ReplicaView {
     pub last_exit: Option<String>,
     pub since: i64,
     pub isolation: Option<Isolation>,
+    /// How its process came to be (a warm runtime or a cold start).
+    pub start: Option<crate::driver::Start>,
     /// Its flows run (or may: asked to start and not known stopped).
     pub flows: bool,
     /// The revision of the flows it runs, when known.
@@ -183,6 +185,7 @@ impl Observed {
                     since: r.since,
                     active: r.serves() && (!o.standby || o.active == Some(*slot)),
                     isolation: r.isolation,
+                    start: r.start.clone(),
                     flows_rev: r.flows_rev.clone(),
                     deploy_error: r.deploy_error.clone(),
                     current: r.current,

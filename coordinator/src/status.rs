@@ -108,6 +108,10 @@ pub struct ReplicaStatus {
     pub active: bool,
     /// What confines it while it runs.
     pub isolation: Option<Isolation>,
+    /// How its process came to be while it runs: `{"kind": "warm"}` (a warm runtime of the
+    /// pool) or `{"kind": "cold", "reason"?}` (why the pool could not serve it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start: Option<crate::driver::Start>,
     /// The revision of the flows it runs, when known.
     pub flows_rev: Option<String>,
     /// Why the last deploy to it failed, until the next succeeds.

@@ -826,6 +826,7 @@ impl<I: InstanceDriver> Worker<I> {
                             last_exit: s.last_exit.clone(),
                             since: s.since,
                             isolation: s.running.as_ref().map(|r| r.isolation),
+                            start: s.running.as_ref().and_then(|r| r.start.clone()),
                             flows: s.flows_on,
                             flows_rev: s.flows_rev.clone(),
                             out: s.out,

@@ -483,6 +483,7 @@ async fn announce(inner: Arc<Inner>, slot: u32, run: u64, addr: SocketAddr) {
         flows_rev: s.flows_rev.clone(),
         stale: s.stale,
         isolation: Isolation::Container,
+        start: Some(tandem_coordinator::driver::Start::Cold { reason: None }),
     };
     inner.send(slot, run, EventKind::Ready(running));
 }

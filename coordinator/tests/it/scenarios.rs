@@ -248,6 +248,7 @@ async fn a_hung_active_is_fenced_before_a_standby_runs_flows_and_never_serves_ag
         flows_rev: None,
         stale: false,
         isolation: tandem_coordinator::driver::Isolation::None,
+        start: None,
     };
     w.fake.send(&r("sb", 0), EventKind::Ready(old));
     settle().await;

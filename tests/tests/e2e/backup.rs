@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::harness::Tandem;
 
 /// An HTTP server that answers every request with the `Authorization` header it got.
-async fn echo_authorization() -> u16 {
+pub(crate) async fn echo_authorization() -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -54,7 +54,7 @@ async fn echo_authorization() -> u16 {
 
 /// `GET /cred` calls the echo server with basic auth from the node's credentials; `GET /env`
 /// answers the secret variable `TOKEN`.
-fn flows(port: u16) -> Value {
+pub(crate) fn flows(port: u16) -> Value {
     json!([
         { "id": "t1", "type": "tab", "label": "Vault" },
         { "id": "in", "type": "http in", "z": "t1", "url": "/cred", "method": "get", "wires": [["req"]] },

@@ -23,4 +23,5 @@ mod mqtt;
 mod security;
 mod standalone;
 mod tls;
+mod warm;
 mod webdriver;

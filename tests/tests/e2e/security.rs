@@ -16,7 +16,7 @@ use crate::harness::{hello_flows, Tandem};
 /// - `GET /exec?cmd=…`: runs `cmd` with the exec node, answers its output and exit code;
 /// - `GET /read?path=…`: reads a file with the `file in` node, answers `{ok, len}` or the error;
 /// - `GET /admin/echo`: a flow route under `/admin`, answers the headers it got.
-fn probe_flows() -> Value {
+pub(crate) fn probe_flows() -> Value {
     json!([
         { "id": "t", "type": "tab", "label": "Probe" },
         { "id": "ein", "type": "http in", "z": "t", "url": "/env", "method": "get", "wires": [["efn"]] },

@@ -611,6 +611,7 @@ impl Scripted {
                 since: 0,
                 active: true,
                 isolation: None,
+                start: None,
                 flows_rev: Some(rev.to_string()),
                 deploy_error: refused
                     .filter(|(r, _)| r == rev && slot == 0)
