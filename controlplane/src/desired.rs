@@ -85,6 +85,8 @@ pub async fn desired_instances(
             affinity: i.ha.is_some_and(|h| h.affinity_on()),
             http_auth: i.http_auth,
             certificate,
+            // HA instances stay awake (the API refuses sleep on them).
+            asleep: i.asleep_since.is_some() && i.ha.is_none(),
             process: ProcessSpec {
                 instance: i.name.clone(),
                 nodered_version: version.clone(),

@@ -24,6 +24,8 @@
 //! - [`node_credentials`]: Node-RED's credential encryption, to move credentials between
 //!   secrets.
 //! - [`secrets`]: instance secrets, derived from the platform key.
+//! - [`sleep`]: instances that sleep when idle: the sleeper, and the waker of the in-process
+//!   proxy.
 //! - [`env_secrets`]: secret environment variables, sealed in the store and never shown.
 //! - [`mqtt_wiring`]: the MQTT proxy's per-replica listeners in `tandem serve`.
 //! - [`editor_gate`]: who may open an instance's editor through the proxy.
@@ -75,6 +77,7 @@ pub mod route_feed;
 pub mod scratch_pg;
 pub mod secrets;
 pub mod serve_cmd;
+pub mod sleep;
 pub mod snapshots;
 pub mod state;
 pub mod store;

@@ -94,9 +94,13 @@ async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result
         }
     }
     let proxy = Arc::new(
-        Proxy::new(routes, args.config(), stats.clone()).with_editor_gate(Arc::new(
-            tandem_proxy::control::RemoteEditorGate::new(link.clone()),
-        )),
+        Proxy::new(routes, args.config(), stats.clone())
+            .with_editor_gate(Arc::new(tandem_proxy::control::RemoteEditorGate::new(
+                link.clone(),
+            )))
+            .with_waker(Arc::new(tandem_proxy::control::RemoteWaker::new(
+                link.clone(),
+            ))),
     );
     let metrics_addr = args.metrics_addr();
     let metrics = tokio::net::TcpListener::bind(metrics_addr)

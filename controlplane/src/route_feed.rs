@@ -39,6 +39,8 @@ pub struct Presence {
 pub struct RouteFeed {
     table: watch::Sender<Arc<FeedTable>>,
     proxies: Mutex<HashMap<String, Presence>>,
+    /// When each instance was last used through a standalone proxy, epoch ms (their reports).
+    activity: Mutex<HashMap<String, u64>>,
     /// Set when Tandem stops: open feeds end, so the API's graceful shutdown does not wait for
     /// the proxies to hang up.
     closed: watch::Sender<bool>,
@@ -63,6 +65,7 @@ impl RouteFeed {
             }))
             .0,
             proxies: Mutex::default(),
+            activity: Mutex::default(),
             closed: watch::channel(false).0,
         }
     }
@@ -124,6 +127,12 @@ impl RouteFeed {
 
     /// Records a proxy's report.
     pub fn report(&self, report: Report) {
+        if let Ok(mut activity) = self.activity.lock() {
+            for (name, at) in &report.active {
+                let last = activity.entry(name.clone()).or_default();
+                *last = (*last).max(*at);
+            }
+        }
         if let Ok(mut proxies) = self.proxies.lock() {
             proxies.insert(
                 report.id,
@@ -136,6 +145,15 @@ impl RouteFeed {
                 },
             );
         }
+    }
+
+    /// When `instance` was last used through a standalone proxy, epoch ms (0: never reported).
+    pub fn last_active(&self, instance: &str) -> u64 {
+        self.activity
+            .lock()
+            .ok()
+            .and_then(|a| a.get(instance).copied())
+            .unwrap_or(0)
     }
 
     /// The proxies that reported within [`PROXY_TTL`], by id; older ones are forgotten.
@@ -226,6 +244,7 @@ mod tests {
             editor_secret: "s".into(),
             http_auth: Default::default(),
             certificate: None,
+            asleep: false,
             hold: false,
             replicas: vec![tandem_coordinator::dataplane::RouteReplica {
                 id: ReplicaId::new("a", 0),
@@ -245,6 +264,7 @@ mod tests {
             } else {
                 HashMap::new()
             },
+            active: HashMap::new(),
         }
     }
 

@@ -332,7 +332,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             },
             stats.clone(),
         )
-        .with_editor_gate(Arc::new(crate::editor_gate::TeamEditorGate(state.clone()))),
+        .with_editor_gate(Arc::new(crate::editor_gate::TeamEditorGate(state.clone())))
+        .with_waker(Arc::new(crate::sleep::StoreWaker::new(state.clone()))),
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = || crate::stopped(stop_rx.clone());
@@ -396,6 +397,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    // Idle instances with `sleep_after_s` go to sleep; the in-process proxy sees their use.
+    let sleeper = (!args.no_proxy).then(|| {
+        tokio::spawn(crate::sleep::run(
+            state.clone(),
+            routes.clone(),
+            stats.clone(),
+            stopped(),
+        ))
+    });
     let metrics_task = tokio::spawn({
         let (stop, app) = (stopped(), crate::metrics_app(state.clone()));
         async move { axum::serve(metrics, app).with_graceful_shutdown(stop).await }
@@ -418,6 +428,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Route feeds are endless: they end now, the proxies reconnect to the next Tandem.
     feed.close();
     let _ = lead_task.await;
+    if let Some(task) = sleeper {
+        let _ = task.await;
+    }
     // Warm runtimes given to no instance end with Tandem; replicas keep running.
     if let AnyDriver::Local(local) = &*driver {
         local.close_warm_runtimes();

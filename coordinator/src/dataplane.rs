@@ -53,6 +53,8 @@ pub struct InstanceRoutes {
     pub http_auth: crate::proxy::HttpAuth,
     /// Its own certificate (its custom hostname's), for HTTPS listeners.
     pub certificate: Option<crate::proxy::tls::PemKeyPair>,
+    /// It sleeps: a request wakes it (and waits, as `hold` is set).
+    pub asleep: bool,
     /// It should serve, and a replica is expected to be ready whenever none is (a takeover, a
     /// deploy's switch, a start): the proxy holds requests for a while rather than answer 503.
     pub hold: bool,
@@ -105,6 +107,7 @@ pub fn feed_instances(instances: &[InstanceRoutes]) -> Vec<FeedInstance> {
             editor_secret: i.editor_secret.clone(),
             http_auth: i.http_auth,
             certificate: i.certificate.clone(),
+            asleep: i.asleep,
             replicas: i
                 .replicas
                 .iter()

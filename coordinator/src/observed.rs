@@ -25,6 +25,8 @@ pub(crate) struct InstanceView {
     pub http_auth: crate::proxy::HttpAuth,
     /// Its own certificate, for the proxies.
     pub certificate: Option<crate::proxy::tls::PemKeyPair>,
+    /// It should run but sleeps.
+    pub asleep: bool,
     pub desired: DesiredState,
     /// Replicas wanted (0 unless running).
     pub want: u32,
@@ -137,6 +139,8 @@ impl Observed {
             .find(|r| r.phase == ReplicaPhase::Crashed);
         let stopping = !o.replicas.is_empty();
         let (state, reason) = match (o.desired, &o.phase) {
+            (DesiredState::Running, _) if o.asleep && stopping => (InstanceState::Stopping, None),
+            (DesiredState::Running, _) if o.asleep => (InstanceState::Sleeping, None),
             (DesiredState::Stopped | DesiredState::Suspended, _) if stopping => {
                 (InstanceState::Stopping, None)
             }
@@ -165,7 +169,7 @@ impl Observed {
             state,
             ready,
             desired: o.want,
-            summary: if o.desired == DesiredState::Running {
+            summary: if o.desired == DesiredState::Running && !o.asleep {
                 format!("{} {ready}/{}", state.as_str(), o.want)
             } else {
                 state.as_str().to_owned()
@@ -285,19 +289,21 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
     // its flows, one stopped for its replacement): not when nothing is coming (stopped, failed,
     // every replica crashed or waiting out its restart backoff), where a request is better
     // answered 503 at once.
-    let hold = o.desired == DesiredState::Running
-        && o.want > 0
-        && o.phase == Phase::Ready
-        && o.replicas.values().any(|r| {
-            matches!(
-                r.phase,
-                ReplicaPhase::Starting
-                    | ReplicaPhase::Running
-                    | ReplicaPhase::Draining
-                    | ReplicaPhase::Deploying
-                    | ReplicaPhase::Stopping
-            )
-        });
+    // A sleeping instance holds requests too: the first one wakes it.
+    let hold = (o.desired == DesiredState::Running && o.asleep)
+        || o.desired == DesiredState::Running
+            && o.want > 0
+            && o.phase == Phase::Ready
+            && o.replicas.values().any(|r| {
+                matches!(
+                    r.phase,
+                    ReplicaPhase::Starting
+                        | ReplicaPhase::Running
+                        | ReplicaPhase::Draining
+                        | ReplicaPhase::Deploying
+                        | ReplicaPhase::Stopping
+                )
+            });
     Some(InstanceRoutes {
         name: o.name.clone(),
         hosts: o.hosts.clone(),
@@ -305,6 +311,7 @@ fn routes_of(o: &InstanceView) -> Option<InstanceRoutes> {
         affinity: o.affinity,
         http_auth: o.http_auth,
         certificate: o.certificate.clone(),
+        asleep: o.asleep,
         editor_secret: o.secret.clone(),
         hold,
         replicas,

@@ -170,6 +170,9 @@ pub struct InstanceDesired {
     /// Its own certificate and key, served by the proxies' HTTPS listeners for those of its
     /// hosts it covers (a custom hostname).
     pub certificate: Option<crate::proxy::tls::PemKeyPair>,
+    /// It sleeps (issue 17): while it should run, no replica runs; the proxies hold requests
+    /// for it and wake it (their waker asks the control plane, which clears this).
+    pub asleep: bool,
     /// What each replica's process runs.
     pub process: ProcessSpec,
     /// The flows every replica should run.
@@ -195,10 +198,10 @@ impl InstanceDesired {
         spec
     }
 
-    /// The slots that should run: `0..replicas` while running, none otherwise.
+    /// The slots that should run: `0..replicas` while running and awake, none otherwise.
     pub fn slots(&self) -> BTreeSet<u32> {
         match self.state {
-            DesiredState::Running => (0..self.replicas).collect(),
+            DesiredState::Running if !self.asleep => (0..self.replicas).collect(),
             _ => BTreeSet::new(),
         }
     }

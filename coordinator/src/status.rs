@@ -27,6 +27,8 @@ pub enum InstanceState {
     Stopped,
     /// Nothing runs, as asked (suspended).
     Suspended,
+    /// It should run, but sleeps after an idle period: its first request wakes it.
+    Sleeping,
     /// No replica is ready and one is held as crashed, or the stack cannot be installed.
     Crashed,
     /// Nothing observes the instance.
@@ -44,6 +46,7 @@ impl InstanceState {
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
             Self::Suspended => "suspended",
+            Self::Sleeping => "sleeping",
             Self::Crashed => "crashed",
             Self::Unknown => "unknown",
         }

@@ -805,8 +805,9 @@ impl<I: InstanceDriver> Worker<I> {
             affinity: d.affinity,
             http_auth: d.http_auth,
             certificate: d.certificate.clone(),
+            asleep: d.asleep && d.state == DesiredState::Running,
             desired: d.state,
-            want: if d.state == DesiredState::Running && !self.gone {
+            want: if d.state == DesiredState::Running && !d.asleep && !self.gone {
                 d.replicas
             } else {
                 0

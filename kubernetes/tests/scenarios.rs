@@ -1093,6 +1093,7 @@ mod coordinated {
             affinity: false,
             http_auth: Default::default(),
             certificate: None,
+            asleep: false,
             process,
             flows: flows(),
             mqtt_urls: BTreeMap::new(),

@@ -67,6 +67,7 @@ mod tests {
     fn spec(n: usize, affinity: bool) -> InstanceSpec {
         InstanceSpec {
             certificate: None,
+            asleep: false,
             editor_secret: None,
             http_auth: Default::default(),
             name: "orders".into(),

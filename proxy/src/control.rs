@@ -65,6 +65,11 @@ pub struct Report {
     pub generation: u64,
     /// Requests in flight to replicas out of rotation: replica id → count, only those above 0.
     pub in_flight: HashMap<String, u64>,
+    /// When each instance was last used through this proxy, epoch ms (now, while it has a
+    /// request in flight or a WebSocket open); instances unused since the proxy started are left
+    /// out. The control plane's sleeper reads it (issue 17).
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub active: HashMap<String, u64>,
 }
 
 /// What the editor gate asks.
@@ -422,7 +427,18 @@ impl ControlPlane {
     pub fn current_report(&self) -> Report {
         let table = self.routes.load();
         let mut in_flight = HashMap::new();
+        let mut active = HashMap::new();
+        let now = crate::activity::now_ms();
         for i in table.instances() {
+            let used = i.activity();
+            let last = if used.is_quiet() {
+                used.last_request_ms
+            } else {
+                now
+            };
+            if last > 0 {
+                active.insert(i.name.to_string(), last);
+            }
             for r in &i.replicas {
                 let n = r.state.in_flight();
                 if n > 0 && !r.state.is_ready() {
@@ -435,7 +451,21 @@ impl ControlPlane {
             address: self.address.clone(),
             generation: *self.generation.borrow(),
             in_flight,
+            active,
         }
+    }
+
+    /// Asks the control plane to wake a sleeping instance (`POST /api/v1/routes/wake`).
+    pub async fn wake(&self, instance: &str) -> Result<(), LinkError> {
+        let body = serde_json::to_vec(&serde_json::json!({ "instance": instance }))
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let res = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.call(http::Method::POST, "/api/v1/routes/wake", Some(body), None),
+        )
+        .await
+        .map_err(|_| LinkError::Connect(self.authority.clone(), "timed out".into()))??;
+        expect_ok(res).await.map(drop)
     }
 
     async fn send_report(&self, report: &Report) -> Result<(), LinkError> {
@@ -592,6 +622,43 @@ type GateKey = (
     Option<String>,
     Option<String>,
 );
+
+/// The waker of a standalone proxy: asks the control plane, at most once per instance every
+/// half second (a burst of requests to a sleeping instance asks once).
+#[derive(Debug)]
+pub struct RemoteWaker {
+    link: Arc<ControlPlane>,
+    asked: Mutex<HashMap<String, Instant>>,
+}
+
+impl RemoteWaker {
+    /// A waker asking `link`'s control plane.
+    pub fn new(link: Arc<ControlPlane>) -> Self {
+        Self {
+            link,
+            asked: Mutex::default(),
+        }
+    }
+}
+
+impl crate::activity::Waker for RemoteWaker {
+    fn wake(&self, instance: &str) {
+        {
+            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            asked.retain(|_, at| now.duration_since(*at) < Duration::from_millis(500));
+            if asked.insert(instance.to_owned(), now).is_some() {
+                return;
+            }
+        }
+        let (link, name) = (self.link.clone(), instance.to_owned());
+        tokio::spawn(async move {
+            if let Err(error) = link.wake(&name).await {
+                tracing::warn!(instance = %name, %error, "cannot ask the control plane to wake the instance");
+            }
+        });
+    }
+}
 
 /// The editor gate of a standalone proxy: asks the control plane, keeps each answer for
 /// [`GATE_TTL`] per instance, method and credentials. A control plane that cannot answer

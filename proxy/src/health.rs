@@ -503,6 +503,7 @@ mod tests {
         let routes = Routes::new();
         let spec = InstanceSpec {
             certificate: None,
+            asleep: false,
             editor_secret: None,
             http_auth: Default::default(),
             name: "orders".into(),

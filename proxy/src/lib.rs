@@ -16,6 +16,8 @@
 //! - [`health`]: replica readiness, active probes, passive ejection with backoff.
 //! - [`balance`]: choosing a replica.
 //! - [`proxy`]: one request, phase by phase.
+//! - [`activity`]: an instance's use (last request, open WebSockets, requests in flight) for
+//!   instances that sleep when idle, and the [`activity::Waker`] of sleeping ones.
 //! - [`access_log`]: one JSON line per request, buffered and written by a thread of its own
 //!   every 50 ms; dropped and counted rather than waited for when the writer is behind.
 //! - [`policy`]: the editor policy for HA instances, and the editor gate of the others.
@@ -37,6 +39,7 @@
 //! - [`net`]: small socket helpers shared with the coordinator and the tests.
 
 pub mod access_log;
+pub mod activity;
 pub mod balance;
 pub mod body;
 pub mod config;

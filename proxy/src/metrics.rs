@@ -88,6 +88,10 @@ pub struct InstanceStats {
     editor_blocked: AtomicU64,
     held: AtomicU64,
     latency: Histogram,
+    /// Its use, for sleeping when idle.
+    pub(crate) activity: crate::activity::Activity,
+    /// Wake-ups asked by requests to it while it slept.
+    wakes: AtomicU64,
 }
 
 impl InstanceStats {
@@ -105,6 +109,10 @@ impl InstanceStats {
 
     pub(crate) fn held(&self) {
         self.held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn woken(&self) {
+        self.wakes.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn observe(&self, d: Duration) {
@@ -171,6 +179,16 @@ impl ProxyStats {
     /// Open client connections.
     pub fn open_connections(&self) -> i64 {
         self.open_connections.load(Ordering::Relaxed)
+    }
+
+    /// Open connections of `instance`'s replicas through the MQTT proxy.
+    pub fn mqtt_open(&self, instance: &str) -> i64 {
+        self.mqtt
+            .load()
+            .iter()
+            .filter(|r| &*r.instance == instance)
+            .map(|r| r.open.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -453,6 +471,20 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
             "tandem_proxy_requests_held_total{{instance=\"{}\"}} {}",
             inst.name,
             load(&inst.stats.held)
+        );
+    }
+    header(
+        &mut out,
+        "tandem_proxy_wakes_total",
+        "counter",
+        "Requests that came while the instance slept and asked for it to wake.",
+    );
+    for inst in table.instances() {
+        let _ = writeln!(
+            out,
+            "tandem_proxy_wakes_total{{instance=\"{}\"}} {}",
+            inst.name,
+            load(&inst.stats.wakes)
         );
     }
     header(

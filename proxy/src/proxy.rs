@@ -42,6 +42,14 @@ pub struct Proxy {
     gate: Option<Arc<dyn policy::EditorGate>>,
     /// The access log, when [`ProxyConfig::access_log`] is on.
     access: Option<AccessLog>,
+    /// Wakes sleeping instances.
+    waker: Option<Arc<dyn crate::activity::Waker>>,
+}
+
+impl std::fmt::Debug for dyn crate::activity::Waker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waker")
+    }
 }
 
 impl std::fmt::Debug for dyn policy::EditorGate {
@@ -90,7 +98,15 @@ impl Proxy {
             stats,
             stop: tokio::sync::watch::Sender::new(false),
             gate: None,
+            waker: None,
         }
+    }
+
+    /// Who wakes sleeping instances. Without one, a request to a sleeping instance waits for
+    /// a replica that nothing starts, and gets 503 after the hold timeout.
+    pub fn with_waker(mut self, waker: Arc<dyn crate::activity::Waker>) -> Self {
+        self.waker = Some(waker);
+        self
     }
 
     /// Who may open the editor of instances that have an admin secret. Without a gate, their
@@ -160,6 +176,11 @@ impl Proxy {
                 );
             }
         };
+
+        // Its use, for sleeping when idle; a sleeping instance is woken, and the request waits
+        // for its replica like any held request.
+        instance.stats.activity.touch();
+        self.wake_if_asleep(&instance);
 
         // Phase 2: policy and limits.
         // The admin secret is the proxy's to add, on editor paths only: a client-sent one never
@@ -304,6 +325,7 @@ impl Proxy {
         };
         let elapsed = start.elapsed();
         instance.stats.observe(elapsed);
+        instance.stats.activity.touch();
         if let Some(log) = &self.access {
             log.record(&Entry {
                 instance: &instance.name,
@@ -316,6 +338,16 @@ impl Proxy {
             });
         }
         resp
+    }
+
+    /// Asks the waker to wake `instance` when it sleeps.
+    fn wake_if_asleep(&self, instance: &Instance) {
+        if instance.asleep {
+            instance.stats.woken();
+            if let Some(waker) = &self.waker {
+                waker.wake(&instance.name);
+            }
+        }
     }
 
     /// The answer for a request no replica answered, and the replica to blame, if any.
@@ -618,10 +650,19 @@ impl Proxy {
         let deadline = Instant::now() + self.config.hold_timeout;
         // Subscribed before the table is looked at again, so no swap goes unseen.
         let mut swaps = self.routes.swaps();
+        let mut asked = instance.asleep;
         loop {
             match self.routes.load().lookup(host) {
                 Some(i) => instance = i.clone(),
                 None => break,
+            }
+            // Fell asleep while this request waited (it came as its replica was stopped): asked
+            // to wake once (`handle` asked already for one asleep from the start).
+            if instance.asleep && !asked {
+                asked = true;
+                if let Some(waker) = &self.waker {
+                    waker.wake(&instance.name);
+                }
             }
             if !instance.hold || balance::pick(&instance, 0, key, Instant::now()).is_some() {
                 break;
@@ -680,6 +721,7 @@ impl Proxy {
                     upstream,
                     self.config.idle_timeout,
                     self.stats.clone(),
+                    instance.stats.clone(),
                     self.stop.subscribe(),
                     instance.name.clone(),
                     r.id.clone(),

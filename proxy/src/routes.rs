@@ -56,6 +56,10 @@ pub struct InstanceSpec {
     pub replicas: Vec<ReplicaSpec>,
     /// Active health checking; `None` turns active probes off (passive ejection stays on).
     pub health: Option<HealthConfig>,
+    /// The instance sleeps (issue 17): its replicas are stopped until a request comes; that
+    /// request calls the proxy's [`crate::activity::Waker`] and waits for a replica (set
+    /// [`InstanceSpec::hold`] too).
+    pub asleep: bool,
     /// The instance's own certificate, served by TLS listeners for those of its hosts it covers
     /// (a custom hostname); the proxy's files serve the others. One that does not parse is
     /// logged and left out, and the table is still published.
@@ -163,6 +167,8 @@ pub struct Instance {
     pub health: Option<HealthConfig>,
     /// Its own certificate, parsed, and the hosts it covers.
     pub(crate) certificate: Option<InstanceCertificate>,
+    /// It sleeps: a request wakes it.
+    pub asleep: bool,
     /// Counters that survive table swaps.
     pub(crate) stats: Arc<InstanceStats>,
 }
@@ -453,6 +459,7 @@ impl RouteTable {
             let instance = Arc::new(Instance {
                 name: spec.name.as_str().into(),
                 certificate,
+                asleep: spec.asleep,
                 hosts: normalized,
                 ha: spec.ha,
                 editor_secret: spec

@@ -17,11 +17,13 @@ use tokio::sync::watch;
 use crate::metrics::ProxyStats;
 
 /// Copies between the client's and the replica's upgraded connections.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     client: OnUpgrade,
     upstream: OnUpgrade,
     idle: Duration,
     stats: Arc<ProxyStats>,
+    instance_stats: Arc<crate::metrics::InstanceStats>,
     mut stop: watch::Receiver<bool>,
     instance: Arc<str>,
     replica: Arc<str>,
@@ -34,6 +36,8 @@ pub(crate) async fn run(
         }
     };
     stats.websocket_tunnels.fetch_add(1, Ordering::Relaxed);
+    // An open WebSocket keeps a sleeping-when-idle instance awake.
+    instance_stats.activity.tunnel_opened();
     let activity = Arc::new(AtomicU64::new(0));
     let mut client = Counted {
         io: TokioIo::new(client),
@@ -63,6 +67,7 @@ pub(crate) async fn run(
         }
     }
     stats.websocket_tunnels.fetch_sub(1, Ordering::Relaxed);
+    instance_stats.activity.tunnel_closed();
 }
 
 /// Counts the bytes that pass through `io`, for the idle check.

@@ -96,6 +96,7 @@ fn specs(n: usize) -> Vec<InstanceSpec> {
     (0..n)
         .map(|i| InstanceSpec {
             certificate: None,
+            asleep: false,
             editor_secret: None,
             http_auth: Default::default(),
             name: format!("inst-{i}"),

@@ -146,6 +146,18 @@ pub struct Instance {
     /// Its custom hostname, routed like its own host (`/instances/{id}/custom-hostname`).
     #[schema(example = "flows.example.org")]
     pub custom_hostname: Option<String>,
+    /// Seconds without traffic after which it sleeps, 1 to 2592000 (30 days); null when sleep
+    /// is off (always on HA instances).
+    #[schema(minimum = 1, maximum = 2592000, example = 900)]
+    pub sleep_after_s: Option<u32>,
+    /// Epoch ms; set while the instance sleeps: its replica is stopped and the first request
+    /// wakes it. Null while it is awake.
+    pub asleep_since: Option<i64>,
+    /// What will not run while it sleeps (repeating inject nodes of its flows), in the answer
+    /// of a change that turns sleep on; absent when there is nothing to say, and everywhere
+    /// else.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Creation time, epoch ms.
     pub created_at: i64,
     /// Last change, epoch ms.
@@ -199,6 +211,21 @@ pub struct InstanceUpdate {
     pub env: Option<BTreeMap<String, EnvInput>>,
     /// Move to another stack.
     pub stack_id: Option<String>,
+    /// Sleep after this many seconds without traffic, 1 to 2592000 (30 days); `null` or `0`
+    /// turns sleep off and wakes the instance. Refused on HA instances.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u32>, minimum = 0, maximum = 2592000, example = 900)]
+    pub sleep_after_s: Option<Option<i64>>,
+}
+
+/// For a field where `null` means something: `Some(None)` for `null`, `Some(value)` for a
+/// value; with `#[serde(default)]`, `None` when the field is left out.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// Observed and desired state.
@@ -264,8 +291,88 @@ fn check_ha(state: &AppState, ha: &Ha, field: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// The longest idle time before an instance sleeps: 30 days.
+pub const MAX_SLEEP_AFTER_S: u32 = 2_592_000;
+
+/// Why an HA instance cannot sleep, and sleep blocks HA.
+const HA_STAYS_AWAKE: &str = "HA instances stay awake: sleep is for single-replica instances";
+
+/// Why an instance that may sleep cannot turn HA on.
+const HA_NEEDS_SLEEP_OFF: &str = "sleep is on for this instance, and HA instances stay awake: \
+     turn sleep off first (\"sleep_after_s\": null in PUT /api/v1/instances/{id})";
+
+/// Sleep as asked for: `null` or `0` is off, else 1 to [`MAX_SLEEP_AFTER_S`] seconds.
+fn sleep_after(asked: Option<i64>) -> ApiResult<Option<u32>> {
+    match asked {
+        None | Some(0) => Ok(None),
+        Some(s) => u32::try_from(s)
+            .ok()
+            .filter(|s| *s <= MAX_SLEEP_AFTER_S)
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "sleep_after_s",
+                    format!(
+                        "{s} is not a sleep time: use 1 to {MAX_SLEEP_AFTER_S} seconds (30 days), \
+                         or 0 or null to turn sleep off"
+                    ),
+                )
+            }),
+    }
+}
+
+/// What does not run while an instance with `flows` sleeps: one line per inject node that
+/// repeats (`repeat`, seconds) or runs on a schedule (`crontab`), as Node-RED starts them. Nodes
+/// that are disabled, or on a disabled flow, never run and are left out.
+pub(crate) fn sleep_warnings(flows: &Value) -> Vec<String> {
+    let Some(nodes) = flows.as_array() else {
+        return Vec::new();
+    };
+    let text = |node: &Value, key: &str| match &node[key] {
+        Value::String(s) => s.trim().to_string(),
+        Value::Number(n) => n.to_string(),
+        _ => String::new(),
+    };
+    let disabled_tabs: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n["type"] == "tab" && n["disabled"] == true)
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    let mut warnings = Vec::new();
+    for node in nodes {
+        let on_disabled_tab = node["z"]
+            .as_str()
+            .is_some_and(|z| disabled_tabs.contains(&z));
+        if node["type"] != "inject" || node["d"] == true || on_disabled_tab {
+            continue;
+        }
+        let name = match text(node, "name") {
+            n if n.is_empty() => text(node, "id"),
+            n => n,
+        };
+        // Node-RED repeats a positive `repeat` and ignores `crontab` then.
+        let repeat = text(node, "repeat");
+        let crontab = text(node, "crontab");
+        let what = if repeat
+            .parse::<f64>()
+            .is_ok_and(|r| r.is_finite() && r > 0.0)
+        {
+            format!("repeats every {repeat} s")
+        } else if !crontab.is_empty() {
+            format!("runs on a schedule ({crontab})")
+        } else {
+            continue;
+        };
+        warnings.push(format!(
+            "inject node {name:?} {what}; it does not run while the instance sleeps"
+        ));
+    }
+    warnings
+}
+
 pub(crate) const COLUMNS: &str = "id, name, team_id, application_id, stack_id, template_id, settings, env, ha_replicas, ha_mode, desired_state, created_at, updated_at, protected, ha_affinity, http_auth, \
-    (SELECT hostname FROM custom_hostnames WHERE custom_hostnames.instance_id = instances.id)";
+    (SELECT hostname FROM custom_hostnames WHERE custom_hostnames.instance_id = instances.id), \
+    sleep_after_s, asleep_since";
 
 /// Where instance `name` is served: `http(s)://<name>.<base domain>`, with the port when it is
 /// not the scheme's own.
@@ -352,6 +459,11 @@ pub(crate) async fn view(
         protected: r.get::<i64, _>(13) != 0,
         http_auth: crate::http_auth::HttpAuthMode::from_stored(&r.get::<String, _>(15)),
         custom_hostname: r.get(16),
+        sleep_after_s: r
+            .get::<Option<i64>, _>(17)
+            .and_then(|s| u32::try_from(s).ok()),
+        asleep_since: r.get(18),
+        warnings: Vec::new(),
         env_stored,
         env_revealed,
     })
@@ -490,7 +602,8 @@ async fn get_instance(
     Ok(Json(load_for(&state, &caller, &id, Action::Read).await?))
 }
 
-/// Changes settings, environment or stack (members).
+/// Changes settings, environment, stack or sleep (members). The answer of a change that turns
+/// sleep on carries `warnings`: what in the flows does not run while the instance sleeps.
 #[utoipa::path(put, path = "/api/v1/instances/{id}", tag = "instances", params(("id" = String, Path, description = "Instance id")), request_body = InstanceUpdate,
     responses((status = 200, body = Instance), (status = 403, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]
 async fn update_instance(
@@ -543,23 +656,52 @@ async fn update_instance(
         &settings,
         &env_secrets::reveal(&state.key, &id, &env),
     )?;
+    let sleep_after_s = match body.sleep_after_s {
+        Some(asked) => sleep_after(asked)?,
+        None => before.sleep_after_s,
+    };
+    let sleep_on_asked = body.sleep_after_s.is_some() && sleep_after_s.is_some();
+    if sleep_on_asked && before.ha.is_some() {
+        return Err(ApiError::invalid("sleep_after_s", HA_STAYS_AWAKE));
+    }
     let mut tx = state.store.write().await?;
-    sqlx::query("UPDATE instances SET settings = $1, env = $2, stack_id = $3, updated_at = $4 WHERE id = $5")
-        .bind(settings.to_string())
-        .bind(json!(env).to_string())
-        .bind(&stack_id)
-        .bind(now_ms())
-        .bind(&id)
-        .execute(&mut *tx)
-        .await?;
+    // Sleep off wakes the instance. Sleep on holds only while the instance is not HA: HA turned
+    // on since it was read updates nothing here.
+    let updated = sqlx::query(
+        "UPDATE instances SET settings = $1, env = $2, stack_id = $3, updated_at = $4, sleep_after_s = $5, \
+         asleep_since = CASE WHEN $5 IS NULL THEN NULL ELSE asleep_since END \
+         WHERE id = $6 AND ($7 = 0 OR ha_replicas IS NULL)",
+    )
+    .bind(settings.to_string())
+    .bind(json!(env).to_string())
+    .bind(&stack_id)
+    .bind(now_ms())
+    .bind(sleep_after_s.map(i64::from))
+    .bind(&id)
+    .bind(i64::from(sleep_on_asked))
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 0 {
+        // Deleted, or made HA, since it was read.
+        return Err(if sleep_on_asked {
+            ApiError::invalid("sleep_after_s", HA_STAYS_AWAKE)
+        } else {
+            ApiError::NotFound(format!("no instance {id}"))
+        });
+    }
     let subject = Subject::instance(&before.team_id, &id);
     audit::record(&mut tx, Some(&caller), "instance.updated", subject, json!({
-        "before": { "settings": before.settings, "env": before.env, "stack_id": before.stack_id },
-        "after": { "settings": settings, "env": env_secrets::shown_stored(&env), "stack_id": stack_id },
+        "before": { "settings": before.settings, "env": before.env, "stack_id": before.stack_id, "sleep_after_s": before.sleep_after_s },
+        "after": { "settings": settings, "env": env_secrets::shown_stored(&env), "stack_id": stack_id, "sleep_after_s": sleep_after_s },
     })).await?;
     tx.commit().await?;
     state.coordinator.changed();
-    Ok(Json(load_for(&state, &caller, &id, Action::Read).await?))
+    let mut instance = load_for(&state, &caller, &id, Action::Read).await?;
+    if sleep_on_asked {
+        let flows = crate::snapshots::stored_flows(&state, &id).await?;
+        instance.warnings = sleep_warnings(&flows.value);
+    }
+    Ok(Json(instance))
 }
 
 /// Deletes an instance (owners).
@@ -679,12 +821,17 @@ async fn instance_action(
         }
     };
     let mut tx = state.store.write().await?;
-    sqlx::query("UPDATE instances SET desired_state = $1, updated_at = $2 WHERE id = $3")
-        .bind(desired.as_str())
-        .bind(now_ms())
-        .bind(&id)
-        .execute(&mut *tx)
-        .await?;
+    // Any action ends a sleep: start and restart wake the instance, stop and suspend leave it
+    // stopped or suspended rather than asleep.
+    sqlx::query(
+        "UPDATE instances SET desired_state = $1, asleep_since = NULL, updated_at = $2 \
+         WHERE id = $3",
+    )
+    .bind(desired.as_str())
+    .bind(now_ms())
+    .bind(&id)
+    .execute(&mut *tx)
+    .await?;
     let subject = Subject::instance(&before.team_id, &id);
     audit::record(
         &mut tx,
@@ -809,6 +956,9 @@ async fn put_ha(
 ) -> ApiResult<Json<Ha>> {
     let before = load_for(&state, &caller, &id, Action::ManageHa).await?;
     check_ha(&state, &body, "replicas")?;
+    if before.sleep_after_s.is_some() {
+        return Err(ApiError::invalid("replicas", HA_NEEDS_SLEEP_OFF));
+    }
     set_ha(&state, &caller, &before, Some(body)).await?;
     Ok(Json(body))
 }
@@ -833,16 +983,28 @@ async fn set_ha(
     ha: Option<Ha>,
 ) -> ApiResult<()> {
     let mut tx = state.store.write().await?;
-    sqlx::query(
-        "UPDATE instances SET ha_replicas = $1, ha_mode = $2, ha_affinity = $3, updated_at = $4 WHERE id = $5",
+    // HA holds only while sleep is off: sleep turned on since the instance was read updates
+    // nothing here.
+    let updated = sqlx::query(
+        "UPDATE instances SET ha_replicas = $1, ha_mode = $2, ha_affinity = $3, updated_at = $4 \
+         WHERE id = $5 AND ($6 = 0 OR sleep_after_s IS NULL)",
     )
     .bind(ha.map(|h| h.replicas))
     .bind(ha.map(|h| h.mode.as_str()))
     .bind(ha.and_then(|h| h.affinity).map(i64::from))
     .bind(now_ms())
     .bind(&before.id)
+    .bind(i64::from(ha.is_some()))
     .execute(&mut *tx)
     .await?;
+    if updated.rows_affected() == 0 {
+        // Deleted, or set to sleep, since it was read.
+        return Err(if ha.is_some() {
+            ApiError::invalid("replicas", HA_NEEDS_SLEEP_OFF)
+        } else {
+            ApiError::NotFound(format!("no instance {}", before.id))
+        });
+    }
     let subject = Subject::instance(&before.team_id, &before.id);
     let event = if ha.is_some() {
         "instance.ha-set"
@@ -860,4 +1022,68 @@ async fn set_ha(
     tx.commit().await?;
     state.coordinator.changed();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sleep_is_off_with_null_or_zero_and_bounded_to_30_days() {
+        assert_eq!(sleep_after(None).ok(), Some(None));
+        assert_eq!(sleep_after(Some(0)).ok(), Some(None));
+        assert_eq!(sleep_after(Some(1)).ok(), Some(Some(1)));
+        assert_eq!(
+            sleep_after(Some(2_592_000)).ok(),
+            Some(Some(MAX_SLEEP_AFTER_S))
+        );
+        for bad in [-1, 2_592_001, i64::from(u32::MAX) + 1, i64::MIN] {
+            match sleep_after(Some(bad)) {
+                Err(ApiError::Invalid { field, message }) => {
+                    assert_eq!(field, "sleep_after_s");
+                    assert!(message.contains("1 to 2592000 seconds"), "{message}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn repeating_injects_warn() {
+        let flows = json!([
+            { "id": "t1", "type": "tab", "label": "Flow 1" },
+            { "id": "a", "type": "inject", "z": "t1", "name": "Poll", "repeat": "5", "crontab": "" },
+            { "id": "b", "type": "inject", "z": "t1", "name": "", "repeat": "", "crontab": "00 03 * * *" },
+            { "id": "c", "type": "inject", "z": "t1", "repeat": 0.5 },
+        ]);
+        assert_eq!(
+            sleep_warnings(&flows),
+            [
+                "inject node \"Poll\" repeats every 5 s; it does not run while the instance sleeps",
+                "inject node \"b\" runs on a schedule (00 03 * * *); it does not run while the instance sleeps",
+                "inject node \"c\" repeats every 0.5 s; it does not run while the instance sleeps",
+            ]
+        );
+    }
+
+    #[test]
+    fn injects_that_never_fire_by_themselves_do_not_warn() {
+        let flows = json!([
+            { "id": "t1", "type": "tab" },
+            { "id": "t2", "type": "tab", "disabled": true },
+            // Once at start, or by hand: nothing missed while asleep.
+            { "id": "a", "type": "inject", "z": "t1", "repeat": "", "crontab": "", "once": true },
+            { "id": "b", "type": "inject", "z": "t1" },
+            { "id": "c", "type": "inject", "z": "t1", "repeat": "0" },
+            { "id": "d", "type": "inject", "z": "t1", "repeat": "soon" },
+            // Disabled, or on a disabled flow: it never runs.
+            { "id": "e", "type": "inject", "z": "t1", "repeat": "5", "d": true },
+            { "id": "f", "type": "inject", "z": "t2", "repeat": "5" },
+            // Not an inject.
+            { "id": "g", "type": "trigger", "z": "t1", "repeat": "5" },
+        ]);
+        assert!(sleep_warnings(&flows).is_empty());
+        assert!(sleep_warnings(&json!({})).is_empty());
+        assert!(sleep_warnings(&json!([])).is_empty());
+    }
 }

@@ -46,6 +46,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(report))
         .routes(routes!(editor_check))
         .routes(routes!(editor_ticket))
+        .routes(routes!(wake))
 }
 
 /// The prefix of proxy tokens, apart from users' `tdm_`.
@@ -312,6 +313,10 @@ pub struct ReportBody {
     /// Requests in flight to replicas out of rotation: replica id → count.
     #[serde(default)]
     pub in_flight: HashMap<String, u64>,
+    /// When each instance was last used through the proxy, epoch ms (for instances that sleep
+    /// when idle).
+    #[serde(default)]
+    pub active: HashMap<String, u64>,
 }
 
 /// Records a proxy's presence, the table it serves and its requests in flight to replicas out
@@ -329,11 +334,17 @@ async fn report(
     if body.address.chars().count() > 200 || body.in_flight.len() > 10_000 {
         return Err(ApiError::invalid("in_flight", "too large a report"));
     }
+    // Only names of instances can be there: anything else is ignored by the sleeper, but is
+    // not kept either.
+    if body.active.len() > 100_000 || body.active.keys().any(|k| k.len() > 63) {
+        return Err(ApiError::invalid("active", "too large a report"));
+    }
     state.feed.report(Report {
         id: body.id,
         address: body.address,
         generation: body.generation,
         in_flight: body.in_flight,
+        active: body.active,
     });
     Ok(Json(json!({ "generation": state.feed.generation() })))
 }
@@ -467,4 +478,32 @@ async fn editor_ticket(
             },
         };
     Ok(Json(answer))
+}
+
+/// A sleeping instance a request came for.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WakeBody {
+    /// The instance's name.
+    pub instance: String,
+}
+
+/// Wakes a sleeping instance a request came for at a standalone proxy (proxy tokens): 204
+/// whether it slept or not; 404 for an unknown instance.
+#[utoipa::path(post, path = "/api/v1/routes/wake", tag = "proxies", request_body = WakeBody,
+    responses((status = 204), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)))]
+async fn wake(
+    State(state): State<AppState>,
+    _caller: ProxyCaller,
+    Json(body): Json<WakeBody>,
+) -> ApiResult<StatusCode> {
+    let known: Option<(String,)> = sqlx::query_as("SELECT id FROM instances WHERE name = $1")
+        .bind(&body.instance)
+        .fetch_optional(&state.store.pool)
+        .await?;
+    if known.is_none() {
+        return Err(ApiError::NotFound(format!("no instance {}", body.instance)));
+    }
+    crate::sleep::wake(&state, &body.instance).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -26,6 +26,9 @@ const V0_1_ROWS: &str = include_str!("migrations/v0.1-rows.sql");
 /// Rows in every table migrations 2 to 12 added, over [`V0_1_ROWS`].
 const V12_ROWS: &str = include_str!("migrations/v12-rows.sql");
 
+/// Rows in every table migration 13 added, over [`V12_ROWS`].
+const V13_ROWS: &str = include_str!("migrations/v13-rows.sql");
+
 /// Migration 1, whose checksum an adopted database must hold.
 const MIGRATION_1: &str = include_str!("../../migrations/0001_initial_schema.sql");
 
@@ -50,6 +53,7 @@ both_backends!(
     later_migration_runs_after_adoption,
     fresh_database_runs_every_migration,
     migration_13_keeps_every_row,
+    migration_14_keeps_every_row,
 );
 
 /// Made by 0.1 with rows everywhere, then opened by this store, twice: every row is still there,
@@ -70,7 +74,11 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
     let store = db.open().await;
     let mut c = store.pool.acquire().await.unwrap();
     let after = dump(&mut c, &[]).await;
-    assert_eq!(v0_1_part(&after, &before), before, "rows after the upgrade");
+    assert_eq!(
+        old_columns(&after, &before),
+        before,
+        "rows after the upgrade"
+    );
     // Migration 2 added `instances.protected`, false for every instance there.
     let protected: Vec<i64> = column(&mut c, "SELECT protected FROM instances").await;
     assert_eq!(protected, [0, 0]);
@@ -113,6 +121,16 @@ async fn v0_1_database_keeps_every_row(backend: Backend) {
     // Migration 11: every instance's HTTP endpoints open, as before.
     let http_auth: Vec<String> = column(&mut c, "SELECT http_auth FROM instances").await;
     assert_eq!(http_auth, ["none", "none"]);
+    // Migration 14: every instance with sleep off, and awake.
+    let sleep: Vec<(Option<i64>, Option<i64>)> =
+        sqlx::query("SELECT sleep_after_s, asleep_since FROM instances")
+            .fetch_all(&mut *c)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+    assert_eq!(sleep, [(None, None), (None, None)]);
     // Migration 9: every user enabled.
     let disabled: Vec<i64> = column(&mut c, "SELECT disabled FROM users").await;
     assert!(
@@ -250,7 +268,7 @@ async fn later_migration_runs_after_adoption(backend: Backend) {
         .unwrap();
     let mut c = store.pool.acquire().await.unwrap();
     let after = dump(&mut c, &["teams"]).await;
-    assert_eq!(v0_1_part(&after, &before), before);
+    assert_eq!(old_columns(&after, &before), before);
     let teams: Vec<(String, String)> = sqlx::query("SELECT slug, note FROM teams")
         .fetch_all(&mut *c)
         .await
@@ -319,44 +337,17 @@ async fn fresh_database_runs_every_migration(backend: Backend) {
 /// platform, gone with its instance.
 async fn migration_13_keeps_every_row(backend: Backend) {
     let db = Db::new(backend).await;
-    make_v0_1(&db).await;
-    // This binary's migrations up to 12.
-    let dir = TempDir::new("tandem-migrations");
-    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    for entry in std::fs::read_dir(&ours).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_string();
-        if name.as_str() < "0013" {
-            std::fs::copy(&path, dir.path().join(name)).unwrap();
-        }
-    }
-    let migrator = Migrator::new(dir.path().to_path_buf()).await.unwrap();
-    assert_eq!(migrator.iter().map(|m| m.version).max(), Some(12));
-    let store = Store::open_with_migrations(db.dir.path(), db.url.as_deref(), &migrator)
-        .await
-        .unwrap();
-    drop(store);
-    let (names, before) = {
-        let mut c = db.connect().await;
-        sqlx::raw_sql(V12_ROWS).execute(&mut c).await.unwrap();
-        let names: Vec<String> = tables(&mut c, backend)
-            .await
-            .into_iter()
-            .filter(|t| t != "_sqlx_migrations")
-            .collect();
-        assert!(!names.contains(&"custom_hostnames".to_string()));
-        let before = dump_all(&mut c, &names).await;
-        c.close().await.unwrap();
-        (names, before)
-    };
+    let (names, before) = at_migration(&db, backend, 12, &[V12_ROWS]).await;
+    assert!(!names.contains(&"custom_hostnames".to_string()));
     for (table, rows) in &before {
         assert!(!rows.is_empty(), "the fixture fills {table}");
     }
 
     let store = db.open().await;
     let mut c = store.pool.acquire().await.unwrap();
+    let after = dump_all(&mut c, &names).await;
     assert_eq!(
-        dump_all(&mut c, &names).await,
+        old_columns(&after, &before),
         before,
         "rows after the upgrade"
     );
@@ -412,6 +403,59 @@ async fn migration_13_keeps_every_row(backend: Backend) {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(left, ["orders.example.org"]);
+}
+
+/// Migration 14 (sleep and wake) on a database at migration 13 with rows in every table:
+/// every row is kept, every instance has sleep off and is awake, and the sleeper's columns take
+/// its writes.
+async fn migration_14_keeps_every_row(backend: Backend) {
+    let db = Db::new(backend).await;
+    let (names, before) = at_migration(&db, backend, 13, &[V12_ROWS, V13_ROWS]).await;
+    for (table, rows) in &before {
+        assert!(!rows.is_empty(), "the fixture fills {table}");
+    }
+
+    let store = db.open().await;
+    let mut c = store.pool.acquire().await.unwrap();
+    let after = dump_all(&mut c, &names).await;
+    assert_eq!(
+        old_columns(&after, &before),
+        before,
+        "rows after the upgrade"
+    );
+    assert_eq!(
+        recorded(&mut c)
+            .await
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>(),
+        MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>()
+    );
+    assert_eq!(tables(&mut c, backend).await, all_tables());
+    async fn sleep(c: &mut AnyConnection) -> Vec<(Option<i64>, Option<i64>)> {
+        sqlx::query("SELECT sleep_after_s, asleep_since FROM instances ORDER BY id")
+            .fetch_all(c)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+    assert_eq!(sleep(&mut c).await, [(None, None), (None, None)]);
+
+    // Sleep on, then asleep, as the API and the sleeper write them.
+    let line_2 = "0193a1b2c3d4000aa1b2c3de";
+    sqlx::query("UPDATE instances SET sleep_after_s = $1, asleep_since = $2 WHERE id = $3")
+        .bind(900_i64)
+        .bind(1_735_000_000_000_i64)
+        .bind(line_2)
+        .execute(&mut *c)
+        .await
+        .unwrap();
+    assert_eq!(
+        sleep(&mut c).await,
+        [(None, None), (Some(900), Some(1_735_000_000_000))]
+    );
 }
 
 /// Control planes of a cluster start together on one PostgreSQL database: on a fresh one and on
@@ -517,6 +561,46 @@ async fn make_v0_1(db: &Db) {
     c.close().await.unwrap();
 }
 
+/// A database made by 0.1 (with its rows), brought to migration `last` by this binary's
+/// migrations up to it, then given the rows of `fixtures`: the tables but the migrations'
+/// record, and their rows.
+async fn at_migration(
+    db: &Db,
+    backend: Backend,
+    last: i64,
+    fixtures: &[&str],
+) -> (Vec<String>, Vec<(String, Vec<Vec<Val>>)>) {
+    make_v0_1(db).await;
+    let dir = TempDir::new("tandem-migrations");
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for entry in std::fs::read_dir(&ours).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let version: i64 = name.split('_').next().unwrap().parse().unwrap();
+        if version <= last {
+            std::fs::copy(&path, dir.path().join(name)).unwrap();
+        }
+    }
+    let migrator = Migrator::new(dir.path().to_path_buf()).await.unwrap();
+    assert_eq!(migrator.iter().map(|m| m.version).max(), Some(last));
+    let store = Store::open_with_migrations(db.dir.path(), db.url.as_deref(), &migrator)
+        .await
+        .unwrap();
+    drop(store);
+    let mut c = db.connect().await;
+    for rows in fixtures {
+        sqlx::raw_sql(rows).execute(&mut c).await.unwrap();
+    }
+    let names: Vec<String> = tables(&mut c, backend)
+        .await
+        .into_iter()
+        .filter(|t| t != "_sqlx_migrations")
+        .collect();
+    let rows = dump_all(&mut c, &names).await;
+    c.close().await.unwrap();
+    (names, rows)
+}
+
 /// One value of a row: every column of the schema is TEXT or BIGINT.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Val {
@@ -576,11 +660,11 @@ async fn dump_all(c: &mut AnyConnection, tables: &[String]) -> Vec<(String, Vec<
 }
 
 /// `after` cut to the columns of `before`'s rows: later migrations add columns at the end of
-/// a table, so what 0.1 wrote is each row's beginning.
-fn v0_1_part(
-    after: &[(&'static str, Vec<Vec<Val>>)],
-    before: &[(&'static str, Vec<Vec<Val>>)],
-) -> Vec<(&'static str, Vec<Vec<Val>>)> {
+/// a table, so what was written before them is each row's beginning.
+fn old_columns<T: Clone>(
+    after: &[(T, Vec<Vec<Val>>)],
+    before: &[(T, Vec<Vec<Val>>)],
+) -> Vec<(T, Vec<Vec<Val>>)> {
     after
         .iter()
         .zip(before)
@@ -591,7 +675,7 @@ fn v0_1_part(
                 .map(|r| r[..width.min(r.len())].to_vec())
                 .collect();
             rows.sort();
-            (*table, rows)
+            (table.clone(), rows)
         })
         .collect()
 }

@@ -22,6 +22,7 @@ fn desired(name: &str, env: &[(&str, &str)]) -> InstanceDesired {
         affinity: false,
         http_auth: Default::default(),
         certificate: None,
+        asleep: false,
         process: ProcessSpec {
             instance: name.into(),
             nodered_version: "4.1.2".into(),

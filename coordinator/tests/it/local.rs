@@ -383,6 +383,7 @@ async fn the_proxy_routes_to_a_real_replica() {
     routes
         .publish(&[InstanceSpec {
             certificate: None,
+            asleep: false,
             editor_secret: None,
             http_auth: Default::default(),
             name: name.into(),
@@ -486,6 +487,7 @@ async fn a_killed_replica_is_restarted_and_serves_again() {
         affinity: false,
         http_auth: Default::default(),
         certificate: None,
+        asleep: false,
         process: spec(name, 0, false, false),
         flows: Flows::new(hello_flows()),
         mqtt_urls: BTreeMap::new(),

@@ -24,6 +24,7 @@ fn desired(name: &str, replicas: u32, standby: bool) -> InstanceDesired {
         affinity: false,
         http_auth: Default::default(),
         certificate: None,
+        asleep: false,
         process: ProcessSpec {
             instance: name.into(),
             nodered_version: "4.1.2".into(),

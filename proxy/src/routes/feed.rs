@@ -75,6 +75,10 @@ pub struct FeedInstance {
     /// that predate it).
     #[serde(default, skip_serializing_if = "is_open")]
     pub http_auth: crate::HttpAuth,
+    /// It sleeps: a request wakes it (through the control plane) and waits for a replica.
+    /// Left out when awake.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub asleep: bool,
     /// Its own certificate and key (its custom hostname's), for the proxies' HTTPS listeners;
     /// left out when it has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +160,7 @@ impl FeedTable {
                     .collect(),
                 health: Some(HealthConfig::default()),
                 certificate: i.certificate.clone(),
+                asleep: i.asleep,
             })
             .collect()
     }
@@ -218,6 +223,7 @@ mod tests {
             generation: 7,
             instances: vec![FeedInstance {
                 certificate: None,
+                asleep: false,
                 name: "a".into(),
                 hosts: vec!["a.example.com".into()],
                 ha: true,

@@ -366,6 +366,7 @@ pub fn parse_file(text: &str) -> Result<RoutesFile, String> {
         .into_iter()
         .map(|i| InstanceSpec {
             certificate: None,
+            asleep: false,
             editor_secret: None,
             http_auth: Default::default(),
             health: i.health_check.then(|| HealthConfig {

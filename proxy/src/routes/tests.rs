@@ -3,6 +3,7 @@ use super::*;
 fn spec(name: &str, hosts: &[&str], replicas: &[(&str, u16)]) -> InstanceSpec {
     InstanceSpec {
         certificate: None,
+        asleep: false,
         editor_secret: None,
         http_auth: Default::default(),
         name: name.into(),

@@ -33,6 +33,7 @@ fn instance(name: &str, hosts: &[&str], certificate: Option<PemKeyPair>) -> Inst
         }],
         health: None,
         certificate,
+        asleep: false,
     }
 }
 

@@ -14,6 +14,7 @@ mod mqtt_shared;
 mod policy;
 mod reload;
 mod routing;
+mod sleep;
 mod ticket;
 mod tls;
 mod transport;

@@ -347,6 +347,7 @@ pub fn test_config() -> ProxyConfig {
 pub fn instance(name: &str, replicas: &[SocketAddr]) -> InstanceSpec {
     InstanceSpec {
         certificate: None,
+        asleep: false,
         editor_secret: None,
         http_auth: Default::default(),
         name: name.into(),

@@ -21,6 +21,7 @@ mod modules;
 mod monitoring;
 mod mqtt;
 mod security;
+mod sleep;
 mod standalone;
 mod tls;
 mod warm;

@@ -72,7 +72,7 @@ impl Standalone {
         }
     }
 
-    async fn get(&self, instance: &str, path: &str) -> Option<(u16, String)> {
+    pub(crate) async fn get(&self, instance: &str, path: &str) -> Option<(u16, String)> {
         http(
             self.addr,
             "GET",

@@ -1,4 +1,5 @@
-//! Instances: the same name asked for twice at once, and effective settings and environment.
+//! Instances: the same name asked for twice at once, effective settings and environment, and
+//! sleep as the API sets and shows it.
 
 use serde_json::{json, Value};
 
@@ -209,4 +210,165 @@ async fn effective_settings(b: Backend) {
     assert_eq!(r.ok(200)["stack_id"], next.as_str());
 }
 
-both_backends!(same_name_at_once, effective_settings);
+/// The instance's `asleep_since`, written as the sleeper writes it.
+async fn set_asleep(s: &Server, id: &str, since: Option<i64>) {
+    sqlx::query("UPDATE instances SET asleep_since = $1 WHERE id = $2")
+        .bind(since)
+        .bind(id)
+        .execute(&s.db().await)
+        .await
+        .unwrap();
+}
+
+async fn sleep_settings(b: Backend) {
+    let s = Server::start(b).await;
+    let owner = s.user("owner").await.auth;
+    let team = s.team(&owner).await;
+    let app = s.application(&owner, &team).await;
+    let member = s.user("member").await;
+    s.add_member(&owner, &team, &member, "member").await;
+    let viewer = s.user("viewer").await;
+    s.add_member(&owner, &team, &viewer, "viewer").await;
+    let created = s.instance(&owner, &app, json!({})).await;
+    // Off and awake by default; no warnings outside the answer that turns sleep on.
+    assert_eq!(created["sleep_after_s"], json!(null), "{created}");
+    assert_eq!(created["asleep_since"], json!(null), "{created}");
+    assert!(created.get("warnings").is_none(), "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/instances/{id}");
+
+    // A member sets it; it reads back, and a change without it keeps it.
+    let r = s
+        .put(&path, &member.auth, json!({ "sleep_after_s": 900 }))
+        .await;
+    assert_eq!(r.ok(200)["sleep_after_s"], 900, "{r}");
+    assert!(
+        r.json.get("warnings").is_none(),
+        "no flows, no warning: {r}"
+    );
+    let r = s.get(&path, &owner).await;
+    assert_eq!(r.ok(200)["sleep_after_s"], 900, "{r}");
+    let r = s.put(&path, &owner, json!({ "env": { "A": "1" } })).await;
+    assert_eq!(r.ok(200)["sleep_after_s"], 900, "{r}");
+    let listed = s
+        .get(&format!("/api/v1/applications/{app}/instances"), &owner)
+        .await;
+    assert_eq!(listed.ok(200)["items"][0]["sleep_after_s"], 900);
+    // Audited like the rest of the change.
+    let r = s
+        .put(&path, &owner, json!({ "sleep_after_s": 2_592_000 }))
+        .await;
+    assert_eq!(r.ok(200)["sleep_after_s"], 2_592_000, "{r}");
+    let log = s
+        .get(
+            &format!("{path}/audit-log?event=instance.updated&limit=1"),
+            &owner,
+        )
+        .await;
+    let body = &log.ok(200)["items"][0]["body"];
+    assert_eq!(body["before"]["sleep_after_s"], 900, "{log}");
+    assert_eq!(body["after"]["sleep_after_s"], 2_592_000, "{log}");
+
+    // A viewer may not.
+    s.put(&path, &viewer.auth, json!({ "sleep_after_s": 60 }))
+        .await
+        .err(403);
+    s.put(&path, &viewer.auth, json!({ "sleep_after_s": null }))
+        .await
+        .err(403);
+
+    // Asleep (as the sleeper marks it): shown; other changes, and a new time, leave it asleep.
+    let since = 1_735_000_000_000_i64;
+    set_asleep(&s, &id, Some(since)).await;
+    let r = s.get(&path, &owner).await;
+    assert_eq!(r.ok(200)["asleep_since"], since, "{r}");
+    let r = s.put(&path, &owner, json!({ "env": {} })).await;
+    assert_eq!(r.ok(200)["asleep_since"], since, "{r}");
+    let r = s.put(&path, &owner, json!({ "sleep_after_s": 60 })).await;
+    assert_eq!(r.ok(200)["asleep_since"], since, "{r}");
+    // Off with null, and with 0: off, and awake.
+    for off in [json!(null), json!(0)] {
+        let r = s.put(&path, &owner, json!({ "sleep_after_s": 60 })).await;
+        r.ok(200);
+        set_asleep(&s, &id, Some(since)).await;
+        let r = s.put(&path, &owner, json!({ "sleep_after_s": off })).await;
+        assert_eq!(r.ok(200)["sleep_after_s"], json!(null), "{r}");
+        assert_eq!(r.json["asleep_since"], json!(null), "{r}");
+        let r = s.get(&path, &owner).await;
+        assert_eq!(r.ok(200)["asleep_since"], json!(null), "{r}");
+    }
+
+    // Every action ends a sleep and keeps the setting: start and restart wake the instance,
+    // stop and suspend leave it stopped rather than asleep.
+    s.put(&path, &owner, json!({ "sleep_after_s": 60 }))
+        .await
+        .ok(200);
+    for action in ["start", "restart", "stop", "suspend"] {
+        set_asleep(&s, &id, Some(since)).await;
+        s.call("POST", &format!("{path}/actions/{action}"), &owner, None)
+            .await
+            .ok(200);
+        let r = s.get(&path, &owner).await;
+        assert_eq!(r.ok(200)["asleep_since"], json!(null), "{action}: {r}");
+        assert_eq!(r.json["sleep_after_s"], 60, "{action}: {r}");
+    }
+}
+
+async fn sleep_warns_of_repeating_injects(b: Backend) {
+    let s = Server::start(b).await;
+    let owner = s.user("owner").await.auth;
+    let team = s.team(&owner).await;
+    let app = s.application(&owner, &team).await;
+    let flows = json!([
+        { "id": "t1", "type": "tab", "label": "Flow 1" },
+        { "id": "n1", "type": "inject", "z": "t1", "name": "Poll", "repeat": "5", "crontab": "", "wires": [[]] },
+        { "id": "n2", "type": "inject", "z": "t1", "name": "", "repeat": "", "crontab": "00 03 * * *", "wires": [[]] },
+        { "id": "n3", "type": "inject", "z": "t1", "name": "By hand", "repeat": "", "crontab": "", "wires": [[]] },
+    ]);
+    let created = s.instance(&owner, &app, json!({ "flows": flows })).await;
+    let path = format!("/api/v1/instances/{}", created["id"].as_str().unwrap());
+    let expected = json!([
+        "inject node \"Poll\" repeats every 5 s; it does not run while the instance sleeps",
+        "inject node \"n2\" runs on a schedule (00 03 * * *); it does not run while the instance sleeps",
+    ]);
+    let r = s.put(&path, &owner, json!({ "sleep_after_s": 900 })).await;
+    assert_eq!(r.ok(200)["warnings"], expected, "{r}");
+    assert_eq!(r.json["sleep_after_s"], 900, "{r}");
+    // Changed while on: said again. Read, or changed without sleep, or turned off: not.
+    let r = s.put(&path, &owner, json!({ "sleep_after_s": 1800 })).await;
+    assert_eq!(r.ok(200)["warnings"], expected, "{r}");
+    let r = s.get(&path, &owner).await;
+    assert!(r.ok(200).get("warnings").is_none(), "{r}");
+    let r = s.put(&path, &owner, json!({ "env": {} })).await;
+    assert!(r.ok(200).get("warnings").is_none(), "{r}");
+    let r = s.put(&path, &owner, json!({ "sleep_after_s": null })).await;
+    assert!(r.ok(200).get("warnings").is_none(), "{r}");
+
+    // An inject without repeat or schedule: no warning.
+    let quiet = s
+        .instance(
+            &owner,
+            &app,
+            json!({ "flows": [
+                { "id": "t1", "type": "tab" },
+                { "id": "n1", "type": "inject", "z": "t1", "name": "Once", "repeat": "", "crontab": "", "once": true, "wires": [[]] },
+            ] }),
+        )
+        .await;
+    let r = s
+        .put(
+            &format!("/api/v1/instances/{}", quiet["id"].as_str().unwrap()),
+            &owner,
+            json!({ "sleep_after_s": 900 }),
+        )
+        .await;
+    assert_eq!(r.ok(200)["sleep_after_s"], 900, "{r}");
+    assert!(r.json.get("warnings").is_none(), "{r}");
+}
+
+both_backends!(
+    same_name_at_once,
+    effective_settings,
+    sleep_settings,
+    sleep_warns_of_repeating_injects,
+);

@@ -251,6 +251,7 @@ const MATRIX: &[Row] = &[
     row("POST", "/api/v1/routes/report", [401; 6]),
     row("POST", "/api/v1/routes/editor-check", [401; 6]),
     row("POST", "/api/v1/routes/editor-ticket", [401; 6]),
+    row("POST", "/api/v1/routes/wake", [401; 6]),
     // Stacks and templates: everyone signed in reads, admins write.
     row("GET", "/api/v1/stacks", SIGNED_IN),
     row("POST", "/api/v1/stacks", with_ok(ADMIN_ONLY, 201)),

@@ -129,6 +129,7 @@ async fn the_route_feed_takes_proxy_tokens_only_and_sends_the_table_on_connect_a
             editor_secret: "secret".into(),
             http_auth: Default::default(),
             certificate: None,
+            asleep: false,
             hold: false,
             replicas: Vec::new(),
         }]);

@@ -338,6 +338,68 @@ async fn instance_fields(b: Backend) {
     assert_eq!(names, ["env-ok", "ha-eight"]);
 }
 
+async fn instance_sleep(b: Backend) {
+    let t = Setup::new(b).await;
+    let s = &t.s;
+    let id = t.create_instance("sleepy", json!({})).await.ok(201)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/api/v1/instances/{id}");
+    // 1 to 30 days of seconds, 0 or null for off; anything else names the field.
+    for bad in [-1, 2_592_001, 4_294_967_296_i64, i64::MAX] {
+        let r = s
+            .put(&path, &t.owner, json!({ "sleep_after_s": bad }))
+            .await;
+        let msg = r.invalid("sleep_after_s");
+        assert!(msg.contains("1 to 2592000 seconds"), "{r}");
+    }
+    for bad in [
+        json!(1.5),
+        json!("900"),
+        json!(true),
+        json!({}),
+        json!(1e20),
+    ] {
+        s.put(&path, &t.owner, json!({ "sleep_after_s": bad }))
+            .await
+            .invalid("sleep_after_s");
+    }
+    let r = s.put(&path, &t.owner, json!({ "sleep_after_s": 1 })).await;
+    assert_eq!(r.ok(200)["sleep_after_s"], 1, "{r}");
+
+    // Sleep blocks HA, and HA blocks sleep; off is always fine.
+    let ha = format!("{path}/ha");
+    let r = s.put(&ha, &t.owner, json!({ "replicas": 2 })).await;
+    let msg = r.invalid("replicas");
+    assert!(msg.contains("turn sleep off first"), "{r}");
+    s.get(&ha, &t.owner).await.err(404);
+    s.put(&path, &t.owner, json!({ "sleep_after_s": null }))
+        .await
+        .ok(200);
+    s.put(&ha, &t.owner, json!({ "replicas": 2 })).await.ok(200);
+    for on in [1, 900, 2_592_000] {
+        let r = s.put(&path, &t.owner, json!({ "sleep_after_s": on })).await;
+        let msg = r.invalid("sleep_after_s");
+        assert!(msg.contains("HA instances stay awake"), "{r}");
+    }
+    for off in [json!(null), json!(0)] {
+        let r = s
+            .put(&path, &t.owner, json!({ "sleep_after_s": off }))
+            .await;
+        assert_eq!(r.ok(200)["sleep_after_s"], json!(null), "{r}");
+    }
+    let r = s.get(&path, &t.owner).await;
+    assert_eq!(r.ok(200)["ha"]["replicas"], 2, "{r}");
+    assert_eq!(r.json["sleep_after_s"], json!(null), "{r}");
+    // HA off: sleep may be set again.
+    s.delete(&ha, &t.owner).await.ok(204);
+    let r = s
+        .put(&path, &t.owner, json!({ "sleep_after_s": 600 }))
+        .await;
+    assert_eq!(r.ok(200)["sleep_after_s"], 600, "{r}");
+}
+
 async fn template_policy(b: Backend) {
     let t = Setup::new(b).await;
     let s = &t.s;
@@ -837,6 +899,7 @@ both_backends!(
     instance_names,
     json_bodies,
     instance_fields,
+    instance_sleep,
     template_policy,
     teams_and_members,
     users_and_tokens,
