@@ -181,3 +181,35 @@ async fn a_standalone_proxy_keeps_an_instance_awake_with_its_requests_and_wakes_
     );
     t.wait_running(&id, 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_connection_through_tandem_keeps_an_instance_awake() {
+    let broker = crate::mqtt::Mosquitto::start();
+    let upstream = broker.addr.to_string();
+    let t = Tandem::start_with("sleep-mqtt", &["--mqtt-upstream", &upstream]).await;
+    let (app, _) = t.team_and_app("sleep").await;
+    let mut f = hello_flows();
+    f.as_array_mut().unwrap().extend([
+        json!({ "id": "mb", "type": "mqtt-broker", "name": "broker", "broker": "${TANDEM_MQTT_URL}", "clientid": "listener", "protocolVersion": "4", "keepalive": "60", "cleansession": true }),
+        json!({ "id": "min", "type": "mqtt in", "z": "t1", "topic": "orders/#", "qos": "1", "datatype": "utf8", "broker": "mb", "wires": [[]] }),
+    ]);
+    let id = t.instance(&app, "listener", f, 1).await;
+    t.wait_running(&id, 1).await;
+    let r = t
+        .api(
+            "PUT",
+            &format!("/api/v1/instances/{id}"),
+            json!({ "sleep_after_s": 1 }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Its subscription is a connection through Tandem's MQTT proxy: it must not miss messages.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = t.status(&id).await;
+        assert_eq!(
+            s["state"], "running",
+            "asleep with an MQTT connection open: {s}"
+        );
+    }
+}
