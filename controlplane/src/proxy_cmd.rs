@@ -136,18 +136,7 @@ async fn run_with_control_plane(url: String, args: &ProxyArgs) -> anyhow::Result
         proxy.clone(),
         stopped(),
     ));
-    let https = https
-        .map(|h| {
-            let poll = Duration::from_millis(args.reload_poll_ms.max(10));
-            h.spawn(
-                proxy.clone(),
-                poll,
-                std::future::ready(()),
-                stopped(),
-                stopped(),
-            )
-        })
-        .transpose()?;
+    let https = spawn_https(https, &proxy, args, stopped)?;
     let server = spawn_plain(listener, proxy, redirect, stopped());
     crate::shutdown_signal().await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
@@ -219,18 +208,7 @@ async fn run_with_file(path: std::path::PathBuf, args: &ProxyArgs) -> anyhow::Re
         proxy.clone(),
         stopped(),
     ));
-    let https = https
-        .map(|h| {
-            let poll = Duration::from_millis(args.reload_poll_ms.max(10));
-            h.spawn(
-                proxy.clone(),
-                poll,
-                std::future::ready(()),
-                stopped(),
-                stopped(),
-            )
-        })
-        .transpose()?;
+    let https = spawn_https(https, &proxy, args, stopped)?;
     let server = spawn_plain(listener, proxy, redirect, stopped());
 
     crate::shutdown_signal().await;
@@ -326,6 +304,31 @@ pub(crate) fn spawn_plain(
         }
         None => tokio::spawn(tandem_proxy::server::serve(listener, proxy, stopped)),
     }
+}
+
+/// Serves `https`, when there is a listener, at once; its certificate files are checked every
+/// `--reload-poll-ms`.
+fn spawn_https<F>(
+    https: Option<Https>,
+    proxy: &Arc<Proxy>,
+    args: &ProxyArgs,
+    stopped: impl Fn() -> F,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    https
+        .map(|h| {
+            let poll = Duration::from_millis(args.reload_poll_ms.max(10));
+            h.spawn(
+                proxy.clone(),
+                poll,
+                std::future::ready(()),
+                stopped(),
+                stopped(),
+            )
+        })
+        .transpose()
 }
 
 /// The HTTPS port the plain listener redirects to, with `--https-redirect`.

@@ -99,6 +99,7 @@ impl Warm {
         let dir = self.dir;
         let log = self.log;
         tokio::spawn(async move {
+            let _ = tokio::fs::remove_file(dir.with_extension("pid")).await;
             let _ = tokio::fs::remove_dir_all(&dir).await;
             let _ = tokio::fs::remove_file(&log).await;
         });
