@@ -22,7 +22,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::Row;
 use tandem_proxy::ticket::{TICKET_PARAM, TICKET_PATH};
@@ -33,7 +33,7 @@ use utoipa_axum::routes;
 use super::{authorize, instances};
 use crate::audit::{self, Subject};
 use crate::auth::{self, Caller, Credential};
-use crate::error::{ApiError, ApiResult, Json};
+use crate::error::{ApiError, ApiResult, Json, Query};
 use crate::http_auth::HttpAuthMode;
 use crate::roles::Action;
 use crate::state::AppState;
@@ -59,18 +59,29 @@ pub struct EditorTicket {
     pub expires_at: i64,
 }
 
+/// `?host=`: where the ticket leads.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TicketQuery {
+    /// The instance's custom hostname, to land there (the session is host-only); default the
+    /// instance's own host.
+    pub host: Option<String>,
+}
+
 /// A ticket that opens the instance's editor in a browser, on the instance's own host (members;
 /// not on HA instances): follow `url` within a minute. Following it gives that browser a
 /// session of the caller on that host only.
 #[utoipa::path(post, path = "/api/v1/instances/{id}/editor-ticket", tag = "instances",
-    params(("id" = String, Path, description = "Instance id")),
+    params(("id" = String, Path, description = "Instance id"), TicketQuery),
     responses((status = 201, body = EditorTicket), (status = 403, body = crate::error::ErrorBody),
         (status = 404, body = crate::error::ErrorBody),
-        (status = 409, description = "The instance runs in HA mode: its editor is disabled", body = crate::error::ErrorBody)))]
+        (status = 409, description = "The instance runs in HA mode: its editor is disabled", body = crate::error::ErrorBody),
+        (status = 422, body = crate::error::ErrorBody)))]
 async fn create_editor_ticket(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    Query(q): Query<TicketQuery>,
 ) -> ApiResult<(StatusCode, Json<EditorTicket>)> {
     let instance = instances::load_for(&state, &caller, &id, Action::OpenEditor).await?;
     if instance.ha.is_some() {
@@ -79,7 +90,14 @@ async fn create_editor_ticket(
             instance.name
         )));
     }
-    issue(&state, &caller, &instance, TicketHome::Editor).await
+    issue(
+        &state,
+        &caller,
+        &instance,
+        TicketHome::Editor,
+        q.host.as_deref(),
+    )
+    .await
 }
 
 /// A ticket that opens an instance's own endpoints in a browser, when they are for its team's
@@ -87,13 +105,15 @@ async fn create_editor_ticket(
 /// not. Follow `url` within a minute; it lands on the instance's `/` with a session of the
 /// caller on that host only.
 #[utoipa::path(post, path = "/api/v1/instances/{id}/access-ticket", tag = "instances",
-    params(("id" = String, Path, description = "Instance id")),
+    params(("id" = String, Path, description = "Instance id"), TicketQuery),
     responses((status = 201, body = EditorTicket), (status = 404, body = crate::error::ErrorBody),
-        (status = 409, description = "The instance's endpoints are not for its members (its HTTP auth is not `members`)", body = crate::error::ErrorBody)))]
+        (status = 409, description = "The instance's endpoints are not for its members (its HTTP auth is not `members`)", body = crate::error::ErrorBody),
+        (status = 422, body = crate::error::ErrorBody)))]
 async fn create_access_ticket(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    Query(q): Query<TicketQuery>,
 ) -> ApiResult<(StatusCode, Json<EditorTicket>)> {
     let instance = instances::load_for(&state, &caller, &id, Action::Read).await?;
     if instance.http_auth != HttpAuthMode::Members {
@@ -103,16 +123,38 @@ async fn create_access_ticket(
             instance.http_auth.as_str()
         )));
     }
-    issue(&state, &caller, &instance, TicketHome::Flows).await
+    issue(
+        &state,
+        &caller,
+        &instance,
+        TicketHome::Flows,
+        q.host.as_deref(),
+    )
+    .await
 }
 
-/// Records a new ticket of `caller` for `instance`, leading to `home`, and answers it.
+/// Records a new ticket of `caller` for `instance`, leading to `home` on `host` (its custom
+/// hostname; its own host when `None`), and answers it.
 async fn issue(
     state: &AppState,
     caller: &Caller,
     instance: &instances::Instance,
     home: TicketHome,
+    host: Option<&str>,
 ) -> ApiResult<(StatusCode, Json<EditorTicket>)> {
+    let base = match host {
+        None => instance.url.clone(),
+        Some(h) => {
+            let h = h.trim_end_matches('.').to_ascii_lowercase();
+            if instance.custom_hostname.as_deref() != Some(h.as_str()) {
+                return Err(ApiError::invalid(
+                    "host",
+                    format!("{h:?} is not a host of {}: give its custom hostname, or leave host out for its own host", instance.name),
+                ));
+            }
+            instances::host_url(&state.config, &h)
+        }
+    };
     let ticket = auth::random_secret()?;
     let now = now_ms();
     let expires_at = now + TICKET_TTL_MS;
@@ -144,7 +186,7 @@ async fn issue(
     Ok((
         StatusCode::CREATED,
         Json(EditorTicket {
-            url: format!("{}{TICKET_PATH}?{TICKET_PARAM}={ticket}", instance.url),
+            url: format!("{base}{TICKET_PATH}?{TICKET_PARAM}={ticket}"),
             expires_at,
         }),
     ))

@@ -16,7 +16,89 @@ both_backends!(
     members_get_tickets_that_are_stored_hashed_and_others_do_not,
     a_ticket_opens_one_session_once_on_its_own_instance,
     the_team_gets_tickets_to_endpoints_for_members_and_only_while_they_are,
+    a_ticket_lands_on_the_custom_hostname_when_asked_and_on_no_other_host,
 );
+
+/// A member's ticket to endpoints for members can land on the instance's custom hostname (its
+/// session is host-only); any other host is refused.
+async fn a_ticket_lands_on_the_custom_hostname_when_asked_and_on_no_other_host(b: Backend) {
+    let s = Server::start(b).await;
+    let owner = s.user("owner").await;
+    let team = s.team(&owner.auth).await;
+    let app = s.application(&owner.auth, &team).await;
+    let inst = s.instance(&owner.auth, &app, json!({})).await;
+    let (id, name) = (inst["id"].as_str().unwrap(), inst["name"].as_str().unwrap());
+    s.put(
+        &format!("/api/v1/instances/{id}/http-auth"),
+        &owner.auth,
+        json!({ "mode": "members" }),
+    )
+    .await
+    .ok(200);
+    let path = format!("/api/v1/instances/{id}/access-ticket");
+    // No custom hostname yet: the host is refused, naming the field.
+    let r = s
+        .post(
+            &format!("{path}?host=flows.customer.org"),
+            &owner.auth,
+            json!(null),
+        )
+        .await;
+    assert!(r.err(422).contains("host"), "{r}");
+    s.put(
+        &format!("/api/v1/instances/{id}/custom-hostname"),
+        &owner.auth,
+        json!({ "hostname": "flows.customer.org" }),
+    )
+    .await
+    .ok(200);
+    for (query, host) in [
+        ("", format!("http://{name}.localhost/")),
+        (
+            "?host=Flows.Customer.org",
+            "http://flows.customer.org/".to_string(),
+        ),
+    ] {
+        let answer = s
+            .post(&format!("{path}{query}"), &owner.auth, json!(null))
+            .await;
+        let url = answer.ok(201)["url"].as_str().unwrap().to_string();
+        assert!(
+            url.starts_with(&format!("{host}_tandem/editor-ticket?ticket=")),
+            "{url}"
+        );
+        let editor = s
+            .post(
+                &format!("/api/v1/instances/{id}/editor-ticket{query}"),
+                &owner.auth,
+                json!(null),
+            )
+            .await;
+        assert!(editor.ok(201)["url"].as_str().unwrap().starts_with(&host));
+    }
+    // Another instance's host, or any other name: refused.
+    for other in [
+        "other.localhost",
+        "evil.example.org",
+        &format!("{name}.localhost"),
+    ] {
+        let r = s
+            .post(&format!("{path}?host={other}"), &owner.auth, json!(null))
+            .await;
+        assert!(r.err(422).contains("is not a host of"), "{other}: {r}");
+    }
+    // The ticket exchanges on the instance, whichever of its hosts the browser brought it to.
+    let t = ticket_of(
+        s.post(
+            &format!("{path}?host=flows.customer.org"),
+            &owner.auth,
+            json!(null),
+        )
+        .await
+        .ok(201),
+    );
+    assert!(outcome(exchange(&s.state, name, &t).await).is_ok());
+}
 
 /// Issue 16: an access ticket leads a viewer of an HA instance to its endpoints, while they are
 /// for the team's members.
