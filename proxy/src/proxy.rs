@@ -177,11 +177,6 @@ impl Proxy {
             }
         };
 
-        // Its use, for sleeping when idle; a sleeping instance is woken, and the request waits
-        // for its replica like any held request.
-        instance.stats.activity.touch();
-        self.wake_if_asleep(&instance);
-
         // Phase 2: policy and limits.
         // The admin secret is the proxy's to add, on editor paths only: a client-sent one never
         // passes, whatever the instance (HA, without a secret, or the path of a flow).
@@ -285,6 +280,12 @@ impl Proxy {
             .then(|| affinity_cookie(req.headers()))
             .flatten();
 
+        // Its use, for sleeping when idle; a sleeping instance is woken, and the request waits
+        // for its replica like any held request. Only requests that passed the checks above: a
+        // client refused 401 neither wakes an instance nor keeps it awake.
+        instance.stats.activity.touch();
+        self.wake_if_asleep(&instance);
+
         // Phase 4: forward (once a replica is ready, for an instance that holds requests).
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let method = req.method().clone();
@@ -325,6 +326,7 @@ impl Proxy {
         };
         let elapsed = start.elapsed();
         instance.stats.observe(elapsed);
+        // Forwarded: the end of its use too (a long request counts until it ends).
         instance.stats.activity.touch();
         if let Some(log) = &self.access {
             log.record(&Entry {

@@ -127,3 +127,29 @@ async fn the_use_of_an_instance_is_its_last_request_its_websockets_and_its_reque
     );
     assert!(napper.activity().is_quiet());
 }
+
+#[tokio::test]
+async fn a_request_refused_at_the_proxy_does_not_wake_a_sleeping_instance() {
+    let up = Upstream::start("napper-r0").await;
+    let mut awake = instance("napper", &[up.addr]);
+    // Its endpoints need a token, and no gate here accepts any: every request is refused 401.
+    awake.http_auth = tandem_proxy::HttpAuth::Tokens;
+    let routes = Arc::new(Routes::new());
+    routes.publish(&[asleep(&awake)]).unwrap();
+    let waker = Arc::new(TestWaker {
+        asked: Mutex::default(),
+        routes: routes.clone(),
+        awake,
+    });
+    let w = waker.clone();
+    let proxy = TestProxy::start_from(routes.clone(), move |routes, stats| {
+        Proxy::new(routes, test_config(), stats).with_waker(w)
+    })
+    .await;
+    let r = get(proxy.addr, "napper.localhost", "/").await.unwrap();
+    assert_eq!(r.status, 401);
+    assert!(waker.asked.lock().unwrap().is_empty());
+    let table = routes.snapshot();
+    let napper = table.lookup("napper.localhost").unwrap();
+    assert_eq!(napper.activity().last_request_ms, 0, "a refusal is no use");
+}
