@@ -84,6 +84,40 @@ impl Drop for Serve {
     }
 }
 
+/// A temporary data directory for a Tandem that is SIGKILLed: what it started that outlives it
+/// (npm installing the stack, in a directory under it) is killed before the directory is
+/// removed, or it would write the directory back as it is removed.
+struct Reaped(TempDir);
+
+impl Reaped {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let Ok(root) = std::fs::canonicalize(self.0.path()) else {
+            return;
+        };
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let pid = p.file_name();
+            let Some(pid) = pid
+                .to_str()
+                .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            if std::fs::read_link(p.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&root)) {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+    }
+}
+
 async fn call(
     api: SocketAddr,
     method: &str,
@@ -260,7 +294,7 @@ async fn users_created_on_the_command_line_can_sign_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_in_the_middle_of_writes_loses_nothing_committed_and_leaves_nothing_half_done() {
-    let dir = TempDir::new("tandem-serve-kill");
+    let dir = Reaped(TempDir::new("tandem-serve-kill"));
     let data = dir.path().join("data");
     let mut serve = Serve::start(&data);
     let token = std::fs::read_to_string(data.join("admin-token"))

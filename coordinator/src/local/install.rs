@@ -67,6 +67,9 @@ pub(crate) async fn install_package(
         ])
         .arg(&staging)
         .arg(format!("{package}@{version}"))
+        // In the staging directory too: npm rewrites its command line, and an install that
+        // outlives a killed Tandem is then still known by its working directory.
+        .current_dir(&staging)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
