@@ -8,9 +8,19 @@
 #   3. memory of N instances (default 50): all awake; then all but 5 asleep; then those asleep
 #      deleted. Memory is the RSS of tandem and of every Node-RED process it runs (replicas and
 #      warm runtimes, found by their working directory under the data directory).
-# Needs curl, jq, python3, node and npm. Usage: ROUNDS=5 N=50 bash benches/instant.sh
+# Installs curl, jq, python3, nodejs and npm with apt-get when they are missing.
+# Usage: ROUNDS=5 N=50 bash benches/instant.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+missing=()
+for tool in curl jq python3; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=(); [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y "${missing[@]}"
+fi
 ROUNDS=${ROUNDS:-5}
 N=${N:-50}
 AWAKE=${AWAKE:-5}

@@ -13,10 +13,11 @@
 //! A sleeping instance stays asleep across a restart of Tandem: the state is in the store.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::Row;
+use tandem_proxy::activity::AskOnce;
 use tandem_proxy::{ProxyStats, Routes};
 
 use crate::state::AppState;
@@ -32,7 +33,7 @@ const WAKE_DEBOUNCE: Duration = Duration::from_millis(500);
 /// store and tells the coordinator.
 pub struct StoreWaker {
     state: AppState,
-    asked: Mutex<HashMap<String, Instant>>,
+    asked: AskOnce,
 }
 
 impl StoreWaker {
@@ -40,20 +41,15 @@ impl StoreWaker {
     pub fn new(state: AppState) -> Self {
         Self {
             state,
-            asked: Mutex::default(),
+            asked: AskOnce::new(WAKE_DEBOUNCE),
         }
     }
 }
 
 impl tandem_proxy::activity::Waker for StoreWaker {
     fn wake(&self, instance: &str) {
-        {
-            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            asked.retain(|_, at| now.duration_since(*at) < WAKE_DEBOUNCE);
-            if asked.insert(instance.to_owned(), now).is_some() {
-                return;
-            }
+        if !self.asked.first(instance) {
+            return;
         }
         let (state, name) = (self.state.clone(), instance.to_owned());
         tokio::spawn(async move {

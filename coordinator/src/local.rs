@@ -132,22 +132,6 @@ impl LocalDriver {
         }
     }
 
-    /// Warm runtimes ready to serve `spec` now (0 without a pool or when none can serve it).
-    pub fn warm_ready(&self, spec: &ProcessSpec) -> usize {
-        match (&self.warm, pool::servable(spec)) {
-            (Some(p), Ok(key)) => p.ready_count(&key),
-            _ => 0,
-        }
-    }
-
-    /// Boots warm runtimes for `spec` in the background until the pool's size is ready (no-op
-    /// without a pool or when none can serve it).
-    pub fn warm_up(&self, spec: &ProcessSpec) {
-        if let (Some(p), Ok(key)) = (&self.warm, pool::servable(spec)) {
-            p.refill(self, &key);
-        }
-    }
-
     /// Sandboxes every replica through `launcher`. Probes the kernel once: without Landlock,
     /// replicas start unconfined with a warning in their log (or, when `launcher.required`,
     /// do not start).

@@ -4,8 +4,10 @@
 //!
 //! Counting costs one clock read and two relaxed stores per request; nothing is locked.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::routes::Instance;
 
@@ -15,6 +17,32 @@ use crate::routes::Instance;
 pub trait Waker: Send + Sync + 'static {
     /// Asks for `instance` to run again. Must not block.
     fn wake(&self, instance: &str);
+}
+
+/// For wakers: asks for each instance at most once per period, so that a burst of requests to a
+/// sleeping instance asks once.
+#[derive(Debug)]
+pub struct AskOnce {
+    period: Duration,
+    asked: Mutex<HashMap<String, Instant>>,
+}
+
+impl AskOnce {
+    /// At most once per `period` per instance.
+    pub fn new(period: Duration) -> Self {
+        Self {
+            period,
+            asked: Mutex::default(),
+        }
+    }
+
+    /// Whether to ask for `instance` now: not when it was asked for within the period.
+    pub fn first(&self, instance: &str) -> bool {
+        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        asked.retain(|_, at| now.duration_since(*at) < self.period);
+        asked.insert(instance.to_owned(), now).is_none()
+    }
 }
 
 /// One instance's use, shared by the route tables that carry it.
@@ -79,5 +107,20 @@ impl Instance {
                 .map(|r| r.state.in_flight() as u64)
                 .sum(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_asks_once_per_instance_and_again_after_the_period() {
+        let once = AskOnce::new(Duration::from_millis(50));
+        assert!(once.first("a"));
+        assert!(!once.first("a"), "the burst's second request");
+        assert!(once.first("b"), "another instance");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(once.first("a"), "asked again once the period passed");
     }
 }

@@ -628,7 +628,7 @@ type GateKey = (
 #[derive(Debug)]
 pub struct RemoteWaker {
     link: Arc<ControlPlane>,
-    asked: Mutex<HashMap<String, Instant>>,
+    asked: crate::activity::AskOnce,
 }
 
 impl RemoteWaker {
@@ -636,20 +636,15 @@ impl RemoteWaker {
     pub fn new(link: Arc<ControlPlane>) -> Self {
         Self {
             link,
-            asked: Mutex::default(),
+            asked: crate::activity::AskOnce::new(Duration::from_millis(500)),
         }
     }
 }
 
 impl crate::activity::Waker for RemoteWaker {
     fn wake(&self, instance: &str) {
-        {
-            let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
-            asked.retain(|_, at| now.duration_since(*at) < Duration::from_millis(500));
-            if asked.insert(instance.to_owned(), now).is_some() {
-                return;
-            }
+        if !self.asked.first(instance) {
+            return;
         }
         let (link, name) = (self.link.clone(), instance.to_owned());
         tokio::spawn(async move {

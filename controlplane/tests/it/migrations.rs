@@ -337,29 +337,10 @@ async fn fresh_database_runs_every_migration(backend: Backend) {
 /// platform, gone with its instance.
 async fn migration_13_keeps_every_row(backend: Backend) {
     let db = Db::new(backend).await;
-    let (names, before) = at_migration(&db, backend, 12, &[V12_ROWS]).await;
-    assert!(!names.contains(&"custom_hostnames".to_string()));
-    for (table, rows) in &before {
-        assert!(!rows.is_empty(), "the fixture fills {table}");
-    }
-
-    let store = db.open().await;
-    let mut c = store.pool.acquire().await.unwrap();
-    let after = dump_all(&mut c, &names).await;
-    assert_eq!(
-        old_columns(&after, &before),
-        before,
-        "rows after the upgrade"
-    );
-    assert_eq!(
-        recorded(&mut c)
-            .await
-            .iter()
-            .map(|m| m.0)
-            .collect::<Vec<_>>(),
-        MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>()
-    );
-    assert_eq!(tables(&mut c, backend).await, all_tables());
+    let (store, c) = upgraded(&db, backend, 12, &[V12_ROWS], |names| {
+        assert!(!names.contains(&"custom_hostnames".to_string()))
+    })
+    .await;
     drop(c);
 
     // One hostname per instance, unique on the platform, gone with its instance.
@@ -410,28 +391,7 @@ async fn migration_13_keeps_every_row(backend: Backend) {
 /// its writes.
 async fn migration_14_keeps_every_row(backend: Backend) {
     let db = Db::new(backend).await;
-    let (names, before) = at_migration(&db, backend, 13, &[V12_ROWS, V13_ROWS]).await;
-    for (table, rows) in &before {
-        assert!(!rows.is_empty(), "the fixture fills {table}");
-    }
-
-    let store = db.open().await;
-    let mut c = store.pool.acquire().await.unwrap();
-    let after = dump_all(&mut c, &names).await;
-    assert_eq!(
-        old_columns(&after, &before),
-        before,
-        "rows after the upgrade"
-    );
-    assert_eq!(
-        recorded(&mut c)
-            .await
-            .iter()
-            .map(|m| m.0)
-            .collect::<Vec<_>>(),
-        MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>()
-    );
-    assert_eq!(tables(&mut c, backend).await, all_tables());
+    let (_store, mut c) = upgraded(&db, backend, 13, &[V12_ROWS, V13_ROWS], |_| {}).await;
     async fn sleep(c: &mut AnyConnection) -> Vec<(Option<i64>, Option<i64>)> {
         sqlx::query("SELECT sleep_after_s, asleep_since FROM instances ORDER BY id")
             .fetch_all(c)
@@ -559,6 +519,42 @@ async fn make_v0_1(db: &Db) {
     tx.commit().await.unwrap();
     sqlx::raw_sql(V0_1_ROWS).execute(&mut c).await.unwrap();
     c.close().await.unwrap();
+}
+
+/// A database [`at_migration`] `last` with `fixtures` (`check` looks at its tables first),
+/// opened by this binary: every row is kept, every migration recorded, every table there. The
+/// store and a connection to it.
+async fn upgraded(
+    db: &Db,
+    backend: Backend,
+    last: i64,
+    fixtures: &[&str],
+    check: impl FnOnce(&[String]),
+) -> (Store, sqlx::pool::PoolConnection<sqlx::Any>) {
+    let (names, before) = at_migration(db, backend, last, fixtures).await;
+    check(&names);
+    for (table, rows) in &before {
+        assert!(!rows.is_empty(), "the fixture fills {table}");
+    }
+
+    let store = db.open().await;
+    let mut c = store.pool.acquire().await.unwrap();
+    let after = dump_all(&mut c, &names).await;
+    assert_eq!(
+        old_columns(&after, &before),
+        before,
+        "rows after the upgrade"
+    );
+    assert_eq!(
+        recorded(&mut c)
+            .await
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>(),
+        MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>()
+    );
+    assert_eq!(tables(&mut c, backend).await, all_tables());
+    (store, c)
 }
 
 /// A database made by 0.1 (with its rows), brought to migration `last` by this binary's

@@ -156,8 +156,8 @@ impl WarmPool {
         None
     }
 
-    /// Ready runtimes for `key` (for tests and the status of the pool).
-    pub(crate) fn ready_count(&self, key: &PoolKey) -> usize {
+    /// Ready runtimes for `key`.
+    fn ready_count(&self, key: &PoolKey) -> usize {
         let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
         ready.get(key).map_or(0, Vec::len)
     }

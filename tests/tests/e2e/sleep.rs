@@ -19,6 +19,16 @@ fn flows() -> Value {
     f
 }
 
+/// `PUT /api/v1/instances/{id}` `{"sleep_after_s": value}`.
+async fn set_sleep(t: &Tandem, id: &str, value: Value) -> crate::harness::Resp {
+    t.api(
+        "PUT",
+        &format!("/api/v1/instances/{id}"),
+        json!({ "sleep_after_s": value }),
+    )
+    .await
+}
+
 /// Waits until the instance's state is `want`; its status then.
 async fn state_is(t: &Tandem, id: &str, want: &str, secs: u64) -> Value {
     t.wait_status(id, secs, |s| s["state"] == want).await
@@ -54,13 +64,7 @@ async fn an_idle_instance_sleeps_and_its_next_request_wakes_it_but_not_while_a_w
     let id = t.instance(&app, "napper", flows(), 1).await;
     let running = t.wait_running(&id, 1).await;
     let pid = running["replicas"][0]["pid"].as_u64().unwrap();
-    let r = t
-        .api(
-            "PUT",
-            &format!("/api/v1/instances/{id}"),
-            json!({ "sleep_after_s": 2 }),
-        )
-        .await;
+    let r = set_sleep(&t, &id, json!(2)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["sleep_after_s"], 2);
 
@@ -104,13 +108,7 @@ async fn an_idle_instance_sleeps_and_its_next_request_wakes_it_but_not_while_a_w
     assert_eq!((r.status, r.body.as_str()), (200, "hello"));
 
     // Off: it stays awake.
-    let r = t
-        .api(
-            "PUT",
-            &format!("/api/v1/instances/{id}"),
-            json!({ "sleep_after_s": null }),
-        )
-        .await;
+    let r = set_sleep(&t, &id, json!(null)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     t.wait_running(&id, 1).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -118,13 +116,7 @@ async fn an_idle_instance_sleeps_and_its_next_request_wakes_it_but_not_while_a_w
 
     // HA instances stay awake.
     let ha = t.instance(&app, "pair", hello_flows(), 2).await;
-    let r = t
-        .api(
-            "PUT",
-            &format!("/api/v1/instances/{ha}"),
-            json!({ "sleep_after_s": 60 }),
-        )
-        .await;
+    let r = set_sleep(&t, &ha, json!(60)).await;
     assert_eq!(r.status, 422, "{}", r.body);
     assert!(r.body.contains("sleep_after_s"), "{}", r.body);
 }
@@ -148,13 +140,7 @@ async fn a_standalone_proxy_keeps_an_instance_awake_with_its_requests_and_wakes_
         &[],
     );
     edge.connected().await;
-    let r = t
-        .api(
-            "PUT",
-            &format!("/api/v1/instances/{id}"),
-            json!({ "sleep_after_s": 2 }),
-        )
-        .await;
+    let r = set_sleep(&t, &id, json!(2)).await;
     assert_eq!(r.status, 200, "{}", r.body);
 
     // Requests through the standalone proxy only: reported, they keep it awake.
@@ -195,13 +181,7 @@ async fn an_mqtt_connection_through_tandem_keeps_an_instance_awake() {
     ]);
     let id = t.instance(&app, "listener", f, 1).await;
     t.wait_running(&id, 1).await;
-    let r = t
-        .api(
-            "PUT",
-            &format!("/api/v1/instances/{id}"),
-            json!({ "sleep_after_s": 1 }),
-        )
-        .await;
+    let r = set_sleep(&t, &id, json!(1)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Its subscription is a connection through Tandem's MQTT proxy: it must not miss messages.
     for _ in 0..8 {

@@ -130,6 +130,34 @@ fn key_lines(pair: &PemKeyPair) -> Vec<String> {
         .collect()
 }
 
+/// The `instance.custom-hostname` entries of `id`'s audit log, each as the values at two JSON
+/// pointers of its body; and the whole answer, for messages.
+async fn audited(
+    s: &Server,
+    id: &str,
+    auth: &Auth,
+    a: &str,
+    b: &str,
+) -> (Vec<(Value, Value)>, Value) {
+    let log = s
+        .get(
+            &format!("/api/v1/instances/{id}/audit-log?event=instance.custom-hostname"),
+            auth,
+        )
+        .await;
+    let log = log.ok(200).clone();
+    let entries = log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let at = |p: &str| e["body"].pointer(p).cloned().unwrap_or(Value::Null);
+            (at(a), at(b))
+        })
+        .collect();
+    (entries, log)
+}
+
 #[track_caller]
 fn assert_no_key(text: &str, pair: &PemKeyPair) {
     assert!(!text.contains("PRIVATE KEY"), "{text}");
@@ -294,23 +322,7 @@ async fn owners_set_it_and_the_team_reads_it(b: Backend) {
         .await;
     assert_eq!(view.ok(200)["custom_hostname"], Value::Null);
 
-    let log = s
-        .get(
-            &format!("/api/v1/instances/{id}/audit-log?event=instance.custom-hostname"),
-            &w.owner.auth,
-        )
-        .await;
-    let changes: Vec<(Value, Value)> = log.ok(200)["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["body"]["before"]["hostname"].clone(),
-                e["body"]["after"]["hostname"].clone(),
-            )
-        })
-        .collect();
+    let (changes, log) = audited(s, id, &w.owner.auth, "/before/hostname", "/after/hostname").await;
     assert_eq!(changes.len(), 3, "{log}");
     for change in [
         (Value::Null, json!("flows.customer.org")),
@@ -597,23 +609,14 @@ async fn certificates_are_checked_and_keys_never_shown(b: Backend) {
             assert_no_key(&log.text, p);
         }
     }
-    let log = s
-        .get(
-            &format!("/api/v1/instances/{id}/audit-log?event=instance.custom-hostname"),
-            &w.owner.auth,
-        )
-        .await;
-    let certified: Vec<(Value, Value)> = log.ok(200)["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["body"]["after"]["hostname"].clone(),
-                e["body"]["after"]["has_certificate"].clone(),
-            )
-        })
-        .collect();
+    let (certified, log) = audited(
+        s,
+        id,
+        &w.owner.auth,
+        "/after/hostname",
+        "/after/has_certificate",
+    )
+    .await;
     assert_eq!(certified.len(), 4, "{log}");
     assert!(certified.contains(&(json!("flows.other.org"), json!(false))));
     assert!(certified.contains(&(json!("api.customer.org"), json!(true))));
