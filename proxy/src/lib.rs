@@ -16,6 +16,8 @@
 //! - [`health`]: replica readiness, active probes, passive ejection with backoff.
 //! - [`balance`]: choosing a replica.
 //! - [`proxy`]: one request, phase by phase.
+//! - [`h1`]: the HTTP/1.1 core: plain requests forwarded from one parse of their head, on the
+//!   client connection's task; everything else goes to hyper and [`proxy`].
 //! - [`activity`]: an instance's use (last request, open WebSockets, requests in flight) for
 //!   instances that sleep when idle, and the [`activity::Waker`] of sleeping ones.
 //! - [`access_log`]: one JSON line per request, buffered and written by a thread of its own
@@ -45,6 +47,7 @@ pub mod body;
 pub mod config;
 pub mod control;
 pub mod credentials;
+pub(crate) mod h1;
 pub mod health;
 pub mod metrics;
 pub mod mqtt;

@@ -27,7 +27,7 @@ pub const REPLICA_HEADER: &str = "x-tandem-replica";
 
 /// Reused connections that turn out closed before the request was written are replaced
 /// without counting as an attempt, this many times at most.
-const STALE_RETRIES: u32 = 4;
+pub(crate) const STALE_RETRIES: u32 = 4;
 
 /// How often a held request looks for a ready replica besides when a table is swapped in.
 const HOLD_RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
@@ -76,10 +76,10 @@ impl Unsent {
 }
 
 /// How a forwarded request ended without a response from a replica.
-enum Failure {
+pub(crate) enum Failure {
     NoReplica,
     Connect(Arc<str>, ConnectError),
-    Closed(Arc<str>, hyper::Error),
+    Closed(Arc<str>, crate::body::BoxError),
     Timeout(Arc<str>),
     TooLarge(u64),
 }
@@ -352,8 +352,13 @@ impl Proxy {
         }
     }
 
+    /// The access log, when it is on.
+    pub(crate) fn access_log(&self) -> Option<&AccessLog> {
+        self.access.as_ref()
+    }
+
     /// The answer for a request no replica answered, and the replica to blame, if any.
-    fn failure_response(
+    pub(crate) fn failure_response(
         &self,
         instance: &Instance,
         failure: Failure,
@@ -565,19 +570,7 @@ impl Proxy {
                 Err(e) => {
                     attempts += 1;
                     tried |= 1 << idx;
-                    replica.state.stats.connect_error();
-                    let now = Instant::now();
-                    let fresh = !replica.state.health.is_ejected(now);
-                    let period = replica.state.health.eject(now, &self.config.ejection);
-                    if fresh {
-                        replica.state.verdicts.send(crate::health::Verdict {
-                            instance: instance.name.clone(),
-                            replica: replica.id.clone(),
-                            healthy: false,
-                            reason: format!("connect failed: {e}"),
-                        });
-                    }
-                    tracing::warn!(instance = %instance.name, replica = %replica.id, addr = %replica.addr, error = %e, ejected_for = ?period, "could not connect to replica");
+                    self.connect_failed(instance, replica, &e);
                     last = Failure::Connect(replica.id.clone(), e);
                     continue;
                 }
@@ -607,7 +600,7 @@ impl Proxy {
                             attempts += 1;
                             tried |= 1 << idx;
                         }
-                        last = Failure::Closed(replica.id.clone(), e.into_error());
+                        last = Failure::Closed(replica.id.clone(), e.into_error().into());
                         continue;
                     }
                     attempts += 1;
@@ -624,16 +617,41 @@ impl Proxy {
                             *again.uri_mut() = u.clone();
                             *again.headers_mut() = h.clone();
                             req = again;
-                            last = Failure::Closed(replica.id.clone(), error);
+                            last = Failure::Closed(replica.id.clone(), error.into());
                         }
                         None => {
-                            return Err(Unsent::Failed(Failure::Closed(replica.id.clone(), error)))
+                            return Err(Unsent::Failed(Failure::Closed(
+                                replica.id.clone(),
+                                error.into(),
+                            )))
                         }
                     }
                 }
             }
         }
         Err(Unsent::Failed(last))
+    }
+
+    /// Counts a failed connect to `replica`, ejects it for a while, and says so once.
+    pub(crate) fn connect_failed(
+        &self,
+        instance: &Instance,
+        replica: &crate::routes::Replica,
+        e: &ConnectError,
+    ) {
+        replica.state.stats.connect_error();
+        let now = Instant::now();
+        let fresh = !replica.state.health.is_ejected(now);
+        let period = replica.state.health.eject(now, &self.config.ejection);
+        if fresh {
+            replica.state.verdicts.send(crate::health::Verdict {
+                instance: instance.name.clone(),
+                replica: replica.id.clone(),
+                healthy: false,
+                reason: format!("connect failed: {e}"),
+            });
+        }
+        tracing::warn!(instance = %instance.name, replica = %replica.id, addr = %replica.addr, error = %e, ejected_for = ?period, "could not connect to replica");
     }
 
     /// `instance`, or, when none of its replicas can take the request and it expects one soon
@@ -813,6 +831,18 @@ fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
+}
+
+/// Whether a request for `path` on `instance` goes to a replica with nothing for the proxy to
+/// decide or answer first: no editor ticket, no editor policy, no HTTP auth, not asleep. These
+/// are the checks of [`Proxy::handle`]'s phase 2 that can answer or wait; the HTTP/1.1 core
+/// ([`crate::h1`]) forwards only such requests and leaves the rest to `handle`.
+pub(crate) fn forwarded_as_is(instance: &Instance, path: &str) -> bool {
+    let editor = policy::is_editor_path(path);
+    let ticket = instance.editor_secret.is_some() && ticket::is_ticket_path(path);
+    let editor_checked = editor && (instance.ha || instance.editor_secret.is_some());
+    let flows_checked = !editor && instance.http_auth != policy::HttpAuth::None;
+    !(ticket || editor_checked || flows_checked || instance.asleep)
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {

@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::rustls::ServerConfig;
 
 use crate::body::ResponseBody;
+use crate::h1;
 use crate::proxy::{local, Proxy};
 
 /// How a listener's connections are spoken to.
@@ -67,6 +68,7 @@ async fn serve_as(
     let tunnels = proxy.clone();
     let tls = matches!(speech, Speech::Tls(_));
     let loop_stats = stats.clone();
+    let core = proxy.clone();
     accept_loop(
         listener,
         shutdown,
@@ -74,6 +76,7 @@ async fn serve_as(
         header_timeout,
         speech,
         loop_stats,
+        Some(core),
         move |peer| {
             let proxy = proxy.clone();
             let stats = stats.clone();
@@ -108,6 +111,7 @@ pub async fn serve_redirect(
         header_timeout,
         Speech::Plain,
         stats,
+        None,
         move |_| {
             service_fn(move |req: Request<Incoming>| async move {
                 Ok::<_, Infallible>(redirect(&req, https_port))
@@ -155,6 +159,7 @@ pub async fn serve_admin(
         Duration::from_secs(10),
         Speech::Plain,
         stats,
+        None,
         move |_| {
             let proxy = proxy.clone();
             service_fn(move |req: Request<Incoming>| {
@@ -227,6 +232,7 @@ async fn accept_loop<F, S>(
     header_timeout: Duration,
     speech: Speech,
     stats: Arc<crate::metrics::ProxyStats>,
+    core: Option<Arc<Proxy>>,
     make_service: F,
 ) where
     F: Fn(SocketAddr) -> S,
@@ -252,17 +258,29 @@ async fn accept_loop<F, S>(
                 let mut drain = drain_rx.clone();
                 let speech = speech.clone();
                 let stats = stats.clone();
+                let core = core.clone();
                 connections.spawn(async move {
                     let http1 = || {
                         let mut b = http1::Builder::new();
                         b.timer(TokioTimer::new()).header_read_timeout(header_timeout);
                         b
                     };
+                    // HTTP/1.1 starts in the proxy's own core, which hands hyper what it does not
+                    // forward itself.
+                    macro_rules! http1_conn {
+                        ($io:expr, $tls:expr) => {{
+                            let io = match &core {
+                                Some(proxy) => match h1::serve(proxy, $io, peer, $tls, &mut drain).await {
+                                    h1::Outcome::Done => return,
+                                    h1::Outcome::Hyper(io) => io,
+                                },
+                                None => h1::Rewind::new(Vec::new(), $io),
+                            };
+                            until_drained!(http1().serve_connection(TokioIo::new(io), service).with_upgrades(), drain)
+                        }};
+                    }
                     let result = match speech {
-                        Speech::Plain => until_drained!(
-                            http1().serve_connection(TokioIo::new(stream), service).with_upgrades(),
-                            drain
-                        ),
+                        Speech::Plain => http1_conn!(stream, false),
                         Speech::Tls(acceptor) => {
                             // The handshake is bounded like a request head.
                             let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
@@ -290,7 +308,7 @@ async fn accept_loop<F, S>(
                                     .max_concurrent_streams(128);
                                 until_drained!(b.serve_connection(io, service), drain)
                             } else {
-                                until_drained!(http1().serve_connection(io, service).with_upgrades(), drain)
+                                http1_conn!(io.into_inner(), true)
                             }
                         }
                     };
