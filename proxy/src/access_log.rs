@@ -11,7 +11,6 @@
 //! `RUST_LOG=tandem::access=off` still silences it: the filter of the `tandem::access` target is
 //! asked once per request, as the tracing event that wrote these lines before asked it.
 
-use std::fmt::Write as _;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,14 +88,17 @@ impl AccessLog {
         if !tracing::enabled!(target: "tandem::access", tracing::Level::INFO) {
             return;
         }
-        let line = format_line(e, now_ms());
+        let ts = now_ms();
+        // Written in place under the lock, which the writer takes once per FLUSH_EVERY: no
+        // allocation and no copy per line.
         let mut pending = self.shared.lock();
-        if pending.len() + line.len() > self.shared.capacity {
+        let before = pending.len();
+        write_line(&mut pending, e, ts);
+        if pending.len() > self.shared.capacity {
+            pending.truncate(before);
             drop(pending);
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
         }
-        pending.extend_from_slice(line.as_bytes());
     }
 }
 
@@ -109,10 +111,10 @@ impl Shared {
     }
 }
 
-fn now_ms() -> u128 {
+fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -138,41 +140,89 @@ fn write_lines<W: Write>(shared: &Arc<Shared>, mut out: W) {
 
 /// `{"ts":…,"target":"tandem::access","instance":…,"replica":…,"method":…,"path":…,
 /// "status":…,"micros":…,"client":…}` and a newline.
-pub fn format_line(e: &Entry<'_>, ts_ms: u128) -> String {
-    let mut s = String::with_capacity(160 + e.path.len());
-    let _ = write!(
-        s,
-        "{{\"ts\":{ts_ms},\"target\":\"tandem::access\",\"instance\":"
-    );
-    json_str(&mut s, e.instance);
-    s.push_str(",\"replica\":");
-    json_str(&mut s, e.replica);
-    s.push_str(",\"method\":");
-    json_str(&mut s, e.method);
-    s.push_str(",\"path\":");
-    json_str(&mut s, e.path);
-    let _ = write!(s, ",\"status\":{},\"micros\":{}", e.status, e.micros);
+pub fn format_line(e: &Entry<'_>, ts_ms: u64) -> String {
+    let mut line = Vec::with_capacity(160 + e.path.len());
+    write_line(&mut line, e, ts_ms);
+    // Only text from `&str`s and ASCII was written.
+    String::from_utf8(line).unwrap_or_default()
+}
+
+/// Appends [`format_line`]'s line to `out`, by hand rather than through `fmt`: this runs once
+/// per request.
+fn write_line(out: &mut Vec<u8>, e: &Entry<'_>, ts_ms: u64) {
+    out.extend_from_slice(b"{\"ts\":");
+    push_u64(out, ts_ms);
+    out.extend_from_slice(b",\"target\":\"tandem::access\",\"instance\":");
+    json_str(out, e.instance);
+    out.extend_from_slice(b",\"replica\":");
+    json_str(out, e.replica);
+    out.extend_from_slice(b",\"method\":");
+    json_str(out, e.method);
+    out.extend_from_slice(b",\"path\":");
+    json_str(out, e.path);
+    out.extend_from_slice(b",\"status\":");
+    push_u64(out, u64::from(e.status));
+    out.extend_from_slice(b",\"micros\":");
+    push_u64(out, e.micros);
     if let Some(c) = e.client {
-        let _ = write!(s, ",\"client\":\"{c}\"");
+        out.extend_from_slice(b",\"client\":\"");
+        match c {
+            SocketAddr::V4(v4) => {
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    push_u64(out, u64::from(octet));
+                }
+                out.push(b':');
+                push_u64(out, u64::from(v4.port()));
+            }
+            SocketAddr::V6(v6) => {
+                let _ = write!(out, "{v6}");
+            }
+        }
+        out.push(b'"');
     }
-    s.push_str("}\n");
-    s
+    out.extend_from_slice(b"}\n");
+}
+
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// `v` as a JSON string: quotes, backslashes and control characters escaped.
-fn json_str(s: &mut String, v: &str) {
-    s.push('"');
-    for c in v.chars() {
-        match c {
-            '"' => s.push_str("\\\""),
-            '\\' => s.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(s, "\\u{:04x}", c as u32);
+fn json_str(out: &mut Vec<u8>, v: &str) {
+    out.push(b'"');
+    let bytes = v.as_bytes();
+    let mut from = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            out.extend_from_slice(&bytes[from..i]);
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 0xf)]);
+                }
             }
-            c => s.push(c),
+            from = i + 1;
         }
     }
-    s.push('"');
+    out.extend_from_slice(&bytes[from..]);
+    out.push(b'"');
 }
 
 #[cfg(test)]
@@ -190,6 +240,25 @@ mod tests {
             micros: 1234,
             client: Some("10.0.0.7:5555".parse().unwrap()),
         }
+    }
+
+    #[test]
+    fn numbers_and_addresses_are_written_in_full() {
+        let mut e = entry("/");
+        e.micros = u64::MAX;
+        e.status = 0;
+        e.client = Some("[2001:db8::1]:65535".parse().unwrap());
+        let line = format_line(&e, 0);
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["ts"], 0);
+        assert_eq!(v["status"], 0);
+        assert_eq!(v["micros"], u64::MAX);
+        assert_eq!(v["client"], "[2001:db8::1]:65535");
+        e.client = Some("0.0.0.0:0".parse().unwrap());
+        let line = format_line(&e, 1_700_000_000_123);
+        let v: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(v["client"], "0.0.0.0:0");
+        assert_eq!(v["ts"], 1_700_000_000_123u64);
     }
 
     #[test]
