@@ -2,8 +2,8 @@
 """Summarizes `perf script --no-inline -F ip,sym,dso` output (call graphs) of one proxy process.
 
 Each sample is charged to one bucket: kernel samples by the system call they are in, user-space
-samples by the first frame, from the leaf up, that matches one of BUCKETS (tandem, hyper and
-tokio phases). With --us-per-req, shares are also converted to CPU microseconds per request.
+samples by the first frame, from the leaf up, that matches one of BUCKETS (tandem, its HTTP/1.1
+core, hyper and tokio phases). With --us-per-req, shares are also converted to CPU microseconds per request.
 
     perf script -i perf.data --no-inline -F ip,sym,dso | python3 perf_summary.py --us-per-req 21
 """
@@ -15,6 +15,13 @@ import sys
 
 # (bucket, regex on a frame's symbol); the first bucket matching a frame, leaf first, wins.
 BUCKETS = [
+    ("tandem core: access log line", r"tandem_proxy::access_log"),
+    ("tandem core: httparse (request and response heads)", r"httparse::"),
+    ("tandem core: request checks and the replica's request head (h1::prepare)", r"tandem_proxy::h1::prepare"),
+    ("tandem core: the client's response head (h1::response_head)", r"tandem_proxy::h1::response_head"),
+    ("tandem core: route lookup, balancing, counters",
+     r"tandem_proxy::routes|tandem_proxy::balance|tandem_proxy::metrics|tandem_proxy::activity|tandem_proxy::health"),
+    ("tandem core: connection loop, exchange, relay (h1::serve, exchange, ask, relay)", r"tandem_proxy::h1::"),
     ("tandem: strip_hop_by_hop (request and response)", r"tandem_proxy::proxy::strip_hop_by_hop"),
     ("tandem: upstream_request (X-Forwarded-*, Host, URI)", r"tandem_proxy::proxy::Proxy::upstream_request"),
     ("tandem: client_response", r"tandem_proxy::proxy::Proxy::client_response"),

@@ -130,7 +130,7 @@ where
                 _ => return Outcome::Done,
             }
         };
-        match exchange(proxy, &mut conn, &mut client, &req).await {
+        match exchange(proxy, &mut conn, &mut client, &req, drain).await {
             Step::Next => {
                 // Usually the whole buffer; a pipelined request stays.
                 conn.inb.drain(..req.len.min(conn.inb.len()));
@@ -471,7 +471,13 @@ enum Unanswered {
 
 /// Forwards `req` (in `conn.out`) to a replica and relays its answer to the client, retrying
 /// where `handle` would.
-async fn exchange<C>(proxy: &Proxy, conn: &mut Conn, client: &mut C, req: &Request) -> Step
+async fn exchange<C>(
+    proxy: &Proxy,
+    conn: &mut Conn,
+    client: &mut C,
+    req: &Request,
+    drain: &watch::Receiver<bool>,
+) -> Step
 where
     C: AsyncWrite + Unpin,
 {
@@ -524,6 +530,7 @@ where
             affinity: (instance.affinity && key != Some(replica.id.as_bytes()))
                 .then_some(&*replica.id),
             close: req.close,
+            drain,
             head: req.head,
         };
         let answer = tokio::select! {
@@ -590,8 +597,9 @@ where
         status,
         conn.peer,
     );
-    local_response(&mut conn.hout, &resp, req.head, req.close);
-    if client.write_all(&conn.hout).await.is_err() || client.flush().await.is_err() || req.close {
+    let close = req.close || *drain.borrow();
+    local_response(&mut conn.hout, &resp, req.head, close);
+    if client.write_all(&conn.hout).await.is_err() || client.flush().await.is_err() || close {
         return Step::Close;
     }
     Step::Next
@@ -680,6 +688,8 @@ struct Additions<'a> {
     affinity: Option<&'a str>,
     /// The client asked to close.
     close: bool,
+    /// Set: the proxy is draining, so this is the connection's last response, and says so.
+    drain: &'a watch::Receiver<bool>,
     /// The request was `HEAD`: no body, whatever the head says.
     head: bool,
 }
@@ -784,7 +794,7 @@ fn response_head(
         // HTTP/1.0 closes unless it says otherwise.
         let upstream_close = close || (version == 0 && !keep_alive);
         let until_close = matches!(framing, Framing::Close);
-        let client_close = add.close || until_close;
+        let client_close = add.close || until_close || *add.drain.borrow();
 
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod core;
 mod credentials;
 mod errors;
 mod failover;
