@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::activity::now_ms;
+
 /// Bytes of lines the writer may be behind by before new ones are dropped: 4 MiB.
 pub const CAPACITY: usize = 4 << 20;
 
@@ -85,10 +87,15 @@ impl AccessLog {
 
     /// Logs `e`, unless the `tandem::access` target is filtered out.
     pub fn record(&self, e: &Entry<'_>) {
+        self.record_at(e, now_ms());
+    }
+
+    /// Logs `e` as of `ts` (milliseconds since the Unix epoch), for a caller that read the
+    /// clock already.
+    pub(crate) fn record_at(&self, e: &Entry<'_>, ts: u64) {
         if !tracing::enabled!(target: "tandem::access", tracing::Level::INFO) {
             return;
         }
-        let ts = now_ms();
         // Written in place under the lock, which the writer takes once per FLUSH_EVERY: no
         // allocation and no copy per line.
         let mut pending = self.shared.lock();
@@ -109,13 +116,6 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Takes what was logged every [`FLUSH_EVERY`] and writes it out; ends once the log is

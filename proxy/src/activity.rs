@@ -81,7 +81,12 @@ pub(crate) fn now_ms() -> u64 {
 impl Activity {
     /// A request began or ended now.
     pub(crate) fn touch(&self) {
-        self.last_ms.store(now_ms(), Ordering::Relaxed);
+        self.touch_at(now_ms());
+    }
+
+    /// A request began or ended at `ms` ([`now_ms`]).
+    pub(crate) fn touch_at(&self, ms: u64) {
+        self.last_ms.store(ms, Ordering::Relaxed);
     }
 
     pub(crate) fn tunnel_opened(&self) {

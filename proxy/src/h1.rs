@@ -61,8 +61,10 @@ const MAX_BODY: usize = 64 * 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Most response headers read from a replica; more are a 502.
 const MAX_RESPONSE_HEADERS: usize = 100;
-/// Bytes read at a time, from the client and from the replica.
-const READ_SIZE: usize = 16 * 1024;
+/// Room made for a read from the client: a request head and a small body usually fit.
+const CLIENT_READ: usize = 4 * 1024;
+/// Room made for a read from a replica, which may send a large body.
+const REPLICA_READ: usize = 16 * 1024;
 
 /// How a connection left the core.
 pub(crate) enum Outcome<C> {
@@ -95,6 +97,11 @@ where
         tls,
         deadline: Deadline::new(proxy.config().header_timeout),
     };
+    // One wait for the drain per connection, registered once, rather than one per request.
+    let mut drain_wait = drain.clone();
+    let mut drained = std::pin::pin!(async move {
+        let _ = drain_wait.changed().await;
+    });
     loop {
         if *drain.borrow() {
             return Outcome::Done;
@@ -119,9 +126,10 @@ where
             let idle = conn.inb.is_empty();
             let read = tokio::select! {
                 biased;
-                r = read_more(&mut client, &mut conn.inb) => r,
+                r = read_more(&mut client, &mut conn.inb, CLIENT_READ) => r,
                 () = conn.deadline.passed() => return Outcome::Done,
-                _ = drain.changed(), if idle => return Outcome::Done,
+                // Completes once, and the connection ends with it: never polled again.
+                () = drained.as_mut(), if idle => return Outcome::Done,
             };
             match read {
                 Ok(n) if n > 0 => {}
@@ -328,12 +336,9 @@ fn prepare(proxy: &Proxy, buf: &[u8], out: &mut Vec<u8>, peer_ip: &str, tls: boo
             key = affinity_cookie(h.value).map(|v| offset(buf, v)..offset(buf, v) + v.len());
         }
     }
-    let Some(first) = balance::pick(
-        &instance,
-        0,
-        key.clone().and_then(|r| buf.get(r)),
-        Instant::now(),
-    ) else {
+    let start = Instant::now();
+    let Some(first) = balance::pick(&instance, 0, key.clone().and_then(|r| buf.get(r)), start)
+    else {
         // None ready: `handle` holds it, or answers 503.
         return Prepared::Hyper;
     };
@@ -386,7 +391,7 @@ fn prepare(proxy: &Proxy, buf: &[u8], out: &mut Vec<u8>, peer_ip: &str, tls: boo
             method,
             "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
         ),
-        start: Instant::now(),
+        start,
     })
 }
 
@@ -494,7 +499,11 @@ where
     let mut stale = 0u32;
     let mut last = Failure::NoReplica;
     while attempts < config.max_attempts {
-        let now = Instant::now();
+        // The first try goes at once: the clock was read as the request was taken.
+        let now = match (attempts, stale) {
+            (0, 0) => req.start,
+            _ => Instant::now(),
+        };
         let Some(idx) = next
             .take()
             .or_else(|| balance::pick(instance, tried, key, now))
@@ -523,7 +532,8 @@ where
             },
         };
         let in_flight = replica.state.begin_request();
-        conn.deadline.set(Instant::now() + config.upstream_timeout);
+        let sent = if reused { now } else { Instant::now() };
+        conn.deadline.set(sent + config.upstream_timeout);
         conn.upbuf.clear();
         let add = Additions {
             replica: config.replica_header.then(|| replica.header.as_bytes()),
@@ -569,13 +579,14 @@ where
         };
         replica.state.health.record_success();
         replica.state.stats.record(answer.status);
-        finish(proxy, req, &conn.inb, &replica.id, answer.status, conn.peer);
+        let answered = finish(proxy, req, &conn.inb, &replica.id, answer.status, conn.peer);
         let relayed = relay(client, &mut up, conn, answer.head_len, answer.framing).await;
         drop(in_flight);
         return match relayed {
             Relayed::Whole { reusable } => {
                 if reusable && answer.reusable {
-                    replica.state.pool.put_socket(up, Instant::now());
+                    // Its idle time counts from the head: never less than it really is.
+                    replica.state.pool.put_socket(up, answered);
                 }
                 if answer.close {
                     Step::Close
@@ -605,7 +616,8 @@ where
     Step::Next
 }
 
-/// Counts a request answered (its head sent) and logs it, as `handle` does.
+/// Counts a request answered (its head sent) and logs it, as `handle` does; the time it was
+/// answered.
 fn finish(
     proxy: &Proxy,
     req: &Request,
@@ -613,27 +625,34 @@ fn finish(
     replica: &str,
     status: u16,
     client: SocketAddr,
-) {
+) -> Instant {
     let instance = &req.instance;
-    let elapsed = req.start.elapsed();
+    let answered = Instant::now();
+    let elapsed = answered.saturating_duration_since(req.start);
     instance.stats.observe(elapsed);
-    instance.stats.activity.touch();
+    // One wall-clock read for the activity and the log line.
+    let ms = crate::activity::now_ms();
+    instance.stats.activity.touch_at(ms);
     if let Some(log) = proxy.access_log() {
         let text = |r: &Range<usize>| {
             inb.get(r.clone())
                 .and_then(|b| std::str::from_utf8(b).ok())
                 .unwrap_or_default()
         };
-        log.record(&Entry {
-            instance: &instance.name,
-            replica,
-            method: text(&req.method),
-            path: text(&req.path),
-            status,
-            micros: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            client: Some(client),
-        });
+        log.record_at(
+            &Entry {
+                instance: &instance.name,
+                replica,
+                method: text(&req.method),
+                path: text(&req.path),
+                status,
+                micros: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                client: Some(client),
+            },
+            ms,
+        );
     }
+    answered
 }
 
 /// How the response body ends.
@@ -705,7 +724,7 @@ async fn ask(
 ) -> Result<Answer, Unanswered> {
     up.write_all(request).await.map_err(Unanswered::Nothing)?;
     loop {
-        match read_more(up, buf).await {
+        match read_more(up, buf, REPLICA_READ).await {
             Ok(0) if buf.is_empty() => {
                 return Err(Unanswered::Nothing(io::ErrorKind::UnexpectedEof.into()))
             }
@@ -886,7 +905,7 @@ where
     }
     while !done {
         conn.upbuf.clear();
-        let n = match read_more(up, &mut conn.upbuf).await {
+        let n = match read_more(up, &mut conn.upbuf, REPLICA_READ).await {
             Ok(0) if matches!(framing, Framing::Close) => break,
             Ok(0) | Err(_) => return Relayed::Cut,
             Ok(n) => n,
@@ -934,10 +953,14 @@ fn local_response(out: &mut Vec<u8>, resp: &Response<ResponseBody>, head: bool, 
     }
 }
 
-/// Reads what is there into `buf`'s spare room (made when short), as one read.
-async fn read_more<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_SIZE / 4 {
-        buf.reserve(READ_SIZE);
+/// Reads what is there into `buf`'s spare room (`room` bytes made when short), as one read.
+async fn read_more<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    room: usize,
+) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < room / 4 {
+        buf.reserve(room);
     }
     io.read_buf(buf).await
 }
@@ -947,7 +970,7 @@ async fn read_now<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut Vec<u8>,
 ) -> Option<io::Result<usize>> {
-    let mut read = std::pin::pin!(read_more(io, buf));
+    let mut read = std::pin::pin!(read_more(io, buf, CLIENT_READ));
     std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
         Poll::Ready(r) => Poll::Ready(Some(r)),
         Poll::Pending => Poll::Ready(None),
