@@ -216,7 +216,8 @@ fn percent_decode(input: &[u8]) -> Vec<u8> {
     out
 }
 
-fn hex(b: u8) -> Option<u8> {
+/// The value of one hexadecimal digit.
+pub(crate) fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'a'..=b'f' => Some(b - b'a' + 10),

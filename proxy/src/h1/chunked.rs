@@ -2,6 +2,8 @@
 //! only has to know where the body ends, to keep the connection for the next request: this
 //! follows the chunk sizes, extensions, data and trailers across reads without copying.
 
+use crate::policy::hex;
+
 /// A chunked body's framing, fed the body's bytes in order.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Chunked {
@@ -113,15 +115,6 @@ impl Chunked {
             }
         }
         Ok(None)
-    }
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 
