@@ -1,5 +1,5 @@
 // An instance's page: state, actions (start, stop, restart, suspend, delete with a
-// confirmation), "Open editor", HA, replicas, a live merged log, settings and environment (the
+// confirmation), "Open editor", "Open signed in" (a `members` instance's endpoints), HA, replicas, a live merged log, settings and environment (the
 // template's locked values shown locked), modules and affinity, who may call the flows' HTTP
 // endpoints and the instance's HTTP tokens, its custom hostname and certificate, snapshots,
 // deploys and the audit log. What a role
@@ -109,6 +109,19 @@ export async function instancePage(id) {
     } else if (instance.ha) {
       parts.push(" ", el("span", { class: "muted" }, "The editor is closed on HA instances: deploy with snapshots and pipelines."));
     }
+    if (instance.http_auth === "members") {
+      // The flows' endpoints are for the team's members, signed in on the instance's host,
+      // which the console's cookie does not reach either: an access ticket opens them there,
+      // on its own host or on its custom hostname (a host-only cookie each). Viewers too.
+      const open = (host) => async () => {
+        const t = await api("POST", path + "/access-ticket" + (host ? "?host=" + enc(host) : ""));
+        window.open(t.url, "_blank", "noopener");
+      };
+      parts.push(" ", button("Open signed in", open(null), { id: "open-signed-in" }));
+      if (instance.custom_hostname) {
+        parts.push(" ", button("Open signed in at " + instance.custom_hostname, open(instance.custom_hostname), { id: "open-signed-in-custom" }));
+      }
+    }
     links.replaceChildren(...parts);
   }
 
@@ -147,6 +160,10 @@ export async function instancePage(id) {
   // revoke tokens, the others read. A new token's value is shown once, outside what is redrawn.
   async function drawHttpAccess() {
     const [auth, list] = await Promise.all([api("GET", path + "/http-auth"), all(path + "/http-tokens")]);
+    if (instance.http_auth !== auth.mode) {
+      instance.http_auth = auth.mode;
+      drawLinks();
+    }
     redraw(httpMode, auth.mode, () => {
       const explained = (m) => (HTTP_MODES.find(([k]) => k === m) || [m, m, ""])[2];
       const out = [el("p", { id: "http-auth-current", "data-mode": auth.mode }, "Mode: ", el("strong", {}, auth.mode), " — " + explained(auth.mode) + ".")];
@@ -201,7 +218,11 @@ export async function instancePage(id) {
   }
 
   function showCustomHostname(current) {
-    instance.custom_hostname = current ? current.hostname : null;
+    const hostname = current ? current.hostname : null;
+    if (instance.custom_hostname !== hostname) {
+      instance.custom_hostname = hostname;
+      drawLinks();
+    }
     redraw(customHost, current, () => {
       const out = [current
         ? el("p", { id: "custom-hostname-current", "data-hostname": current.hostname, "data-certificate": String(current.has_certificate) },

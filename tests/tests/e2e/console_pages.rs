@@ -944,6 +944,67 @@ async fn an_owner_guards_the_flows_with_a_token_made_and_revoked_in_the_page_and
     assert!(no_error(&viewer).await, "{}", viewer.text().await);
 }
 
+/// A `members` instance's endpoints are for its team, signed in on the instance's own host,
+/// which the console's cookie does not reach: its page's "Open signed in" opens them there
+/// through an access ticket, for a viewer too, and goes once the mode is another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_opens_a_members_instance_signed_in_from_its_page() {
+    let t = Tandem::start("console-open-signed-in").await;
+    let base = format!("http://{}", t.api);
+    admin_password(&t).await;
+    let (app, team) = t.team_and_app("Inner").await;
+    user(&t, "vera", "vera-password").await;
+    join(&t, &team, "vera", "viewer").await;
+    let id = t.instance(&app, "inner", hello_flows(), 1).await;
+    let auth = format!("/api/v1/instances/{id}/http-auth");
+    serves(&t, "inner", "/hello", "hello").await;
+    let r = t.api("PUT", &auth, json!({ "mode": "members" })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    hello_answers(&t, "inner", None, 401).await;
+
+    let driver = Chromedriver::start().await;
+    let page = driver.session().await;
+    sign_in(&page, &base, "vera", "vera-password").await;
+    open_instance(&page, "inner").await;
+    let console = page.windows().await[0].clone();
+    click(&page, "#open-signed-in").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let opened = loop {
+        if let Some(w) = page.windows().await.into_iter().find(|w| *w != console) {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "no tab opened");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    page.switch_to(&opened).await;
+    // The ticket lands on `/`; the flow's endpoint then answers this browser, signed in there.
+    until(
+        &page,
+        "the instance's host, after the ticket",
+        "return location.host.startsWith('inner.localhost:') && location.pathname === '/';",
+    )
+    .await;
+    page.execute("location.href = '/hello'; return true;").await;
+    until(
+        &page,
+        "the flow's answer to the signed-in browser",
+        "return location.pathname === '/hello' && document.body.innerText.trim() === 'hello';",
+    )
+    .await;
+    page.switch_to(&console).await;
+
+    // Another mode: the button goes, live.
+    let r = t.api("PUT", &auth, json!({ "mode": "none" })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    until(
+        &page,
+        "the button gone with the members mode",
+        "return !!document.getElementById('instance-url') && !document.getElementById('open-signed-in');",
+    )
+    .await;
+    assert!(no_error(&page).await, "{}", page.text().await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_sets_a_custom_hostname_with_its_certificate_and_removes_it_and_a_viewer_only_reads(
 ) {
