@@ -1,5 +1,5 @@
 // An instance's page: state, actions (start, stop, restart, suspend, delete with a
-// confirmation), "Open editor", "Open signed in" (a `members` instance's endpoints), HA, replicas, a live merged log, settings and environment (the
+// confirmation), "Open editor", "Open signed in" (a `members` instance's endpoints), HA, sleep, replicas, a live merged log, settings and environment (the
 // template's locked values shown locked), modules and affinity, who may call the flows' HTTP
 // endpoints and the instance's HTTP tokens, its custom hostname and certificate, snapshots,
 // deploys and the audit log. What a role
@@ -43,6 +43,7 @@ export async function instancePage(id) {
   const audit = el("div", { id: "audit" });
   const settings = el("div", { id: "settings" });
   const ha = el("div", { id: "ha" });
+  const sleep = el("div", { id: "sleep" });
   const httpMode = el("div", { id: "http-mode" });
   const httpTokens = el("div", { id: "http-tokens" });
   const httpShown = el("div", { id: "http-token-shown", role: "status" });
@@ -57,6 +58,7 @@ export async function instancePage(id) {
       el("thead", {}, el("tr", {}, ...["Replica", "State", "Active", "Pid / port", "Restarts", "Last exit", "Since"].map((h) => el("th", {}, h)))),
       replicas)),
     section("High availability", ha),
+    section("Sleep when idle", sleep),
     section("HTTP access", el("div", { id: "http-access" }, httpMode,
       el("p", { class: "muted" }, "With tokens, call the flows with the header Authorization: Bearer <token>, e.g. curl -H 'Authorization: Bearer <token>' " + instance.url + ". The editor, /admin, keeps its own rules in every mode."),
       httpShown, httpTokens, owner ? httpTokenForm() : null)),
@@ -151,8 +153,40 @@ export async function instancePage(id) {
       else await api("PUT", path + "/ha", Object.assign({ replicas, mode: mode.value }, mode.value === "balanced" ? { affinity: affinity.checked } : {}));
       instance = await api("GET", path);
       drawLinks();
+      drawSleep();
       await refresh();
     }));
+  }
+
+  // --- Sleep -------------------------------------------------------------------------------
+  // An instance that sleeps after a quiet while gives its memory back; the next request wakes
+  // it. Members set it, in minutes; HA instances stay awake (the API refuses it). The warnings
+  // of the change that turned it on (schedules that will not run) stay until the next change.
+  let sleepWarnings = [];
+  function drawSleep() {
+    const after = instance.sleep_after_s;
+    const out = [el("p", { id: "sleep-current", "data-sleep-after": after == null ? "off" : String(after) },
+      after == null ? "Off: the instance stays awake."
+        : "After " + idle(after) + " with no request, no open WebSocket and no MQTT connection, the instance sleeps: its replica stops, and the next request wakes it.")];
+    if (sleepWarnings.length) out.push(el("ul", { id: "sleep-warnings", class: "warn" }, ...sleepWarnings.map((w) => el("li", {}, w))));
+    if (instance.ha) {
+      out.push(el("p", { class: "muted" }, "HA instances stay awake."));
+    } else if (member) {
+      const minutes = el("input", { id: "sleep-minutes", type: "number", min: "1", max: "43200", required: true });
+      minutes.value = after == null ? "15" : String(Math.max(1, Math.round(after / 60)));
+      const set = async (sleep_after_s) => {
+        instance = await api("PUT", path, { sleep_after_s });
+        sleepWarnings = instance.warnings || [];
+        drawSleep();
+      };
+      out.push(form({ id: "sleep-form", class: "inline" }, [
+        ...field("Sleep after this many idle minutes", minutes),
+        el("div", { class: "actions" },
+          el("button", { type: "submit" }, after == null ? "Turn on" : "Apply"),
+          after == null ? null : button("Turn off", () => set(null), { id: "sleep-off" }))],
+      () => set(Number(minutes.value) * 60)));
+    }
+    sleep.replaceChildren(...out);
   }
 
   // --- HTTP access -------------------------------------------------------------------------
@@ -446,9 +480,19 @@ export async function instancePage(id) {
   drawActions();
   drawLinks();
   drawHa();
+  drawSleep();
   drawSettings();
   await Promise.all([refresh(), drawSnapshots(), drawCustomHostname()]);
   return { root, refresh, leave: () => {} };
+}
+
+// `s` seconds, in the largest unit that says it exactly.
+function idle(s) {
+  const unit = (n, word) => n + " " + word + (n === 1 ? "" : "s");
+  if (s % 86400 === 0) return unit(s / 86400, "day");
+  if (s % 3600 === 0) return unit(s / 3600, "hour");
+  if (s % 60 === 0) return unit(s / 60, "minute");
+  return unit(s, "second");
 }
 
 // The live log: newest entries first shown, new ones appended while following, older ones

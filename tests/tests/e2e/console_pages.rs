@@ -944,6 +944,82 @@ async fn an_owner_guards_the_flows_with_a_token_made_and_revoked_in_the_page_and
     assert!(no_error(&viewer).await, "{}", viewer.text().await);
 }
 
+/// Sleep when idle, from the instance's page: a member turns it on in minutes, sees which of
+/// the flows' schedules will not run while it sleeps, and turns it off; a viewer only reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_turns_sleep_on_and_off_from_the_page_and_a_viewer_only_reads() {
+    let t = Tandem::start("console-sleep").await;
+    let base = format!("http://{}", t.api);
+    admin_password(&t).await;
+    let (app, team) = t.team_and_app("Naps").await;
+    user(&t, "vera", "vera-password").await;
+    join(&t, &team, "vera", "viewer").await;
+    let mut flows = hello_flows();
+    flows.as_array_mut().unwrap().push(json!({
+        "id": "tick", "type": "inject", "z": "t1", "name": "tick", "repeat": "30", "crontab": "",
+        "wires": [[]]
+    }));
+    let id = t.instance(&app, "napper", flows, 1).await;
+    let path = format!("/api/v1/instances/{id}");
+    let stored =
+        || async { t.api("GET", &path, Value::Null).await.json()["sleep_after_s"].clone() };
+    let shown = |after: &str| {
+        format!(
+            "const p = document.getElementById('sleep-current'); return !!p && p.dataset.sleepAfter === '{after}';"
+        )
+    };
+
+    let driver = Chromedriver::start().await;
+    let page = driver.session().await;
+    sign_in(&page, &base, "admin", "admin-password").await;
+    open_instance(&page, "napper").await;
+    until(&page, "sleep off", &shown("off")).await;
+    fill(&page, "#sleep-minutes", "2").await;
+    submit(&page, "#sleep-form").await;
+    until(&page, "sleep after 2 minutes", &shown("120")).await;
+    assert_eq!(stored().await, json!(120));
+    until(
+        &page,
+        "the schedule that will not run, named",
+        "const w = document.getElementById('sleep-warnings');
+         return !!w && w.textContent.includes('inject node \"tick\" repeats every 30 s');",
+    )
+    .await;
+    let said = page
+        .execute("return document.getElementById('sleep-current').textContent;")
+        .await;
+    assert!(
+        said.as_str()
+            .unwrap()
+            .starts_with("After 2 minutes with no request"),
+        "{said}"
+    );
+
+    // A viewer reads it and is offered nothing to change.
+    let viewer = driver.session().await;
+    sign_in(&viewer, &base, "vera", "vera-password").await;
+    open_instance(&viewer, "napper").await;
+    until(&viewer, "sleep after 2 minutes", &shown("120")).await;
+    let offered = viewer
+        .execute("return [...document.getElementById('sleep').querySelectorAll('form, button, input')].length;")
+        .await;
+    assert_eq!(offered, json!(0), "a viewer was offered to change sleep");
+
+    // Off again, and the warnings go with it.
+    click(&page, "#sleep-off").await;
+    until(
+        &page,
+        "sleep off, no warnings",
+        &format!(
+            "{} && !document.getElementById('sleep-warnings')",
+            shown("off").trim_end_matches(';')
+        ),
+    )
+    .await;
+    assert_eq!(stored().await, Value::Null);
+    assert!(no_error(&page).await, "{}", page.text().await);
+}
+
 /// A `members` instance's endpoints are for its team, signed in on the instance's own host,
 /// which the console's cookie does not reach: its page's "Open signed in" opens them there
 /// through an access ticket, for a viewer too, and goes once the mode is another.
