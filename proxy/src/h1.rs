@@ -1079,3 +1079,6 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Rewind<C> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests;
