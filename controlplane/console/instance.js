@@ -261,8 +261,15 @@ export async function instancePage(id) {
       const out = [current
         ? el("p", { id: "custom-hostname-current", "data-hostname": current.hostname, "data-certificate": String(current.has_certificate) },
           el("a", { href: current.url, target: "_blank", rel: "noopener", id: "custom-hostname-url" }, current.url), " — ",
-          current.has_certificate ? "with its own certificate for HTTPS." : "no certificate of its own: over HTTPS the proxies serve theirs, which do not cover it.")
+          current.has_certificate ? "with its own certificate for HTTPS" + (current.certificate_expires_at ? ", valid until " + when(current.certificate_expires_at) + "." : ".")
+            : "no certificate of its own: over HTTPS the proxies serve theirs, which do not cover it.")
         : el("p", { id: "custom-hostname-current", class: "muted" }, "None: the instance is served at " + instance.url + " only.")];
+      const left = current && current.certificate_expires_at ? current.certificate_expires_at - Date.now() : Infinity;
+      if (left < 14 * 86400000) {
+        out.push(el("p", { id: "custom-hostname-expiry", class: "warn" }, left <= 0
+          ? "Its certificate has expired: browsers refuse it. Upload a renewed one."
+          : "Its certificate expires in " + Math.ceil(left / 86400000) + " days: upload a renewed one."));
+      }
       if (current) out.push(el("p", { class: "muted" }, "Point the hostname's DNS at the proxies, as for " + instance.url + "."));
       if (owner) out.push(customHostnameForm(current));
       return out;

@@ -276,6 +276,7 @@ impl Https {
             anyhow::bail!("the HTTPS listener has no certificate: give --tls-cert and --tls-key (or, with --routes, a [tls] section)");
         }
         let config = self.certificates.server_config()?;
+        self.certificates.report_to(proxy.stats().clone());
         tokio::spawn(self.certificates.watch(poll, watcher_stopped));
         Ok(tokio::spawn(async move {
             start.await;

@@ -146,9 +146,18 @@ pub struct ProxyStats {
     pub(crate) access_log_dropped: Arc<AtomicU64>,
     /// TLS handshakes that failed or timed out on the HTTPS listener.
     pub(crate) tls_handshake_failures: AtomicU64,
+    /// The HTTPS listener's files' certificates: name and `notAfter` ([`crate::tls`]).
+    file_certificates: std::sync::Mutex<Vec<(Box<str>, u64)>>,
 }
 
 impl ProxyStats {
+    pub(crate) fn set_file_certificates(&self, expiries: Vec<(Box<str>, u64)>) {
+        *self
+            .file_certificates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = expiries;
+    }
+
     /// Records the outcome of a routes reload (file or control plane).
     pub fn record_reload(&self, ok: bool) {
         if ok {
@@ -691,6 +700,25 @@ pub fn render(table: &RouteTable, stats: &ProxyStats) -> String {
         "tandem_proxy_tls_handshake_failures_total {}",
         load(&stats.tls_handshake_failures)
     );
+    header(
+        &mut out,
+        "tandem_proxy_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When a certificate the HTTPS listener serves stops being valid (its notAfter), in seconds since the Unix epoch: the files' (source=\"file\", name \"default\" or the certificate's hosts) and instances' own (source=\"instance\", name the instance).",
+    );
+    for (name, at) in stats
+        .file_certificates
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+    {
+        let _ = writeln!(out, "tandem_proxy_certificate_expiry_timestamp_seconds{{source=\"file\",name=\"{name}\"}} {at}");
+    }
+    for inst in table.instances() {
+        if let Some(at) = inst.certificate.as_ref().and_then(|c| c.not_after) {
+            let _ = writeln!(out, "tandem_proxy_certificate_expiry_timestamp_seconds{{source=\"instance\",name=\"{}\"}} {at}", inst.name);
+        }
+    }
     render_mqtt(&mut out, stats);
     header(
         &mut out,

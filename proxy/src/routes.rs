@@ -181,6 +181,8 @@ pub(crate) struct InstanceCertificate {
     key: Arc<tokio_rustls::rustls::sign::CertifiedKey>,
     /// The instance's hosts the certificate is valid for.
     covers: Vec<Box<str>>,
+    /// Its `notAfter`, seconds since the Unix epoch.
+    pub(crate) not_after: Option<u64>,
 }
 
 impl Instance {
@@ -213,6 +215,7 @@ fn instance_certificate(
                 pem: c.pem.clone(),
                 key: c.key.clone(),
                 covers,
+                not_after: c.not_after,
             });
         }
     }
@@ -227,6 +230,7 @@ fn instance_certificate(
                 tracing::warn!(instance = %name, "the instance's certificate covers none of its hosts; its hosts get the proxy's own");
             }
             Some(InstanceCertificate {
+                not_after: crate::tls::expiry_checked(&key, name),
                 pem: pem.clone(),
                 key,
                 covers,

@@ -11,6 +11,10 @@
 //!   custom hostname, which comes with the route table (the control plane's feed) and is parsed
 //!   once when the table is built.
 //!
+//! Each certificate's expiry ([`expiry`], its `notAfter`) is a metric,
+//! `tandem_proxy_certificate_expiry_timestamp_seconds`, and one expiring within
+//! [`EXPIRY_WARNING`] is logged as a warning when it is loaded.
+//!
 //! For a client's SNI name the proxy serves, in order: the certificate of the instance at that
 //! host when it covers the name, the files' certificate for that exact host, the files'
 //! certificate for `*.<parent>`, and the default. Without SNI (an address typed in), the default.
@@ -29,6 +33,24 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig};
 
 use crate::routes::{normalize_host, Routes};
+
+/// A certificate that stops being valid within this time is logged as a warning when loaded.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// The `notAfter` of `key`'s leaf, in seconds since the Unix epoch; warns when that is within
+/// [`EXPIRY_WARNING`] (or past) of now. `what` names the certificate in the warning.
+pub(crate) fn expiry_checked(key: &CertifiedKey, what: &str) -> Option<u64> {
+    let not_after = expiry::not_after(key.cert.first()?)?;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if not_after <= now {
+        tracing::warn!(certificate = %what, not_after, "a TLS certificate has expired; clients refuse it");
+    } else if not_after - now < EXPIRY_WARNING.as_secs() {
+        tracing::warn!(certificate = %what, not_after, days_left = (not_after - now) / 86_400, "a TLS certificate expires soon; renew it");
+    }
+    Some(not_after)
+}
 
 /// ALPN protocol id of HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -183,6 +205,8 @@ struct Loaded {
     exact: HashMap<Box<str>, Arc<CertifiedKey>>,
     /// By the parent domain of a `*.<parent>` pattern.
     wildcard: HashMap<Box<str>, Arc<CertifiedKey>>,
+    /// Each certificate's name (`default`, or its hosts joined by commas) and expiry.
+    expiries: Vec<(Box<str>, u64)>,
 }
 
 fn read_pair(pair: &FilePair) -> Result<Arc<CertifiedKey>, TlsError> {
@@ -206,10 +230,20 @@ impl Loaded {
         // Stamped before reading: a rewrite during the read is seen at the next check.
         let stamps = files.paths().map(stamp).collect();
         let default = files.default.as_ref().map(read_pair).transpose()?;
+        let mut expiries = Vec::new();
+        let mut expires = |name: String, key: &CertifiedKey| {
+            if let Some(at) = expiry_checked(key, &name) {
+                expiries.push((name.into_boxed_str(), at));
+            }
+        };
+        if let Some(key) = &default {
+            expires("default".into(), key);
+        }
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         for h in &files.hosts {
             let key = read_pair(&h.files)?;
+            expires(h.hosts.join(","), &key);
             for host in &h.hosts {
                 let (map, name) = match host.strip_prefix("*.") {
                     Some(parent) => (&mut wildcard, parent),
@@ -225,6 +259,7 @@ impl Loaded {
             default,
             exact,
             wildcard,
+            expiries,
         })
     }
 
@@ -241,6 +276,8 @@ impl Loaded {
 pub struct Certificates {
     loaded: ArcSwap<Loaded>,
     routes: Option<Arc<Routes>>,
+    /// Where the files' expiries go, for the metrics ([`Certificates::report_to`]).
+    stats: std::sync::OnceLock<Arc<crate::ProxyStats>>,
 }
 
 impl Certificates {
@@ -250,7 +287,25 @@ impl Certificates {
         Ok(Self {
             loaded: ArcSwap::from_pointee(Loaded::read(files)?),
             routes,
+            stats: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Keeps the files' certificates' expiries in `stats`, for the metrics, from now on.
+    pub fn report_to(&self, stats: Arc<crate::ProxyStats>) {
+        let _ = self.stats.set(stats);
+        self.report();
+    }
+
+    fn store(&self, loaded: Loaded) {
+        self.loaded.store(Arc::new(loaded));
+        self.report();
+    }
+
+    fn report(&self) {
+        if let Some(stats) = self.stats.get() {
+            stats.set_file_certificates(self.loaded.load().expiries.clone());
+        }
     }
 
     /// Whether the files give any certificate (the instances' own aside).
@@ -264,7 +319,7 @@ impl Certificates {
         if self.loaded.load().files == files && !self.loaded.load().changed() {
             return Ok(());
         }
-        self.loaded.store(Arc::new(Loaded::read(files)?));
+        self.store(Loaded::read(files)?);
         Ok(())
     }
 
@@ -275,8 +330,7 @@ impl Certificates {
         if !current.changed() {
             return Ok(false);
         }
-        self.loaded
-            .store(Arc::new(Loaded::read(current.files.clone())?));
+        self.store(Loaded::read(current.files.clone())?);
         Ok(true)
     }
 
@@ -351,6 +405,7 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
+pub mod expiry;
 #[cfg(any(test, feature = "test-ca"))]
 pub mod test_ca;
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub struct CustomHostname {
     /// Whether a certificate (and its key) is stored: the proxies' HTTPS listeners serve it for
     /// the hostname. Without one they serve their own certificates, which do not cover it.
     pub has_certificate: bool,
+    /// When its certificate stops being valid (the leaf's `notAfter`), epoch ms; null without
+    /// a certificate. Renew it before then: clients refuse an expired one.
+    pub certificate_expires_at: Option<i64>,
 }
 
 /// A custom hostname to set, with its certificate.
@@ -116,6 +119,13 @@ fn view(state: &AppState, s: &Stored) -> CustomHostname {
     CustomHostname {
         url: host_url(&state.config, &s.hostname),
         has_certificate: s.has_certificate(),
+        certificate_expires_at: s
+            .certificate
+            .as_deref()
+            .filter(|_| s.has_certificate())
+            .and_then(|pem| tandem_proxy::tls::expiry::pem_not_after(pem.as_bytes()))
+            .and_then(|secs| i64::try_from(secs).ok())
+            .map(|secs| secs.saturating_mul(1000)),
         hostname: s.hostname.clone(),
     }
 }

@@ -52,9 +52,22 @@ impl TestCa {
 
     /// A certificate for `names` (host names or `*.<domain>`), with its own key.
     pub fn issue(&self, names: &[&str]) -> PemKeyPair {
-        let params =
+        self.issue_with(names, None)
+    }
+
+    /// A certificate for `names`, as [`TestCa::issue`], valid until midnight UTC that starts
+    /// `(year, month, day)`.
+    pub fn issue_until(&self, names: &[&str], until: (i32, u8, u8)) -> PemKeyPair {
+        self.issue_with(names, Some(until))
+    }
+
+    fn issue_with(&self, names: &[&str], until: Option<(i32, u8, u8)>) -> PemKeyPair {
+        let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .expect("leaf params");
+        if let Some((year, month, day)) = until {
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+        }
         let key = KeyPair::generate().expect("leaf key");
         let cert = params
             .signed_by(&key, &self.issuer)

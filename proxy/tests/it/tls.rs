@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::Version;
 use tandem_proxy::tls::test_ca::{is_leaf_of, TestCa};
-use tandem_proxy::tls::{Certificates, FilePair, PemKeyPair, TlsFiles};
+use tandem_proxy::tls::{Certificates, FilePair, HostFiles, PemKeyPair, TlsFiles};
 use tandem_proxy::{Proxy, ProxyStats, Routes};
 use tokio::net::TcpListener;
 
@@ -148,6 +148,71 @@ async fn a_certificate_rewritten_on_disk_is_served_without_a_restart() {
         .await
         .unwrap();
     assert!(is_leaf_of(&renewed, &seen.chain));
+}
+
+/// Every certificate the HTTPS listener serves has its expiry in the metrics: the files' by
+/// name, the instances' own by instance, and a renewal on disk moves it.
+#[tokio::test]
+async fn each_certificates_expiry_is_a_metric_and_follows_a_renewal() {
+    let ca = TestCa::new();
+    let dir = temp_dir("tls-expiry");
+    let up = Upstream::start("orders-r0").await;
+    let mut spec = instance("orders", &[up.addr]);
+    spec.hosts = vec!["orders.example.com".into(), "flows.customer.org".into()];
+    spec.certificate = Some(ca.issue_until(&["flows.customer.org"], (2033, 1, 1)));
+    let routes = Arc::new(Routes::new());
+    routes.publish(&[spec]).unwrap();
+    let files = TlsFiles {
+        default: Some(write(
+            dir.path(),
+            "site",
+            &ca.issue_until(&["*.example.com"], (2031, 5, 17)),
+        )),
+        hosts: vec![HostFiles {
+            hosts: vec!["api.example.net".into(), "*.example.net".into()],
+            files: write(
+                dir.path(),
+                "api",
+                &ca.issue_until(&["api.example.net", "*.example.net"], (2032, 2, 29)),
+            ),
+        }],
+    };
+    let certs = Arc::new(Certificates::new(files, Some(routes.clone())).unwrap());
+    let stats = Arc::new(ProxyStats::default());
+    certs.report_to(stats.clone());
+    tokio::spawn(certs.watch(Duration::from_millis(50), std::future::pending::<()>()));
+    let expiry = |source: &str, name: &str| {
+        let metrics = tandem_proxy::metrics::render(&routes.snapshot(), &stats);
+        let prefix = format!(
+            "tandem_proxy_certificate_expiry_timestamp_seconds{{source=\"{source}\",name=\"{name}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    // 2031-05-17, 2032-02-29 and 2033-01-01, midnight UTC.
+    assert_eq!(expiry("file", "default"), Some(1_936_742_400));
+    assert_eq!(
+        expiry("file", "api.example.net,*.example.net"),
+        Some(1_961_625_600)
+    );
+    assert_eq!(expiry("instance", "orders"), Some(1_988_150_400));
+
+    write(
+        dir.path(),
+        "site",
+        &ca.issue_until(&["*.example.com"], (2035, 1, 1)),
+    );
+    let moved = eventually(Duration::from_secs(5), || async {
+        expiry("file", "default") == Some(2_051_222_400)
+    })
+    .await;
+    assert!(
+        moved,
+        "the renewed certificate's expiry: {:?}",
+        expiry("file", "default")
+    );
 }
 
 #[tokio::test]

@@ -1117,7 +1117,8 @@ async fn an_owner_sets_a_custom_hostname_with_its_certificate_and_removes_it_and
 
     // One of the customer's domain, with its certificate and key: shown with the certificate,
     // the key gone from the form and shown nowhere.
-    let pair = tandem_proxy::tls::test_ca::TestCa::new().issue(&["flows.customer.org"]);
+    let ca = tandem_proxy::tls::test_ca::TestCa::new();
+    let pair = ca.issue(&["flows.customer.org"]);
     let key_line = pair.key.lines().nth(1).unwrap();
     fill(&page, "#custom-hostname-input", "flows.customer.org").await;
     fill(&page, "#custom-hostname-certificate", &pair.certificate).await;
@@ -1154,7 +1155,35 @@ async fn an_owner_sets_a_custom_hostname_with_its_certificate_and_removes_it_and
         json!(["true", saved["url"], "", "", false, false]),
         "[certificate, url, key, certificate field, PRIVATE KEY shown, key held]"
     );
+    // Valid for ages (rcgen's default runs to 4096): its end shown, no warning.
+    let far = page
+        .execute("return [document.getElementById('custom-hostname-current').innerText.includes('valid until'),
+                          !!document.getElementById('custom-hostname-expiry')];")
+        .await;
+    assert_eq!(
+        far,
+        json!([true, false]),
+        "[valid until shown, expiry warning]"
+    );
     assert!(no_error(&page).await, "{}", page.text().await);
+
+    // A certificate past its end (the API takes it: it fits the name and its key) is flagged.
+    let expired = ca.issue_until(&["flows.customer.org"], (2020, 1, 1));
+    fill(&page, "#custom-hostname-certificate", &expired.certificate).await;
+    fill(&page, "#custom-hostname-key", &expired.key).await;
+    submit(&page, "#custom-hostname-form").await;
+    until(
+        &page,
+        "the expired certificate flagged",
+        "const w = document.getElementById('custom-hostname-expiry');
+         return !!w && w.textContent.includes('has expired');",
+    )
+    .await;
+    let r = t.api("GET", &api_path, Value::Null).await;
+    assert_eq!(
+        r.json()["certificate_expires_at"],
+        json!(1_577_836_800_000i64)
+    );
 
     // Removed: none again.
     click(&page, "#custom-hostname-remove").await;

@@ -203,6 +203,7 @@ async fn owners_set_it_and_the_team_reads_it(b: Backend) {
         "hostname": "flows.customer.org",
         "url": "http://flows.customer.org:8080",
         "has_certificate": false,
+        "certificate_expires_at": null,
     });
     assert_eq!(r.ok(200), &want);
     assert_eq!(w.told(), told + 1, "the coordinator is told");
@@ -478,7 +479,8 @@ async fn certificates_are_checked_and_keys_never_shown(b: Backend) {
     let (id, _) = &w.one;
     let ca = TestCa::new();
     let pair = ca.issue(&["flows.customer.org"]);
-    let other = ca.issue(&["flows.customer.org"]);
+    // Valid until 2031-05-17, midnight UTC.
+    let other = ca.issue_until(&["flows.customer.org"], (2031, 5, 17));
     let elsewhere = ca.issue(&["shop.customer.org"]);
     let hostname = "flows.customer.org";
 
@@ -537,10 +539,13 @@ async fn certificates_are_checked_and_keys_never_shown(b: Backend) {
     // Set with its certificate.
     let r = w.put(id, &w.owner.auth, with_pair(hostname, &pair)).await;
     assert_eq!(r.ok(200)["has_certificate"], true);
+    // rcgen's default validity ends 4096-01-01.
+    assert_eq!(r.ok(200)["certificate_expires_at"], 67_090_118_400_000i64);
     assert_no_key(&r.text, &pair);
     for auth in [&w.owner.auth, &w.member.auth, &w.viewer.auth, &s.admin] {
         let r = s.get(&path(id), auth).await;
         assert_eq!(r.ok(200)["has_certificate"], true);
+        assert_eq!(r.ok(200)["certificate_expires_at"], 67_090_118_400_000i64);
         assert_no_key(&r.text, &pair);
         let view = s.get(&format!("/api/v1/instances/{id}"), auth).await;
         assert_no_key(&view.text, &pair);
@@ -569,9 +574,8 @@ async fn certificates_are_checked_and_keys_never_shown(b: Backend) {
         .await;
     assert_eq!(r.ok(200)["has_certificate"], true);
     assert_eq!(w.desired(id).await.certificate.as_ref(), Some(&pair));
-    w.put(id, &w.owner.auth, with_pair(hostname, &other))
-        .await
-        .ok(200);
+    let r = w.put(id, &w.owner.auth, with_pair(hostname, &other)).await;
+    assert_eq!(r.ok(200)["certificate_expires_at"], 1_936_742_400_000i64);
     assert_eq!(w.desired(id).await.certificate.as_ref(), Some(&other));
     // A wildcard certificate covers the names under it.
     let wildcard = ca.issue(&["*.customer.org"]);
@@ -585,7 +589,7 @@ async fn certificates_are_checked_and_keys_never_shown(b: Backend) {
         .await;
     assert_eq!(
         r.ok(200),
-        &json!({ "hostname": "flows.other.org", "url": "http://flows.other.org:8080", "has_certificate": false })
+        &json!({ "hostname": "flows.other.org", "url": "http://flows.other.org:8080", "has_certificate": false, "certificate_expires_at": null })
     );
     let pool = s.db().await;
     let row: (Option<String>, Option<String>) =
