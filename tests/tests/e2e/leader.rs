@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::harness::{hello_flows, Tandem};
 
@@ -37,6 +37,64 @@ impl Drop for Reaper {
                     .status();
             }
         }
+    }
+}
+
+/// Control planes on one fresh PostgreSQL database and platform key, each in its own
+/// directory; the processes they leave are reaped with it.
+struct Cluster {
+    url: String,
+    key: PathBuf,
+    _reaper: Reaper,
+    base: tempfile::TempDir,
+    _pg: tandem_controlplane::scratch_pg::ScratchPostgres,
+}
+
+impl Cluster {
+    async fn new(tag: &str) -> Self {
+        let pg = tandem_controlplane::scratch_pg::start().await.unwrap();
+        let url = pg.create_database().await.unwrap();
+        let base = tempfile::Builder::new()
+            .prefix(&format!("tandem-e2e-{tag}-"))
+            .tempdir()
+            .unwrap();
+        let key = base.path().join("platform-key");
+        std::fs::write(&key, format!("{}\n", "5e".repeat(32))).unwrap();
+        Self {
+            url,
+            key,
+            _reaper: Reaper(base.path().to_path_buf()),
+            base,
+            _pg: pg,
+        }
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.base.path().join(id)
+    }
+
+    /// Starts (or starts again) control plane `id`, with a lease of [`TTL_MS`]. Those after
+    /// the first find the admin in the database; the harness reads its token from the data
+    /// directory, copied from the first's (`a`).
+    async fn start(&self, id: &str) -> Tandem {
+        let dir = self.dir(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = self.dir("a").join("admin-token");
+        if id != "a" && token.exists() {
+            std::fs::copy(token, dir.join("admin-token")).unwrap();
+        }
+        let (key, ttl) = (self.key.display().to_string(), TTL_MS.to_string());
+        let args = [
+            "--database-url",
+            &self.url,
+            "--platform-key-file",
+            &key,
+            "--lease-ttl-ms",
+            &ttl,
+            "--control-plane-id",
+            id,
+        ];
+        Tandem::start_in_with(&dir, true, &args).await
     }
 }
 
@@ -91,43 +149,11 @@ fn log_since(dir: &Path, from: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_control_planes_on_one_database_have_one_leader_which_a_stopped_one_never_undercuts() {
-    let pg = tandem_controlplane::scratch_pg::start().await.unwrap();
-    let url = pg.create_database().await.unwrap();
-    let base = tempfile::Builder::new()
-        .prefix("tandem-e2e-leader-")
-        .tempdir()
-        .unwrap();
-    let _reaper = Reaper(base.path().to_path_buf());
-    let key = base.path().join("platform-key");
-    std::fs::write(&key, format!("{}\n", "5e".repeat(32))).unwrap();
-    let (a_dir, b_dir) = (base.path().join("a"), base.path().join("b"));
-    let ttl = TTL_MS.to_string();
-    let args = |id: &'static str| {
-        vec![
-            "--database-url".to_string(),
-            url.clone(),
-            "--platform-key-file".to_string(),
-            key.display().to_string(),
-            "--lease-ttl-ms".to_string(),
-            ttl.clone(),
-            "--control-plane-id".to_string(),
-            id.to_string(),
-        ]
-    };
-    let start = |dir: PathBuf, id: &'static str| {
-        let a = args(id);
-        async move {
-            let a: Vec<&str> = a.iter().map(String::as_str).collect();
-            Tandem::start_in_with(&dir, true, &a).await
-        }
-    };
-    let a = start(a_dir.clone(), "a").await;
+    let control_planes = Cluster::new("leader").await;
+    let a_dir = control_planes.dir("a");
+    let a = control_planes.start("a").await;
     leads(&a, "a").await;
-    // The second control plane finds the admin in the database; the harness reads its token
-    // from the data directory.
-    std::fs::create_dir_all(&b_dir).unwrap();
-    std::fs::copy(a_dir.join("admin-token"), b_dir.join("admin-token")).unwrap();
-    let mut b = start(b_dir.clone(), "b").await;
+    let mut b = control_planes.start("b").await;
 
     // One leader, and the follower forwards: its answers are the leader's.
     let c = cluster(&b).await.unwrap();
@@ -210,9 +236,53 @@ async fn two_control_planes_on_one_database_have_one_leader_which_a_stopped_one_
     a.wait_running(&id, 1).await;
 
     // Started again, the old leader follows.
-    let b = start(b_dir.clone(), "b").await;
+    let b = control_planes.start("b").await;
     let c = cluster(&b).await.unwrap();
     assert_eq!(c["self"]["id"], "a", "{c}");
     drop(b);
     drop(a);
+}
+
+/// Sleep counts every control plane's traffic: an instance used only through the follower's
+/// proxy stays awake under the leader's sleeper, and sleeps once that use stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_used_only_through_the_follower_stays_awake_until_that_use_stops() {
+    let planes = Cluster::new("sleep-cluster").await;
+    let a = planes.start("a").await;
+    leads(&a, "a").await;
+    let b = planes.start("b").await;
+    let (app, _) = a.team_and_app("Naps").await;
+    let id = a.instance(&app, "napper", hello_flows(), 1).await;
+    a.wait_running(&id, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b
+        .get("napper", "/hello")
+        .await
+        .map_or(true, |r| r.status != 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the follower's proxy never served it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let path = format!("/api/v1/instances/{id}");
+    let r = a.api("PUT", &path, json!({ "sleep_after_s": 2 })).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Four times its idle time, used through the follower only: every request answered, and
+    // never asleep.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let r = b.get("napper", "/hello").await.unwrap();
+        assert_eq!((r.status, r.body.as_str()), (200, "hello"), "{r:?}");
+        let view = a.api("GET", &path, Value::Null).await.json();
+        assert!(
+            view["asleep_since"].is_null(),
+            "put to sleep while in use: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The use stops: it sleeps.
+    a.wait_status(&id, 20, |s| s["state"] == "sleeping").await;
 }
