@@ -61,6 +61,8 @@ const MAX_BODY: usize = 64 * 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Most response headers read from a replica; more are a 502.
 const MAX_RESPONSE_HEADERS: usize = 100;
+/// A connection idle this long between requests gives its buffers back ([`Conn::release`]).
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Room made for a read from the client: a request head and a small body usually fit.
 const CLIENT_READ: usize = 4 * 1024;
 /// Room made for a read from a replica, which may send a large body.
@@ -96,6 +98,7 @@ where
         peer_ip: peer.ip().to_string(),
         tls,
         deadline: Deadline::new(proxy.config().header_timeout),
+        idle_release: Deadline::new(IDLE_RELEASE),
     };
     // One wait for the drain per connection, registered once, rather than one per request.
     let mut drain_wait = drain.clone();
@@ -106,8 +109,10 @@ where
         if *drain.borrow() {
             return Outcome::Done;
         }
-        conn.deadline
-            .set(Instant::now() + proxy.config().header_timeout);
+        let now = Instant::now();
+        conn.deadline.set(now + proxy.config().header_timeout);
+        conn.idle_release.set(now + IDLE_RELEASE);
+        let mut released = false;
         let req = loop {
             match prepare(proxy, &conn.inb, &mut conn.out, &conn.peer_ip, conn.tls) {
                 Prepared::Forward(req) => break req,
@@ -130,6 +135,11 @@ where
                 () = conn.deadline.passed() => return Outcome::Done,
                 // Completes once, and the connection ends with it: never polled again.
                 () = drained.as_mut(), if idle => return Outcome::Done,
+                () = conn.idle_release.passed(), if idle && !released => {
+                    conn.release();
+                    released = true;
+                    continue;
+                }
             };
             match read {
                 Ok(n) if n > 0 => {}
@@ -165,7 +175,24 @@ struct Conn {
     /// The client's address as `X-Forwarded-For` names it.
     peer_ip: String,
     tls: bool,
+    /// The client's next head, or the replica's answer.
     deadline: Deadline,
+    /// When the connection, idle, gives its buffers back.
+    idle_release: Deadline,
+}
+
+impl Conn {
+    /// Gives back the buffers of a connection idle between requests, as nginx does: a
+    /// keep-alive connection waiting for its next request then holds no buffer at all, where
+    /// it would otherwise keep some 40 KiB for as long as the header timeout lets it wait.
+    fn release(&mut self) {
+        self.out = Vec::new();
+        self.upbuf = Vec::new();
+        self.hout = Vec::new();
+        if self.inb.is_empty() {
+            self.inb = Vec::new();
+        }
+    }
 }
 
 /// What [`prepare`] made of the client's buffer.

@@ -367,6 +367,45 @@ async fn a_client_that_asks_to_close_gets_its_answer_then_the_close() {
     assert_eq!(up.connections(), 1);
 }
 
+/// A connection idle for more than a second gives its buffers back; its next request, small or
+/// with a body and a large answer, is served as before, in the core, on the same replica socket.
+#[tokio::test]
+async fn a_connection_idle_past_the_buffer_release_is_served_as_before() {
+    let big = pattern(100_000);
+    let answer = big.clone();
+    let up = Scripted::start(move |r| match r.target.as_str() {
+        "/big" => Act::Answer(
+            format!(
+                "HTTP/1.1 200 Fine\r\nX-Case: 1\r\nContent-Length: {}\r\n\r\n{answer}",
+                answer.len()
+            )
+            .into_bytes(),
+        ),
+        t => Act::Answer(ok(&format!("{t}{}", lossy(&r.body)))),
+    })
+    .await;
+    let proxy = TestProxy::start(&[instance("orders", &[up.addr])], test_config()).await;
+    let mut c = Wire::open(proxy.addr).await;
+    c.write(&get_request("/first")).await;
+    assert_eq!(c.response().await.text(), "/first");
+    // Past the core's one second: the buffers are given back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.write(
+        format!("POST /posted HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\n\r\nhello")
+            .as_bytes(),
+    )
+    .await;
+    let r = c.response().await;
+    assert!(by_core(&r), "{r:?}");
+    assert_eq!(r.text(), "/postedhello");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.write(&get_request("/big")).await;
+    let r = c.response().await;
+    assert!(by_core(&r), "{r:?}");
+    assert_eq!(r.text(), big);
+    assert_eq!(up.connections(), 1);
+}
+
 #[tokio::test]
 async fn a_chunked_request_mid_connection_is_handed_to_hyper_and_the_connection_goes_on() {
     let up = Scripted::start(|r| Act::Answer(ok(&format!("{}{}", r.target, lossy(&r.body))))).await;
