@@ -63,10 +63,12 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 100;
 /// A connection idle this long between requests gives its buffers back ([`Conn::release`]).
 const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
-/// Room made for a read from the client: a request head and a small body usually fit.
+/// Room for a read from the client: a request head and a small body usually fit.
 const CLIENT_READ: usize = 4 * 1024;
-/// Room made for a read from a replica, which may send a large body.
-const REPLICA_READ: usize = 16 * 1024;
+/// Room for a read from a replica, at first: most answers are small.
+const REPLICA_READ: usize = 4 * 1024;
+/// Room for a read from a replica once a large body has filled the smaller ones.
+const REPLICA_READ_MAX: usize = 64 * 1024;
 
 /// How a connection left the core.
 pub(crate) enum Outcome<C> {
@@ -131,7 +133,7 @@ where
             let idle = conn.inb.is_empty();
             let read = tokio::select! {
                 biased;
-                r = read_more(&mut client, &mut conn.inb, CLIENT_READ) => r,
+                r = read_client(&mut client, &mut conn.inb) => r,
                 () = conn.deadline.passed() => return Outcome::Done,
                 // Completes once, and the connection ends with it: never polled again.
                 () = drained.as_mut(), if idle => return Outcome::Done,
@@ -937,6 +939,10 @@ where
             Ok(0) | Err(_) => return Relayed::Cut,
             Ok(n) => n,
         };
+        // A large body: fewer, larger reads.
+        if n == conn.upbuf.capacity() && n < REPLICA_READ_MAX {
+            conn.upbuf.reserve(n);
+        }
         let Ok((used, end)) = framing.advance(&conn.upbuf[..n]) else {
             return Relayed::Cut;
         };
@@ -980,7 +986,8 @@ fn local_response(out: &mut Vec<u8>, resp: &Response<ResponseBody>, head: bool, 
     }
 }
 
-/// Reads what is there into `buf`'s spare room (`room` bytes made when short), as one read.
+/// Reads what is there into `buf`, as one read of up to `room` bytes (or `buf`'s spare room,
+/// when it has a quarter of that).
 async fn read_more<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut Vec<u8>,
@@ -992,12 +999,34 @@ async fn read_more<R: AsyncRead + Unpin>(
     io.read_buf(buf).await
 }
 
+/// [`read_more`] for a client between requests: while it waits, it holds no room it has not
+/// filled. With too little spare room in `buf`, it reads onto the stack and appends what came,
+/// so that an idle connection whose buffers were given back holds none.
+async fn read_client<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
+    if buf.capacity() - buf.len() >= CLIENT_READ / 4 {
+        return io.read_buf(buf).await;
+    }
+    std::future::poll_fn(|cx| {
+        let mut stack = [const { MaybeUninit::<u8>::uninit() }; CLIENT_READ];
+        let mut read = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// Reads what is already there without waiting: `None` when nothing is.
 async fn read_now<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut Vec<u8>,
 ) -> Option<io::Result<usize>> {
-    let mut read = std::pin::pin!(read_more(io, buf, CLIENT_READ));
+    let mut read = std::pin::pin!(read_client(io, buf));
     std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
         Poll::Ready(r) => Poll::Ready(Some(r)),
         Poll::Pending => Poll::Ready(None),
