@@ -185,8 +185,8 @@ struct Conn {
 
 impl Conn {
     /// Gives back the buffers of a connection idle between requests, as nginx does: a
-    /// keep-alive connection waiting for its next request then holds no buffer at all, where
-    /// it would otherwise keep some 40 KiB for as long as the header timeout lets it wait.
+    /// keep-alive connection waiting for its next request then holds no buffer at all, where it
+    /// would otherwise keep them (4 KiB and up) for as long as the header timeout lets it wait.
     fn release(&mut self) {
         self.out = Vec::new();
         self.upbuf = Vec::new();
