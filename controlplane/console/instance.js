@@ -1,9 +1,9 @@
 // An instance's page: state, actions (start, stop, restart, suspend, delete with a
-// confirmation), "Open editor", "Open signed in" (a `members` instance's endpoints), HA, sleep, replicas, a live merged log, settings and environment (the
-// template's locked values shown locked), modules and affinity, who may call the flows' HTTP
-// endpoints and the instance's HTTP tokens, its custom hostname and certificate, snapshots,
-// deploys and the audit log. What a role
-// may not do is not offered; the API decides either way.
+// confirmation), "Open editor", "Open signed in" (a `members` instance's endpoints), HA, sleep
+// when idle, replicas, a live merged log, settings and environment (the template's locked values
+// shown locked), modules and affinity, who may call the flows' HTTP endpoints and the instance's
+// HTTP tokens, its custom hostname and certificate (with its expiry), snapshots, deploys and the
+// audit log. What a role may not do is not offered; the API decides either way.
 import { api, el, enc, error, session, mayOperate, owns, button, form, field, all, when, table, section, teams } from "./lib.js";
 
 // Draws `build()` into `container` only when `key` changed, so that controls keep their focus

@@ -2,7 +2,8 @@
 //! HTTPS) and the admin listener (`/metrics`, `/healthz`).
 //!
 //! HTTPS speaks HTTP/2 to clients that offer it by ALPN and HTTP/1.1 to the others; replicas are
-//! always spoken to in HTTP/1.1. WebSocket upgrades need HTTP/1.1, which browsers use for them
+//! always spoken to in HTTP/1.1. An HTTP/1.1 connection of the proxy's listeners starts in the
+//! proxy's own core ([`crate::h1`]), which hands it to hyper for what it does not forward itself. WebSocket upgrades need HTTP/1.1, which browsers use for them
 //! since the proxy does not offer HTTP/2's extended CONNECT.
 //!
 //! Each takes an already-bound listener and a shutdown future, so tests bind `127.0.0.1:0`.

@@ -218,8 +218,7 @@ async fn the_response_head_loses_hop_by_hop_headers_and_keeps_the_replicas_spell
 
 #[tokio::test]
 async fn the_replica_gets_the_request_without_hop_by_hop_headers_and_on_a_reused_socket() {
-    let up = Scripted::start(|r| Act::Answer(ok(&r.target))).await;
-    let proxy = TestProxy::start(&[instance("orders", &[up.addr])], test_config()).await;
+    let (up, proxy) = echoing(test_config()).await;
     let mut c = Wire::open(proxy.addr).await;
 
     c.write(
@@ -350,8 +349,7 @@ async fn a_pipelined_batch_is_handed_to_hyper_where_the_core_stops() {
 
 #[tokio::test]
 async fn a_client_that_asks_to_close_gets_its_answer_then_the_close() {
-    let up = Scripted::start(|r| Act::Answer(ok(&r.target))).await;
-    let proxy = TestProxy::start(&[instance("orders", &[up.addr])], test_config()).await;
+    let (up, proxy) = echoing(test_config()).await;
     let mut c = Wire::open(proxy.addr).await;
     c.write(format!("GET /last HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").as_bytes())
         .await;
@@ -655,8 +653,7 @@ async fn a_replica_slower_than_the_upstream_timeout_is_a_504() {
 
 #[tokio::test]
 async fn two_different_content_lengths_are_a_400() {
-    let up = Scripted::start(|r| Act::Answer(ok(&r.target))).await;
-    let proxy = TestProxy::start(&[instance("orders", &[up.addr])], test_config()).await;
+    let (up, proxy) = echoing(test_config()).await;
     let mut c = Wire::open(proxy.addr).await;
     c.write(
         format!(
@@ -672,8 +669,7 @@ async fn two_different_content_lengths_are_a_400() {
 
 #[tokio::test]
 async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
-    let up = Scripted::start(|r| Act::Answer(ok(&r.target))).await;
-    let proxy = TestProxy::start(&[instance("orders", &[up.addr])], test_config()).await;
+    let (up, proxy) = echoing(test_config()).await;
     let mut c = Wire::open(proxy.addr).await;
 
     // By Content-Length the body holds a whole second request; by Transfer-Encoding it ends
@@ -708,8 +704,7 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
 
 #[tokio::test]
 async fn odd_targets_get_an_answer() {
-    let up = Scripted::start(|r| Act::Answer(ok(&r.target))).await;
-    let proxy = TestProxy::start(&[instance("orders", &[up.addr])], test_config()).await;
+    let (up, proxy) = echoing(test_config()).await;
     let targets: [&[u8]; 7] = [
         b"/a#fragment",
         b"/a?q=1#fragment",
@@ -743,8 +738,7 @@ async fn odd_targets_get_an_answer() {
 
 #[tokio::test]
 async fn huge_request_heads_get_an_answer() {
-    let up = Scripted::start(|r| Act::Answer(ok(&r.target))).await;
-    let proxy = TestProxy::start(&[instance("orders", &[up.addr])], test_config()).await;
+    let (up, proxy) = echoing(test_config()).await;
     let filler = "a".repeat(1024);
 
     // 40 KiB of headers: past the core's head limit, within hyper's.
@@ -878,10 +872,9 @@ async fn an_idle_kept_alive_connection_is_closed_on_shutdown() {
 
 #[tokio::test]
 async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
-    let up = Scripted::start(|r| Act::Answer(ok(&r.target))).await;
     let mut config = test_config();
     config.header_timeout = Duration::from_millis(300);
-    let proxy = TestProxy::start(&[instance("orders", &[up.addr])], config).await;
+    let (_up, proxy) = echoing(config).await;
     let mut c = Wire::open(proxy.addr).await;
     c.write(&get_request("/one")).await;
     let r = c.response().await;
@@ -926,6 +919,14 @@ async fn a_request_in_flight_at_shutdown_is_answered_then_the_connection_closes(
 }
 
 // === Helpers ===
+
+/// A replica that answers every request [`ok`] with its target, and a proxy with `config` in
+/// front of it.
+async fn echoing(config: tandem_proxy::ProxyConfig) -> (Scripted, TestProxy) {
+    let up = Scripted::start(|r| Act::Answer(ok(&r.target))).await;
+    let proxy = TestProxy::start(&[instance("orders", &[up.addr])], config).await;
+    (up, proxy)
+}
 
 /// A `200 Fine` with `body`, and a header whose name's case tells who served it.
 fn ok(body: &str) -> Vec<u8> {
