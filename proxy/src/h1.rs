@@ -24,6 +24,10 @@
 //! Failures the core meets once it has a request (no replica reachable, a replica that closes,
 //! the upstream timeout) are answered and retried here by the same rules as `handle`'s
 //! ([`crate::proxy::Failure`]).
+//!
+//! A connection keeps its buffers from request to request, so a busy one allocates nothing; once
+//! idle for [`IDLE_RELEASE`] it gives them back. The tests (`h1/tests.rs`) hold the two head
+//! rewrites to `handle`'s rules over generated requests and responses.
 
 mod chunked;
 
