@@ -161,24 +161,59 @@ impl Tandem {
         // service does: its replicas reach the storage API where they were told it is.
         std::fs::create_dir_all(dir).unwrap();
         let ports_file = dir.join("e2e-ports");
-        let ports: Vec<u16> = match std::fs::read_to_string(&ports_file) {
-            Ok(text) => text.split(' ').filter_map(|p| p.parse().ok()).collect(),
-            Err(_) => {
-                let ports = vec![free_port(), free_port(), free_port()];
-                let text: Vec<String> = ports.iter().map(u16::to_string).collect();
-                std::fs::write(&ports_file, text.join(" ")).unwrap();
-                ports
+        let given = ports_file.exists();
+        // Ports picked here are free when picked, not when `tandem serve` binds them: another
+        // test's process or outgoing connection may take one meanwhile. A first start that
+        // exits without serving picks new ones, a few times.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let ports: Vec<u16> = match std::fs::read_to_string(&ports_file) {
+                Ok(text) => text.split(' ').filter_map(|p| p.parse().ok()).collect(),
+                Err(_) => {
+                    let ports = vec![free_port(), free_port(), free_port()];
+                    let text: Vec<String> = ports.iter().map(u16::to_string).collect();
+                    std::fs::write(&ports_file, text.join(" ")).unwrap();
+                    ports
+                }
+            };
+            let api = SocketAddr::from(([127, 0, 0, 1], ports[0]));
+            let http_addr = SocketAddr::from(([127, 0, 0, 1], ports[1]));
+            let metrics = SocketAddr::from(([127, 0, 0, 1], ports[2]));
+            let mut child = Self::spawn(dir, stop_replicas, args, api, http_addr, metrics);
+            match Self::serving(api, &mut child).await {
+                Ok(()) => return Self::started(dir, stop_replicas, api, http_addr, metrics, child),
+                Err(exit) if !given && tries < 3 => {
+                    eprintln!("tandem serve exited at start ({exit}); new ports, once more");
+                    let _ = std::fs::remove_file(&ports_file);
+                }
+                Err(why) => {
+                    let _ = child.kill();
+                    let text = std::fs::read_to_string(dir.join("tandem.log")).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    panic!(
+                        "tandem serve did not start ({why}); its log ends:\n{}",
+                        lines[lines.len().saturating_sub(30)..].join("\n")
+                    );
+                }
             }
-        };
-        let api = SocketAddr::from(([127, 0, 0, 1], ports[0]));
-        let http_addr = SocketAddr::from(([127, 0, 0, 1], ports[1]));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], ports[2]));
+        }
+    }
+
+    fn spawn(
+        dir: &Path,
+        stop_replicas: bool,
+        args: &[&str],
+        api: SocketAddr,
+        http_addr: SocketAddr,
+        metrics: SocketAddr,
+    ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("tandem.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tandem-under-test"))
+        Command::new(env!("CARGO_BIN_EXE_tandem-under-test"))
             .arg("serve")
             .arg("--data-dir")
             .arg(dir)
@@ -200,18 +235,38 @@ impl Tandem {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Waits until `child` answers `/healthz` on `api`; why not, when it exits or takes too
+    /// long.
+    async fn serving(api: SocketAddr, child: &mut Child) -> Result<(), String> {
         // Generous: a loaded 2-core machine (builds beside the tests) starts it slowly.
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Ok(r) = http(api, "GET", "api", "/healthz", &[], "").await {
                 if r.status == 200 {
-                    break;
+                    return Ok(());
                 }
             }
-            assert!(Instant::now() < deadline, "tandem serve did not start");
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("it exited: {status}"));
+            }
+            if Instant::now() >= deadline {
+                return Err("no answer on /healthz within 90 s".into());
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    fn started(
+        dir: &Path,
+        stop_replicas: bool,
+        api: SocketAddr,
+        http_addr: SocketAddr,
+        metrics: SocketAddr,
+        child: Child,
+    ) -> Self {
         let token = std::fs::read_to_string(dir.join("admin-token"))
             .unwrap()
             .trim()
