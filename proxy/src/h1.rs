@@ -821,9 +821,13 @@ fn response_head(
                 chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             } else if is("connection") {
                 for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                    close |= token.eq_ignore_ascii_case(b"close");
-                    keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                    if !token.is_empty() {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        // `Keep-Alive` is dropped anyway: Node.js's every answer says this,
+                        // and it costs no allocation.
+                        keep_alive = true;
+                    } else if !token.is_empty() {
                         named.push(token);
                     }
                 }

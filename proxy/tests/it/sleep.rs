@@ -44,18 +44,7 @@ fn asleep(spec: &InstanceSpec) -> InstanceSpec {
 async fn a_request_to_a_sleeping_instance_wakes_it_and_is_answered() {
     let up = Upstream::start("napper-r0").await;
     let awake = instance("napper", &[up.addr]);
-    let routes = Arc::new(Routes::new());
-    routes.publish(&[asleep(&awake)]).unwrap();
-    let waker = Arc::new(TestWaker {
-        asked: Mutex::default(),
-        routes: routes.clone(),
-        awake,
-    });
-    let w = waker.clone();
-    let proxy = TestProxy::start_from(routes.clone(), move |routes, stats| {
-        Proxy::new(routes, test_config(), stats).with_waker(w)
-    })
-    .await;
+    let (_routes, waker, proxy) = asleep_behind_a_proxy(awake).await;
     let r = get(proxy.addr, "napper.localhost", "/").await.unwrap();
     assert_eq!((r.status, r.body.as_str()), (200, "napper-r0"));
     assert_eq!(*waker.asked.lock().unwrap(), ["napper"]);
@@ -134,6 +123,18 @@ async fn a_request_refused_at_the_proxy_does_not_wake_a_sleeping_instance() {
     let mut awake = instance("napper", &[up.addr]);
     // Its endpoints need a token, and no gate here accepts any: every request is refused 401.
     awake.http_auth = tandem_proxy::HttpAuth::Tokens;
+    let (routes, waker, proxy) = asleep_behind_a_proxy(awake).await;
+    let r = get(proxy.addr, "napper.localhost", "/").await.unwrap();
+    assert_eq!(r.status, 401);
+    assert!(waker.asked.lock().unwrap().is_empty());
+    let table = routes.snapshot();
+    let napper = table.lookup("napper.localhost").unwrap();
+    assert_eq!(napper.activity().last_request_ms, 0, "a refusal is no use");
+}
+
+/// `awake`, published asleep, behind a proxy whose [`TestWaker`] wakes it: the routes, the
+/// waker and the proxy.
+async fn asleep_behind_a_proxy(awake: InstanceSpec) -> (Arc<Routes>, Arc<TestWaker>, TestProxy) {
     let routes = Arc::new(Routes::new());
     routes.publish(&[asleep(&awake)]).unwrap();
     let waker = Arc::new(TestWaker {
@@ -146,10 +147,5 @@ async fn a_request_refused_at_the_proxy_does_not_wake_a_sleeping_instance() {
         Proxy::new(routes, test_config(), stats).with_waker(w)
     })
     .await;
-    let r = get(proxy.addr, "napper.localhost", "/").await.unwrap();
-    assert_eq!(r.status, 401);
-    assert!(waker.asked.lock().unwrap().is_empty());
-    let table = routes.snapshot();
-    let napper = table.lookup("napper.localhost").unwrap();
-    assert_eq!(napper.activity().last_request_ms, 0, "a refusal is no use");
+    (routes, waker, proxy)
 }
